@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Runs the test suite (unit tests with tiny models, integration tests with the real SmolLM2) and ruff.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+ruff check .
+python -m pytest -q "$@"

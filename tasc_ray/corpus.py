@@ -1,0 +1,60 @@
+"""Read a corpus of texts (one column of parquet or jsonl, or lines of a text file) with clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+logger = logging.getLogger(__name__)
+
+
+class CorpusError(ValueError):
+    """A corpus that cannot be read: missing or corrupt file, missing column, no usable rows."""
+
+
+@dataclass
+class Corpus:
+    texts: list[str]
+    skipped: int  # null, empty or non-string rows, left out and counted
+
+
+def read_texts(path: str | Path, column: str = "output") -> Corpus:
+    """Texts of `column` in a .parquet or .jsonl file, or the non-empty lines of any other file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(f"corpus file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        try:
+            schema = pq.read_schema(path)
+        except Exception as exc:
+            raise CorpusError(f"{path} is not a readable parquet file: {exc}") from exc
+        if column not in schema.names:
+            raise CorpusError(f"{path} has no column {column!r}; columns: {', '.join(schema.names)}")
+        values = pq.read_table(path, columns=[column]).column(column).to_pylist()
+    elif suffix in (".jsonl", ".ndjson"):
+        values = []
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise CorpusError(f"{path}:{lineno} is not valid JSON: {exc}") from exc
+                if not isinstance(record, dict) or column not in record:
+                    raise CorpusError(f"{path}:{lineno} has no field {column!r}")
+                values.append(record[column])
+    else:
+        values = path.read_text(encoding="utf-8").splitlines()
+    texts = [v for v in values if isinstance(v, str) and v.strip()]
+    skipped = len(values) - len(texts)
+    if skipped:
+        logger.warning("%s: skipped %d null, empty or non-string rows of %d", path, skipped, len(values))
+    if not texts:
+        raise CorpusError(f"{path}: column {column!r} has no non-empty text rows (empty corpus)")
+    return Corpus(texts, skipped)

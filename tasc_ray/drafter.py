@@ -1,0 +1,128 @@
+"""Drafter: proposes up to k draft tokens per row by mixing the task's corpus n-grams with the row's own ones.
+
+The interface is small, after Hugging Face's `CandidateGenerator`: `new_row(prompt)` starts a row's state,
+`propose(rows, limits)` drafts for a batch, and `RowState.extend(tokens)` learns what was accepted. Each step
+follows the longest context match in the row's own tokens (prompt + output so far, an incremental hash map
+as in prompt lookup) and the longest match in the corpus index (backoff over orders), mixes their next-token
+distributions as p = lambda * p_corpus + (1 - lambda) * p_context, extends greedily, and stops when the
+estimated probability of the drafted path falls below a threshold. A bad draft only costs speed.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+from tasc_ray.ngram_index import Match, NgramIndex
+
+DEFAULT_MAX_DRAFT = 8
+DEFAULT_LAMBDA = 0.5
+DEFAULT_MIN_PATH_PROB = 0.1
+DEFAULT_CONTEXT_ORDER = 4
+
+
+class DraftMode(str, Enum):
+    """Which statistics draft: the row's own context (prompt lookup), the task corpus, or both mixed."""
+
+    CONTEXT = "context"
+    CORPUS = "corpus"
+    MIXED = "mixed"
+
+
+@dataclass
+class DrafterConfig:
+    mode: DraftMode = DraftMode.MIXED
+    max_draft: int = DEFAULT_MAX_DRAFT  # k, the most tokens drafted per step
+    lam: float = DEFAULT_LAMBDA  # weight of the corpus distribution when both sources match
+    min_path_prob: float = DEFAULT_MIN_PATH_PROB  # stop drafting when the path's estimated probability drops below
+    context_order: int = DEFAULT_CONTEXT_ORDER  # n-gram order of the row's own context model
+
+
+@dataclass
+class RowState:
+    """One row's tokens so far and its context n-gram table: (last m tokens) -> {next token: count}."""
+
+    max_order: int
+    tokens: list[int] = field(default_factory=list)
+    table: dict[tuple[int, ...], dict[int, int]] = field(default_factory=lambda: defaultdict(dict))
+
+    def extend(self, new_tokens: Sequence[int]) -> None:
+        """Append accepted tokens, counting each as the continuation of its 1..max_order-1 preceding tokens."""
+        tokens, table = self.tokens, self.table
+        for tok in new_tokens:
+            n = len(tokens)
+            for m in range(1, min(self.max_order - 1, n) + 1):
+                nexts = table[tuple(tokens[n - m:])]
+                nexts[tok] = nexts.get(tok, 0) + 1
+            tokens.append(tok)
+
+    def longest_match(self, suffix_extra: Sequence[int] = ()) -> dict[int, int] | None:
+        """Continuation counts of the longest suffix of tokens + suffix_extra seen earlier in the row."""
+        history = self.tokens[-(self.max_order - 1):] + list(suffix_extra) if suffix_extra else self.tokens
+        for m in range(min(self.max_order - 1, len(history)), 0, -1):
+            nexts = self.table.get(tuple(history[len(history) - m:]))
+            if nexts:
+                return nexts
+        return None
+
+
+class Drafter:
+    """Mixed corpus/context n-gram drafter. `index` may be None in context mode."""
+
+    def __init__(self, index: NgramIndex | None = None, config: DrafterConfig | None = None) -> None:
+        self.config = config or DrafterConfig()
+        self.index = index
+        if self.config.mode != DraftMode.CONTEXT and index is None:
+            raise ValueError(f"draft mode {self.config.mode.value!r} needs an n-gram index")
+
+    def new_row(self, prompt_ids: Sequence[int]) -> RowState:
+        state = RowState(self.config.context_order)
+        state.extend(prompt_ids)
+        return state
+
+    def propose(self, rows: Sequence[RowState], limits: Sequence[int] | None = None) -> list[list[int]]:
+        """Draft up to min(max_draft, limits[i]) tokens for each row."""
+        k = self.config.max_draft
+        limits = [k] * len(rows) if limits is None else [min(k, lim) for lim in limits]
+        drafts: list[list[int]] = [[] for _ in rows]
+        path_prob = np.ones(len(rows))
+        active = [i for i, lim in enumerate(limits) if lim > 0]
+        use_corpus = self.config.mode != DraftMode.CONTEXT
+        use_context = self.config.mode != DraftMode.CORPUS
+        tail = (self.index.max_order - 1) if use_corpus else 0
+        while active:
+            corpus = (self.index.longest_matches([rows[i].tokens[-tail:] + drafts[i] for i in active])
+                      if use_corpus else [None] * len(active))
+            still_active = []
+            for i, corpus_match in zip(active, corpus):
+                context_counts = rows[i].longest_match(drafts[i]) if use_context else None
+                token, prob = self._mix(corpus_match, context_counts)
+                if token is None or path_prob[i] * prob < self.config.min_path_prob:
+                    continue
+                path_prob[i] *= prob
+                drafts[i].append(token)
+                if len(drafts[i]) < limits[i]:
+                    still_active.append(i)
+            active = still_active
+        return drafts
+
+    def _mix(self, corpus: Match | None, context: dict[int, int] | None) -> tuple[int | None, float]:
+        """Most probable next token under lambda * p_corpus + (1 - lambda) * p_context, and its probability."""
+        if corpus is None and not context:
+            return None, 0.0
+        if context:
+            total = sum(context.values())
+            if corpus is None:
+                token = max(context, key=context.__getitem__)
+                return token, context[token] / total
+            lam = self.config.lam
+            mixed = {int(t): lam * float(p) for t, p in zip(corpus.next_tokens, corpus.probs)}
+            for t, c in context.items():
+                mixed[t] = mixed.get(t, 0.0) + (1 - lam) * c / total
+            token = max(mixed, key=mixed.__getitem__)
+            return token, mixed[token]
+        return int(corpus.next_tokens[0]), float(corpus.probs[0])

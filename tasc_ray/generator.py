@@ -1,0 +1,317 @@
+"""SpeculativeGenerator: batched, lossless speculative decoding over any Hugging Face causal LM.
+
+Each step runs one forward pass over every row's pending token plus its draft, with per-row position ids and
+an explicit 4D attention mask. A row accepts the longest draft prefix the target agrees with, plus the
+target's own next token; the cache slots of rejected draft tokens are masked out (never recomputed) and
+compacted away when they pile up. Finished rows leave the batch.
+
+Greedy decoding emits exactly what plain greedy decoding emits. Sampling is exact too: the draft is a point
+mass, so sampling x ~ p at each position and accepting the draft token iff x equals it (else emitting x and
+stopping) draws from p itself. `speculative=False` runs plain decoding through the same loop with no draft.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from tasc_ray.drafter import Drafter, RowState
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | Sequence[int] | Sequence[dict[str, str]]
+StreamCallback = Callable[[int, list[int]], None]  # (prompt index, newly emitted token ids)
+
+
+class PromptTooLongError(ValueError):
+    """A prompt that leaves no room for one new token in the model's context window."""
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    speculative: bool = True
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class RowStats:
+    forward_passes: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    accepted_hist: list[int] = field(default_factory=list)  # accepted_hist[n]: passes that accepted n drafts
+    draft_s: float = 0.0  # time of the batch steps this row took part in
+    verify_s: float = 0.0
+
+    def record(self, drafted: int, accepted: int) -> None:
+        self.forward_passes += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        if len(self.accepted_hist) <= accepted:
+            self.accepted_hist.extend([0] * (accepted + 1 - len(self.accepted_hist)))
+        self.accepted_hist[accepted] += 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # generated ids, EOS or the token completing a stop string included
+    prompt_tokens: int
+    finish_reason: str  # "stop" (EOS or stop string) or "length"
+    stats: RowStats
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class _Row:
+    index: int  # position in the caller's prompt list
+    prompt_len: int
+    max_new: int
+    draft_state: RowState | None
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_text_end: int | None = None
+    stats: RowStats = field(default_factory=RowStats)
+
+
+class SpeculativeGenerator:
+    """Batched greedy/sampled decoding with n-gram drafts; one engine for the CLI, Ray jobs and Serve."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        drafter: Drafter | None = None,
+        max_batch_size: int = 8,
+        compact_waste: float = 0.5,
+    ) -> None:
+        self.model, self.tokenizer, self.drafter = model, tokenizer, drafter
+        self.max_batch_size, self.compact_waste = max_batch_size, compact_waste
+        if drafter is not None and drafter.index is not None:
+            drafter.index.check_tokenizer(tokenizer)
+        eos = model.generation_config.eos_token_id
+        eos = tokenizer.eos_token_id if eos is None else eos
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    # ----- public API -----
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt: text as is, chat messages through the chat template, ids unchanged."""
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if len(prompt) and isinstance(prompt[0], dict):
+            ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        return [int(t) for t in prompt]
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        params: SamplingParams | None = None,
+        stream: StreamCallback | None = None,
+    ) -> list[GenerationResult]:
+        """Decode every prompt; batches of up to max_batch_size rows, grouped by prompt length."""
+        params = params or SamplingParams()
+        if params.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {params.max_new_tokens}")
+        encoded = [self.encode(p) for p in prompts]
+        for i, ids in enumerate(encoded):
+            if not ids:
+                raise ValueError(f"prompt {i} is empty")
+            if len(ids) >= self.max_context:
+                raise PromptTooLongError(
+                    f"prompt {i} has {len(ids)} tokens; the model's context holds {self.max_context}")
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(self.model.device).manual_seed(params.seed)
+        results: list[GenerationResult | None] = [None] * len(encoded)
+        for start in range(0, len(order), self.max_batch_size):
+            chunk = order[start:start + self.max_batch_size]
+            for row in self._generate_batch([encoded[i] for i in chunk], chunk, params, generator, stream):
+                results[row.index] = self._result(row)
+        return results  # type: ignore[return-value]
+
+    # ----- the decoding loop -----
+    @torch.inference_mode()
+    def _generate_batch(self, prompts: list[list[int]], indices: list[int], params: SamplingParams,
+                        generator: torch.Generator | None, stream: StreamCallback | None) -> list[_Row]:
+        use_draft = params.speculative and self.drafter is not None
+        rows = [_Row(i, len(p), min(params.max_new_tokens, self.max_context - len(p)),
+                     self.drafter.new_row(p) if use_draft else None) for i, p in zip(indices, prompts)]
+        warpers = self._warpers(params)
+        device = self.model.device
+
+        # Prefill: left-padded prompts; the first new token comes from the last position's logits.
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=device)
+        valid = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device, dtype=torch.bool)
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(ids, valid, positions, cache)[:, -1:]
+        pending = self._choose(logits, warpers, generator)[:, 0]
+        next_pos = valid.sum(-1)
+        done = [self._emit(row, [int(t)], params, stream) for row, t in zip(rows, pending.tolist())]
+        finished: list[_Row] = []
+
+        while True:
+            keep = [i for i, d in enumerate(done) if not d]
+            finished += [rows[i] for i, d in enumerate(done) if d]
+            if not keep:
+                return finished
+            if len(keep) < len(rows):
+                rows = [rows[i] for i in keep]
+                sel = torch.tensor(keep, device=device)
+                valid, pending, next_pos = valid[sel], pending[sel], next_pos[sel]
+                _select_rows(cache, sel)
+            if valid.shape[1] > 16 and 1 - valid.sum(-1).max().item() / valid.shape[1] > self.compact_waste:
+                valid = _compact(cache, valid)
+
+            t0 = time.perf_counter()
+            limits = [r.max_new - len(r.generated) - 1 for r in rows]  # the step also emits the target's own token
+            drafts = (self.drafter.propose([r.draft_state for r in rows], limits) if use_draft
+                      else [[] for _ in rows])
+            t1 = time.perf_counter()
+            k = max(len(d) for d in drafts)
+            step_ids = torch.tensor([d + [self.pad_id] * (k - len(d)) for d in drafts], device=device, dtype=torch.long)
+            step_ids = torch.cat([pending[:, None], step_ids], dim=1)
+            step_valid = torch.tensor([[1] * (len(d) + 1) + [0] * (k - len(d)) for d in drafts],
+                                      device=device, dtype=torch.bool)
+            step_pos = next_pos[:, None] + torch.arange(k + 1, device=device)
+            valid = torch.cat([valid, step_valid], dim=1)
+            logits = self._forward(step_ids, valid, step_pos, cache)
+            target = self._choose(logits, warpers, generator)  # [B, k+1]: the target's token at each position
+            # n_i = length of the longest draft prefix equal to the target's tokens
+            agree = (step_ids[:, 1:] == target[:, :-1]) & step_valid[:, 1:]
+            n_accepted = agree.long().cumprod(dim=1).sum(dim=1)
+            slot = torch.arange(k + 1, device=device)
+            valid[:, -(k + 1):] &= slot[None, :] <= n_accepted[:, None]  # mask rejected draft slots
+            next_pos = next_pos + n_accepted + 1
+            pending = target.gather(1, n_accepted[:, None])[:, 0]
+            t2 = time.perf_counter()
+
+            done = []
+            for row, draft, n, bonus in zip(rows, drafts, n_accepted.tolist(), pending.tolist()):
+                row.stats.record(len(draft), n)
+                row.stats.draft_s += t1 - t0
+                row.stats.verify_s += t2 - t1
+                done.append(self._emit(row, draft[:n] + [bonus], params, stream))
+
+    def _forward(self, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor,
+                 cache: DynamicCache) -> torch.Tensor:
+        """Logits for `ids`, which occupy the last ids.shape[1] slots of `valid` (the mask over all cache slots)."""
+        q, s = ids.shape[1], valid.shape[1]
+        causal = torch.arange(s, device=ids.device)[None, :] <= torch.arange(s - q, s, device=ids.device)[:, None]
+        allowed = valid[:, None, None, :] & causal[None, None]
+        dtype = self.model.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=ids.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **{self._cache_kwarg: cache})
+        return out.logits.float()
+
+    def _warpers(self, params: SamplingParams) -> LogitsProcessorList | None:
+        if params.greedy:
+            return None
+        warpers = LogitsProcessorList([TemperatureLogitsWarper(params.temperature)])
+        if params.top_k > 0:
+            warpers.append(TopKLogitsWarper(params.top_k))
+        if params.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(params.top_p))
+        return warpers
+
+    def _choose(self, logits: torch.Tensor, warpers: LogitsProcessorList | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+        """The target's token at every position: argmax (greedy) or an independent sample from the warped p."""
+        if warpers is None:
+            return logits.argmax(dim=-1)
+        b, q, v = logits.shape
+        scores = warpers(None, logits.reshape(b * q, v))
+        probs = torch.softmax(scores, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).reshape(b, q)
+
+    def _emit(self, row: _Row, tokens: list[int], params: SamplingParams, stream: StreamCallback | None) -> bool:
+        """Append newly decoded tokens, cut at EOS, a stop string or max_new_tokens; return whether the row is done."""
+        room = row.max_new - len(row.generated)
+        tokens = tokens[:room]
+        for j, tok in enumerate(tokens):
+            if tok in self.eos_ids:
+                tokens = tokens[:j + 1]
+                row.finish_reason = "stop"
+                break
+        start = len(row.generated)
+        row.generated.extend(tokens)
+        if params.stop and row.finish_reason is None:
+            self._check_stop_strings(row, start, params.stop)
+        emitted = row.generated[start:]
+        if row.draft_state is not None:
+            row.draft_state.extend(emitted)
+        if stream is not None and emitted:
+            stream(row.index, emitted)
+        if row.finish_reason is None and len(row.generated) >= row.max_new:
+            row.finish_reason = "length"
+        return row.finish_reason is not None
+
+    def _check_stop_strings(self, row: _Row, start: int, stops: list[str]) -> None:
+        """Cut the row after the first token that completes a stop string; remember where the text ends."""
+        for end in range(start + 1, len(row.generated) + 1):
+            text = self.tokenizer.decode(row.generated[:end], skip_special_tokens=True)
+            hits = [text.find(s) for s in stops if s and s in text]
+            if hits:
+                del row.generated[end:]
+                row.finish_reason, row.stop_text_end = "stop", min(hits)
+                return
+
+    def _result(self, row: _Row) -> GenerationResult:
+        text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
+        if row.stop_text_end is not None:
+            text = text[:row.stop_text_end]
+        return GenerationResult(text, row.generated, row.prompt_len, row.finish_reason or "length", row.stats)
+
+
+def _select_rows(cache: DynamicCache, rows: torch.Tensor) -> None:
+    """Keep only the given batch rows of every cache layer."""
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+
+
+def _compact(cache: DynamicCache, valid: torch.Tensor) -> torch.Tensor:
+    """Drop masked cache slots: gather each row's valid slots, left-aligned to the longest row. Returns the new mask."""
+    counts = valid.sum(-1)
+    width = int(counts.max())
+    # Sorting slot indices by (valid, index) puts each row's valid slots last, in order.
+    slots = torch.arange(valid.shape[1], device=valid.device).expand_as(valid)
+    order = torch.argsort(valid.long() * valid.shape[1] + slots, dim=-1)[:, -width:]
+    new_valid = torch.arange(width, device=valid.device)[None, :] >= (width - counts)[:, None]
+    for layer in cache.layers:
+        idx = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+        layer.keys, layer.values = layer.keys.gather(2, idx), layer.values.gather(2, idx)
+    return new_valid

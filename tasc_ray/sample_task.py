@@ -1,0 +1,72 @@
+"""A generated sample task, so the demo runs anywhere: restaurant sentences -> slot strings (E2E-style MRs).
+
+Outputs vary little (fixed keys in a fixed order, values copied from the input), the kind of task TASC targets.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+NAMES = ["The Golden Curry", "Blue Spice", "The Eagle", "Alimentum", "Zizzi", "The Phoenix", "Loch Fyne",
+         "The Wrestlers", "Fitzbillies", "The Punter", "Cotto", "Green Man", "Aromi", "The Mill", "Browns Cambridge",
+         "Strada", "The Rice Boat", "Giraffe", "Wildwood", "Midsummer House", "Clowns", "Bibimbap House"]
+EAT_TYPES = ["restaurant", "pub", "coffee shop"]
+FOODS = ["Italian", "French", "Indian", "Chinese", "Japanese", "English", "Fast food"]
+PRICES = ["cheap", "moderate", "high", "less than £20", "£20-25", "more than £30"]
+AREAS = ["city centre", "riverside"]
+TEMPLATES = [
+    "{name} is a {food} {eatType} in the {area}.",
+    "In the {area} there is a {priceRange} {food} {eatType} called {name}.",
+    "{name} is a {priceRange} {eatType} serving {food} food near {near}.",
+    "Located in the {area} near {near}, {name} is a {eatType} that serves {food} food.",
+    "{name}, a {food} {eatType} in the {area}, is {family}.",
+    "If you want {priceRange} {food} food, try {name}, a {eatType} near {near}.",
+]
+KEYS = ["name", "eatType", "food", "priceRange", "area", "familyFriendly", "near"]
+INSTRUCTION = "Extract the restaurant's attributes from each sentence."
+
+
+def _row(rng: random.Random) -> tuple[str, str]:
+    template = rng.choice(TEMPLATES)
+    values = {"name": rng.choice(NAMES), "eatType": rng.choice(EAT_TYPES), "food": rng.choice(FOODS),
+              "priceRange": rng.choice(PRICES), "area": rng.choice(AREAS), "familyFriendly": rng.choice(["yes", "no"]),
+              "near": rng.choice(NAMES)}
+    family = "family-friendly" if values["familyFriendly"] == "yes" else "not family-friendly"
+    text = template.format(family=family, **values)
+    used = [k for k in KEYS if "{" + k + "}" in template or (k == "familyFriendly" and "{family}" in template)]
+    mr = ", ".join(f"{k}[{values[k]}]" for k in used)
+    return text, mr
+
+
+def few_shot_prompt(text: str, shots: list[tuple[str, str]]) -> str:
+    """A plain completion prompt (SmolLM2 keeps a few-shot format far better without the chat template)."""
+    examples = "".join(f"Sentence: {s}\nMR: {mr}\n\n" for s, mr in shots)
+    return f"{INSTRUCTION}\n\n{examples}Sentence: {text}\nMR:"
+
+
+def sample_task(n: int, seed: int = 0, n_shots: int = 3) -> list[dict[str, str]]:
+    """n rows of {"id", "text", "output", "prompt"}; the few-shot examples are drawn apart from the rows."""
+    rng = random.Random(seed)
+    shots = [_row(rng) for _ in range(n_shots)]
+    rows = []
+    for i in range(n):
+        text, mr = _row(rng)
+        rows.append({"id": f"row-{seed}-{i}", "text": text, "output": mr, "prompt": few_shot_prompt(text, shots)})
+    return rows
+
+
+def write_sample_task(out_dir: str | Path, n_corpus: int = 2000, n_prompts: int = 64, seed: int = 0) -> dict[str, Path]:
+    """Write corpus.parquet (outputs to index) and prompts.parquet (disjoint rows to decode) under out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = sample_task(n_corpus + n_prompts, seed)
+    corpus, prompts = rows[:n_corpus], rows[n_corpus:]
+    paths = {"corpus": out_dir / "corpus.parquet", "prompts": out_dir / "prompts.parquet"}
+    pq.write_table(pa.Table.from_pylist([{"id": r["id"], "output": r["output"]} for r in corpus]), paths["corpus"])
+    pq.write_table(pa.Table.from_pylist([{"id": r["id"], "text": r["text"], "prompt": r["prompt"],
+                                          "reference": r["output"]} for r in prompts]), paths["prompts"])
+    return paths
