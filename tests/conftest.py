@@ -109,3 +109,15 @@ def s3_bucket(s3_server):
     fs.mkdir(name)
     s3fs.S3FileSystem.clear_instance_cache()
     return name
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster sized for this 2-CPU machine, shared by every test that needs one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()
