@@ -23,6 +23,7 @@ logger = logging.getLogger("tasc_ray")
 COMMAND_MODULES = [
     "tasc_ray.commands",
     "tasc_ray.demo",
+    "tasc_ray.bench",
 ]
 
 # Errors that are the user's input, reported as one line and exit code 2 (tracebacks only with --verbose).
