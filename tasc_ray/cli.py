@@ -24,6 +24,8 @@ COMMAND_MODULES = [
     "tasc_ray.commands",
     "tasc_ray.demo",
     "tasc_ray.bench",
+    "tasc_ray.label_commands",
+    "tasc_ray.ft_commands",
 ]
 
 # Errors that are the user's input, reported as one line and exit code 2 (tracebacks only with --verbose).

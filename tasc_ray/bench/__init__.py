@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCH_MODULES: list[str] = []
+BENCH_MODULES: list[str] = ["tasc_ray.bench.ft"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

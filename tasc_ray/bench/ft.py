@@ -1,0 +1,307 @@
+"""`tasc-ray bench ft`: TASC-ft on E2E, the original vocabulary against the enriched one under the same recipe.
+
+For one direction (text -> MR, or MR -> text) the harness:
+
+1. draws `--train-rows` training rows from the E2E devset and `--eval-rows` held-out rows from the test set
+   (disjoint files), with short plain completion prompts (no few-shot: the models are fine-tuned);
+2. enriches the vocabulary on the training outputs (with and, for the record, without the prefix-conflict
+   filter) and measures tokens per output on the held-out references by re-tokenising them;
+3. fine-tunes the original model and the enriched one on Ray Train with the same recipe, steps and data;
+4. decodes the held-out prompts with each fine-tuned model, plainly and with TASC-spec (an n-gram index built
+   from the training outputs with that model's own tokenizer), and reports wall time, speedup over the
+   fine-tuned original-vocabulary model, tokens per generated output, the share of generated tokens that are
+   new tokens, and task quality (exact match and slot F1 for text -> MR; BLEU and chrF for MR -> text);
+5. writes `<out-dir>/ft_<direction>_<tag>.json` and `.md` (with the exact command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import random
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+logger = logging.getLogger(__name__)
+
+E2E_DIR = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "e2e"
+DIRECTIONS = ("text2mr", "mr2text")
+SLOT = re.compile(r"([^,\[\]]+)\[([^\]]*)\]")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("ft", help="TASC-ft on E2E: original vs enriched vocabulary, fine-tuned alike",
+                              description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--direction", choices=DIRECTIONS, default="text2mr")
+    p.add_argument("--data-dir", default=str(E2E_DIR), help="folder with devset.csv and testset_w_refs.csv")
+    p.add_argument("--train-rows", type=int, default=256)
+    p.add_argument("--eval-rows", type=int, default=48)
+    p.add_argument("--budget", type=int, default=500, help="most new tokens")
+    p.add_argument("--max-n", type=int, default=8)
+    p.add_argument("--per-iteration", type=int, default=50)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--use-gpu", action="store_true", help="train on GPUs (Ray Train workers with use_gpu)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast in training and bf16 weights in decoding")
+    p.add_argument("--device", default=None, help="decode device: cpu or cuda (default: cuda when present)")
+    p.add_argument("--gen-batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tag", default="cpu", help="suffix of the result files")
+    p.add_argument("--work-dir", default="benchmarks/cache/ft", help="models and Ray storage (not committed)")
+    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=run)
+
+
+# ----- data -----
+def _prompt(direction: str, source: str) -> str:
+    return f"Sentence: {source}\nMR:\n" if direction == "text2mr" else f"MR: {source}\nSentence:\n"
+
+
+def load_e2e(data_dir: str | Path, direction: str, n_train: int, n_eval: int,
+             seed: int) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
+    """Training rows from devset.csv; held-out rows (with every reference) from testset_w_refs.csv."""
+    data_dir = Path(data_dir)
+    dev = pd.read_csv(data_dir / "devset.csv")
+    test = pd.read_csv(data_dir / "testset_w_refs.csv")
+    rng = random.Random(seed)
+    dev_idx = rng.sample(range(len(dev)), min(n_train, len(dev)))
+    if direction == "text2mr":
+        train = [{"prompt": _prompt(direction, dev.ref[i]), "output": dev.mr[i]} for i in dev_idx]
+        test_idx = rng.sample(range(len(test)), min(n_eval, len(test)))
+        held = [{"prompt": _prompt(direction, test.ref[i]), "refs": [test.mr[i]]} for i in test_idx]
+    else:
+        train = [{"prompt": _prompt(direction, dev.mr[i]), "output": dev.ref[i]} for i in dev_idx]
+        groups = test.groupby("mr", sort=True)["ref"].apply(list)
+        mrs = rng.sample(list(groups.index), min(n_eval, len(groups)))
+        held = [{"prompt": _prompt(direction, mr), "refs": groups[mr]} for mr in mrs]
+    return train, held
+
+
+# ----- quality -----
+def parse_slots(mr: str) -> set[tuple[str, str]]:
+    return {(k.strip(), v.strip()) for k, v in SLOT.findall(mr)}
+
+
+def slot_scores(preds: list[str], refs: list[str]) -> dict[str, float]:
+    """Exact match (same slot set) and micro slot F1, in percent."""
+    tp = n_pred = n_ref = exact = 0
+    for p, r in zip(preds, refs):
+        ps, rs = parse_slots(p), parse_slots(r)
+        tp, n_pred, n_ref = tp + len(ps & rs), n_pred + len(ps), n_ref + len(rs)
+        exact += int(ps == rs and bool(rs))
+    prec, rec = tp / max(1, n_pred), tp / max(1, n_ref)
+    f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+    return {"exact_match": 100 * exact / max(1, len(refs)), "slot_f1": 100 * f1}
+
+
+def text_scores(preds: list[str], refs: list[list[str]]) -> dict[str, float]:
+    import sacrebleu
+
+    width = max(len(r) for r in refs)
+    streams = [[r[i] if i < len(r) else r[0] for r in refs] for i in range(width)]
+    return {"bleu": sacrebleu.corpus_bleu(preds, streams).score, "chrf": sacrebleu.corpus_chrf(preds, streams).score}
+
+
+# ----- decoding -----
+def evaluate(model_dir: str, held: list[dict[str, Any]], train_outputs: list[str], direction: str,
+             args: argparse.Namespace, base_vocab: int) -> dict[str, Any]:
+    """Decode the held-out prompts plainly and with TASC-spec; time, tokens, new-token share, quality."""
+    from tasc_ray.drafter import Drafter, DrafterConfig
+    from tasc_ray.generator import SamplingParams, SpeculativeGenerator
+    from tasc_ray.models import load_model
+    from tasc_ray.ngram_index import NgramIndex
+
+    dtype = "bfloat16" if args.bf16 else "float32"
+    model, tokenizer = load_model(model_dir, dtype=dtype, device=args.device)
+    index = NgramIndex.from_texts(train_outputs, tokenizer)
+    prompts = [h["prompt"] for h in held]
+    results: dict[str, Any] = {}
+    for mode in ("plain", "tasc_spec"):
+        gen = SpeculativeGenerator(model, tokenizer, Drafter(index, DrafterConfig()) if mode == "tasc_spec" else None,
+                                   max_batch_size=args.gen_batch_size)
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, stop=["\n"], speculative=mode == "tasc_spec")
+        gen.generate(prompts[:2], params)  # warm-up
+        if torch.cuda.is_available() and str(model.device).startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = gen.generate(prompts, params)
+        if torch.cuda.is_available() and str(model.device).startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        texts = [r.text.strip() for r in out]
+        n_tokens = sum(r.new_tokens for r in out)
+        n_new = sum(1 for r in out for t in r.token_ids if t >= base_vocab)
+        passes = sum(r.stats.forward_passes for r in out)
+        entry = {"seconds": seconds, "tokens": n_tokens, "tokens_per_output": n_tokens / len(out),
+                 "tokens_per_s": n_tokens / seconds, "new_token_share": n_new / max(1, n_tokens),
+                 "forward_passes": passes, "tokens_per_pass": n_tokens / max(1, passes),
+                 "finish_length": sum(r.finish_reason == "length" for r in out), "samples": texts[:3]}
+        if direction == "text2mr":
+            entry.update(slot_scores(texts, [h["refs"][0] for h in held]))
+        else:
+            entry.update(text_scores(texts, [h["refs"] for h in held]))
+        results[mode] = entry
+        results.setdefault("_texts", {})[mode] = texts
+    plain, spec = results["_texts"]["plain"], results["_texts"]["tasc_spec"]
+    results["tasc_spec"]["matches_plain"] = sum(a == b for a, b in zip(plain, spec)) / len(plain)
+    del results["_texts"]
+    del model
+    return results
+
+
+# ----- the run -----
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from tasc_ray.finetune import FinetuneConfig, finetune
+    from tasc_ray.models import resolve_model
+    from tasc_ray.vocab import EnrichConfig, count_tokens, enrich_model, enrich_tokenizer
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was given but CUDA is not available")
+    command = "tasc-ray " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "tasc-ray bench ft"
+    t_start = time.perf_counter()
+    work = Path(args.work_dir) / f"{args.direction}_{args.tag}_{int(time.time())}"
+    work.mkdir(parents=True, exist_ok=True)
+    train, held = load_e2e(args.data_dir, args.direction, args.train_rows, args.eval_rows, args.seed)
+    pd.DataFrame(train).to_parquet(work / "train.parquet")
+    train_outputs = [r["output"] for r in train]
+    held_refs = [r for h in held for r in h["refs"]]
+    base_path = resolve_model(args.model)
+    base_tok = AutoTokenizer.from_pretrained(base_path)
+    base_vocab = len(base_tok)
+
+    # 1. vocabulary: with the filter (the model we fine-tune) and without it (compression only)
+    enrich_cfg = dict(budget=args.budget, max_n=args.max_n, per_iteration=args.per_iteration, holdout=0.0,
+                      seed=args.seed)
+    report = enrich_model(args.model, train_outputs, work / "enriched", EnrichConfig(**enrich_cfg))
+    enriched_tok = AutoTokenizer.from_pretrained(work / "enriched")
+    nofilter = enrich_tokenizer(base_tok, train_outputs, EnrichConfig(prefix_filter=False, **enrich_cfg),
+                                progress=False)
+    before = count_tokens(base_tok, held_refs) / len(held_refs)
+    compression = {
+        "heldout_refs": len(held_refs),
+        "tokens_per_output_original": before,
+        "tokens_per_output_enriched": count_tokens(enriched_tok, held_refs) / len(held_refs),
+        "tokens_per_output_enriched_no_prefix_filter": count_tokens(nofilter.tokenizer, held_refs) / len(held_refs),
+        "new_tokens": report["n_new_tokens"], "new_tokens_no_prefix_filter": len(nofilter.new_tokens),
+        "iterations": len(report["iterations"]), "stop_reason": report["stop_reason"],
+        "enrich_seconds": report["seconds"],
+    }
+    for key in ("enriched", "enriched_no_prefix_filter"):
+        compression[f"reduction_{key}"] = 1 - compression[f"tokens_per_output_{key}"] / before
+    logger.info("compression on held-out references: %s", compression)
+
+    # 2. fine-tune both with the same recipe
+    runs: dict[str, Any] = {}
+    for name, model in (("original", args.model), ("enriched", str(work / "enriched"))):
+        cfg = FinetuneConfig(model=model, train=str(work / "train.parquet"), out=str(work / f"ft_{name}"),
+                             epochs=args.epochs, lr=args.lr, lora_r=args.lora_r, full=args.full,
+                             num_workers=args.num_workers, use_gpu=args.use_gpu, bf16=args.bf16,
+                             max_steps=args.max_steps, batch_size=args.batch_size, seed=args.seed,
+                             storage_path=str((work / "ray").resolve()), name=f"ft-{name}")
+        summary = finetune(cfg)
+        runs[name] = {"train": {k: summary[k] for k in ("recipe", "rows", "epochs_done", "steps", "final_loss",
+                                                        "train_seconds", "backend", "num_workers")}}
+        runs[name]["decode"] = evaluate(cfg.out, held, train_outputs, args.direction, args, base_vocab)
+        logger.info("%s: %s", name, json.dumps(runs[name], default=str)[:2000])
+
+    # 3. comparisons against the fine-tuned original-vocabulary model decoded plainly
+    ref = runs["original"]["decode"]["plain"]
+    quality_key = "exact_match" if args.direction == "text2mr" else "bleu"
+    comparisons = {}
+    for name in ("original", "enriched"):
+        for mode in ("plain", "tasc_spec"):
+            d = runs[name]["decode"][mode]
+            comparisons[f"{name}+{mode}"] = {
+                "speedup": ref["seconds"] / d["seconds"],
+                "token_reduction": 1 - d["tokens_per_output"] / ref["tokens_per_output"],
+                "quality_delta": d[quality_key] - ref[quality_key],
+            }
+    targets = _targets(args, compression, comparisons, quality_key)
+    result = {
+        "benchmark": "ft", "direction": args.direction, "command": command, "model": args.model,
+        "device": args.device, "host": platform.node(), "torch_threads": torch.get_num_threads(),
+        "train_rows": len(train), "eval_rows": len(held), "config": vars(args) | {"handler": None},
+        "compression": compression, "runs": runs, "comparisons": comparisons, "targets": targets,
+        "added_tokens_head": [t["token"] for t in report["new_tokens"][:40]],
+        "total_seconds": time.perf_counter() - t_start, "work_dir": str(work),
+    }
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"ft_{args.direction}_{args.tag}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str, ensure_ascii=False))
+    stem.with_suffix(".md").write_text(markdown(result))
+    logger.info("wrote %s.json and .md", stem)
+    return result
+
+
+def _targets(args: argparse.Namespace, compression: dict[str, Any], comparisons: dict[str, Any],
+             quality_key: str) -> dict[str, Any]:
+    speed = comparisons["enriched+plain"]["speedup"]
+    delta = comparisons["enriched+plain"]["quality_delta"]
+    return {
+        "output_token_reduction>=25%": {"value": compression["reduction_enriched"],
+                                        "met": compression["reduction_enriched"] >= 0.25
+                                        and compression["new_tokens"] <= 500},
+        "decode_speedup>=1.3x": {"value": speed, "met": speed >= 1.3},
+        f"{quality_key}_within_2_points": {"value": delta, "met": delta >= -2.0},
+    }
+
+
+def markdown(r: dict[str, Any]) -> str:
+    c = r["compression"]
+    q = "exact_match" if r["direction"] == "text2mr" else "bleu"
+    q2 = "slot_f1" if r["direction"] == "text2mr" else "chrf"
+    lines = [
+        f"# TASC-ft on E2E {r['direction']} ({r['model']}, {r['device']})", "",
+        "Command:", "", "```", r["command"], "```", "",
+        f"{r['train_rows']} training rows (E2E devset), {r['eval_rows']} held-out prompts (E2E test set). "
+        f"Total wall time {r['total_seconds'] / 60:.1f} min.", "",
+        "## Compression (held-out references, re-tokenised)", "",
+        "| vocabulary | new tokens | tokens / output | reduction |", "|---|---|---|---|",
+        f"| original | 0 | {c['tokens_per_output_original']:.2f} | - |",
+        f"| TASC-ft (prefix-conflict filter on) | {c['new_tokens']} | {c['tokens_per_output_enriched']:.2f} "
+        f"| {100 * c['reduction_enriched']:.1f}% |",
+        f"| TASC-ft (filter off) | {c['new_tokens_no_prefix_filter']} | "
+        f"{c['tokens_per_output_enriched_no_prefix_filter']:.2f} | "
+        f"{100 * c['reduction_enriched_no_prefix_filter']:.1f}% |", "",
+        "## Fine-tuning (same recipe for both)", "",
+        "| model | recipe | steps | final loss | train s |", "|---|---|---|---|---|",
+    ]
+    for name, run_ in r["runs"].items():
+        t = run_["train"]
+        lines.append(f"| {name} | {t['recipe']} | {t['steps']} | {t['final_loss']:.3f} | {t['train_seconds']:.0f} |")
+    lines += ["", "## Decoding (held-out prompts)", "",
+              f"| model | decoding | s | speedup | tokens / output | new-token share | tokens / pass | {q} | {q2} |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name, run_ in r["runs"].items():
+        for mode, d in run_["decode"].items():
+            cmp = r["comparisons"][f"{name}+{mode}"]
+            lines.append(f"| {name} | {mode} | {d['seconds']:.1f} | {cmp['speedup']:.2f}x | "
+                         f"{d['tokens_per_output']:.1f} | {100 * d['new_token_share']:.1f}% | "
+                         f"{d['tokens_per_pass']:.2f} | {d[q]:.1f} | {d[q2]:.1f} |")
+    lines += ["", "## Targets", "", "| target | value | met |", "|---|---|---|"]
+    for name, t in r["targets"].items():
+        lines.append(f"| {name} | {t['value']:.3f} | {'yes' if t['met'] else 'NO'} |")
+    lines += ["", "First added tokens: " + ", ".join(f"`{t}`" for t in r["added_tokens_head"][:20]), ""]
+    return "\n".join(lines)

@@ -1,0 +1,388 @@
+"""TASC-ft vocabulary enrichment: add frequent output n-grams to a tokenizer as ordinary added tokens.
+
+Each iteration tokenises the training outputs with the current vocabulary, counts every token n-gram
+(n = 2..N, vectorised with `hash_windows`), scores each by frequency x (n - 1) (the tokens it would save),
+drops invalid and conflicting candidates, and adds the best M as `AddedToken(s, normalized=False)`. The next
+iteration re-tokenises with the enlarged vocabulary, so new tokens can build on earlier ones. It stops when
+the budget is spent or when an iteration's measured gain falls below `min_gain`.
+
+Added tokens are matched greedily (leftmost-longest) in the *raw* text before the BPE model runs, so a new
+token can fire in places where the current tokenisation does not align with it (inside a longer word, or
+straddling a token boundary) and change how the neighbouring text is tokenised. Two rules handle that:
+
+* **Prefix-conflict score.** For a candidate with decoded string s, let ``c(s)`` be the number of
+  (non-overlapping) occurrences of s as a substring of the training outputs, and ``f(s)`` the number of
+  *aligned* occurrences: the count of token n-grams (summed over every tokenisation that decodes to s) in the
+  current tokenisation. The misaligned occurrences ``m(s) = max(0, c(s) - f(s))`` are the places where the
+  greedy added-token match would cut into a longer continuation that s is merely a prefix of (``"The"`` in
+  ``"Theatre"``, ``"food[Fast"`` in ``"food[Fast food]"`` split differently). The prefix-conflict score is
+  ``conflict(s) = m(s) / c(s)`` in [0, 1]; with the filter on, candidates with ``conflict(s) > max_conflict``
+  (default 0.1) are dropped. The bench measures compression with and without it.
+* **Batch overlap.** Within one iteration a candidate is skipped when a suffix of its token sequence equals a
+  prefix of an already chosen one (or vice versa), or when one contains the other: both cannot replace the
+  same text, so their counted savings would be double-counted. They are reconsidered next iteration.
+
+Candidates must decode to valid text that round-trips: no U+FFFD, and the tokenizer's decoder must give the
+string back for the token alone (byte-level decoders map some non-ASCII added tokens to wrong bytes, so
+e.g. ``"£20"`` is refused while ``" £20"`` is fine). Real compression is always measured by re-tokenising,
+and ``decode(encode(s)) == s`` is checked over the whole corpus before anything is written.
+
+`enrich_model` resizes the model's embeddings; each new row (and LM-head row when untied) is the mean of the
+rows of its constituent *original* tokens, and the result is saved as a plain Hugging Face directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import AddedToken
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tasc_ray.ngram_index import hash_windows, tokenize_texts
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE = "tasc_ft_vocab.json"
+
+
+class VocabEnrichmentError(ValueError):
+    """Bad input for enrichment: empty corpus, a budget of 0, a model directory without a tokenizer, ..."""
+
+
+@dataclass
+class EnrichConfig:
+    """Knobs of the enrichment loop."""
+
+    budget: int = 500  # most new tokens in all
+    max_n: int = 8  # longest token n-gram considered per iteration
+    per_iteration: int = 50  # new tokens added per iteration (M)
+    min_count: int = 2  # an n-gram must occur at least this often
+    min_gain: float = 0.002  # stop when an iteration saves less than this share of the corpus' tokens
+    prefix_filter: bool = True
+    max_conflict: float = 0.1  # drop candidates whose prefix-conflict score exceeds this
+    holdout: float = 0.1  # share of the corpus held out to measure compression
+    seed: int = 0
+    candidate_pool: int = 20  # candidates examined per iteration = candidate_pool * per_iteration
+
+    def validate(self) -> None:
+        if self.budget <= 0:
+            raise VocabEnrichmentError(f"budget must be positive, got {self.budget}")
+        if self.max_n < 2:
+            raise VocabEnrichmentError(f"max_n must be >= 2, got {self.max_n}")
+        if self.per_iteration <= 0:
+            raise VocabEnrichmentError(f"per_iteration must be positive, got {self.per_iteration}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise VocabEnrichmentError(f"holdout must be in [0, 1), got {self.holdout}")
+        if not 0.0 <= self.max_conflict <= 1.0:
+            raise VocabEnrichmentError(f"max_conflict must be in [0, 1], got {self.max_conflict}")
+
+
+@dataclass
+class NewToken:
+    """One added token, in the order added."""
+
+    token: str
+    id: int
+    iteration: int
+    n: int  # current-vocabulary tokens it merged when chosen
+    count: int  # aligned occurrences f(s) when chosen
+    score: int  # count * (n - 1): tokens saved as counted
+    conflict: float  # prefix-conflict score m(s) / c(s)
+    base_ids: list[int]  # its tokenisation under the original vocabulary (embedding init)
+
+
+@dataclass
+class IterationLog:
+    iteration: int
+    added: int
+    train_tokens: int  # training outputs' total tokens after this iteration
+    gain: float  # relative reduction of train_tokens by this iteration
+    candidates: int
+    dropped_invalid: int
+    dropped_conflict: int
+    dropped_overlap: int
+    seconds: float
+
+
+@dataclass
+class EnrichResult:
+    tokenizer: PreTrainedTokenizerBase
+    new_tokens: list[NewToken]
+    iterations: list[IterationLog]
+    stop_reason: str
+    config: EnrichConfig
+    train_size: int
+    heldout_size: int
+    tokens_per_output: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "config": asdict(self.config),
+            "new_tokens": [asdict(t) for t in self.new_tokens],
+            "n_new_tokens": len(self.new_tokens),
+            "iterations": [asdict(it) for it in self.iterations],
+            "stop_reason": self.stop_reason,
+            "train_outputs": self.train_size,
+            "heldout_outputs": self.heldout_size,
+            "tokens_per_output": self.tokens_per_output,
+        }
+
+
+def split_corpus(texts: Sequence[str], holdout: float, seed: int = 0) -> tuple[list[str], list[str]]:
+    """A deterministic (train, held-out) split by *distinct* text, so a held-out output never also occurs in the
+    training part (E2E repeats each MR about 8 times). Held-out is empty when holdout is 0 or the corpus is tiny."""
+    distinct = sorted(set(texts))
+    random.Random(seed).shuffle(distinct)
+    n_held = int(round(len(distinct) * holdout)) if len(distinct) >= 10 else 0
+    held_set = set(distinct[:n_held])
+    return [t for t in texts if t not in held_set], [t for t in texts if t in held_set]
+
+
+def count_tokens(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> int:
+    """Total tokens of the texts (no special tokens), by actually tokenising them."""
+    return int(sum(len(s) for s in tokenize_texts(texts, tokenizer)))
+
+
+def roundtrip_failures(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], limit: int = 5) -> list[str]:
+    """Texts (up to `limit`) for which decode(encode(text)) != text."""
+    bad = []
+    for text, ids in zip(texts, tokenize_texts(texts, tokenizer)):
+        if tokenizer.decode(ids.tolist(), skip_special_tokens=False, clean_up_tokenization_spaces=False) != text:
+            bad.append(text)
+            if len(bad) >= limit:
+                break
+    return bad
+
+
+def _special_ids(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
+    return np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
+
+
+def _candidates(seqs: list[np.ndarray], max_n: int, min_count: int, special: np.ndarray,
+                pool: int) -> list[tuple[int, int, tuple[int, ...]]]:
+    """The `pool` best (score, count, ids) token n-grams, n = 2..max_n, scored count * (n - 1)."""
+    if not seqs:
+        return []
+    flat = np.concatenate([np.append(s.astype(np.int64), -1) for s in seqs])
+    flat_ok = (flat >= 0) & ~np.isin(flat, special)
+    out: list[tuple[int, int, tuple[int, ...]]] = []
+    for n in range(2, max_n + 1):
+        if len(flat) < n:
+            break
+        windows = np.lib.stride_tricks.sliding_window_view(flat, n)
+        ok = np.lib.stride_tricks.sliding_window_view(flat_ok, n).all(axis=1)
+        windows = windows[ok]
+        if len(windows) == 0:
+            break
+        _, first, counts = np.unique(hash_windows(windows), return_index=True, return_counts=True)
+        keep = counts >= min_count
+        if not keep.any():
+            break  # longer n-grams cannot be more frequent
+        first, counts = first[keep], counts[keep]
+        top = np.argsort(-counts, kind="stable")[:pool]
+        out.extend((int(c) * (n - 1), int(c), tuple(int(t) for t in windows[i]))
+                   for i, c in zip(first[top], counts[top]))
+    out.sort(key=lambda x: -x[0])
+    return out[:pool * 4]
+
+
+def _overlaps(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """True when a and b can compete for the same text: containment, or a suffix of one is a prefix of the other."""
+    if len(a) > len(b):
+        a, b = b, a
+    if any(b[i:i + len(a)] == a for i in range(len(b) - len(a) + 1)):
+        return True
+    for k in range(1, len(a)):
+        if a[-k:] == b[:k] or b[-k:] == a[:k]:
+            return True
+    return False
+
+
+def _round_trips(tokenizer: PreTrainedTokenizerBase, s: str) -> bool:
+    """Whether an added token with content s decodes back to s (the backend decoder sees its content)."""
+    if not s or "\ufffd" in s:
+        return False
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = backend.decoder if backend is not None else None
+    return decoder is None or decoder.decode([s]) == s
+
+
+def enrich_tokenizer(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+                     config: EnrichConfig | None = None, progress: bool = True) -> EnrichResult:
+    """Run the enrichment loop on a copy of `tokenizer` over the outputs `texts`; the input is left unchanged."""
+    config = config or EnrichConfig()
+    config.validate()
+    texts = [t for t in texts if isinstance(t, str) and t]
+    if not texts:
+        raise VocabEnrichmentError("the corpus has no non-empty outputs (empty corpus)")
+    if not getattr(tokenizer, "is_fast", False):
+        raise VocabEnrichmentError("vocabulary enrichment needs a fast (tokenizers-backed) tokenizer")
+    base = tokenizer
+    tok = copy.deepcopy(tokenizer)
+    train, held = split_corpus(texts, config.holdout, config.seed)
+    joined = "\x00".join(train)
+    special = _special_ids(tok)
+    vocab = set(tok.get_vocab())
+    new_tokens: list[NewToken] = []
+    iterations: list[IterationLog] = []
+    before_train = count_tokens(tok, train)
+    current = before_train
+    stop_reason = "budget"
+    bar = tqdm(total=config.budget, desc="enrich-vocab", unit="tok", disable=not progress)
+    iteration = 0
+    while len(new_tokens) < config.budget:
+        iteration += 1
+        t0 = time.perf_counter()
+        seqs = tokenize_texts(train, tok)
+        want = min(config.per_iteration, config.budget - len(new_tokens))
+        raw = _candidates(seqs, config.max_n, config.min_count, special, config.candidate_pool * want)
+        # Merge tokenisations that decode to the same string: all their occurrences would use the new token.
+        by_string: dict[str, list[Any]] = {}
+        dropped_invalid = 0
+        for score, count, ids in raw:
+            s = tok.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            if s in vocab or not _round_trips(tok, s):
+                dropped_invalid += 1
+                continue
+            entry = by_string.setdefault(s, [0, 0, ids])
+            entry[0] += score
+            entry[1] += count
+        ranked = sorted(by_string.items(), key=lambda kv: -kv[1][0])
+        chosen: list[tuple[str, int, int, tuple[int, ...], float]] = []
+        dropped_conflict = dropped_overlap = 0
+        for s, (score, count, ids) in ranked:
+            if len(chosen) >= want:
+                break
+            occurrences = joined.count(s)
+            conflict = max(0, occurrences - count) / occurrences if occurrences else 1.0
+            if config.prefix_filter and conflict > config.max_conflict:
+                dropped_conflict += 1
+                continue
+            if any(_overlaps(ids, c[3]) for c in chosen):
+                dropped_overlap += 1
+                continue
+            chosen.append((s, score, count, ids, conflict))
+        if not chosen:
+            stop_reason = "no candidates"
+            break
+        trial = copy.deepcopy(tok)
+        trial.add_tokens([AddedToken(s, normalized=False, special=False) for s, *_ in chosen])
+        after = count_tokens(trial, train)
+        gain = (current - after) / current if current else 0.0
+        if after >= current:
+            stop_reason = f"no gain (iteration {iteration} would change tokens {current} -> {after}; not added)"
+            break
+        tok = trial
+        for s, score, count, ids, conflict in chosen:
+            vocab.add(s)
+            new_tokens.append(NewToken(
+                token=s, id=int(tok.convert_tokens_to_ids(s)), iteration=iteration, n=len(ids), count=count,
+                score=score, conflict=round(conflict, 4),
+                base_ids=base(s, add_special_tokens=False)["input_ids"]))
+        bar.update(len(chosen))
+        iterations.append(IterationLog(iteration, len(chosen), after, round(gain, 5), len(raw), dropped_invalid,
+                                       dropped_conflict, dropped_overlap, round(time.perf_counter() - t0, 3)))
+        logger.info("iteration %d: +%d tokens (%d in all), train tokens %d -> %d (%.2f%%)", iteration, len(chosen),
+                    len(new_tokens), current, after, 100 * gain)
+        current = after
+        if gain < config.min_gain:
+            stop_reason = f"marginal gain {gain:.4f} < min_gain {config.min_gain}"
+            break
+    bar.close()
+    bad = roundtrip_failures(tok, texts)
+    if bad:
+        raise VocabEnrichmentError(f"decode(encode(s)) != s for {len(bad)}+ corpus texts, e.g. {bad[0]!r}")
+    result = EnrichResult(tok, new_tokens, iterations, stop_reason, config, len(train), len(held))
+    for name, split in (("train", train), ("heldout", held)):
+        if split:
+            b, a = count_tokens(base, split) / len(split), count_tokens(tok, split) / len(split)
+            result.tokens_per_output[name] = {"before": round(b, 3), "after": round(a, 3),
+                                              "reduction": round(1 - a / b, 4) if b else 0.0}
+    return result
+
+
+def init_new_embeddings(model: PreTrainedModel, new_tokens: Sequence[NewToken], old_vocab_size: int) -> None:
+    """Resize the model to hold the new tokens; each new row = mean of its original constituent tokens' rows."""
+    if not new_tokens:
+        return
+    new_size = max(old_vocab_size, max(t.id for t in new_tokens) + 1)
+    model.resize_token_embeddings(new_size, mean_resizing=False)
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    untied = out is not None and out.weight.data_ptr() != emb.data_ptr()
+    with torch.no_grad():
+        for t in new_tokens:
+            idx = torch.tensor(t.base_ids, dtype=torch.long, device=emb.device)
+            emb[t.id] = emb[idx].mean(dim=0)
+            if untied:
+                out.weight[t.id] = out.weight[idx].mean(dim=0)
+                if getattr(out, "bias", None) is not None:
+                    out.bias[t.id] = out.bias[idx].mean()
+
+
+def _load_base(model: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasc_ray.models import resolve_model
+
+    source = resolve_model(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as exc:
+        raise VocabEnrichmentError(f"{model}: cannot load a tokenizer ({exc})") from exc
+    if isinstance(tokenizer, bool) or not hasattr(tokenizer, "get_vocab"):
+        raise VocabEnrichmentError(f"{model}: cannot load a tokenizer")
+    model_obj = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    return model_obj, tokenizer, source
+
+
+def enrich_model(model: str, texts: Sequence[str], out: str | Path, config: EnrichConfig | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """Enrich `model`'s tokenizer on `texts`, init the new rows, save a plain HF directory to `out`, written
+    aside and renamed into place. Returns the report (also saved as `out/tasc_ft_vocab.json`)."""
+    config = config or EnrichConfig()
+    config.validate()
+    if not [t for t in texts if isinstance(t, str) and t]:
+        raise VocabEnrichmentError("the corpus has no non-empty outputs (empty corpus)")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise VocabEnrichmentError(f"output directory {out} exists and is not empty")
+    t0 = time.perf_counter()
+    model_obj, tokenizer, source = _load_base(model)
+    old_size = model_obj.get_input_embeddings().weight.shape[0]
+    result = enrich_tokenizer(tokenizer, texts, config, progress)
+    init_new_embeddings(model_obj, result.new_tokens, old_size)
+    report = result.report()
+    report.update({"base_model": model, "base_path": source, "vocab_size_before": len(tokenizer),
+                   "vocab_size_after": len(result.tokenizer), "seconds": round(time.perf_counter() - t0, 2)})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model_obj.save_pretrained(tmp)
+        result.tokenizer.save_pretrained(tmp)
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False))
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("added %d tokens (%s); held-out tokens/output %s -> saved %s", len(result.new_tokens),
+                result.stop_reason, report["tokens_per_output"].get("heldout"), out)
+    return report
