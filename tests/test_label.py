@@ -1,0 +1,175 @@
+"""Batch labeling on Ray Data: local and S3 parquet, error rows, the commit marker and resume after a stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tasc_ray.engine import EngineConfig, load_engine
+from tasc_ray.generator import SamplingParams
+from tasc_ray.labeling import (
+    OUTPUT_COLUMNS,
+    SUCCESS,
+    LabelError,
+    is_complete,
+    label_parquet,
+    resolve_filesystem,
+)
+from tasc_ray.ngram_index import NgramIndex
+
+MAX_NEW = 24
+STOP = ["]"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory, task_rows, tiny_tokenizer):
+    path = tmp_path_factory.mktemp("label-index") / "index"
+    return NgramIndex.from_texts([r["output"] for r in task_rows[:300]], tiny_tokenizer).save(str(path))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir, index_dir):
+    return EngineConfig(model=str(tiny_model_dir), index=index_dir)
+
+
+def _rows(task_rows, n, bad=True):
+    rows = [{"id": r["id"], "text": r["text"], "prompt": r["prompt"]} for r in task_rows[300:300 + n]]
+    if bad:  # an empty prompt and one longer than the tiny model's 1024-token context
+        rows += [{"id": "bad-empty", "text": "", "prompt": ""},
+                 {"id": "bad-long", "text": "x", "prompt": "Blue Spice is a pub. " * 400}]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def reference(engine, task_rows):
+    """What the engine itself emits for each prompt (greedy), to compare the job's outputs against."""
+    generator = load_engine(engine)
+    rows = _rows(task_rows, 40, bad=False)
+    results = generator.generate([r["prompt"] for r in rows], SamplingParams(max_new_tokens=MAX_NEW, stop=STOP))
+    return {r["id"]: res.text for r, res in zip(rows, results)}
+
+
+def _read(output: str) -> pa.Table:
+    fs, root = resolve_filesystem(output)
+    parts = [f.path for f in fs.get_file_info(__import__("pyarrow.fs").fs.FileSelector(root))
+             if f.base_name.startswith("part-")]
+    return pa.concat_tables([pq.read_table(p, filesystem=fs) for p in parts])
+
+
+def _check_output(output: str, rows: list[dict], reference: dict[str, str]) -> pa.Table:
+    table = _read(output)
+    assert table.column_names[:len(OUTPUT_COLUMNS)] == OUTPUT_COLUMNS
+    ids = table.column("id").to_pylist()
+    assert sorted(ids) == sorted(r["id"] for r in rows)  # every row exactly once
+    by_id = {r["id"]: r for r in table.to_pylist()}
+    for rid, text in reference.items():
+        if rid in by_id:
+            assert by_id[rid]["error"] is None and by_id[rid]["output"] == text, rid
+            assert by_id[rid]["output_tokens"] > 0 and by_id[rid]["latency_s"] > 0
+    return table
+
+
+def test_label_errors_limit_and_resume(ray_cluster, tmp_path, task_rows, engine, reference):
+    rows = _rows(task_rows, 40)
+    src = tmp_path / "prompts.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), src)
+    out = str(tmp_path / "labels")
+
+    # the first run decodes plainly (no drafts); the rows must match the speculative reference exactly
+    first = label_parquet(str(src), out, engine, max_new_tokens=MAX_NEW, stop=STOP, batch_size=8, limit=15,
+                          speculative=False)
+    assert first["rows_labeled"] == 15 and not first["complete"] and first["rows_remaining"] == 27
+    assert first["drafted_tokens"] == 0
+    assert not is_complete(out) and not (Path(out) / SUCCESS).exists()
+
+    second = label_parquet(str(src), out, engine, max_new_tokens=MAX_NEW, stop=STOP, batch_size=8)
+    assert second["rows_already_done"] == 15 and second["rows_labeled"] == 27 and second["complete"]
+    manifest = json.loads((Path(out) / SUCCESS).read_text())
+    assert manifest["rows"] == 42 and len(manifest["parts"]) >= 2
+    table = _check_output(out, rows, reference)
+    errors = {r["id"]: r["error"] for r in table.to_pylist() if r["error"]}
+    assert set(errors) == {"bad-empty", "bad-long"} and "context" in errors["bad-long"]
+    assert sum(table.column("drafted_tokens").to_pylist()[i] or 0 for i in range(len(table))) > 0
+
+    third = label_parquet(str(src), out, engine, max_new_tokens=MAX_NEW, stop=STOP, batch_size=8)
+    assert third["rows_labeled"] == 0 and third["complete"] and len(_read(out)) == 42
+
+
+def test_template_and_column_errors(ray_cluster, tmp_path, task_rows, engine):
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist(_rows(task_rows, 4, bad=False)), src)
+    with pytest.raises(LabelError, match="'mr'"):
+        label_parquet(str(src), str(tmp_path / "o1"), engine, prompt_template="Sentence: {text}\nMR: {mr}")
+    with pytest.raises(LabelError, match="'key'"):
+        label_parquet(str(src), str(tmp_path / "o2"), engine, id_column="key")
+    dup = tmp_path / "dup.parquet"
+    pq.write_table(pa.Table.from_pylist(_rows(task_rows, 2, bad=False) * 2), dup)
+    with pytest.raises(LabelError, match="duplicate"):
+        label_parquet(str(dup), str(tmp_path / "o3"), engine)
+
+
+def test_s3_input_and_output_through_the_job_script(ray_cluster, s3_bucket, tmp_path, task_rows, engine, reference):
+    import pyarrow.fs as pafs
+
+    rows = _rows(task_rows, 12, bad=False)
+    for r in rows:  # the template rebuilds the prompt from two columns
+        r["intro"] = r["prompt"][:r["prompt"].rindex("Sentence: ")]
+    fs, _ = resolve_filesystem(f"s3://{s3_bucket}/in")
+    with fs.open_output_stream(f"{s3_bucket}/in/prompts.parquet") as f:
+        pq.write_table(pa.Table.from_pylist(rows), f)
+    out = f"s3://{s3_bucket}/labels"
+    sys.path.insert(0, str(ROOT / "jobs"))
+    try:
+        import batch_label
+    finally:
+        sys.path.pop(0)
+    rc = batch_label.main(["--input", f"s3://{s3_bucket}/in", "--output", out, "--model", engine.model,
+                           "--index", engine.index, "--prompt-template", "{intro}Sentence: {text}\\nMR:",
+                           "--max-new-tokens", str(MAX_NEW), "--stop", "]", "--batch-size", "4"])
+    assert rc == 0 and is_complete(out)
+    assert fs.get_file_info(f"{s3_bucket}/labels/_staging").type == pafs.FileType.NotFound
+    _check_output(out, rows, reference)
+
+
+def test_killed_run_resumes_without_duplicates(ray_cluster, tmp_path, task_rows, engine, reference):
+    import ray
+
+    rows = _rows(task_rows, 40, bad=False)
+    src = tmp_path / "many"
+    src.mkdir()
+    for i in range(0, 40, 4):  # many small files: parts are written while the job runs
+        pq.write_table(pa.Table.from_pylist(rows[i:i + 4]), src / f"p{i:03d}.parquet")
+    out = tmp_path / "labels"
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "tasc_ray", "label", "--input", str(src), "--output", str(out), "--model",
+           engine.model, "--index", engine.index, "--max-new-tokens", str(MAX_NEW), "--stop", "]",
+           "--batch-size", "2", "--num-cpus", "0.25"]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    staged = out / "_staging"
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if staged.exists() and any(p.suffix == ".parquet" for p in staged.rglob("*")):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the job ended before it could be interrupted"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert not (out / SUCCESS).exists()
+    summary = label_parquet(str(src), str(out), engine, max_new_tokens=MAX_NEW, stop=STOP, batch_size=8)
+    assert summary["complete"] and summary["rows_already_done"] + summary["rows_labeled"] == 40
+    assert summary["rows_already_done"] > 0  # the killed run's finished parts were kept
+    _check_output(str(out), rows, reference)
+
