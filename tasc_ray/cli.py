@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "tasc_ray.bench",
     "tasc_ray.label_commands",
     "tasc_ray.ft_commands",
+    "tasc_ray.index_commands",
 ]
 
 # Errors that are the user's input, reported as one line and exit code 2 (tracebacks only with --verbose).

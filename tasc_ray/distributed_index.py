@@ -1,0 +1,603 @@
+"""Corpus indexing on Ray Data: distributed n-gram counting from parquet (local disk or S3) into an NgramIndex.
+
+The pipeline, for a corpus of logged outputs in many parquet files:
+
+1. `ray.data.read_parquet` of the one text column (column projection), local paths, directories and globs, or
+   `s3://` through s3fs (endpoint, region and credentials from the standard AWS environment or options);
+2. per block, in an actor pool of `num_workers` actors with fractional CPUs: tokenise (the tokenizer object is
+   shipped once per actor) and count with `NgramCounts.from_sequences` (vectorised, pre-aggregated per block);
+3. a hash-partitioned shuffle by context hash: each count block goes to `num_reducers` reducer actors, each
+   keeping the rows whose `hash % num_reducers` is its own and summing them (periodic compaction, so its memory
+   is bounded by the number of distinct n-grams of its partition, not by the corpus size);
+4. each reducer cuts its partition to the top-K per context (`OrderTable.from_counts`, totals from the full
+   counts); partitions hold disjoint contexts, so the driver only concatenates and sorts them;
+5. `NgramIndex.save`, whose manifest is written last: an interrupted job never leaves a manifest pointing at
+   missing or partial files.
+
+The result is identical (every array of every order, fingerprint, corpus statistics) to the in-process
+`NgramIndex.from_texts` on the same rows. `append_to` merges new outputs into an existing index, exactly
+where the existing index did not truncate (see `index_truncation`). Null, empty and non-string rows are
+skipped and counted. Bad input (missing file, column or bucket, unreadable parquet) raises `IndexJobError`
+(a ValueError) or FileNotFoundError naming the file, column or bucket, before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasc_ray.ngram_index import (
+    DEFAULT_MAX_ORDER,
+    DEFAULT_TOP_K,
+    NgramCounts,
+    NgramIndex,
+    OrderTable,
+    _sum_by_key,
+    _tokenizer_meta,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 8192  # rows per map batch: big enough to pre-aggregate, small enough to balance 2 workers
+DEFAULT_CPUS_PER_WORKER = 0.5  # fractional, so a 2-CPU cluster still has room for listing and reading files
+# Reducers reserve no logical CPU: Ray Data budgets the whole cluster for its own operators, and actors it does
+# not know about holding CPUs can starve its file-listing task (1 CPU) and stall the job. They use real CPU, of
+# course, while they sum; the OS shares it.
+DEFAULT_CPUS_PER_REDUCER = 0.0
+DEFAULT_READ_CPUS = 0.25
+_LIST_FILES_CPUS = 1.0  # Ray Data's ListFiles task
+
+# Statistics travel through the shuffle as rows of order -1, keyed by these ids, and are summed like counts.
+_STATS = ("rows", "sequences", "tokens", "skipped_null", "skipped_empty", "skipped_non_string")
+_STATS_ORDER = -1
+
+
+class IndexJobError(ValueError):
+    """An indexing job that cannot run or finish: bad input path, column, bucket, corrupt file, failed workers."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs: local paths, directories, globs and s3:// prefixes, validated before any work starts
+# ----------------------------------------------------------------------------------------------------------------
+
+def is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def storage_options_for(path: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """fsspec options for `path`: for s3://, endpoint, region and credentials from the standard AWS environment
+    (AWS_ENDPOINT_URL[_S3], AWS_REGION/AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID/SECRET/SESSION_TOKEN), overridden by
+    `storage_options`. They are resolved on the driver and travel with the job, so workers on other nodes (or a
+    local Ray started before the environment was set) read with the same endpoint and credentials."""
+    if not path.startswith(("s3://", "s3a://")):
+        return dict(storage_options or {})
+    opts: dict[str, Any] = {}
+    env = os.environ
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        opts["client_kwargs"] = {"region_name": region}
+    for option, var in (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY"),
+                        ("token", "AWS_SESSION_TOKEN")):
+        if env.get(var):
+            opts[option] = env[var]
+    opts.update(storage_options or {})
+    return opts
+
+
+def _bucket(path: str) -> str:
+    return path.split("://", 1)[1].split("/", 1)[0]
+
+
+def _check_bucket(fs: Any, path: str) -> None:
+    """Fail with the bucket's name when it does not exist or cannot be reached with these credentials."""
+    bucket = _bucket(path)
+    try:
+        exists = fs.exists(bucket)
+    except PermissionError as exc:
+        raise IndexJobError(f"S3 bucket {bucket!r}: access denied (check AWS credentials): {exc}") from exc
+    except Exception as exc:  # botocore/aiohttp errors: endpoint unreachable, bad signature, ...
+        raise IndexJobError(f"S3 bucket {bucket!r} cannot be reached: {type(exc).__name__}: {exc}") from exc
+    if not exists:
+        raise IndexJobError(f"S3 bucket {bucket!r} does not exist or is not visible with these credentials "
+                            f"(path {path})")
+
+
+def resolve_inputs(inputs: str | Sequence[str], storage_options: dict[str, Any] | None = None
+                   ) -> tuple[list[str], Any, dict[str, Any]]:
+    """Expand files, directories (every *.parquet below) and globs, local or s3://, into a sorted file list.
+
+    Returns (files, fsspec filesystem, storage options). All inputs must live on one filesystem."""
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if not inputs:
+        raise IndexJobError("no input given")
+    protocols = {p.split("://", 1)[0] if is_remote(p) else "file" for p in inputs}
+    if len(protocols) > 1:
+        raise IndexJobError(f"inputs mix filesystems ({', '.join(sorted(protocols))}); index them separately")
+    opts = storage_options_for(inputs[0], storage_options)
+    fs, _ = fsspec.core.url_to_fs(inputs[0], **opts)
+    remote = is_remote(inputs[0])
+    files: list[str] = []
+    for raw in inputs:
+        path = raw[len("file://"):] if raw.startswith("file://") else raw
+        if remote:
+            _check_bucket(fs, path)
+        _, root = fsspec.core.url_to_fs(path, **opts)
+        try:
+            if any(c in root for c in "*?["):
+                found = [f for f in fs.glob(root) if fs.isfile(f)]
+            elif fs.isdir(root):
+                found = [f for f in fs.find(root) if f.endswith(".parquet")]
+            elif fs.isfile(root):
+                found = [root]
+            else:
+                found = []
+        except PermissionError as exc:
+            raise IndexJobError(f"{raw}: access denied: {exc}") from exc
+        if not found:
+            raise FileNotFoundError(f"no parquet files found at {raw}")
+        files.extend(found)
+    files = sorted(set(files))
+    if remote:
+        protocol = inputs[0].split("://", 1)[0]
+        files = [f"{protocol}://{f}" if "://" not in f else f for f in files]
+    return files, fs, opts
+
+
+@dataclass
+class FileInfo:
+    path: str
+    rows: int
+    column_type: str
+
+
+def validate_inputs(files: Sequence[str], fs: Any, column: str, threads: int = 16) -> list[FileInfo]:
+    """Read every file's parquet footer (in parallel threads): the file must be readable parquet with `column`."""
+
+    def check(path: str) -> FileInfo:
+        try:
+            with fs.open(_strip_file_scheme(path), "rb") as f:
+                meta = pq.ParquetFile(f).metadata
+                schema = meta.schema.to_arrow_schema()
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"corpus file not found: {path}") from exc
+        except PermissionError as exc:
+            raise IndexJobError(f"{path}: access denied: {exc}") from exc
+        except Exception as exc:  # ArrowInvalid, OSError: not parquet, truncated footer
+            raise IndexJobError(f"{path} is not a readable parquet file: {exc}") from exc
+        if column not in schema.names:
+            raise IndexJobError(f"{path} has no column {column!r}; columns: {', '.join(schema.names)}")
+        return FileInfo(path, meta.num_rows, str(schema.field(column).type))
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(files)))) as pool:
+        infos = list(pool.map(check, files))
+    types = {info.column_type for info in infos}
+    if len(types) > 1:
+        examples = {t: next(i.path for i in infos if i.column_type == t) for t in types}
+        raise IndexJobError(f"column {column!r} has different types across files: "
+                            + "; ".join(f"{t} in {p}" for t, p in examples.items()))
+    return infos
+
+
+def _strip_file_scheme(path: str) -> str:
+    return path[len("file://"):] if path.startswith("file://") else path
+
+
+def _is_text_type(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or (
+        pa.types.is_dictionary(t) and _is_text_type(t.value_type))
+
+
+def split_texts(column: pa.ChunkedArray | pa.Array) -> tuple[list[str], dict[str, int]]:
+    """The usable texts of a column and how many rows were skipped as null, empty (or blank), or non-string."""
+    n = len(column)
+    stats = {"rows": n, "skipped_null": column.null_count, "skipped_empty": 0, "skipped_non_string": 0}
+    if not _is_text_type(column.type):
+        stats["skipped_non_string"] = n - column.null_count
+        return [], stats
+    texts = [v for v in column.to_pylist() if v is not None]
+    usable = [t for t in texts if t.strip()]
+    stats["skipped_empty"] = len(texts) - len(usable)
+    return usable, stats
+
+
+def read_text_column(inputs: str | Sequence[str], column: str, storage_options: dict[str, Any] | None = None,
+                     extra_columns: Sequence[str] = ()) -> tuple[list[str], dict[str, int], dict[str, list]]:
+    """In-process read of one text column (plus optional extra columns of the same rows) from parquet inputs.
+
+    Returns (usable texts, skip statistics, extra columns restricted to the usable rows)."""
+    files, fs, _ = resolve_inputs(inputs, storage_options)
+    validate_inputs(files, fs, column)
+    for extra in extra_columns:
+        validate_inputs(files, fs, extra)
+    texts: list[str] = []
+    extras: dict[str, list] = {c: [] for c in extra_columns}
+    totals = {"rows": 0, "skipped_null": 0, "skipped_empty": 0, "skipped_non_string": 0}
+    for path in files:
+        with fs.open(_strip_file_scheme(path), "rb") as f:
+            table = pq.read_table(f, columns=[column, *extra_columns])
+        values = table.column(column)
+        _, stats = split_texts(values)
+        for k in totals:
+            totals[k] += stats[k]
+        if not _is_text_type(values.type):
+            continue
+        py = values.to_pylist()
+        keep = [i for i, v in enumerate(py) if v is not None and v.strip()]
+        texts.extend(py[i] for i in keep)
+        for c in extra_columns:
+            col = table.column(c).to_pylist()
+            extras[c].extend(col[i] for i in keep)
+    totals["sequences"] = len(texts)
+    return texts, totals, extras
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ray: the cluster, the map actors and the reducers
+# ----------------------------------------------------------------------------------------------------------------
+
+def ensure_ray(num_cpus: float | None = None) -> bool:
+    """Connect to RAY_ADDRESS when set, else start a local Ray sized for this machine. True if started here."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env_vars = {"TOKENIZERS_PARALLELISM": "false"}
+    if os.environ.get("RAY_ADDRESS"):
+        logger.info("connecting to the Ray cluster at %s", os.environ["RAY_ADDRESS"])
+        ray.init(runtime_env={"env_vars": env_vars}, log_to_driver=False)
+    else:
+        cpus = num_cpus or os.cpu_count() or 2
+        logger.info("starting a local Ray with %s CPUs", cpus)
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env_vars})
+    return True
+
+
+def _count_rows_table(counts: NgramCounts, stats: dict[str, int]) -> pa.Table:
+    """Flatten NgramCounts (and the stats rows) to the shuffle's row format: order, key, next, count."""
+    orders, keys, nxts, cnts = [], [], [], []
+    for m in counts.orders:
+        n = len(counts.keys[m])
+        orders.append(np.full(n, m, np.int8))
+        keys.append(counts.keys[m])
+        nxts.append(counts.next_tokens[m])
+        cnts.append(counts.counts[m])
+    orders.append(np.full(len(_STATS), _STATS_ORDER, np.int8))
+    keys.append(np.arange(len(_STATS), dtype=np.uint64))
+    nxts.append(np.zeros(len(_STATS), np.int32))
+    cnts.append(np.array([stats.get(s, 0) for s in _STATS], np.int64))
+    return pa.table({"order": np.concatenate(orders), "key": np.concatenate(keys).astype(np.uint64),
+                     "next": np.concatenate(nxts).astype(np.int32), "count": np.concatenate(cnts).astype(np.int64)})
+
+
+class CountBatch:
+    """Ray Data map_batches UDF (one per actor): tokenise a block's texts and count its n-grams."""
+
+    def __init__(self, tokenizer: Any, column: str, max_order: int) -> None:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker; scale with workers
+        self.tokenizer, self.column, self.max_order = tokenizer, column, max_order
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts, stats = split_texts(batch.column(self.column))
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        counts = NgramCounts.from_sequences(ids, self.max_order)
+        stats.update(sequences=counts.n_sequences, tokens=counts.n_tokens)
+        return _count_rows_table(counts, stats)
+
+
+class Reducer:
+    """Sums the count rows of one hash partition of the context keys (a Ray actor; see `_reducer_actor`)."""
+
+    def __init__(self, partition: int, num_partitions: int, max_order: int, compact_rows: int = 2_000_000) -> None:
+        self.partition, self.num_partitions, self.max_order = partition, num_partitions, max_order
+        self.compact_rows = compact_rows
+        self.orders = list(range(1, max_order))
+        self.full: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {
+            m: (np.zeros(0, np.uint64), np.zeros(0, np.int32), np.zeros(0, np.int64)) for m in self.orders}
+        self.pending: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {m: [] for m in self.orders}
+        self.pending_rows = 0
+        self.stats = np.zeros(len(_STATS), np.int64)
+        self.blocks = 0
+        self.peak_rows = 0
+
+    def add(self, block: pa.Table) -> int:
+        """Keep this partition's rows of a count block; returns the rows kept."""
+        order = block.column("order").to_numpy()
+        key = block.column("key").to_numpy()
+        nxt = block.column("next").to_numpy()
+        cnt = block.column("count").to_numpy()
+        stat_rows = order == _STATS_ORDER
+        mine = (key % np.uint64(self.num_partitions)) == np.uint64(self.partition)
+        s = stat_rows & mine
+        np.add.at(self.stats, key[s].astype(np.int64), cnt[s])
+        kept = 0
+        for m in self.orders:
+            sel = mine & (order == m)
+            if sel.any():
+                self.pending[m].append((key[sel], nxt[sel], cnt[sel]))
+                kept += int(sel.sum())
+        self.pending_rows += kept
+        self.blocks += 1
+        if self.pending_rows >= max(self.compact_rows, self._full_rows()):
+            self._compact()
+        return kept
+
+    def _full_rows(self) -> int:
+        return sum(len(k) for k, _, _ in self.full.values())
+
+    def _compact(self) -> None:
+        for m in self.orders:
+            if self.pending[m]:
+                parts = [self.full[m], *self.pending[m]]
+                self.full[m] = _sum_by_key(*(np.concatenate(cols) for cols in zip(*parts)))
+                self.pending[m] = []
+        self.pending_rows = 0
+        self.peak_rows = max(self.peak_rows, self._full_rows())
+
+    def finish(self, top_k: int, min_count: int,
+               base: dict[int, tuple[np.ndarray, ...]] | None = None) -> dict[str, Any]:
+        """Cut each order to its top-K per context (adding `base` rows and totals of an existing index first)."""
+        self._compact()
+        tables = {}
+        for m in self.orders:
+            keys, nxt, cnt = self.full[m]
+            tkeys, _, totals = _sum_by_key(keys, np.zeros(len(keys), np.int32), cnt)
+            if base is not None and m in base:
+                bkeys, bnxt, bcnt, bhashes, btotals = base[m]
+                keys, nxt, cnt = _sum_by_key(np.concatenate([keys, bkeys]), np.concatenate([nxt, bnxt]),
+                                             np.concatenate([cnt, bcnt]))
+                tkeys, _, totals = _sum_by_key(np.concatenate([tkeys, bhashes]),
+                                               np.zeros(len(tkeys) + len(bhashes), np.int32),
+                                               np.concatenate([totals, btotals]))
+            tables[m] = OrderTable.from_counts(keys, nxt, cnt, tkeys, totals, top_k, min_count)
+        return {"tables": tables, "stats": dict(zip(_STATS, self.stats.tolist())), "blocks": self.blocks,
+                "full_rows": self._full_rows(), "peak_full_rows": self.peak_rows,
+                "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def _partition_table(table: OrderTable, num_partitions: int) -> list[tuple[np.ndarray, ...]]:
+    """Split an index order table into (keys, next, counts, hashes, totals) rows per hash partition."""
+    keys, nxt, cnt = table.to_rows()
+    row_part = (keys % np.uint64(num_partitions)).astype(np.int64)
+    ctx_part = (table.hashes % np.uint64(num_partitions)).astype(np.int64)
+    return [(keys[row_part == p], nxt[row_part == p], cnt[row_part == p], table.hashes[ctx_part == p],
+             table.totals[ctx_part == p]) for p in range(num_partitions)]
+
+
+def _concat_partitions(parts: Sequence[OrderTable], top_k: int, min_count: int) -> OrderTable:
+    """Join the top-K tables of disjoint key partitions into one sorted table (a no-op re-cut)."""
+    rows = [p.to_rows() for p in parts]
+    keys, nxt, cnt = (np.concatenate([r[i] for r in rows]) for i in range(3))
+    hashes = np.concatenate([p.hashes for p in parts])
+    totals = np.concatenate([p.totals for p in parts])
+    order = np.argsort(hashes, kind="stable")
+    return OrderTable.from_counts(keys, nxt, cnt, hashes[order], totals[order], top_k, min_count)
+
+
+def index_truncation(index: NgramIndex) -> dict[int, int]:
+    """Per order, how many contexts lost continuations to top_k/min_count (their kept counts sum below the total).
+
+    Merging into an index is exact only where this is 0 for every order."""
+    out = {}
+    for m, t in index.tables.items():
+        if len(t.hashes) == 0:
+            out[m] = 0
+            continue
+        kept = np.add.reduceat(t.counts, t.offsets[:-1]) if len(t.counts) else np.zeros(len(t.hashes), np.int64)
+        kept[np.diff(t.offsets) == 0] = 0
+        out[m] = int((kept < t.totals).sum())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The job
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class IndexJobResult:
+    index: NgramIndex
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _pyarrow_filesystem(fs: Any, remote: bool) -> Any:
+    if not remote:
+        return None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return PyFileSystem(FSSpecHandler(fs))
+
+
+def _find_unreadable(files: Sequence[str], fs: Any, column: str) -> str | None:
+    """After a failed job: the first file whose column cannot be fully read, with the reason (diagnosis only)."""
+    for path in files:
+        try:
+            with fs.open(_strip_file_scheme(path), "rb") as f:
+                pq.read_table(f, columns=[column])
+        except Exception as exc:  # noqa: BLE001 - any reason to fail is what we report
+            return f"{path}: {type(exc).__name__}: {exc}"
+    return None
+
+
+def build_index_distributed(
+    inputs: str | Sequence[str],
+    tokenizer: Any,
+    column: str = "output",
+    max_order: int = DEFAULT_MAX_ORDER,
+    top_k: int = DEFAULT_TOP_K,
+    min_count: int = 1,
+    num_workers: int = 2,
+    num_reducers: int | None = None,
+    append_to: NgramIndex | None = None,
+    storage_options: dict[str, Any] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    cpus_per_worker: float | None = None,
+    cpus_per_reducer: float = DEFAULT_CPUS_PER_REDUCER,
+    max_in_flight: int | None = None,
+) -> IndexJobResult:
+    """Count a parquet corpus's n-grams on Ray Data and build the top-K index (Ray must be initialised).
+
+    `tokenizer` is a Hugging Face tokenizer object (shipped once to each worker). With `append_to`, the new
+    counts are added to that index's (same tokenizer and max_order); the summary says whether that was exact."""
+    import ray
+
+    if max_order < 2:
+        raise IndexJobError(f"max_order must be >= 2, got {max_order}")
+    if top_k < 1 or min_count < 1 or num_workers < 1:
+        raise IndexJobError("top_k, min_count and num_workers must be >= 1")
+    if not ray.is_initialized():
+        raise IndexJobError("Ray is not initialised; call ensure_ray() first")
+    meta = _tokenizer_meta(tokenizer)
+    base_truncated: dict[int, int] = {}
+    if append_to is not None:
+        if append_to.max_order != max_order:
+            raise IndexJobError(f"cannot append: the index has max_order {append_to.max_order}, not {max_order}")
+        append_to.check_tokenizer(tokenizer)
+        base_truncated = index_truncation(append_to)
+        top_k, min_count = max(top_k, append_to.top_k), max(min_count, append_to.min_count)
+
+    t0 = time.perf_counter()
+    files, fs, opts = resolve_inputs(inputs, storage_options)
+    infos = validate_inputs(files, fs, column)
+    total_rows = sum(i.rows for i in infos)
+    logger.info("indexing column %r of %d parquet files (%d rows) with %d workers", column, len(files),
+                total_rows, num_workers)
+    remote = is_remote(files[0])
+    read_paths = [_strip_file_scheme(f).split("://", 1)[-1] if remote else _strip_file_scheme(f) for f in files]
+    num_reducers = num_reducers or num_workers
+    max_in_flight = max_in_flight or 4 * num_reducers
+
+    if cpus_per_worker is None:  # leave room for Ray Data's listing and read tasks, or the job can stall
+        cluster_cpus = float(ray.cluster_resources().get("CPU", 2.0))
+        cpus_per_worker = min(DEFAULT_CPUS_PER_WORKER,
+                              max(0.05, (cluster_cpus - _LIST_FILES_CPUS - DEFAULT_READ_CPUS) / num_workers))
+    ds = ray.data.read_parquet(read_paths, filesystem=_pyarrow_filesystem(fs, remote), columns=[column],
+                               num_cpus=DEFAULT_READ_CPUS)
+    counted = ds.map_batches(CountBatch, fn_constructor_kwargs={"tokenizer": tokenizer, "column": column,
+                                                                 "max_order": max_order},
+                             batch_size=batch_size, batch_format="pyarrow",
+                             compute=ray.data.ActorPoolStrategy(size=num_workers), num_cpus=cpus_per_worker)
+    reducer_cls = ray.remote(Reducer)
+    reducers = [reducer_cls.options(num_cpus=cpus_per_reducer, max_restarts=0).remote(p, num_reducers, max_order)
+                for p in range(num_reducers)]
+    base_parts = None
+    if append_to is not None:
+        split = {m: _partition_table(append_to.tables[m], num_reducers) for m in append_to.orders}
+        base_parts = [{m: split[m][p] for m in split} for p in range(num_reducers)]
+    blocks = 0
+    try:
+        pending: list[Any] = []
+        for bundle in counted.iter_internal_ref_bundles():
+            for ref in bundle.block_refs:
+                pending.extend(r.add.remote(ref) for r in reducers)
+                blocks += 1
+            if len(pending) > max_in_flight:
+                done, pending = ray.wait(pending, num_returns=len(pending) - max_in_flight)
+                ray.get(done)
+        ray.get(pending)
+        map_seconds = time.perf_counter() - t0
+        results = ray.get([r.finish.remote(top_k, min_count, base_parts[p] if base_parts else None)
+                           for p, r in enumerate(reducers)])
+    except ray.exceptions.RayActorError as exc:
+        raise IndexJobError(f"a reducer died while indexing {len(files)} files; nothing was written "
+                            f"(rerun the job): {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:
+        if isinstance(exc, IndexJobError):
+            raise
+        culprit = _find_unreadable(files, fs, column)
+        detail = f"unreadable input {culprit}" if culprit else f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        raise IndexJobError(f"indexing failed; nothing was written: {detail}") from exc
+    finally:
+        for r in reducers:
+            ray.kill(r)
+    reduce_seconds = time.perf_counter() - t0 - map_seconds
+
+    stats = {s: sum(res["stats"][s] for res in results) for s in _STATS}
+    if stats["sequences"] == 0 and append_to is None:
+        raise IndexJobError(f"column {column!r} of {len(files)} files has no non-empty text rows "
+                            f"({stats['rows']} rows: {stats['skipped_null']} null, {stats['skipped_empty']} empty, "
+                            f"{stats['skipped_non_string']} non-string)")
+    tables = {m: _concat_partitions([res["tables"][m] for res in results], top_k, min_count)
+              for m in range(1, max_order)}
+    n_sequences, n_tokens = stats["sequences"], stats["tokens"]
+    if append_to is not None:
+        n_sequences += append_to.n_sequences
+        n_tokens += append_to.n_tokens
+    index = NgramIndex(tables, max_order, top_k, min_count, n_sequences=n_sequences, n_tokens=n_tokens, **meta)
+    elapsed = time.perf_counter() - t0
+    skipped = stats["skipped_null"] + stats["skipped_empty"] + stats["skipped_non_string"]
+    if skipped:
+        logger.warning("skipped %d of %d rows (%d null, %d empty, %d non-string)", skipped, stats["rows"],
+                       stats["skipped_null"], stats["skipped_empty"], stats["skipped_non_string"])
+    summary = {
+        "files": len(files), "rows": stats["rows"], "sequences": stats["sequences"], "tokens": stats["tokens"],
+        "skipped_rows": skipped, "skipped_null": stats["skipped_null"], "skipped_empty": stats["skipped_empty"],
+        "skipped_non_string": stats["skipped_non_string"], "num_workers": num_workers,
+        "num_reducers": num_reducers, "count_blocks": blocks, "seconds": elapsed, "map_seconds": map_seconds,
+        "reduce_seconds": reduce_seconds, "tokens_per_s": stats["tokens"] / elapsed if elapsed else 0.0,
+        "full_count_rows": sum(res["full_rows"] for res in results),
+        "reducer_maxrss_bytes": [res["maxrss_bytes"] for res in results],
+    }
+    if append_to is not None:
+        summary["appended"] = True
+        summary["append_exact"] = not any(base_truncated.values())
+        if not summary["append_exact"]:
+            logger.warning("the existing index had truncated contexts %s (top_k/min_count): the merged counts "
+                           "of those contexts are lower bounds", base_truncated)
+    logger.info("indexed %d sequences (%d tokens) in %.1f s (%.0f tokens/s)", stats["sequences"], stats["tokens"],
+                elapsed, summary["tokens_per_s"])
+    return IndexJobResult(index, summary)
+
+
+def _check_output(out: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    opts = storage_options_for(out, storage_options)
+    if is_remote(out):
+        fs, _ = fsspec.core.url_to_fs(out, **opts)
+        _check_bucket(fs, out)
+    return opts
+
+
+def index_corpus(
+    inputs: str | Sequence[str],
+    out: str,
+    tokenizer: Any,
+    column: str = "output",
+    max_order: int = DEFAULT_MAX_ORDER,
+    top_k: int = DEFAULT_TOP_K,
+    min_count: int = 1,
+    num_workers: int = 2,
+    append_to: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    **job_options: Any,
+) -> dict[str, Any]:
+    """Build (or, with `append_to`, extend) an index from parquet on Ray Data and save it to `out`.
+
+    The output location (and its bucket) is checked before the job runs; the index is written only after the
+    job succeeded, manifest last. Returns a summary dict."""
+    out_opts = _check_output(out, storage_options)
+    base = None
+    if append_to is not None:
+        base = NgramIndex.load(append_to, storage_options_for(append_to, storage_options))
+    result = build_index_distributed(inputs, tokenizer, column, max_order, top_k, min_count, num_workers,
+                                     append_to=base, storage_options=storage_options, **job_options)
+    t0 = time.perf_counter()
+    result.index.save(out, out_opts)
+    summary = {"out": out, **result.summary, "save_seconds": time.perf_counter() - t0, **result.index.stats()}
+    if append_to is not None:
+        summary["append_to"] = append_to
+    logger.info("wrote index %s", out)
+    return json.loads(json.dumps(summary, default=str))
