@@ -13,6 +13,9 @@ checkpoint: Ray Train v2 restores the run's checkpoint state from storage, and w
 `ray.train.get_checkpoint()`; `max_failures` retries worker failures the same way. The final weights are
 merged (`merge_and_unload` for LoRA) and saved as a plain Hugging Face directory, written aside and renamed
 into place, so a half-written output never looks complete.
+
+`trainer="local"` runs the same loop in-process (one worker, local checkpoints, same resume logic) for machines
+without Ray, e.g. a bare GPU box; the Ray path is the default and the one the CLI and jobs use.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +71,8 @@ class FinetuneConfig:
     seed: int = 0
     max_failures: int = 0
     fail_after_epoch: int | None = None  # fault injection for tests: raise once after this epoch's checkpoint
+    trainer: str = "ray"  # "ray" (TorchTrainer) or "local" (one in-process worker, for machines without Ray)
+    progress: bool = False  # tqdm over steps on rank 0
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else (5e-5 if self.full else 2e-4)
@@ -196,30 +202,97 @@ def load_trainable_state(model: Any, state: dict[str, torch.Tensor], full: bool)
         set_peft_model_state_dict(model, state)
 
 
-def train_loop(cfg: dict[str, Any]) -> None:
-    """The per-worker loop (Ray Train): resume from the latest checkpoint, train, checkpoint each epoch."""
-    import ray.train
-    import ray.train.torch
-    from ray.train import Checkpoint
+class _RaySession:
+    """The worker's view of a Ray Train run."""
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        self._train, self._torch = ray.train, ray.train.torch
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def latest_state(self) -> dict[str, Any] | None:
+        checkpoint = self._train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as d:
+            return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+
+    def prepare(self, model: Any) -> Any:
+        return self._torch.prepare_model(model)
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        from ray.train import Checkpoint
+
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if state is not None:
+                torch.save(state, Path(d) / STATE_FILE)
+                ckpt = Checkpoint.from_directory(d)
+            self._train.report(metrics, checkpoint=ckpt)
+
+
+class _LocalSession:
+    """One in-process worker, checkpointing to `<storage>/<name>/checkpoint_<epoch>/` on a local filesystem (for
+    machines without Ray; the Ray path is the default)."""
+
+    rank, world = 0, 1
+
+    def __init__(self, root: Path, use_gpu: bool) -> None:
+        self.root = root
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.metrics: dict[str, Any] = {}
+
+    def checkpoints(self) -> list[Path]:
+        done = [p for p in self.root.glob("checkpoint_*") if (p / STATE_FILE).is_file()]
+        return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+    def latest_state(self) -> dict[str, Any] | None:
+        done = self.checkpoints()
+        return torch.load(done[-1] / STATE_FILE, map_location="cpu", weights_only=False) if done else None
+
+    def prepare(self, model: Any) -> Any:
+        return model
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        self.metrics = metrics
+        if state is not None:
+            final = self.root / f"checkpoint_{state['epoch']:06d}"
+            tmp = self.root / f".tmp_{final.name}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            torch.save(state, tmp / STATE_FILE)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in self.checkpoints()[:-2]:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def train_loop(cfg: dict[str, Any]) -> None:
+    """The per-worker loop (Ray Train entry point)."""
+    run_training(cfg, _RaySession())
+
+
+def run_training(cfg: dict[str, Any], session: Any) -> None:
+    """Resume from the latest checkpoint, train, checkpoint each epoch (and at max_steps)."""
+    rank, world, device = session.rank, session.world, session.device
     torch.manual_seed(cfg["seed"])
-    device = ray.train.torch.get_device()
     model, tokenizer = build_model(cfg, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     start_epoch, step = 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    state = session.latest_state()
+    if state is not None:
         load_trainable_state(model, state["model"], cfg["full"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step = state["epoch"], state["step"]
         logger.info("rank %d: resumed from checkpoint after epoch %d (step %d)", rank, start_epoch, step)
-    resumed_from = start_epoch if checkpoint is not None else None
-    model = ray.train.torch.prepare_model(model)
+    resumed_from = start_epoch if state is not None else None
+    del state
+    model = session.prepare(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     examples = encode_rows(tokenizer, cfg["rows"], cfg["max_length"])
     global_bs = cfg["batch_size"]
@@ -234,7 +307,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
         random.Random(cfg["seed"] * 1000 + epoch).shuffle(order)
         losses = []
         t0 = time.perf_counter()
-        for i in range(steps_per_epoch):
+        for i in tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}", disable=rank != 0 or not cfg["progress"]):
             if step >= max_steps:
                 break
             batch_idx = order[i * global_bs:(i + 1) * global_bs][rank::world]
@@ -249,14 +322,12 @@ def train_loop(cfg: dict[str, Any]) -> None:
             step += 1
         metrics = {"epoch": epoch + 1, "step": step, "loss": sum(losses) / max(1, len(losses)),
                    "epoch_seconds": time.perf_counter() - t0, "resumed_from_epoch": resumed_from}
-        with tempfile.TemporaryDirectory() as d:
-            ckpt = None
-            if rank == 0:
-                inner = model.module if hasattr(model, "module") else model
-                torch.save({"model": trainable_state(inner, cfg["full"]), "optimizer": optimizer.state_dict(),
-                            "epoch": epoch + 1, "step": step}, Path(d) / STATE_FILE)
-                ckpt = Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=ckpt)
+        state = None
+        if rank == 0:
+            inner = model.module if hasattr(model, "module") else model
+            state = {"model": trainable_state(inner, cfg["full"]), "optimizer": optimizer.state_dict(),
+                     "epoch": epoch + 1, "step": step}
+        session.report(metrics, state)
         logger.info("rank %d: epoch %d step %d loss %.4f", rank, epoch + 1, step, metrics["loss"])
         if cfg["fail_after_epoch"] == epoch + 1 and resumed_from is None:
             raise RuntimeError(f"injected failure after epoch {epoch + 1} (fail_after_epoch)")
@@ -271,10 +342,7 @@ def _storage(cfg: FinetuneConfig) -> tuple[str, str]:
 
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Fine-tune on Ray Train and save the merged model to cfg.out. Returns a summary dict."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    """Fine-tune (Ray Train by default) and save the merged model to cfg.out. Returns a summary dict."""
     from transformers import AutoTokenizer
 
     from tasc_ray.models import resolve_model
@@ -286,6 +354,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if cfg.num_workers < 1 or cfg.batch_size < cfg.num_workers:
         raise FinetuneError(f"need num_workers >= 1 and batch_size >= num_workers "
                             f"(got {cfg.num_workers} workers, batch {cfg.batch_size})")
+    if cfg.trainer not in ("ray", "local"):
+        raise FinetuneError(f"trainer must be 'ray' or 'local', got {cfg.trainer!r}")
     out = Path(cfg.out).expanduser().resolve()
     if out.exists() and any(out.iterdir()):
         raise FinetuneError(f"output directory {out} exists and is not empty")
@@ -297,15 +367,46 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         raise FinetuneError(f"{cfg.model}: cannot load a tokenizer ({exc})") from exc
     if isinstance(tokenizer, bool) or not hasattr(tokenizer, "added_tokens_decoder"):
         raise FinetuneError(f"{cfg.model}: no usable tokenizer in the model directory")
-    ensure_ray()
-    use_gpu, backend = select_gpu(cfg.use_gpu, ray.cluster_resources().get("GPU", 0.0) if cfg.use_gpu else None)
-    cpus = cfg.cpus_per_worker or max(1.0, math.floor(ray.available_resources().get("CPU", 1.0) / cfg.num_workers))
     storage, name = _storage(cfg)
     loop_cfg = {"model_path": model_path, "rows": rows, "full": cfg.full, "lora_r": cfg.lora_r,
                 "lora_alpha": cfg.lora_alpha, "lr": cfg.resolved_lr(), "epochs": cfg.epochs,
                 "max_steps": cfg.max_steps, "batch_size": cfg.batch_size, "max_length": cfg.max_length,
                 "weight_decay": cfg.weight_decay, "seed": cfg.seed, "bf16": cfg.bf16,
-                "fail_after_epoch": cfg.fail_after_epoch}
+                "fail_after_epoch": cfg.fail_after_epoch, "progress": cfg.progress}
+    logger.info("fine-tuning %s (%s) on %d rows with %d worker(s) (%s trainer); run %s in %s", cfg.model,
+                "full" if cfg.full else f"LoRA r={cfg.lora_r}", len(rows), cfg.num_workers, cfg.trainer, name,
+                storage)
+    t0 = time.perf_counter()
+    if cfg.trainer == "local":
+        if "://" in storage:
+            raise FinetuneError("the local trainer checkpoints to a local storage path only; use the Ray trainer")
+        use_gpu, backend = select_gpu(cfg.use_gpu)
+        session = _LocalSession(Path(storage) / name, use_gpu)
+        run_training(loop_cfg, session)
+        metrics, checkpoint_path = session.metrics, str(session.checkpoints()[-1])
+        state = session.latest_state()
+    else:
+        metrics, checkpoint_path, state, use_gpu, backend = _fit_ray(cfg, loop_cfg, storage, name)
+    train_s = time.perf_counter() - t0
+    summary = {"model": cfg.model, "out": str(out), "run_name": name, "storage_path": storage,
+               "trainer": cfg.trainer, "recipe": "full" if cfg.full else "lora", "rows": len(rows),
+               "epochs_done": state["epoch"], "steps": state["step"], "final_loss": metrics.get("loss"),
+               "resumed_from_epoch": metrics.get("resumed_from_epoch"), "train_seconds": round(train_s, 2),
+               "backend": backend, "use_gpu": use_gpu, "num_workers": cfg.num_workers,
+               "checkpoint": checkpoint_path, "config": asdict(cfg)}
+    save_merged(loop_cfg, state["model"], out, summary, "cuda" if use_gpu else "cpu")
+    return summary
+
+
+def _fit_ray(cfg: FinetuneConfig, loop_cfg: dict[str, Any], storage: str,
+             name: str) -> tuple[dict[str, Any], str, dict[str, Any], bool, str]:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    ensure_ray()
+    use_gpu, backend = select_gpu(cfg.use_gpu, ray.cluster_resources().get("GPU", 0.0) if cfg.use_gpu else None)
+    cpus = cfg.cpus_per_worker or max(1.0, math.floor(ray.available_resources().get("CPU", 1.0) / cfg.num_workers))
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_cfg, torch_config=TorchConfig(backend=backend),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
@@ -314,33 +415,22 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    logger.info("fine-tuning %s (%s) on %d rows with %d worker(s) (%s); run %s in %s", cfg.model,
-                "full" if cfg.full else f"LoRA r={cfg.lora_r}", len(rows), cfg.num_workers, backend, name, storage)
-    t0 = time.perf_counter()
     result = trainer.fit()
-    train_s = time.perf_counter() - t0
     if result.checkpoint is None:
         raise RuntimeError(f"run {name} finished without a checkpoint")
-    metrics = dict(result.metrics or {})
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-    summary = {"model": cfg.model, "out": str(out), "run_name": name, "storage_path": storage,
-               "recipe": "full" if cfg.full else "lora", "rows": len(rows), "epochs_done": state["epoch"],
-               "steps": state["step"], "final_loss": metrics.get("loss"),
-               "resumed_from_epoch": metrics.get("resumed_from_epoch"), "train_seconds": round(train_s, 2),
-               "backend": backend, "use_gpu": use_gpu, "num_workers": cfg.num_workers,
-               "checkpoint": result.checkpoint.path, "config": {k: v for k, v in asdict(cfg).items()}}
-    save_merged(loop_cfg, state["model"], out, summary)
-    return summary
+    return dict(result.metrics or {}), result.checkpoint.path, state, use_gpu, backend
 
 
 def save_merged(loop_cfg: dict[str, Any], trained: dict[str, torch.Tensor], out: Path,
-                summary: dict[str, Any]) -> None:
+                summary: dict[str, Any], device: str = "cpu") -> None:
     """Rebuild the model, load the trained state, merge LoRA, save a plain HF directory aside and rename it."""
-    model, tokenizer = build_model(loop_cfg)
+    model, tokenizer = build_model(loop_cfg, device)
     load_trainable_state(model, trained, loop_cfg["full"])
     if not loop_cfg["full"]:
         model = model.merge_and_unload()
+    model = model.to("cpu")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -58,6 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ft.add_argument("--max-length", type=int, default=512)
     ft.add_argument("--max-failures", type=int, default=0, help="worker failures retried from the last checkpoint")
     ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--trainer", choices=["ray", "local"], default="ray",
+                    help="Ray Train (default) or one in-process worker (machines without Ray)")
 
 
 def _enrich(args: argparse.Namespace) -> dict[str, Any]:
@@ -97,7 +99,8 @@ def _finetune(args: argparse.Namespace) -> dict[str, Any]:
                          full=args.full, num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker,
                          use_gpu=args.use_gpu, bf16=args.bf16, storage_path=args.storage_path, name=args.name,
                          max_steps=args.max_steps, batch_size=args.batch_size, max_length=args.max_length,
-                         max_failures=args.max_failures, seed=args.seed)
+                         max_failures=args.max_failures, seed=args.seed,
+                         trainer=args.trainer, progress=not args.json)
     return finetune(cfg)
 
 

@@ -57,6 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--use-gpu", action="store_true", help="train on GPUs (Ray Train workers with use_gpu)")
+    p.add_argument("--trainer", choices=["ray", "local"], default="ray",
+                   help="Ray Train (default) or one in-process worker (machines without Ray)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast in training and bf16 weights in decoding")
     p.add_argument("--device", default=None, help="decode device: cpu or cuda (default: cuda when present)")
     p.add_argument("--gen-batch-size", type=int, default=8)
@@ -178,7 +180,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was given but CUDA is not available")
-    command = "tasc-ray " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "tasc-ray bench ft"
+    if Path(sys.argv[0]).name == "ft.py":  # python -m tasc_ray.bench.ft
+        command = "python -m tasc_ray.bench.ft " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    else:
+        command = "tasc-ray " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "tasc-ray bench ft"
     t_start = time.perf_counter()
     work = Path(args.work_dir) / f"{args.direction}_{args.tag}_{int(time.time())}"
     work.mkdir(parents=True, exist_ok=True)
@@ -218,10 +223,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              epochs=args.epochs, lr=args.lr, lora_r=args.lora_r, full=args.full,
                              num_workers=args.num_workers, use_gpu=args.use_gpu, bf16=args.bf16,
                              max_steps=args.max_steps, batch_size=args.batch_size, seed=args.seed,
-                             storage_path=str((work / "ray").resolve()), name=f"ft-{name}")
+                             storage_path=str((work / "ray").resolve()), name=f"ft-{name}",
+                             trainer=args.trainer, progress=True)
         summary = finetune(cfg)
         runs[name] = {"train": {k: summary[k] for k in ("recipe", "rows", "epochs_done", "steps", "final_loss",
-                                                        "train_seconds", "backend", "num_workers")}}
+                                                        "train_seconds", "backend", "num_workers", "trainer")}}
         runs[name]["decode"] = evaluate(cfg.out, held, train_outputs, args.direction, args, base_vocab)
         logger.info("%s: %s", name, json.dumps(runs[name], default=str)[:2000])
 
@@ -305,3 +311,18 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {name} | {t['value']:.3f} | {'yes' if t['met'] else 'NO'} |")
     lines += ["", "First added tokens: " + ", ".join(f"`{t}`" for t in r["added_tokens_head"][:20]), ""]
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tasc_ray.bench.ft ...`: the same benchmark without the full CLI (for machines without Ray
+    Serve/pydantic, with --trainer local)."""
+    parser = argparse.ArgumentParser(prog="python -m tasc_ray.bench.ft")
+    register(parser.add_subparsers(dest="bench", required=True))
+    args = parser.parse_args(["ft", *(sys.argv[1:] if argv is None else argv)])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
