@@ -485,8 +485,10 @@ def build_index_distributed(
         cluster_cpus = float(ray.cluster_resources().get("CPU", 2.0))
         cpus_per_worker = min(DEFAULT_CPUS_PER_WORKER,
                               max(0.05, (cluster_cpus - _LIST_FILES_CPUS - DEFAULT_READ_CPUS) / num_workers))
-    ds = ray.data.read_parquet(read_paths, filesystem=_pyarrow_filesystem(fs, remote), columns=[column],
-                               num_cpus=DEFAULT_READ_CPUS)
+    # Ray Data coalesces small files into few read blocks (one busy worker); a streaming repartition (no
+    # barrier, no shuffle) cuts them into batch-sized blocks that spread over the actor pool.
+    ds = ray.data.read_parquet(read_paths, filesystem=_pyarrow_filesystem(fs, remote), num_cpus=DEFAULT_READ_CPUS)
+    ds = ds.select_columns([column]).repartition(target_num_rows_per_block=batch_size)
     counted = ds.map_batches(CountBatch, fn_constructor_kwargs={"tokenizer": tokenizer, "column": column,
                                                                  "max_order": max_order},
                              batch_size=batch_size, batch_format="pyarrow",

@@ -1,0 +1,270 @@
+"""Corpus indexing on Ray Data: identical to the in-process builder, S3 in and out, append, index-stats, the
+offline acceptance simulator, bad inputs, and a worker that dies mid-job. Real local Ray, real moto S3 server."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from ray import cloudpickle
+
+from tasc_ray.cli import main
+from tasc_ray.distributed_index import IndexJobError, build_index_distributed, index_corpus, split_texts
+from tasc_ray.drafter import DrafterConfig, DraftMode
+from tasc_ray.index_commands import collision_entropy, index_stats
+from tasc_ray.models import load_tokenizer
+from tasc_ray.ngram_index import NgramIndex
+from tasc_ray.simulate import simulate_acceptance
+
+ARRAYS = ("hashes", "totals", "offsets", "next_tokens", "counts")
+
+
+def assert_same_index(a: NgramIndex, b: NgramIndex) -> None:
+    """Every array of every order, with dtypes, plus fingerprint and corpus statistics."""
+    assert a.orders == b.orders
+    for m in a.orders:
+        for name in ARRAYS:
+            x, y = getattr(a.tables[m], name), getattr(b.tables[m], name)
+            assert x.dtype == y.dtype, (m, name)
+            assert np.array_equal(x, y), (m, name)
+    assert a.stats() == b.stats()
+    assert (a.fingerprint, a.tokenizer_name, a.vocab_size) == (b.fingerprint, b.tokenizer_name, b.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def outputs(task_rows) -> list[str]:
+    return [r["output"] for r in task_rows]
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory, outputs) -> Path:
+    """Three parquet files of outputs (plus a prompt column, ignored by projection) with null/empty/blank rows."""
+    root = tmp_path_factory.mktemp("corpus")
+    parts = [outputs[:150] + [None, ""], outputs[150:300] + ["   "], outputs[300:]]
+    for i, part in enumerate(parts):
+        pq.write_table(pa.table({"output": part, "other": [f"x{j}" for j in range(len(part))]}),
+                       root / f"part-{i}.parquet")
+    return root
+
+
+def test_cli_index_matches_in_process_builder(ray_cluster, corpus_dir, outputs, tiny_model_dir, tiny_tokenizer,
+                                              tmp_path, capsys):
+    out = tmp_path / "idx"
+    # top_k=2 truncates many contexts: the cut must match the in-process builder's too.
+    assert main(["index", "--input", str(corpus_dir / "*.parquet"), "--column", "output", "--tokenizer",
+                 str(tiny_model_dir), "--out", str(out), "--top-k", "2", "--batch-size", "64", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["files"] == 3 and summary["rows"] == len(outputs) + 3
+    assert (summary["skipped_null"], summary["skipped_empty"], summary["skipped_rows"]) == (1, 2, 3)
+    assert summary["sequences"] == len(outputs) and summary["count_blocks"] >= 2
+    built = NgramIndex.load(str(out))
+    reference = NgramIndex.from_texts(outputs, load_tokenizer(str(tiny_model_dir)), top_k=2)
+    assert_same_index(built, reference)
+    assert sum(summary["orders"][str(m)]["contexts"] for m in built.orders) == sum(
+        len(built.tables[m].hashes) for m in built.orders)
+
+    # index-stats: H2 of the output tokens, computed here independently from the token ids.
+    stats = index_stats(str(out))
+    ids = tiny_tokenizer(outputs, add_special_tokens=False)["input_ids"]
+    counter = Counter(t for seq in ids for t in seq[:-1])
+    p = np.array(list(counter.values()), dtype=float) / sum(counter.values())
+    assert stats["h2_bits"] == pytest.approx(-math.log2((p * p).sum()), rel=1e-12)
+    assert stats["distinct_tokens"] == len(counter)
+    assert stats["corpus_tokens"] == sum(len(s) for s in ids) and stats["corpus_sequences"] == len(outputs)
+    assert stats["orders"][1]["contexts"] == len(counter)
+    assert stats["orders"][1]["truncated_contexts"] > 0 and stats["exact_for_append"] is False
+    assert stats["memory_bytes"] == built.nbytes and stats["disk_bytes"] > 0
+    assert main(["index-stats", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["h2_bits"] == pytest.approx(stats["h2_bits"])
+
+
+def test_collision_entropy_known_values():
+    assert collision_entropy(np.array([5, 5, 5, 5])) == pytest.approx(2.0)
+    assert collision_entropy(np.array([7])) == 0.0
+    assert collision_entropy(np.array([3, 1])) == pytest.approx(-math.log2(0.75 ** 2 + 0.25 ** 2))
+
+
+def test_s3_index_and_append(ray_cluster, s3_server, s3_bucket, outputs, tiny_tokenizer, tmp_path):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
+    for i, part in enumerate([outputs[:120], outputs[120:200] + [None]]):
+        with fs.open(f"{s3_bucket}/corpus/a-{i}.parquet", "wb") as f:
+            pq.write_table(pa.table({"text": part}), f)
+    with fs.open(f"{s3_bucket}/new/b.parquet", "wb") as f:
+        pq.write_table(pa.table({"text": outputs[200:]}), f)
+    out = f"s3://{s3_bucket}/index"
+    first = index_corpus(f"s3://{s3_bucket}/corpus/", out, tiny_tokenizer, column="text", top_k=64)
+    assert first["files"] == 2 and first["skipped_null"] == 1
+    assert fs.exists(f"{s3_bucket}/index/manifest.json")
+    assert_same_index(NgramIndex.load(out), NgramIndex.from_texts(outputs[:200], tiny_tokenizer, top_k=64))
+
+    # Append in place: counts add, exactly, because no context of the first index was truncated at top_k=64.
+    second = index_corpus(f"s3://{s3_bucket}/new/*.parquet", out, tiny_tokenizer, column="text", top_k=64,
+                          append_to=out)
+    assert second["appended"] and second["append_exact"]
+    appended = NgramIndex.load(out)
+    assert_same_index(appended, NgramIndex.from_texts(outputs, tiny_tokenizer, top_k=64))
+    assert index_stats(out)["exact_for_append"] is True
+
+
+def test_bad_inputs_name_the_file_column_or_bucket(ray_cluster, s3_server, s3_bucket, corpus_dir, tiny_model_dir,
+                                                   tiny_tokenizer, tmp_path, capsys):
+    out = tmp_path / "idx"
+    base = ["--tokenizer", str(tiny_model_dir), "--out", str(out)]
+    # missing column: one line, exit 2, names the file and the column
+    assert main(["index", "--input", str(corpus_dir), "--column", "nope", *base]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'nope'" in err and "part-0.parquet" in err and len(err.splitlines()) == 1
+    # no such file
+    assert main(["index", "--input", str(tmp_path / "missing.parquet"), *base]) == 2
+    assert "missing.parquet" in capsys.readouterr().err
+    # not parquet
+    bad = tmp_path / "bad" / "garbage.parquet"
+    bad.parent.mkdir()
+    bad.write_bytes(b"this is not parquet at all")
+    assert main(["index", "--input", str(bad.parent), *base]) == 2
+    assert "garbage.parquet" in capsys.readouterr().err
+    # wrong bucket (input and output)
+    assert main(["index", "--input", "s3://no-such-bucket-xyz/corpus/", *base]) == 2
+    assert "no-such-bucket-xyz" in capsys.readouterr().err
+    assert main(["index", "--input", str(corpus_dir), "--tokenizer", str(tiny_model_dir),
+                 "--out", "s3://no-such-bucket-out/idx"]) == 2
+    assert "no-such-bucket-out" in capsys.readouterr().err
+    # the job entry point takes the same arguments and fails the same way
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    try:
+        import index_corpus as job
+    finally:
+        sys.path.pop(0)
+    assert job.main(["--input", str(corpus_dir), "--column", "nope", *base]) == 2
+    assert "'nope'" in capsys.readouterr().err
+    assert not out.exists()
+    # a column whose type is not text: every row is skipped as non-string, and an all-skipped corpus is an error
+    texts, stats = split_texts(pa.chunked_array([pa.array([1, None, 3])]))
+    assert texts == [] and stats == {"rows": 3, "skipped_null": 1, "skipped_empty": 0, "skipped_non_string": 2}
+    with pytest.raises(IndexJobError, match="mixed|different types"):
+        mixed = tmp_path / "mixed"
+        mixed.mkdir()
+        pq.write_table(pa.table({"output": ["a b c"]}), mixed / "a.parquet")
+        pq.write_table(pa.table({"output": [1]}), mixed / "b.parquet")
+        build_index_distributed(str(mixed), tiny_tokenizer)
+
+
+def _corrupt_data_page(path: Path) -> None:
+    """Overwrite bytes inside the first column chunk, leaving the footer (schema, row counts) readable."""
+    meta = pq.ParquetFile(path).metadata
+    chunk = meta.row_group(0).column(0)
+    start = chunk.data_page_offset
+    data = bytearray(path.read_bytes())
+    for i in range(start, start + min(64, chunk.total_compressed_size)):
+        data[i] = 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_data_fails_cleanly_and_keeps_the_old_index(ray_cluster, outputs, tiny_tokenizer, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    pq.write_table(pa.table({"output": outputs[:100]}), corpus / "good.parquet")
+    pq.write_table(pa.table({"output": outputs[100:200]}), corpus / "broken.parquet", compression="none")
+    _corrupt_data_page(corpus / "broken.parquet")
+    out = tmp_path / "idx"
+    old = NgramIndex.from_texts(outputs[:50], tiny_tokenizer)
+    old.save(str(out))
+    with pytest.raises(IndexJobError, match="broken.parquet"):
+        index_corpus(str(corpus), str(out), tiny_tokenizer, num_workers=1)
+    assert_same_index(NgramIndex.load(str(out)), old)  # nothing was written over the old index
+
+
+class DyingTokenizer:
+    """Wraps a real tokenizer; the first call in any process (marker file absent) kills that worker process."""
+
+    def __init__(self, tokenizer, marker: str) -> None:
+        self.tokenizer, self.marker = tokenizer, marker
+
+    def __call__(self, *args, **kwargs):
+        if not os.path.exists(self.marker):
+            Path(self.marker).write_text(str(os.getpid()))
+            os._exit(1)
+        return self.tokenizer(*args, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+    def __getattr__(self, name):
+        if name in ("tokenizer", "marker") or name.startswith("__"):  # unpickling looks these up before __dict__
+            raise AttributeError(name)
+        return getattr(self.tokenizer, name)
+
+
+def test_worker_death_is_retried_and_result_is_exact(ray_cluster, corpus_dir, outputs, tiny_tokenizer, tmp_path):
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the wrapper travels by value to the workers
+    marker = tmp_path / "died"
+    result = build_index_distributed(str(corpus_dir), DyingTokenizer(tiny_tokenizer, str(marker)), top_k=3,
+                                     batch_size=64)
+    assert marker.exists() and int(marker.read_text()) != os.getpid()  # a worker process really died
+    assert result.summary["sequences"] == len(outputs) and result.summary["skipped_rows"] == 3
+    assert_same_index(result.index, NgramIndex.from_texts(outputs, tiny_tokenizer, top_k=3))
+
+
+# ----- the offline acceptance simulator -----
+
+def test_simulate_known_answers():
+    seq = list(range(10, 30))  # 20 distinct tokens
+    index = NgramIndex.build([seq] * 3, max_order=4, top_k=4)
+    corpus = DrafterConfig(mode=DraftMode.CORPUS, max_draft=4, min_path_prob=0.1)
+    # Pass 1 has no history (nothing to draft) and yields 1 token; then every pass drafts 4 correct tokens and
+    # yields 5: 1 + ceil(19 / 5) = 5 passes.
+    r = simulate_acceptance(index, [seq], corpus)
+    assert (r["tokens"], r["passes"], r["accepted"], r["drafted"]) == (20, 5, 16, 16)
+    assert r["tokens_per_pass"] == pytest.approx(4.0) and r["acceptance_rate"] == 1.0
+    assert r["mean_accepted_per_pass"] == pytest.approx(16 / 5)
+    assert r["accepted_hist"] == [1, 0, 0, 0, 4]  # the last pass drafts the 4 tokens left, and ends the output
+    # Tokens the corpus never saw: nothing is drafted, one token per pass.
+    unseen = list(range(100, 120))
+    r = simulate_acceptance(index, [unseen], corpus)
+    assert (r["passes"], r["drafted"], r["tokens_per_pass"]) == (20, 0, 1.0)
+    # A wrong corpus: drafts are rejected, every pass yields one token, acceptance is 0.
+    wrong = NgramIndex.build([[t, t + 50] for t in seq], max_order=2, top_k=1)
+    r = simulate_acceptance(wrong, [seq], DrafterConfig(mode=DraftMode.CORPUS, max_draft=2))
+    assert r["passes"] == 20 and r["accepted"] == 0 and r["drafted"] > 0 and r["acceptance_rate"] == 0.0
+    # Context mode learns from the prompt: the same answer as the corpus, and nothing without the prompt.
+    context = DrafterConfig(mode=DraftMode.CONTEXT, max_draft=4)
+    assert simulate_acceptance(None, [seq], context, prompts=[seq])["passes"] == 5
+    assert simulate_acceptance(None, [seq], context)["passes"] == 20
+    # Batching rows in lockstep gives the same totals as one row at a time.
+    seqs = [seq, unseen, seq[:7], seq[5:]]
+    together = simulate_acceptance(index, seqs, corpus, batch_size=64)
+    alone = [simulate_acceptance(index, [s], corpus) for s in seqs]
+    assert together["passes"] == sum(a["passes"] for a in alone)
+    assert together["accepted"] == sum(a["accepted"] for a in alone)
+
+
+def test_simulate_cli(corpus_dir, outputs, tiny_model_dir, tiny_tokenizer, tmp_path, capsys):
+    index = NgramIndex.from_texts(outputs[:300], tiny_tokenizer)
+    index.save(str(tmp_path / "idx"))
+    heldout = tmp_path / "heldout.parquet"
+    pq.write_table(pa.table({"reference": outputs[300:] + [None], "prompt": ["p"] * 101}), heldout)
+    args = ["simulate", "--index", str(tmp_path / "idx"), "--input", str(heldout), "--tokenizer",
+            str(tiny_model_dir), "--json"]
+    assert main([*args, "--prompt-column", "prompt"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    ids = tiny_tokenizer(outputs[300:], add_special_tokens=False)["input_ids"]
+    assert r["sequences"] == 100 and r["skipped_rows"] == 1 and r["tokens"] == sum(len(s) for s in ids)
+    # the CLI's answer is the library's
+    lib = simulate_acceptance(index, ids, DrafterConfig(), tiny_tokenizer(["p"] * 100, add_special_tokens=False)
+                              ["input_ids"])
+    assert r["passes"] == lib["passes"] and r["tokens_per_pass"] > 1.2  # a templated task drafts well
+    assert main([*args, "--mode", "corpus", "--max-draft", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens_per_pass"] <= 2.0
+    assert main([*args[:1], "--input", str(heldout), "--tokenizer", str(tiny_model_dir)]) == 2  # mixed needs --index
+    assert main([*args[:-1], "--column", "missing"]) == 2
+    assert "missing" in capsys.readouterr().err
