@@ -35,6 +35,8 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-gpus", type=float, default=None, help="GPUs per actor (default 1 if the cluster has)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per actor")
     parser.add_argument("--limit", type=int, default=None, help="label at most this many new rows in this run")
+    parser.add_argument("--rows-per-part", type=int, default=None,
+                        help="rows per block/output part (default 8 batches): parallelism and resume granularity")
     parser.add_argument("--no-spec", action="store_true", help="plain decoding (no drafts), same code path")
 
 
@@ -51,4 +53,4 @@ def run_label(args: argparse.Namespace) -> dict[str, Any]:
         args.input, args.output, engine_config(args), prompt_template=template, id_column=args.id_column,
         max_new_tokens=args.max_new_tokens, stop=stops, speculative=not args.no_spec, batch_size=args.batch_size,
         num_replicas=args.num_replicas, num_cpus_per_replica=args.num_cpus, num_gpus_per_replica=args.num_gpus,
-        num_threads=args.threads, limit=args.limit)
+        num_threads=args.threads, limit=args.limit, rows_per_part=args.rows_per_part)

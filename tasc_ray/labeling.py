@@ -267,11 +267,14 @@ def label_parquet(
     num_gpus_per_replica: float | None = None,
     num_threads: int | None = None,
     limit: int | None = None,
+    rows_per_part: int | None = None,
 ) -> dict[str, Any]:
     """Label a parquet file/directory (local or s3://) into `output`; resumable; returns a summary dict.
 
     Each row's prompt is `prompt_template.format(**row)`. `limit` labels at most that many new rows this run
-    (the output stays incomplete if rows remain). Uses the running Ray, RAY_ADDRESS, or starts a local one.
+    (the output stays incomplete if rows remain). `rows_per_part` (default 8 batches) sizes the blocks the actors
+    receive and so the output parts: the unit of parallelism across actors and of progress kept by an interrupted
+    run. Uses the running Ray, RAY_ADDRESS, or starts a local one.
     """
     import ray
     from ray.data import ActorPoolStrategy
@@ -330,6 +333,8 @@ def label_parquet(
             ds = ds.map_batches(_drop_done, batch_format="pyarrow", fn_kwargs={"done": done, "id_column": id_column})
         if limit is not None:
             ds = ds.limit(todo)
+        # Small blocks (streaming, no shuffle): every actor gets work and finished parts are written as they come.
+        ds = ds.repartition(target_num_rows_per_block=rows_per_part or 8 * batch_size)
         ds = ds.map_batches(
             LabelActor, batch_size=batch_size, batch_format="pyarrow",
             compute=ActorPoolStrategy(size=num_replicas), num_cpus=cpus, num_gpus=gpus or None,

@@ -87,7 +87,7 @@ def test_label_errors_limit_and_resume(ray_cluster, tmp_path, task_rows, engine,
 
     # the first run decodes plainly (no drafts); the rows must match the speculative reference exactly
     first = label_parquet(str(src), out, engine, max_new_tokens=MAX_NEW, stop=STOP, batch_size=8, limit=15,
-                          speculative=False)
+                          speculative=False, num_replicas=2, num_cpus_per_replica=0.25)
     assert first["rows_labeled"] == 15 and not first["complete"] and first["rows_remaining"] == 27
     assert first["drafted_tokens"] == 0
     assert not is_complete(out) and not (Path(out) / SUCCESS).exists()
@@ -145,15 +145,13 @@ def test_killed_run_resumes_without_duplicates(ray_cluster, tmp_path, task_rows,
     import ray
 
     rows = _rows(task_rows, 40, bad=False)
-    src = tmp_path / "many"
-    src.mkdir()
-    for i in range(0, 40, 4):  # many small files: parts are written while the job runs
-        pq.write_table(pa.Table.from_pylist(rows[i:i + 4]), src / f"p{i:03d}.parquet")
+    src = tmp_path / "prompts.parquet"  # one file: --rows-per-part splits it, parts are written as the job runs
+    pq.write_table(pa.Table.from_pylist(rows), src)
     out = tmp_path / "labels"
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "tasc_ray", "label", "--input", str(src), "--output", str(out), "--model",
            engine.model, "--index", engine.index, "--max-new-tokens", str(MAX_NEW), "--stop", "]",
-           "--batch-size", "2", "--num-cpus", "0.25"]
+           "--batch-size", "2", "--rows-per-part", "4", "--num-cpus", "0.25"]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     staged = out / "_staging"

@@ -1,0 +1,346 @@
+"""`tasc-ray bench label` and `tasc-ray bench serve`: the Ray paths (batch labeling, the OpenAI endpoint) timed
+with and without TASC-spec on E2E text -> MR.
+
+Task: E2E test-set sentences (testset_w_refs.csv 'ref') -> their meaning representation ('mr'), as plain
+few-shot completion prompts (`tasc_ray.sample_task.few_shot_prompt`, shots from devset.csv) stopped at a newline.
+The n-gram index is built from devset.csv's 'mr' column (human references, disjoint from the timed rows) with
+the model's own tokenizer.
+
+- `bench label` writes the prompts to parquet and runs `label_parquet` (Ray Data, actor pool) twice on the same
+  rows, plainly and with TASC-spec: rows/s, output tokens/s, their ratio, exact match against the references,
+  and whether both runs produced the same outputs (they must: greedy TASC-spec is lossless).
+- `bench serve` deploys the Serve app on a local Ray and drives it over loopback HTTP with a bounded async load
+  generator (httpx) at each concurrency level, with `speculative` true and false on the same replica:
+  requests/s, tokens/s, p50/p99 latency.
+
+Both write `<out-dir>/<name>.json` and `.md` with the command line and the machine load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import logging
+import os
+import platform
+import random
+import shlex
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+E2E_DIR = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "e2e"
+SHARED_CPU_NOTE = ("The 2-core CPU was shared with other engineers' jobs during this run (load average above); "
+                   "absolute numbers are noisy, the with/without ratio from the same run is the comparable figure.")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    label = subparsers.add_parser("label", help="batch labeling (Ray Data) with and without TASC-spec on E2E",
+                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(label, rows=500)
+    label.add_argument("--batch-size", type=int, default=8)
+    label.add_argument("--num-replicas", type=int, default=1)
+    label.set_defaults(handler=run_label_bench)
+
+    serve = subparsers.add_parser("serve", help="the OpenAI endpoint under load with and without TASC-spec",
+                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(serve, rows=64)
+    serve.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    serve.add_argument("--requests", type=int, nargs="+", default=None,
+                       help="requests per level (default: max(12, 2 x concurrency))")
+    serve.add_argument("--max-batch-size", type=int, default=32)
+    serve.add_argument("--batch-wait-timeout-s", type=float, default=0.02)
+    serve.set_defaults(handler=run_serve_bench)
+
+
+def _common(p: argparse.ArgumentParser, rows: int) -> None:
+    p.add_argument("--json", action="store_true", help="print the JSON summary on stdout")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--data-dir", default=str(E2E_DIR), help="folder with devset.csv and testset_w_refs.csv")
+    p.add_argument("--rows", type=int, default=rows, help="test-set rows to decode")
+    p.add_argument("--shots", type=int, default=2, help="few-shot examples (from the devset)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the generator actor / replica")
+    p.add_argument("--num-cpus", type=float, default=1.0, help="Ray CPUs of the generator actor / replica")
+    p.add_argument("--work-dir", default=None, help="where the index and parquet files go (default: a temp dir)")
+    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--name", default=None, help="result file name (default: label_e2e / serve_e2e)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+def load_task(data_dir: str | Path, n_rows: int, n_shots: int, seed: int) -> tuple[list[dict[str, str]], list[str]]:
+    """Timed rows {id, text, prompt, reference} from the test set and the index corpus (devset MRs)."""
+    from tasc_ray.sample_task import few_shot_prompt
+
+    data_dir = Path(data_dir)
+    with open(data_dir / "devset.csv", newline="") as f:
+        dev = [(r["mr"], r["ref"]) for r in csv.DictReader(f)]
+    with open(data_dir / "testset_w_refs.csv", newline="") as f:
+        test = [(r["mr"], r["ref"]) for r in csv.DictReader(f)]
+    rng = random.Random(seed)
+    shots = [(ref, mr) for mr, ref in rng.sample(dev, n_shots)]
+    picked = rng.sample(range(len(test)), min(n_rows, len(test)))
+    rows = [{"id": f"e2e-test-{i}", "text": test[i][1].strip(), "reference": test[i][0].strip(),
+             "prompt": few_shot_prompt(test[i][1].strip(), shots)} for i in picked]
+    corpus = [mr for mr, _ in dev]  # counts matter: keep every row
+    return rows, corpus
+
+
+def build_index(model: str, corpus: list[str], path: Path) -> str:
+    from tasc_ray.models import load_tokenizer
+    from tasc_ray.ngram_index import NgramIndex
+
+    if (path / "manifest.json").exists():
+        return str(path)
+    index = NgramIndex.from_texts(corpus, load_tokenizer(model))
+    return index.save(str(path))
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {"platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "load_average_start": os.getloadavg()}
+
+
+def write_report(report: dict[str, Any], out_dir: str, name: str, table: str) -> dict[str, str]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report["machine"]["load_average_end"] = os.getloadavg()
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2, default=str))
+    m = report["machine"]
+    md = [f"# {report['title']}", "", f"Command: `{report['command']}`", "",
+          f"Machine: {m['cpus']} CPUs, torch {m['torch']}, load average at start "
+          f"{', '.join(f'{x:.1f}' for x in m['load_average_start'])}, at end "
+          f"{', '.join(f'{x:.1f}' for x in m['load_average_end'])}. {SHARED_CPU_NOTE}", "",
+          table, ""]
+    md += [f"- {line}" for line in report.get("notes", [])]
+    (out / f"{name}.md").write_text("\n".join(md) + "\n")
+    logger.info("wrote %s/%s.json and .md", out, name)
+    return {"json": str(out / f"{name}.json"), "md": str(out / f"{name}.md")}
+
+
+def _command() -> str:
+    return "tasc-ray " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bench label
+# ----------------------------------------------------------------------------------------------------------------
+def run_label_bench(args: argparse.Namespace) -> dict[str, Any]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasc_ray.engine import EngineConfig
+    from tasc_ray.labeling import ensure_ray, label_parquet, resolve_filesystem
+
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="tasc-bench-label-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows, corpus = load_task(args.data_dir, args.rows, args.shots, args.seed)
+    index = build_index(args.model, corpus, work / "index")
+    src = work / "prompts.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), src)
+    info = machine()
+    ensure_ray()
+    engine = EngineConfig(model=args.model, index=index)
+    runs: dict[str, dict[str, Any]] = {}
+    outputs: dict[str, dict[str, str]] = {}
+    for mode in ("plain", "tasc"):
+        out = work / f"labels-{mode}-{int(time.time())}"
+        runs[mode] = label_parquet(str(src), str(out), engine, prompt_template="{prompt}", id_column="id",
+                                   max_new_tokens=args.max_new_tokens, stop=["\n"], speculative=mode == "tasc",
+                                   batch_size=args.batch_size, num_replicas=args.num_replicas,
+                                   num_cpus_per_replica=args.num_cpus, num_threads=args.threads)
+        fs, root = resolve_filesystem(str(out))
+        table = pq.read_table(root, filesystem=fs)
+        outputs[mode] = dict(zip(table.column("id").to_pylist(), table.column("output").to_pylist()))
+    refs = {r["id"]: r["reference"] for r in rows}
+    same = sum(outputs["plain"][i] == outputs["tasc"][i] for i in refs)
+    exact = {m: sum((outputs[m][i] or "").strip() == refs[i] for i in refs) / len(refs) for m in outputs}
+    slot_f1 = {m: _slot_f1([outputs[m][i] or "" for i in refs], list(refs.values())) for m in outputs}
+    speedup_rows = runs["tasc"]["rows_per_s"] / runs["plain"]["rows_per_s"]
+    speedup_tokens = runs["tasc"]["tokens_per_s"] / runs["plain"]["tokens_per_s"]
+    keys = ("rows_labeled", "errors", "label_seconds", "rows_per_s", "output_tokens", "tokens_per_s",
+            "forward_passes", "drafted_tokens", "accepted_tokens", "accepted_per_pass", "acceptance_rate")
+    report = {
+        "title": "Batch labeling (Ray Data actor pool): E2E text -> MR, with and without TASC-spec",
+        "command": _command(), "machine": info,
+        "setup": {"model": args.model, "rows": len(rows), "shots": args.shots, "max_new_tokens": args.max_new_tokens,
+                  "stop": "\\n", "batch_size": args.batch_size, "num_replicas": args.num_replicas,
+                  "threads": args.threads, "num_cpus": args.num_cpus,
+                  "index_corpus": f"devset.csv 'mr' ({len(corpus)} human references)",
+                  "timed_rows": "testset_w_refs.csv (disjoint from the index corpus)"},
+        "runs": {m: {k: runs[m][k] for k in keys} for m in runs},
+        "speedup_rows_per_s": speedup_rows, "speedup_tokens_per_s": speedup_tokens,
+        "identical_outputs": f"{same}/{len(refs)}", "exact_match": exact, "slot_f1": slot_f1, "target": ">= 1.5x",
+        "target_met": speedup_rows >= 1.5,
+    }
+    report["notes"] = [
+        f"TASC-spec / plain: {speedup_rows:.2f}x rows/s, {speedup_tokens:.2f}x tokens/s "
+        f"(target >= 1.5x: {'met' if speedup_rows >= 1.5 else 'missed'}).",
+        f"Outputs identical between the two runs for {same}/{len(refs)} rows (greedy TASC-spec is lossless).",
+        "Wall time covers the whole Ray Data job (actor start and model load included, the same in both runs).",
+    ]
+    table = _label_table(report)
+    report["files"] = write_report(report, args.out_dir, args.name or "label_e2e", table)
+    return report
+
+
+def _slot_f1(preds: list[str], refs: list[str]) -> float:
+    """Micro F1 over (attribute, value) pairs of the MRs."""
+    import re
+
+    slot = re.compile(r"([^,\[\]]+)\[([^\]]*)\]")
+    tp = n_pred = n_ref = 0
+    for p, r in zip(preds, refs):
+        ps = {(k.strip(), v.strip()) for k, v in slot.findall(p)}
+        rs = {(k.strip(), v.strip()) for k, v in slot.findall(r)}
+        tp, n_pred, n_ref = tp + len(ps & rs), n_pred + len(ps), n_ref + len(rs)
+    return 2 * tp / (n_pred + n_ref) if n_pred + n_ref else 0.0
+
+
+def _label_table(report: dict[str, Any]) -> str:
+    lines = ["| mode | rows | errors | seconds | rows/s | tokens/s | accepted/pass | acceptance | exact match "
+             "| slot F1 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for mode, r in report["runs"].items():
+        lines.append(f"| {mode} | {r['rows_labeled']} | {r['errors']} | {r['label_seconds']:.1f} | "
+                     f"{r['rows_per_s']:.2f} | {r['tokens_per_s']:.1f} | {r['accepted_per_pass']:.2f} | "
+                     f"{r['acceptance_rate']:.2f} | {report['exact_match'][mode]:.3f} | "
+                     f"{report['slot_f1'][mode]:.3f} |")
+    lines += ["", f"Speedup (TASC-spec / plain): **{report['speedup_rows_per_s']:.2f}x rows/s**, "
+                  f"{report['speedup_tokens_per_s']:.2f}x tokens/s; identical outputs {report['identical_outputs']}."]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bench serve
+# ----------------------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def drive(base: str, prompts: list[str], concurrency: int, speculative: bool, max_tokens: int,
+                model: str) -> dict[str, Any]:
+    """Send every prompt with at most `concurrency` in flight; per-request latency and totals."""
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+    latencies: list[float] = []
+    usage = {"completion_tokens": 0, "drafted_tokens": 0, "accepted_tokens": 0, "forward_passes": 0}
+    errors = 0
+    texts: list[str | None] = [None] * len(prompts)
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
+        async def one(i: int, prompt: str) -> None:
+            nonlocal errors
+            async with sem:
+                t0 = time.perf_counter()
+                r = await client.post("/v1/completions", json={
+                    "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stop": ["\n"],
+                    "speculative": speculative})
+                latencies.append(time.perf_counter() - t0)
+                if r.status_code != 200:
+                    errors += 1
+                    return
+                body = r.json()
+                texts[i] = body["choices"][0]["text"]
+                for k in usage:
+                    usage[k] += body["usage"][k]
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        wall = time.perf_counter() - t0
+    lat = sorted(latencies)
+
+    def pct(q: float) -> float:
+        return lat[min(len(lat) - 1, int(round(q * (len(lat) - 1))))]
+
+    return {"requests": len(prompts), "errors": errors, "seconds": wall, "requests_per_s": len(prompts) / wall,
+            "tokens_per_s": usage["completion_tokens"] / wall, "p50_s": pct(0.5), "p99_s": pct(0.99),
+            "mean_s": sum(lat) / len(lat), **usage,
+            "accepted_per_pass": usage["accepted_tokens"] / max(1, usage["forward_passes"]), "texts": texts}
+
+
+def run_serve_bench(args: argparse.Namespace) -> dict[str, Any]:
+    import httpx
+    import ray
+    from ray import serve
+
+    from serve_apps.openai_app import build_app
+    from tasc_ray.serving import ServeConfig
+
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="tasc-bench-serve-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows, corpus = load_task(args.data_dir, args.rows, args.shots, args.seed)
+    index = build_index(args.model, corpus, work / "index")
+    info = machine()
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"])
+        else:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    config = ServeConfig.model_validate({
+        "model": args.model, "index": index, "model_name": "bench", "max_batch_size": args.max_batch_size,
+        "batch_wait_timeout_s": args.batch_wait_timeout_s, "num_cpus": args.num_cpus, "num_threads": args.threads,
+        "max_ongoing_requests": max(64, 2 * max(args.concurrency)), "max_tokens_limit": args.max_new_tokens})
+    serve.run(build_app(config), name="bench", route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    prompts = [r["prompt"] for r in rows]
+    levels: list[dict[str, Any]] = []
+    try:
+        httpx.post(base + "/v1/completions", json={"prompt": prompts[0], "max_tokens": 8}, timeout=600)  # warm up
+        for j, c in enumerate(args.concurrency):
+            n = args.requests[j] if args.requests else max(12, 2 * c)
+            batch = [prompts[(j * 7 + i) % len(prompts)] for i in range(n)]
+            level: dict[str, Any] = {"concurrency": c, "requests": n}
+            for mode in ("plain", "tasc"):
+                logger.info("concurrency %d, %s: %d requests", c, mode, n)
+                level[mode] = asyncio.run(drive(base, batch, c, mode == "tasc", args.max_new_tokens, "bench"))
+            same = sum(a == b for a, b in zip(level["plain"].pop("texts"), level["tasc"].pop("texts")))
+            level["identical_outputs"] = f"{same}/{n}"
+            level["throughput_ratio"] = level["tasc"]["requests_per_s"] / level["plain"]["requests_per_s"]
+            level["p99_ratio"] = level["tasc"]["p99_s"] / level["plain"]["p99_s"]
+            levels.append(level)
+    finally:
+        serve.shutdown()
+    at8 = next((lv for lv in levels if lv["concurrency"] == 8), None)
+    met = at8 is not None and at8["throughput_ratio"] >= 1.3 and at8["p99_ratio"] <= 1.0
+    report = {
+        "title": "OpenAI endpoint (Ray Serve, @serve.batch): E2E text -> MR completions, with and without TASC-spec",
+        "command": _command(), "machine": info,
+        "setup": {"model": args.model, "shots": args.shots, "max_tokens": args.max_new_tokens, "stop": "\\n",
+                  "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s,
+                  "replicas": 1, "threads": args.threads, "num_cpus": args.num_cpus,
+                  "index_corpus": f"devset.csv 'mr' ({len(corpus)} human references)",
+                  "client": "httpx.AsyncClient on loopback, bounded by a semaphore; greedy; same replica for both"},
+        "levels": levels, "target": ">= 1.3x throughput at concurrency 8 with p99 no worse", "target_met": met,
+    }
+    report["notes"] = [f"concurrency {lv['concurrency']}: {lv['throughput_ratio']:.2f}x throughput, p99 ratio "
+                       f"{lv['p99_ratio']:.2f}, identical outputs {lv['identical_outputs']}" for lv in levels]
+    report["notes"].append(f"Target at concurrency 8: {'met' if met else 'missed'}.")
+    lines = ["| concurrency | mode | requests | req/s | tokens/s | p50 s | p99 s | accepted/pass |",
+             "|---|---|---|---|---|---|---|---|"]
+    for lv in levels:
+        for mode in ("plain", "tasc"):
+            r = lv[mode]
+            lines.append(f"| {lv['concurrency']} | {mode} | {r['requests']} | {r['requests_per_s']:.2f} | "
+                         f"{r['tokens_per_s']:.1f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | "
+                         f"{r['accepted_per_pass']:.2f} |")
+    report["files"] = write_report(report, args.out_dir, args.name or "serve_e2e", "\n".join(lines))
+    return report
