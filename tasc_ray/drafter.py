@@ -11,7 +11,7 @@ estimated probability of the drafted path falls below a threshold. A bad draft o
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -23,6 +23,8 @@ DEFAULT_MAX_DRAFT = 8
 DEFAULT_LAMBDA = 0.5
 DEFAULT_MIN_PATH_PROB = 0.1
 DEFAULT_CONTEXT_ORDER = 4
+
+StepCost = Callable[[int], float]  # estimated seconds of one verification pass over n query tokens (whole batch)
 
 
 class DraftMode(str, Enum):
@@ -84,11 +86,14 @@ class Drafter:
         state.extend(prompt_ids)
         return state
 
-    def propose(self, rows: Sequence[RowState], limits: Sequence[int] | None = None) -> list[list[int]]:
-        """Draft up to min(max_draft, limits[i]) tokens for each row."""
+    def propose(self, rows: Sequence[RowState], limits: Sequence[int] | None = None,
+                step_cost: StepCost | None = None) -> list[list[int]]:
+        """Draft up to min(max_draft, limits[i]) tokens for each row; with `step_cost`, cut all drafts to the
+        common length that maximises expected tokens per second of the batched verification pass."""
         k = self.config.max_draft
         limits = [k] * len(rows) if limits is None else [min(k, lim) for lim in limits]
         drafts: list[list[int]] = [[] for _ in rows]
+        path_probs: list[list[float]] = [[] for _ in rows]  # estimated P(first j+1 draft tokens all accepted)
         path_prob = np.ones(len(rows))
         active = [i for i, lim in enumerate(limits) if lim > 0]
         use_corpus = self.config.mode != DraftMode.CONTEXT
@@ -105,9 +110,13 @@ class Drafter:
                     continue
                 path_prob[i] *= prob
                 drafts[i].append(token)
+                path_probs[i].append(float(path_prob[i]))
                 if len(drafts[i]) < limits[i]:
                     still_active.append(i)
             active = still_active
+        if step_cost is not None and drafts:
+            length = best_draft_length(path_probs, step_cost)
+            drafts = [d[:length] for d in drafts]
         return drafts
 
     def _mix(self, corpus: Match | None, context: dict[int, int] | None) -> tuple[int | None, float]:
@@ -126,3 +135,21 @@ class Drafter:
             token = max(mixed, key=mixed.__getitem__)
             return token, mixed[token]
         return int(corpus.next_tokens[0]), float(corpus.probs[0])
+
+
+def best_draft_length(path_probs: Sequence[Sequence[float]], step_cost: StepCost) -> int:
+    """The common draft length K maximising expected tokens per second of one batched pass.
+
+    A pass over B rows with drafts cut to K costs step_cost(B * (K + 1)) (every row is padded to K + 1 query
+    tokens) and yields, in expectation, sum_i (1 + sum_{j < K} q_ij) tokens, q_ij being the estimated
+    probability that row i's first j + 1 draft tokens are all accepted.
+    """
+    batch = len(path_probs)
+    expected = float(batch)  # each pass emits at least the target's own token per row
+    best_k, best_rate = 0, expected / step_cost(batch)
+    for k in range(1, max(len(p) for p in path_probs) + 1):
+        expected += sum(p[k - 1] for p in path_probs if len(p) >= k)
+        rate = expected / step_cost(batch * (k + 1))
+        if rate > best_rate:
+            best_k, best_rate = k, rate
+    return best_k

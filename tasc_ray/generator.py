@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation.logits_process import (
@@ -76,6 +77,50 @@ class RowStats:
         return asdict(self)
 
 
+class StepCostModel:
+    """Seconds of one verification pass as a function of its query tokens n (all rows): cost(n) = a + b * n.
+
+    Fitted online by least squares over the latest passes. Until the observed n vary enough to fit a slope,
+    the slope comes from a prior: `prior_tokens` extra query tokens double a pass's cost (on 2 CPU cores a
+    pass over 8 new tokens costs ~1.4x one token; a GPU has far more room, which the fit then finds).
+    """
+
+    def __init__(self, prior_tokens: float = 20.0, window: int = 128) -> None:
+        self.prior_tokens, self.window = prior_tokens, window
+        self.obs: list[tuple[int, float]] = []
+        self.a, self.b = 1.0, 1.0 / prior_tokens
+
+    def observe(self, n_tokens: int, seconds: float) -> None:
+        self.obs.append((n_tokens, seconds))
+        if len(self.obs) > self.window:
+            del self.obs[0]
+        n = np.array([o[0] for o in self.obs], dtype=float)
+        s = np.array([o[1] for o in self.obs], dtype=float)
+        if len(self.obs) >= 8 and n.std() > 0.25 * n.mean():
+            b, a = np.polyfit(n, s, 1)
+            if a > 0 and b >= 0:
+                self.a, self.b = a, b
+                return
+        self.a = float(s.mean() / (1 + n.mean() / self.prior_tokens))
+        self.b = self.a / self.prior_tokens
+
+    def __call__(self, n_tokens: int) -> float:
+        return self.a + self.b * n_tokens
+
+
+@dataclass
+class EngineTimings:
+    """Batch-level totals across generate() calls: wall time of drafting, verifying and the whole call."""
+
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    generate_s: float = 0.0
+    steps: int = 0  # batched forward passes after prefill
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass
 class GenerationResult:
     text: str
@@ -121,6 +166,8 @@ class SpeculativeGenerator:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+        self.timings = EngineTimings()
+        self.step_cost = StepCostModel()
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     # ----- public API -----
@@ -155,10 +202,12 @@ class SpeculativeGenerator:
         if params.seed is not None:
             generator = torch.Generator(self.model.device).manual_seed(params.seed)
         results: list[GenerationResult | None] = [None] * len(encoded)
+        t0 = time.perf_counter()
         for start in range(0, len(order), self.max_batch_size):
             chunk = order[start:start + self.max_batch_size]
             for row in self._generate_batch([encoded[i] for i in chunk], chunk, params, generator, stream):
                 results[row.index] = self._result(row)
+        self.timings.generate_s += time.perf_counter() - t0
         return results  # type: ignore[return-value]
 
     # ----- the decoding loop -----
@@ -198,7 +247,7 @@ class SpeculativeGenerator:
 
             t0 = time.perf_counter()
             limits = [r.max_new - len(r.generated) - 1 for r in rows]  # the step also emits the target's own token
-            drafts = (self.drafter.propose([r.draft_state for r in rows], limits) if use_draft
+            drafts = (self.drafter.propose([r.draft_state for r in rows], limits, self.step_cost) if use_draft
                       else [[] for _ in rows])
             t1 = time.perf_counter()
             k = max(len(d) for d in drafts)
@@ -218,6 +267,10 @@ class SpeculativeGenerator:
             next_pos = next_pos + n_accepted + 1
             pending = target.gather(1, n_accepted[:, None])[:, 0]
             t2 = time.perf_counter()
+            self.timings.draft_s += t1 - t0
+            self.timings.verify_s += t2 - t1
+            self.timings.steps += 1
+            self.step_cost.observe(step_ids.numel(), t2 - t1)
 
             done = []
             for row, draft, n, bonus in zip(rows, drafts, n_accepted.tolist(), pending.tolist()):

@@ -27,7 +27,7 @@ class OracleDrafter(Drafter):
         state.extend(prompt_ids)
         return state
 
-    def propose(self, rows, limits=None):
+    def propose(self, rows, limits=None, step_cost=None):
         drafts = []
         for row, limit in zip(rows, limits):
             truth = self.truths[row.prompt]

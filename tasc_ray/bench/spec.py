@@ -1,0 +1,283 @@
+"""`tasc-ray bench spec`: TASC-spec against plain greedy decoding and transformers' prompt lookup, side by side.
+
+For each task, every method decodes the same prompts with the same model, batch size and max_new_tokens in
+one process, one after another; speed is reported as ratios to `plain` at the same batch size. The index is
+built from a split disjoint from the timed prompts: the reference outputs, and with --corpus-from-model N
+also the model's own greedy outputs on N prompts of that split (cached on disk), which is what a served
+task's logs hold. Methods:
+
+- plain: greedy decoding through the same loop with no draft
+- prompt_lookup_hf: `model.generate(prompt_lookup_num_tokens=...)` (transformers; batch 1 only)
+- tasc_context / tasc_corpus / tasc_mixed: TASC-spec drafting from the context, the corpus index, or both
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from tasc_ray.cli import add_model_argument
+from tasc_ray.drafter import DEFAULT_LAMBDA, DEFAULT_MAX_DRAFT, DEFAULT_MIN_PATH_PROB, Drafter, DrafterConfig, DraftMode
+from tasc_ray.generator import GenerationResult, SamplingParams, SpeculativeGenerator
+from tasc_ray.models import load_model
+from tasc_ray.ngram_index import DEFAULT_MAX_ORDER, NgramIndex, tokenizer_fingerprint
+from tasc_ray.tasks import BUILTIN_TASKS, Task, load_task, load_task_file
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("plain", "prompt_lookup_hf", "tasc_context", "tasc_corpus", "tasc_mixed")
+MODES = {"tasc_context": DraftMode.CONTEXT, "tasc_corpus": DraftMode.CORPUS, "tasc_mixed": DraftMode.MIXED}
+HF_LOOKUP_TOKENS = 10
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("spec", help="TASC-spec speed vs plain greedy and HF prompt lookup",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_argument(p)
+    p.add_argument("--task", action="append", default=None,
+                   help=f"built-in task ({', '.join(BUILTIN_TASKS)}) or a parquet with prompt/reference columns "
+                        "(repeatable; default: all built-in tasks)")
+    p.add_argument("--corpus", help="corpus file (parquet/jsonl) for a parquet --task")
+    p.add_argument("--corpus-column", default="output")
+    p.add_argument("--n", type=int, default=16, help="timed prompts per task")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--corpus-from-model", type=int, default=0, metavar="N",
+                   help="also index the model's own greedy outputs on N prompts of the disjoint split")
+    p.add_argument("--corpus-limit", type=int, default=None, help="at most this many reference outputs to index")
+    p.add_argument("--max-order", type=int, default=DEFAULT_MAX_ORDER)
+    p.add_argument("--lam", type=float, default=DEFAULT_LAMBDA)
+    p.add_argument("--max-draft", type=int, default=DEFAULT_MAX_DRAFT)
+    p.add_argument("--min-path-prob", type=float, default=DEFAULT_MIN_PATH_PROB)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0, help="which prompts are drawn")
+    p.add_argument("--cache-dir", default="benchmarks/cache", help="where model-output corpora are cached")
+    p.add_argument("--json", dest="json_path", metavar="FILE", help="write results JSON here (+ .md table, plots)")
+    p.set_defaults(handler=run)
+
+
+@dataclass
+class Measured:
+    results: list[GenerationResult] | None
+    token_ids: list[list[int]]
+    wall_s: float
+    draft_s: float = 0.0
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    methods = [m.strip() for m in args.methods.split(",")]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    tasks = args.task or list(BUILTIN_TASKS)
+    report: dict[str, Any] = {
+        "model": args.model, "dtype": args.dtype, "device": str(model.device), "torch_threads": torch.get_num_threads(),
+        "machine": platform.machine(), "command": "tasc-ray " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "config": {k: v for k, v in vars(args).items() if k not in ("handler", "json")}, "runs": [], "simulated": [],
+    }
+    for task_name in tasks:
+        task = (load_task_file(task_name, args.n, args.corpus, args.corpus_column) if task_name.endswith(".parquet")
+                else load_task(task_name, args.n, args.seed, args.corpus_limit))
+        corpora = {"reference": task.corpus}
+        if args.corpus_from_model:
+            corpora["model"] = model_outputs(model, tokenizer, task, args)
+        indexes = {kind: NgramIndex.from_texts(texts, tokenizer, args.max_order) for kind, texts in corpora.items()
+                   if texts}
+        report["runs"] += bench_task(model, tokenizer, task, indexes, methods, batch_sizes, args)
+        report["simulated"] += simulate_task(task, indexes, tokenizer, args)
+    if args.json_path:
+        write_report(report, Path(args.json_path))
+    print(markdown_table(report))
+    return report
+
+
+def bench_task(model, tokenizer, task: Task, indexes: dict[str, NgramIndex], methods: list[str],
+               batch_sizes: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, stop=task.stop)
+    runs = []
+    for batch_size in batch_sizes:
+        plain_gen = SpeculativeGenerator(model, tokenizer, None, max_batch_size=batch_size)
+        plain_gen.generate(task.prompts[:batch_size], SamplingParams(max_new_tokens=4))  # warm-up
+        plain = measure_engine(plain_gen, task.prompts, params)
+        for method in methods:
+            if method == "prompt_lookup_hf" and batch_size != 1:
+                continue
+            corpus_choices = indexes.items() if method in ("tasc_corpus", "tasc_mixed") else [(None, None)]
+            for corpus_kind, index in corpus_choices:
+                logger.info("%s: %s batch %d, corpus %s", task.name, method, batch_size, corpus_kind)
+                if method == "plain":
+                    measured = plain
+                elif method == "prompt_lookup_hf":
+                    measured = measure_hf_lookup(model, tokenizer, task.prompts, params)
+                else:
+                    config = DrafterConfig(mode=MODES[method], max_draft=args.max_draft, lam=args.lam,
+                                           min_path_prob=args.min_path_prob)
+                    generator = SpeculativeGenerator(model, tokenizer, Drafter(index, config),
+                                                     max_batch_size=batch_size)
+                    measured = measure_engine(generator, task.prompts, params)
+                runs.append(run_record(task, method, batch_size, corpus_kind, measured, plain))
+    return runs
+
+
+def measure_engine(generator: SpeculativeGenerator, prompts: list[str], params: SamplingParams) -> Measured:
+    draft_before = generator.timings.draft_s
+    t0 = time.perf_counter()
+    results = generator.generate(prompts, params)
+    wall = time.perf_counter() - t0
+    return Measured(results, [r.token_ids for r in results], wall, generator.timings.draft_s - draft_before)
+
+
+@torch.inference_mode()
+def measure_hf_lookup(model, tokenizer, prompts: list[str], params: SamplingParams) -> Measured:
+    """transformers' prompt lookup decoding, one prompt at a time (it supports batch 1 only)."""
+    token_ids = []
+    t0 = time.perf_counter()
+    for prompt in prompts:
+        enc = tokenizer(prompt, return_tensors="pt").to(model.device)
+        out = model.generate(**enc, max_new_tokens=params.max_new_tokens, do_sample=False,
+                             prompt_lookup_num_tokens=HF_LOOKUP_TOKENS, stop_strings=params.stop or None,
+                             tokenizer=tokenizer)
+        token_ids.append(out[0, enc["input_ids"].shape[1]:].tolist())
+    return Measured(None, token_ids, time.perf_counter() - t0)
+
+
+def run_record(task: Task, method: str, batch_size: int, corpus_kind: str | None, m: Measured,
+               plain: Measured) -> dict[str, Any]:
+    new_tokens = sum(len(ids) for ids in m.token_ids)
+    record: dict[str, Any] = {
+        "task": task.name, "method": method, "batch_size": batch_size, "corpus": corpus_kind,
+        "n_prompts": len(m.token_ids), "new_tokens": new_tokens, "wall_s": round(m.wall_s, 3),
+        "tokens_per_s": round(new_tokens / m.wall_s, 2), "speedup_vs_plain": round(plain.wall_s / m.wall_s, 3),
+        "match_rate_vs_plain": sum(a == b for a, b in zip(m.token_ids, plain.token_ids)) / len(m.token_ids),
+        "mean_accepted_per_pass": None, "tokens_per_pass": None, "draft_time_share": None, "accepted_hist": None,
+    }
+    if m.results is not None:
+        passes = sum(r.stats.forward_passes for r in m.results)
+        hist: list[int] = []
+        for r in m.results:
+            hist += [0] * (len(r.stats.accepted_hist) - len(hist))
+            for i, c in enumerate(r.stats.accepted_hist):
+                hist[i] += c
+        record.update(
+            # drafted tokens accepted per verification pass, and new tokens per pass (+1 prefill pass a row)
+            mean_accepted_per_pass=round(sum(r.stats.accepted for r in m.results) / max(passes, 1), 3),
+            tokens_per_pass=round(new_tokens / (passes + len(m.results)), 3),
+            draft_time_share=round(m.draft_s / m.wall_s, 4),
+            accepted_hist=hist,
+        )
+    return record
+
+
+def simulate_task(task: Task, indexes: dict[str, NgramIndex], tokenizer, args: argparse.Namespace
+                  ) -> list[dict[str, Any]]:
+    """Predicted tokens per pass from replaying the references through the drafter (no model)."""
+    from tasc_ray.simulate import simulate_acceptance
+
+    prompts = [tokenizer(p)["input_ids"] for p in task.prompts]
+    references = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in task.references]
+    out = []
+    for corpus_kind, index in indexes.items():
+        config = DrafterConfig(mode=DraftMode.MIXED, max_draft=args.max_draft, lam=args.lam,
+                               min_path_prob=args.min_path_prob)
+        sim = simulate_acceptance(index, references, config, prompts=prompts)
+        out.append({"task": task.name, "corpus": corpus_kind, "method": "tasc_mixed", **sim})
+    return out
+
+
+def model_outputs(model, tokenizer, task: Task, args: argparse.Namespace) -> list[str]:
+    """The model's own greedy outputs on N prompts of the disjoint split, cached on disk."""
+    prompts = task.corpus_prompts[:args.corpus_from_model]
+    key = hashlib.sha256(json.dumps([tokenizer_fingerprint(tokenizer), str(model.config.to_dict()),
+                                     args.max_new_tokens, prompts]).encode()).hexdigest()[:16]
+    path = Path(args.cache_dir) / f"model-corpus-{task.name}-{len(prompts)}-{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    # Greedy output is identical with or without drafts, so prompt lookup just makes logging faster.
+    generator = SpeculativeGenerator(model, tokenizer, Drafter(None, DrafterConfig(mode=DraftMode.CONTEXT)))
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, stop=task.stop)
+    texts = []
+    for i in tqdm(range(0, len(prompts), 64), desc=f"{task.name}: logging model outputs"):
+        texts += [r.text.strip() for r in generator.generate(prompts[i:i + 64], params)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(texts))
+    return texts
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    lines = [f"Model: {report['model']} ({report['dtype']}, {report['device']}, {report['torch_threads']} threads)",
+             "", "| task | method | corpus | batch | tokens/s | speedup vs plain | tokens/pass | accepted/pass "
+             "| draft share | match vs plain |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        def fmt(v: Any) -> str:
+            return "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
+        lines.append(f"| {r['task']} | {r['method']} | {r['corpus'] or '-'} | {r['batch_size']} | "
+                     f"{fmt(r['tokens_per_s'])} | {fmt(r['speedup_vs_plain'])}x | {fmt(r['tokens_per_pass'])} | "
+                     f"{fmt(r['mean_accepted_per_pass'])} | {fmt(r['draft_time_share'])} | "
+                     f"{fmt(r['match_rate_vs_plain'])} |")
+    if report["simulated"]:
+        lines += ["", "Offline simulator (teacher-forced replay of the references, no model):", "",
+                  "| task | corpus | predicted tokens/pass |", "|---|---|---|"]
+        lines += [f"| {s['task']} | {s['corpus']} | {s.get('tokens_per_pass', '-')} |" for s in report["simulated"]]
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    path.with_suffix(".md").write_text(f"Command: `{report['command']}`\n\n{markdown_table(report)}\n")
+    plot(report, path.with_suffix(".png"))
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Speedup by task and method (one panel per batch size), and tasc_mixed's accepted-length histograms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in report["runs"] if r["method"] != "plain"]
+    batch_sizes = sorted({r["batch_size"] for r in runs})
+    fig, axes = plt.subplots(1, len(batch_sizes) + 1, figsize=(6 * (len(batch_sizes) + 1), 4.5))
+    for ax, bs in zip(axes, batch_sizes):
+        rows = [r for r in runs if r["batch_size"] == bs]
+        labels = sorted({f"{r['method']}" + (f" ({r['corpus']})" if r["corpus"] else "") for r in rows})
+        tasks = sorted({r["task"] for r in rows})
+        width = 0.8 / max(len(labels), 1)
+        for j, label in enumerate(labels):
+            values = [next((r["speedup_vs_plain"] for r in rows if r["task"] == t and
+                            f"{r['method']}" + (f" ({r['corpus']})" if r["corpus"] else "") == label), 0)
+                      for t in tasks]
+            ax.bar([i + j * width for i in range(len(tasks))], values, width, label=label)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks)
+        ax.set_title(f"speedup vs plain greedy, batch {bs}")
+        ax.legend(fontsize=7)
+    ax = axes[-1]
+    for r in runs:
+        if r["method"] == "tasc_mixed" and r["batch_size"] == batch_sizes[0] and r["accepted_hist"]:
+            total = sum(r["accepted_hist"])
+            ax.plot(range(len(r["accepted_hist"])), [c / total for c in r["accepted_hist"]], marker="o",
+                    label=f"{r['task']} ({r['corpus']})")
+    ax.set_title(f"tasc_mixed: drafted tokens accepted per pass (batch {batch_sizes[0]})")
+    ax.set_xlabel("accepted draft tokens")
+    ax.set_ylabel("share of passes")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,65 @@
+"""Drafter: context/corpus/mixed proposals, adaptive length, cost-aware draft length; the step cost model."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasc_ray.drafter import Drafter, DrafterConfig, DraftMode, best_draft_length
+from tasc_ray.generator import StepCostModel
+from tasc_ray.ngram_index import NgramIndex
+
+
+def test_context_mode_is_prompt_lookup():
+    drafter = Drafter(None, DrafterConfig(mode=DraftMode.CONTEXT, max_draft=4, min_path_prob=0.0))
+    row = drafter.new_row([1, 2, 3, 4, 5, 9, 1, 2])
+    assert drafter.propose([row]) == [[3, 4, 5, 9]]
+    row.extend([3, 4])  # the row learns what was accepted
+    assert drafter.propose([row])[0][:2] == [5, 9]
+
+
+def test_corpus_mode_follows_index_and_backs_off():
+    index = NgramIndex.build([[10, 11, 12, 13, 14]] * 3, max_order=3)
+    drafter = Drafter(index, DrafterConfig(mode=DraftMode.CORPUS, max_draft=8, min_path_prob=0.0))
+    assert drafter.propose([drafter.new_row([7, 10])]) == [[11, 12, 13, 14]]
+    assert drafter.propose([drafter.new_row([99])]) == [[]]
+    with pytest.raises(ValueError, match="needs an n-gram index"):
+        Drafter(None, DrafterConfig(mode=DraftMode.MIXED))
+
+
+def test_mixing_weight_decides_between_sources():
+    index = NgramIndex.build([[5, 6]] * 4, max_order=2)  # corpus says 5 -> 6
+    prompt = [5, 7, 5, 7, 5]  # context says 5 -> 7
+    for lam, expected in ((0.9, 6), (0.1, 7)):
+        drafter = Drafter(index, DrafterConfig(mode=DraftMode.MIXED, lam=lam, max_draft=1, min_path_prob=0.0))
+        assert drafter.propose([drafter.new_row(prompt)]) == [[expected]]
+
+
+def test_adaptive_length_stops_on_unlikely_path():
+    index = NgramIndex.build([[1, 2], [1, 3], [2, 4], [2, 4]], max_order=2)  # 1 -> 2 (p=.5), 2 -> 4 (p=1)
+    sure = Drafter(index, DrafterConfig(mode=DraftMode.CORPUS, min_path_prob=0.6))
+    unsure = Drafter(index, DrafterConfig(mode=DraftMode.CORPUS, min_path_prob=0.4))
+    assert sure.propose([sure.new_row([1])]) == [[]]
+    assert unsure.propose([unsure.new_row([1])]) == [[2, 4]]
+
+
+def test_limits_respected():
+    drafter = Drafter(None, DrafterConfig(mode=DraftMode.CONTEXT, max_draft=8, min_path_prob=0.0))
+    rows = [drafter.new_row([1, 2, 3, 1, 2, 3, 1]) for _ in range(3)]
+    assert [len(d) for d in drafter.propose(rows, [0, 2, 100])] == [0, 2, 8]
+
+
+def test_best_draft_length_trades_acceptance_for_cost():
+    probs = [[0.9, 0.8, 0.7, 0.1, 0.05]] * 8
+    assert best_draft_length(probs, lambda n: 1.0) == 5  # free verification: draft everything
+    assert best_draft_length(probs, lambda n: float(n)) == 0  # cost proportional to tokens: no draft
+    assert best_draft_length(probs, lambda n: 1.0 + n / 40) == 3
+    assert best_draft_length([[]], lambda n: 1.0) == 0
+
+
+def test_step_cost_model_fits_line_and_uses_prior():
+    model = StepCostModel(prior_tokens=20)
+    model.observe(8, 1.4)
+    assert model(8) == pytest.approx(1.4) and model(28) == pytest.approx(2.4)  # slope from the prior
+    for n in (8, 16, 32, 64) * 4:
+        model.observe(n, 0.5 + 0.01 * n)
+    assert model.a == pytest.approx(0.5, rel=0.05) and model.b == pytest.approx(0.01, rel=0.05)
