@@ -60,6 +60,7 @@ def test_step_cost_model_fits_line_and_uses_prior():
     model = StepCostModel(prior_tokens=20)
     model.observe(8, 1.4)
     assert model(8) == pytest.approx(1.4) and model(28) == pytest.approx(2.4)  # slope from the prior
+    model = StepCostModel(prior_tokens=20)
     for n in (8, 16, 32, 64) * 4:
         model.observe(n, 0.5 + 0.01 * n)
     assert model.a == pytest.approx(0.5, rel=0.05) and model.b == pytest.approx(0.01, rel=0.05)
