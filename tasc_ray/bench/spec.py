@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tasks = args.task or list(BUILTIN_TASKS)
     report: dict[str, Any] = {
         "model": args.model, "dtype": args.dtype, "device": str(model.device), "torch_threads": torch.get_num_threads(),
-        "machine": platform.machine(), "command": "tasc-ray " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "machine": platform.machine(), "command": _command_line(),
         "config": {k: v for k, v in vars(args).items() if k not in ("handler", "json")}, "runs": [], "simulated": [],
     }
     for task_name in tasks:
@@ -105,6 +105,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         write_report(report, Path(args.json_path))
     print(markdown_table(report))
     return report
+
+
+def _command_line() -> str:
+    prog = "python -m tasc_ray.bench.spec" if sys.argv[0].endswith("spec.py") else "tasc-ray"
+    return " ".join([prog, *(shlex.quote(a) for a in sys.argv[1:])])
 
 
 def bench_task(model, tokenizer, task: Task, indexes: dict[str, NgramIndex], methods: list[str],
@@ -281,3 +286,16 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m tasc_ray.bench.spec ...`: the same benchmark without loading the other CLI commands (or Ray)."""
+    parser = argparse.ArgumentParser(prog="python -m tasc_ray.bench.spec")
+    register(parser.add_subparsers(dest="bench", required=True))
+    args = parser.parse_args(["spec", *(sys.argv[1:] if argv is None else argv)])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.handler(args)
+
+
+if __name__ == "__main__":
+    main()
