@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tasks = args.task or list(BUILTIN_TASKS)
     report: dict[str, Any] = {
         "model": args.model, "dtype": args.dtype, "device": str(model.device), "torch_threads": torch.get_num_threads(),
-        "machine": platform.machine(), "command": _command_line(),
+        "machine": platform.machine(), "command": _command_line(), "git_commit": _git_commit(),
         "config": {k: v for k, v in vars(args).items() if k not in ("handler", "json")}, "runs": [], "simulated": [],
     }
     for task_name in tasks:
@@ -105,6 +105,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         write_report(report, Path(args.json_path))
     print(markdown_table(report))
     return report
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def _command_line() -> str:
