@@ -57,6 +57,7 @@ class FinetuneConfig:
     lr: float | None = None  # default: 2e-4 for LoRA, 5e-5 for full fine-tuning
     lora_r: int = 16
     lora_alpha: int | None = None  # default 2 * lora_r
+    new_token_lr_mult: float = 1.0  # LoRA: learning-rate multiplier for the new tokens' embedding rows
     full: bool = False
     num_workers: int = 1
     cpus_per_worker: float | None = None  # default: the cluster's CPUs shared among the workers
@@ -281,8 +282,14 @@ def run_training(cfg: dict[str, Any], session: Any) -> None:
     rank, world, device = session.rank, session.world, session.device
     torch.manual_seed(cfg["seed"])
     model, tokenizer = build_model(cfg, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    token_rows = [p for n, p in named if "trainable_tokens_delta" in n]
+    others = [p for n, p in named if "trainable_tokens_delta" not in n]
+    groups = [{"params": others, "lr": cfg["lr"]}]
+    if token_rows:
+        groups.append({"params": token_rows, "lr": cfg["lr"] * cfg.get("new_token_lr_mult", 1.0)})
+    optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     start_epoch, step = 0, 0
     state = session.latest_state()
     if state is not None:
@@ -307,7 +314,8 @@ def run_training(cfg: dict[str, Any], session: Any) -> None:
         random.Random(cfg["seed"] * 1000 + epoch).shuffle(order)
         losses = []
         t0 = time.perf_counter()
-        for i in tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}", disable=rank != 0 or not cfg["progress"]):
+        for i in tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}",
+                      disable=rank != 0 or not cfg.get("progress", False)):
             if step >= max_steps:
                 break
             batch_idx = order[i * global_bs:(i + 1) * global_bs][rank::world]
@@ -372,7 +380,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 "lora_alpha": cfg.lora_alpha, "lr": cfg.resolved_lr(), "epochs": cfg.epochs,
                 "max_steps": cfg.max_steps, "batch_size": cfg.batch_size, "max_length": cfg.max_length,
                 "weight_decay": cfg.weight_decay, "seed": cfg.seed, "bf16": cfg.bf16,
-                "fail_after_epoch": cfg.fail_after_epoch, "progress": cfg.progress}
+                "fail_after_epoch": cfg.fail_after_epoch, "progress": cfg.progress,
+                "new_token_lr_mult": cfg.new_token_lr_mult}
     logger.info("fine-tuning %s (%s) on %d rows with %d worker(s) (%s trainer); run %s in %s", cfg.model,
                 "full" if cfg.full else f"LoRA r={cfg.lora_r}", len(rows), cfg.num_workers, cfg.trainer, name,
                 storage)

@@ -45,6 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ft.add_argument("--epochs", type=int, default=3)
     ft.add_argument("--lr", type=float, default=None, help="default 2e-4 (LoRA) or 5e-5 (full)")
     ft.add_argument("--lora-r", type=int, default=16)
+    ft.add_argument("--new-token-lr-mult", type=float, default=1.0,
+                    help="LoRA: learning-rate multiplier for the new tokens' embedding rows")
     ft.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     ft.add_argument("--num-workers", type=int, default=1)
     ft.add_argument("--cpus-per-worker", type=float, default=None)
@@ -96,6 +98,7 @@ def _csv_column(path: Path, column: str) -> list[str]:
 def _finetune(args: argparse.Namespace) -> dict[str, Any]:
     cfg = FinetuneConfig(model=args.model, train=args.train, out=args.out, prompt_column=args.prompt_column,
                          output_column=args.output_column, epochs=args.epochs, lr=args.lr, lora_r=args.lora_r,
+                         new_token_lr_mult=args.new_token_lr_mult,
                          full=args.full, num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker,
                          use_gpu=args.use_gpu, bf16=args.bf16, storage_path=args.storage_path, name=args.name,
                          max_steps=args.max_steps, batch_size=args.batch_size, max_length=args.max_length,

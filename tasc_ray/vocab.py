@@ -211,17 +211,30 @@ def _overlaps(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     return False
 
 
-def _round_trips(tokenizer: PreTrainedTokenizerBase, s: str) -> bool:
-    """Whether an added token with content s decodes back to s (the backend decoder sees its content)."""
+def _round_trips(tokenizer: PreTrainedTokenizerBase, s: str, probe: tuple[list[str], str] | None = None) -> bool:
+    """Whether an added token with content s decodes back to s, alone and between ordinary tokens.
+
+    The backend decoder sees an added token's content as its token string. Some decoders mangle it: a byte-level
+    decoder maps non-ASCII characters to wrong bytes, and a `Fuse` step (seen in GGUF-converted tokenizers)
+    merges neighbours into one string before the byte-level step, which then fails for the whole run.
+    `probe` is (token strings, their decoded text) of ordinary tokens to put on both sides."""
     if not s or "\ufffd" in s:
-        return False
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
         return False
     backend = getattr(tokenizer, "backend_tokenizer", None)
     decoder = backend.decoder if backend is not None else None
-    return decoder is None or decoder.decode([s]) == s
+    if decoder is None:
+        return True
+    if decoder.decode([s]) != s:
+        return False
+    if probe is not None:
+        toks, text = probe
+        return decoder.decode([*toks, s, *toks]) == text + s + text
+    return True
+
+
+def _probe(tokenizer: PreTrainedTokenizerBase) -> tuple[list[str], str]:
+    ids = tokenizer(" a1", add_special_tokens=False)["input_ids"]
+    return tokenizer.convert_ids_to_tokens(ids), tokenizer.decode(ids, clean_up_tokenization_spaces=False)
 
 
 def enrich_tokenizer(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
@@ -240,6 +253,7 @@ def enrich_tokenizer(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
     joined = "\x00".join(train)
     special = _special_ids(tok)
     vocab = set(tok.get_vocab())
+    probe = _probe(tok)
     new_tokens: list[NewToken] = []
     iterations: list[IterationLog] = []
     before_train = count_tokens(tok, train)
@@ -258,7 +272,7 @@ def enrich_tokenizer(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
         dropped_invalid = 0
         for score, count, ids in raw:
             s = tok.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            if s in vocab or not _round_trips(tok, s):
+            if s in vocab or not _round_trips(tok, s, probe):
                 dropped_invalid += 1
                 continue
             entry = by_string.setdefault(s, [0, 0, ids])
