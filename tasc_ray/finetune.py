@@ -326,7 +326,7 @@ def run_training(cfg: dict[str, Any], session: Any) -> None:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss))
+            losses.append(loss.item())
             step += 1
         metrics = {"epoch": epoch + 1, "step": step, "loss": sum(losses) / max(1, len(losses)),
                    "epoch_seconds": time.perf_counter() - t0, "resumed_from_epoch": resumed_from}
