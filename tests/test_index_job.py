@@ -102,14 +102,15 @@ def test_s3_index_and_append(ray_cluster, s3_server, s3_bucket, outputs, tiny_to
     with fs.open(f"{s3_bucket}/new/b.parquet", "wb") as f:
         pq.write_table(pa.table({"text": outputs[200:]}), f)
     out = f"s3://{s3_bucket}/index"
-    first = index_corpus(f"s3://{s3_bucket}/corpus/", out, tiny_tokenizer, column="text", top_k=64)
+    first = index_corpus(f"s3://{s3_bucket}/corpus/", out, tiny_tokenizer, column="text", top_k=64, num_workers=1,
+                         num_reducers=2, batch_size=64)
     assert first["files"] == 2 and first["skipped_null"] == 1
     assert fs.exists(f"{s3_bucket}/index/manifest.json")
     assert_same_index(NgramIndex.load(out), NgramIndex.from_texts(outputs[:200], tiny_tokenizer, top_k=64))
 
     # Append in place: counts add, exactly, because no context of the first index was truncated at top_k=64.
     second = index_corpus(f"s3://{s3_bucket}/new/*.parquet", out, tiny_tokenizer, column="text", top_k=64,
-                          append_to=out)
+                          append_to=out, num_workers=1, num_reducers=3, batch_size=64)
     assert second["appended"] and second["append_exact"]
     appended = NgramIndex.load(out)
     assert_same_index(appended, NgramIndex.from_texts(outputs, tiny_tokenizer, top_k=64))
@@ -180,7 +181,7 @@ def test_corrupt_data_fails_cleanly_and_keeps_the_old_index(ray_cluster, outputs
     old = NgramIndex.from_texts(outputs[:50], tiny_tokenizer)
     old.save(str(out))
     with pytest.raises(IndexJobError, match="broken.parquet"):
-        index_corpus(str(corpus), str(out), tiny_tokenizer, num_workers=1)
+        index_corpus(str(corpus), str(out), tiny_tokenizer, num_workers=1, num_reducers=1)
     assert_same_index(NgramIndex.load(str(out)), old)  # nothing was written over the old index
 
 
@@ -209,7 +210,7 @@ def test_worker_death_is_retried_and_result_is_exact(ray_cluster, corpus_dir, ou
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the wrapper travels by value to the workers
     marker = tmp_path / "died"
     result = build_index_distributed(str(corpus_dir), DyingTokenizer(tiny_tokenizer, str(marker)), top_k=3,
-                                     batch_size=64)
+                                     batch_size=64, num_workers=1, num_reducers=1)
     assert marker.exists() and int(marker.read_text()) != os.getpid()  # a worker process really died
     assert result.summary["sequences"] == len(outputs) and result.summary["skipped_rows"] == 3
     assert_same_index(result.index, NgramIndex.from_texts(outputs, tiny_tokenizer, top_k=3))

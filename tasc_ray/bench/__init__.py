@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCH_MODULES: list[str] = ["tasc_ray.bench.spec", "tasc_ray.bench.ft", "tasc_ray.bench.serve"]
+BENCH_MODULES: list[str] = ["tasc_ray.bench.spec", "tasc_ray.bench.ft", "tasc_ray.bench.serve", "tasc_ray.bench.index"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

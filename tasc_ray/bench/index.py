@@ -1,0 +1,351 @@
+"""`tasc-ray bench index`: corpus indexing throughput, memory, index size and lookup latency.
+
+One run on one machine:
+
+1. builds a corpus of real task outputs (E2E `ref` and `mr` from both CSVs, WikiSQL canonical `sql`), counts its
+   tokens with the real tokenizer (smollm2-135m by default), and replicates it (shuffled) until it holds at least
+   `--target-tokens` tokens, written as `--files` parquet files; a second corpus at half that size shows how
+   memory depends on the corpus size;
+2. times, end to end (read parquet -> tokenise -> count -> shuffle/merge -> top-K -> save), the Ray Data job with
+   2 workers and with 1 worker on the big corpus, with 2 workers on the small one, and the in-process builder
+   (`NgramIndex.from_texts`, in a child process so that its peak memory is its own) on both;
+3. samples the resident memory (RSS) of the driver and of every Ray worker process of this cluster every 0.2 s;
+4. checks the distributed index equals the in-process one, and times `longest_matches` for batches of 8 contexts;
+5. writes `<out-dir>/index_<tag>.json` and `.md` with the exact command.
+
+Ray's start-up (`ray.init`) is timed separately and not part of the throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import csv
+import json
+import logging
+import os
+import platform
+import random
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+logger = logging.getLogger(__name__)
+
+DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "datasets"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("index", help="indexing throughput (Ray Data, 1 and 2 workers, in-process), memory, "
+                              "index size, lookup latency", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", default="smollm2-135m")
+    p.add_argument("--data-dir", default=str(DATA_DIR), help="folder with e2e/ and wikisql/")
+    p.add_argument("--target-tokens", type=int, default=5_000_000, help="tokens in the big corpus (at least)")
+    p.add_argument("--files", type=int, default=16, help="parquet files per corpus")
+    p.add_argument("--max-order", type=int, default=4)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8192)
+    p.add_argument("--num-cpus", type=float, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--work-dir", default=None, help="where corpora and indexes go (default: a temp dir)")
+    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--tag", default="e2e_wikisql")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=run)
+
+
+def corpus_texts(data_dir: Path) -> dict[str, list[str]]:
+    """E2E references and MRs (devset + test set) and WikiSQL canonical SQL, as output texts."""
+    out: dict[str, list[str]] = {"e2e_ref": [], "e2e_mr": [], "wikisql_sql": []}
+    for name in ("devset.csv", "testset_w_refs.csv"):
+        with open(data_dir / "e2e" / name, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                out["e2e_ref"].append(row["ref"])
+                out["e2e_mr"].append(row["mr"])
+    with bz2.open(data_dir / "wikisql" / "wikisql.json.bz2", "rt", encoding="utf-8") as f:
+        for entry in json.load(f):
+            out["wikisql_sql"].extend(s for s in entry["sql"] if isinstance(s, str))
+    return out
+
+
+def write_corpus(texts: list[str], copies: int, files: int, root: Path, seed: int) -> list[str]:
+    rows = texts * copies
+    random.Random(seed).shuffle(rows)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(files):
+        path = root / f"part-{i:03d}.parquet"
+        pq.write_table(pa.table({"output": rows[i::files]}), path)
+        paths.append(str(path))
+    return paths
+
+
+class MemorySampler:
+    """Peak RSS of this process and of every Ray worker process below it (this script's own local cluster)."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval, self.me = interval, psutil.Process()
+        self.driver_peak = 0
+        self.worker_peaks: dict[int, tuple[str, int]] = {}
+        self.workers_total_peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.driver_peak = max(self.driver_peak, self.me.memory_info().rss)
+                total = 0
+                for child in self.me.children(recursive=True):
+                    try:
+                        title = " ".join(child.cmdline()[:1])
+                        if not title.startswith("ray::"):
+                            continue
+                        rss = child.memory_info().rss
+                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        continue
+                    total += rss
+                    name, peak = self.worker_peaks.get(child.pid, (title, 0))
+                    self.worker_peaks[child.pid] = (title if "IDLE" not in title else name, max(peak, rss))
+                self.workers_total_peak = max(self.workers_total_peak, total)
+            except psutil.Error:
+                pass
+            self._stop.wait(self.interval)
+
+    def summary(self) -> dict[str, Any]:
+        def peak(word: str) -> int:
+            return max((rss for title, rss in self.worker_peaks.values() if word in title), default=0)
+
+        return {"driver_peak_rss_mb": self.driver_peak / 2**20, "map_worker_peak_rss_mb": peak("CountBatch") / 2**20,
+                "reducer_peak_rss_mb": peak("Reducer") / 2**20,
+                "all_ray_workers_peak_total_rss_mb": self.workers_total_peak / 2**20}
+
+
+IN_PROCESS = r"""
+import json, resource, sys, time
+import pyarrow.parquet as pq
+from tasc_ray.models import load_tokenizer
+from tasc_ray.ngram_index import NgramIndex
+tok = load_tokenizer(sys.argv[1])
+files, out, max_order, top_k = json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+texts = [t for f in files for t in pq.read_table(f, columns=["output"]).column("output").to_pylist()
+         if isinstance(t, str) and t.strip()]
+index = NgramIndex.from_texts(texts, tok, max_order=max_order, top_k=top_k)
+index.save(out)
+seconds = time.perf_counter() - t0
+print(json.dumps({"seconds": seconds, "tokens": index.n_tokens, "peak_rss_mb": resource.getrusage(
+    resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_build_mb": base / 1024}))
+"""
+
+
+def in_process(tokenizer: str, files: list[str], out: str, max_order: int, top_k: int) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-c", IN_PROCESS, tokenizer, json.dumps(files), out, str(max_order),
+                           str(top_k)], capture_output=True, text=True, check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["tokens_per_s"] = result["tokens"] / result["seconds"]
+    return result
+
+
+def baseline_worker_rss_mb() -> float:
+    """RSS of a fresh Python that imports what a worker imports (tasc_ray + transformers), for reference."""
+    code = ("import resource, tasc_ray.distributed_index, transformers; "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def lookup_latency(index: Any, sequences: list[np.ndarray], rng: random.Random, batches: int = 300) -> dict:
+    """Latency of one `longest_matches` call for 8 histories (random prefixes of corpus outputs)."""
+    width = index.max_order - 1
+    pool = [s for s in sequences if len(s) > width + 1]
+    histories = []
+    for _ in range(batches):
+        batch = []
+        for _ in range(8):
+            s = rng.choice(pool)
+            end = rng.randrange(width, len(s))
+            batch.append(s[max(0, end - 32):end].tolist())
+        histories.append(batch)
+    index.longest_matches(histories[0])  # warm up
+    times = []
+    for batch in histories:
+        t0 = time.perf_counter()
+        index.longest_matches(batch)
+        times.append(time.perf_counter() - t0)
+    arr = np.array(times) * 1e6
+    return {"batch": 8, "calls": batches, "median_us": float(np.median(arr)), "p99_us": float(np.percentile(arr, 99)),
+            "mean_us": float(arr.mean())}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+
+    from tasc_ray.distributed_index import ensure_ray, index_corpus
+    from tasc_ray.index_commands import index_stats
+    from tasc_ray.models import load_tokenizer
+    from tasc_ray.ngram_index import NgramIndex, tokenize_texts
+
+    command = "tasc-ray " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-index-"))
+    load_start = os.getloadavg()
+    tokenizer = load_tokenizer(args.tokenizer)
+    sources = corpus_texts(Path(args.data_dir))
+    texts = [t for rows in sources.values() for t in rows if t.strip()]
+    t0 = time.perf_counter()
+    ids = tokenize_texts(texts, tokenizer)
+    base_tokens = int(sum(len(s) for s in ids))
+    logger.info("base corpus: %d outputs, %d tokens (tokenised in %.1f s)", len(texts), base_tokens,
+                time.perf_counter() - t0)
+    big_copies = max(1, -(-args.target_tokens // base_tokens))
+    small_copies = max(1, big_copies // 2)
+    corpora = {
+        "big": write_corpus(texts, big_copies, args.files, work / "corpus-big", args.seed),
+        "small": write_corpus(texts, small_copies, args.files, work / "corpus-small", args.seed),
+    }
+    copies = {"big": big_copies, "small": small_copies}
+
+    t0 = time.perf_counter()
+    ensure_ray(args.num_cpus)
+    ray_init_s = time.perf_counter() - t0
+    runs: list[dict[str, Any]] = []
+    common = {"max_order": args.max_order, "top_k": args.top_k, "batch_size": args.batch_size}
+    try:
+        for corpus, workers in (("big", 2), ("big", 1), ("small", 2)):
+            out = str(work / f"index-ray-{corpus}-{workers}w")
+            with MemorySampler() as mem:
+                t0 = time.perf_counter()
+                summary = index_corpus(corpora[corpus], out, tokenizer, num_workers=workers, **common)
+                wall = time.perf_counter() - t0
+            row = {"builder": "ray_data", "workers": workers, "corpus": corpus, "copies": copies[corpus],
+                   "tokens": summary["tokens"], "sequences": summary["sequences"], "seconds": wall,
+                   "tokens_per_s": summary["tokens"] / wall, "map_seconds": summary["map_seconds"],
+                   "reduce_seconds": summary["reduce_seconds"], "save_seconds": summary["save_seconds"],
+                   "count_blocks": summary["count_blocks"], "full_count_rows": summary["full_count_rows"],
+                   "index_memory_mb": summary["memory_bytes"] / 2**20, **mem.summary()}
+            logger.info("%s", row)
+            runs.append(row)
+    finally:
+        ray.shutdown()
+    for corpus in ("big", "small"):
+        out = str(work / f"index-inproc-{corpus}")
+        r = in_process(args.tokenizer, corpora[corpus], out, args.max_order, args.top_k)
+        row = {"builder": "in_process", "workers": 1, "corpus": corpus, "copies": copies[corpus], **r}
+        logger.info("%s", row)
+        runs.append(row)
+
+    big_ray = NgramIndex.load(str(work / "index-ray-big-2w"))
+    big_inproc = NgramIndex.load(str(work / "index-inproc-big"))
+    identical = all(
+        np.array_equal(getattr(big_ray.tables[m], a), getattr(big_inproc.tables[m], a))
+        for m in big_ray.orders for a in ("hashes", "totals", "offsets", "next_tokens", "counts")
+    ) and big_ray.stats() == big_inproc.stats()
+    stats = index_stats(str(work / "index-ray-big-2w"))
+    latency = lookup_latency(big_ray, ids, random.Random(args.seed))
+    by = {(r["builder"], r["corpus"], r["workers"]): r for r in runs}
+    two, one = by[("ray_data", "big", 2)], by[("ray_data", "big", 1)]
+    inproc = by[("in_process", "big", 1)]
+    small2 = by[("ray_data", "small", 2)]
+    targets = {
+        "throughput_2_workers_tokens_per_s": two["tokens_per_s"],
+        "throughput_target_300k_met": two["tokens_per_s"] >= 300_000,
+        "scaling_1_to_2_workers": two["tokens_per_s"] / one["tokens_per_s"],
+        "scaling_target_1_5x_met": two["tokens_per_s"] / one["tokens_per_s"] >= 1.5,
+        "ray_vs_in_process": two["tokens_per_s"] / inproc["tokens_per_s"],
+        "reducer_peak_rss_mb_small_vs_big": [small2["reducer_peak_rss_mb"], two["reducer_peak_rss_mb"]],
+        "map_worker_peak_rss_mb_small_vs_big": [small2["map_worker_peak_rss_mb"], two["map_worker_peak_rss_mb"]],
+        "in_process_peak_rss_mb_small_vs_big": [by[("in_process", "small", 1)]["peak_rss_mb"], inproc["peak_rss_mb"]],
+    }
+    result = {
+        "benchmark": "index", "tag": args.tag, "command": command, "created_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+                    "memory_gb": psutil.virtual_memory().total / 2**30, "load_avg_start": load_start,
+                    "load_avg_end": os.getloadavg(),
+                    "note": "CPU shared with other engineers' jobs during the run (see load averages)"},
+        "tokenizer": args.tokenizer, "sources": {k: len(v) for k, v in sources.items()},
+        "base_outputs": len(texts), "base_tokens": base_tokens, "files_per_corpus": args.files,
+        "max_order": args.max_order, "top_k": args.top_k, "batch_size": args.batch_size,
+        "ray_init_seconds": ray_init_s, "baseline_worker_import_rss_mb": baseline_worker_rss_mb(),
+        "runs": runs, "distributed_equals_in_process": bool(identical), "index": stats, "lookup_latency": latency,
+        "targets": targets,
+    }
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"index_{args.tag}.json").write_text(json.dumps(result, indent=2, default=str))
+    (out_dir / f"index_{args.tag}.md").write_text(markdown(result))
+    logger.info("wrote %s", out_dir / f"index_{args.tag}.md")
+    return result
+
+
+def markdown(r: dict[str, Any]) -> str:
+    t = r["targets"]
+    lines = [
+        f"# Corpus indexing benchmark ({r['tag']})", "",
+        f"Command: `{r['command']}`", "",
+        f"Machine: {r['machine']['cpus']} CPUs, {r['machine']['memory_gb']:.0f} GB, {r['machine']['platform']}. "
+        f"**The CPU was shared with other engineers' work during the run** (load average "
+        f"{r['machine']['load_avg_start'][0]:.1f} at the start, {r['machine']['load_avg_end'][0]:.1f} at the end, "
+        f"on {r['machine']['cpus']} cores), so absolute numbers are pessimistic and noisy.", "",
+        f"Corpus: {r['base_outputs']} real outputs (E2E ref + mr, WikiSQL sql; {r['base_tokens']} tokens with "
+        f"{r['tokenizer']}), replicated and shuffled into {r['files_per_corpus']} parquet files. max_order "
+        f"{r['max_order']}, top_k {r['top_k']}. Times are end to end (list + read parquet, tokenise, count, "
+        f"shuffle and merge, top-K, save); `ray.init` ({r['ray_init_seconds']:.1f} s) is not included.", "",
+        "| builder | workers | corpus tokens | seconds | tokens/s | driver peak RSS MB | map worker peak RSS MB "
+        "| reducer peak RSS MB | all Ray workers peak MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in r["runs"]:
+        if run["builder"] == "ray_data":
+            lines.append(f"| Ray Data | {run['workers']} | {run['tokens']:,} | {run['seconds']:.1f} | "
+                         f"{run['tokens_per_s']:,.0f} | {run['driver_peak_rss_mb']:.0f} | "
+                         f"{run['map_worker_peak_rss_mb']:.0f} | {run['reducer_peak_rss_mb']:.0f} | "
+                         f"{run['all_ray_workers_peak_total_rss_mb']:.0f} |")
+        else:
+            lines.append(f"| in-process | 1 | {run['tokens']:,} | {run['seconds']:.1f} | {run['tokens_per_s']:,.0f} "
+                         f"| {run['peak_rss_mb']:.0f} (whole builder) | - | - | - |")
+    ix = r["index"]
+    lat = r["lookup_latency"]
+    lines += [
+        "",
+        f"A fresh Python that imports what a worker imports (tasc_ray, which pulls in torch, and transformers) "
+        f"already has {r['baseline_worker_import_rss_mb']:.0f} MB resident; worker RSS also counts the object-store "
+        "pages it maps.", "",
+        f"Distributed index identical to the in-process one (every array, stats): "
+        f"**{r['distributed_equals_in_process']}**.", "",
+        f"Index (big corpus): {ix['contexts']:,} contexts, {ix['memory_bytes'] / 2**20:.1f} MB in memory, "
+        f"{ix['disk_bytes'] / 2**20:.1f} MB on disk ({ix['memory_bytes_per_million_contexts'] / 2**20:.1f} MB per "
+        f"million contexts), H2 = {ix['h2_bits']:.3f} bits over {ix['distinct_tokens']} distinct tokens.", "",
+        f"Lookup latency (`longest_matches`, batch of {lat['batch']} contexts, {lat['calls']} calls): median "
+        f"{lat['median_us']:.0f} us, p99 {lat['p99_us']:.0f} us.", "",
+        "## Targets", "",
+        f"- >= 300k corpus tokens/s end to end with 2 workers: **{t['throughput_2_workers_tokens_per_s']:,.0f}** "
+        f"({'met' if t['throughput_target_300k_met'] else 'MISSED'})",
+        f"- >= 1.5x from 1 to 2 workers: **{t['scaling_1_to_2_workers']:.2f}x** "
+        f"({'met' if t['scaling_target_1_5x_met'] else 'MISSED'})",
+        f"- Ray Data (2 workers) vs in-process builder: {t['ray_vs_in_process']:.2f}x",
+        f"- peak memory vs corpus size (small -> big corpus): reducer {t['reducer_peak_rss_mb_small_vs_big'][0]:.0f}"
+        f" -> {t['reducer_peak_rss_mb_small_vs_big'][1]:.0f} MB, map worker "
+        f"{t['map_worker_peak_rss_mb_small_vs_big'][0]:.0f} -> {t['map_worker_peak_rss_mb_small_vs_big'][1]:.0f} "
+        f"MB; in-process builder {t['in_process_peak_rss_mb_small_vs_big'][0]:.0f} -> "
+        f"{t['in_process_peak_rss_mb_small_vs_big'][1]:.0f} MB",
+        "",
+    ]
+    return "\n".join(lines)
