@@ -280,3 +280,14 @@ def test_bench_quality_metrics():
     r = finalize({"direction": "text2mr", "runs": runs, "compression": {"reduction_enriched": 0.5, "new_tokens": 300}})
     assert r["targets"]["decode_speedup>=1.3x"] == {"value": 2.0, "met": True}
     assert r["targets"]["slot_f1_within_2_points"]["met"] is False
+
+
+def test_job_entry_point(tmp_path, enriched_dir):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "jobs" / "finetune.py"), "--model", str(enriched_dir),
+                           "--train", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and "training file not found" in proc.stderr and not (tmp_path / "out").exists()
