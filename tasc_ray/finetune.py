@@ -407,6 +407,25 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     return summary
 
 
+def _storage_filesystem(storage: str) -> tuple[Any, str]:
+    """(pyarrow filesystem or None, path) for RunConfig. For s3:// with AWS_ENDPOINT_URL set in this process (an S3
+    compatible store, e.g. MinIO), the endpoint and credentials are passed explicitly: Ray Train's controller
+    actor runs in the cluster's environment, which need not carry this process's variables."""
+    env = os.environ
+    if not storage.startswith("s3://") or not env.get("AWS_ENDPOINT_URL"):
+        return None, storage
+    import pyarrow.fs as pafs
+
+    kwargs: dict[str, Any] = {"endpoint_override": env["AWS_ENDPOINT_URL"],
+                              "region": env.get("AWS_DEFAULT_REGION", env.get("AWS_REGION", "us-east-1"))}
+    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        kwargs.update(access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env["AWS_SECRET_ACCESS_KEY"],
+                      session_token=env.get("AWS_SESSION_TOKEN"))
+    if env["AWS_ENDPOINT_URL"].startswith("http://"):
+        kwargs["scheme"] = "http"
+    return pafs.S3FileSystem(**kwargs), storage[len("s3://"):]
+
+
 def _fit_ray(cfg: FinetuneConfig, loop_cfg: dict[str, Any], storage: str,
              name: str) -> tuple[dict[str, Any], str, dict[str, Any], bool, str]:
     import ray
@@ -416,11 +435,12 @@ def _fit_ray(cfg: FinetuneConfig, loop_cfg: dict[str, Any], storage: str,
     ensure_ray()
     use_gpu, backend = select_gpu(cfg.use_gpu, ray.cluster_resources().get("GPU", 0.0) if cfg.use_gpu else None)
     cpus = cfg.cpus_per_worker or max(1.0, math.floor(ray.available_resources().get("CPU", 1.0) / cfg.num_workers))
+    storage_fs, storage_path = _storage_filesystem(storage)
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_cfg, torch_config=TorchConfig(backend=backend),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": cpus}),
-        run_config=RunConfig(name=name, storage_path=storage,
+        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )

@@ -291,3 +291,15 @@ def test_job_entry_point(tmp_path, enriched_dir):
                            "--train", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and "training file not found" in proc.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_ray_train_checkpoints_to_s3(ray_cluster, s3_bucket, tmp_path, enriched_dir, train_file):
+    """--storage-path s3://...: checkpoints go to S3 (moto over HTTP) and the final state is read back from it."""
+    import s3fs
+
+    summary = finetune(FinetuneConfig(model=str(enriched_dir), train=str(train_file), out=str(tmp_path / "ft"),
+                                      epochs=1, batch_size=8, storage_path=f"s3://{s3_bucket}/runs", name="s3"))
+    assert summary["storage_path"] == f"s3://{s3_bucket}/runs" and (tmp_path / "ft" / "config.json").is_file()
+    fs = s3fs.S3FileSystem()
+    assert any(p.split("/")[-1].startswith("checkpoint_") for p in fs.ls(f"{s3_bucket}/runs/s3", detail=False))
