@@ -59,9 +59,11 @@ def test_cli_index_matches_in_process_builder(ray_cluster, corpus_dir, outputs, 
                                               tmp_path, capsys):
     out = tmp_path / "idx"
     # top_k=2 truncates many contexts: the cut must match the in-process builder's too.
-    assert main(["index", "--input", str(corpus_dir / "*.parquet"), "--column", "output", "--tokenizer",
-                 str(tiny_model_dir), "--out", str(out), "--top-k", "2", "--batch-size", "64", "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    rc = main(["index", "--input", str(corpus_dir / "*.parquet"), "--column", "output", "--tokenizer",
+               str(tiny_model_dir), "--out", str(out), "--top-k", "2", "--batch-size", "64", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err[-3000:]
+    summary = json.loads(captured.out)
     assert summary["files"] == 3 and summary["rows"] == len(outputs) + 3
     assert (summary["skipped_null"], summary["skipped_empty"], summary["skipped_rows"]) == (1, 2, 3)
     assert summary["sequences"] == len(outputs) and summary["count_blocks"] >= 2
