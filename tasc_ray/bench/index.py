@@ -325,7 +325,7 @@ def markdown(r: dict[str, Any]) -> str:
     lat = r["lookup_latency"]
     lines += [
         "",
-        f"A fresh Python that imports what a worker imports (tasc_ray, which pulls in torch, and transformers) "
+        f"A fresh Python that imports what a worker imports (tasc_ray.distributed_index and transformers) "
         f"already has {r['baseline_worker_import_rss_mb']:.0f} MB resident; worker RSS also counts the object-store "
         "pages it maps.", "",
         f"Distributed index identical to the in-process one (every array, stats): "
@@ -357,9 +357,9 @@ def markdown(r: dict[str, Any]) -> str:
             f"{load['cpus']} cores; the runs measure contention as much as the job (compare the two in-process "
             "runs, same code minutes apart).",
             "- Fixed costs dominate a few-million-token job on 2 cores: Ray Data's listing, read and repartition "
-            "tasks plus one process per count actor and reducer, each importing the tasc_ray package (which "
-            "imports torch through tasc_ray/__init__.py); more workers means more processes to start on the same "
-            "cores, which is why 2 workers can be slower than 1 here.",
+            "tasks plus one process per count actor and reducer, each importing tasc_ray and its dependencies "
+            f"(a fresh Python with the same imports: {r['baseline_worker_import_rss_mb']:.0f} MB RSS); more workers "
+            "means more processes to start on the same cores, which is why 2 workers can be slower than 1 here.",
             "- Per-batch work on an idle core is about 1 s per 8,192 rows (~337k tokens: tokenise ~0.63 s, count "
             "~0.34 s, measured separately), so the compute itself allows ~300k tokens/s per worker; rerun on a "
             "quiet machine before quoting throughput or scaling.",
