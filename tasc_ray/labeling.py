@@ -342,7 +342,9 @@ def label_parquet(
                                    "sampling": sampling, "num_threads": num_threads})
         staging = f"{out_path}/{STAGING}/{run_id}"
         t0 = time.perf_counter()
-        ds.write_parquet(staging, filesystem=out_fs)
+        # Writes are I/O: a small CPU share lets them run while the actors hold the cluster's CPUs, so finished parts
+        # land (and survive an interruption) as they come rather than when the pool lets go.
+        ds.write_parquet(staging, filesystem=out_fs, ray_remote_args={"num_cpus": 0.1})
         label_s = time.perf_counter() - t0
         before = set(committed_parts(out_fs, out_path))
         promote_staging(out_fs, out_path)
