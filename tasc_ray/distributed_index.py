@@ -47,6 +47,7 @@ from tasc_ray.ngram_index import (
     _sum_by_key,
     _tokenizer_meta,
 )
+from tasc_ray.ray_runtime import ensure_ray  # noqa: F401  (re-exported for callers)
 
 logger = logging.getLogger(__name__)
 
@@ -250,23 +251,6 @@ def read_text_column(inputs: str | Sequence[str], column: str, storage_options: 
 # ----------------------------------------------------------------------------------------------------------------
 # Ray: the cluster, the map actors and the reducers
 # ----------------------------------------------------------------------------------------------------------------
-
-def ensure_ray(num_cpus: float | None = None) -> bool:
-    """Connect to RAY_ADDRESS when set, else start a local Ray sized for this machine. True if started here."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    env_vars = {"TOKENIZERS_PARALLELISM": "false"}
-    if os.environ.get("RAY_ADDRESS"):
-        logger.info("connecting to the Ray cluster at %s", os.environ["RAY_ADDRESS"])
-        ray.init(runtime_env={"env_vars": env_vars}, log_to_driver=False)
-    else:
-        cpus = num_cpus or os.cpu_count() or 2
-        logger.info("starting a local Ray with %s CPUs", cpus)
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env_vars})
-    return True
-
 
 def _count_rows_table(counts: NgramCounts, stats: dict[str, int]) -> pa.Table:
     """Flatten NgramCounts (and the stats rows) to the shuffle's row format: order, key, next, count."""

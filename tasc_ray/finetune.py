@@ -123,19 +123,6 @@ def select_gpu(use_gpu: bool, cluster_gpus: float | None = None) -> tuple[bool, 
     return True, "nccl"
 
 
-def ensure_ray() -> None:
-    """Connect to RAY_ADDRESS when set, else start a local Ray sized for this machine (no-op if connected)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=env)
-    else:
-        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False, runtime_env=env)
-
-
 def new_token_ids(tokenizer: Any) -> list[int]:
     """Ids of the tokenizer's added, non-special tokens (the TASC-ft vocabulary)."""
     return sorted(int(i) for i, t in tokenizer.added_tokens_decoder.items() if not t.special)
@@ -431,6 +418,8 @@ def _fit_ray(cfg: FinetuneConfig, loop_cfg: dict[str, Any], storage: str,
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from tasc_ray.ray_runtime import ensure_ray
 
     ensure_ray()
     use_gpu, backend = select_gpu(cfg.use_gpu, ray.cluster_resources().get("GPU", 0.0) if cfg.use_gpu else None)

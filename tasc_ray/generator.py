@@ -335,19 +335,29 @@ class SpeculativeGenerator:
 
     def _check_stop_strings(self, row: _Row, start: int, stops: list[str]) -> None:
         """Cut the row after the first token that completes a stop string; remember where the text ends."""
-        for end in range(start + 1, len(row.generated) + 1):
-            text = self.tokenizer.decode(row.generated[:end], skip_special_tokens=True)
-            hits = [text.find(s) for s in stops if s and s in text]
-            if hits:
-                del row.generated[end:]
-                row.finish_reason, row.stop_text_end = "stop", min(hits)
-                return
+        cut = find_stop(self.tokenizer, row.generated, stops, start)
+        if cut is not None:
+            del row.generated[cut[0]:]
+            row.finish_reason, row.stop_text_end = "stop", cut[1]
 
     def _result(self, row: _Row) -> GenerationResult:
         text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
         if row.stop_text_end is not None:
             text = text[:row.stop_text_end]
         return GenerationResult(text, row.generated, row.prompt_len, row.finish_reason or "length", row.stats)
+
+
+def find_stop(tokenizer: PreTrainedTokenizerBase, token_ids: Sequence[int], stops: Sequence[str],
+              start: int = 0) -> tuple[int, int] | None:
+    """(tokens up to the one completing the first stop string, where that string starts in the text), or None.
+
+    Only cuts ending after token `start` are looked for (the earlier tokens were checked before)."""
+    for end in range(start + 1, len(token_ids) + 1):
+        text = tokenizer.decode(token_ids[:end], skip_special_tokens=True)
+        hits = [text.find(s) for s in stops if s and s in text]
+        if hits:
+            return end, min(hits)
+    return None
 
 
 def _select_rows(cache: DynamicCache, rows: torch.Tensor) -> None:

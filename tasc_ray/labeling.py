@@ -32,6 +32,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from tasc_ray.engine import EngineConfig
+from tasc_ray.ray_runtime import ensure_ray  # noqa: F401  (re-exported for callers)
 
 logger = logging.getLogger(__name__)
 
@@ -72,19 +73,6 @@ def resolve_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
         return pafs.FileSystem.from_uri(path)
     local = path[len("file://"):] if path.startswith("file://") else path
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(local))
-
-
-def ensure_ray(num_cpus: int | None = 2) -> None:
-    """Connect to RAY_ADDRESS when set (a cluster or `ray job submit`), else start a local Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
 
 
 def template_columns(template: str) -> list[str]:

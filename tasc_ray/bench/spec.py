@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from tasc_ray.cli import add_model_argument
 from tasc_ray.drafter import DEFAULT_LAMBDA, DEFAULT_MAX_DRAFT, DEFAULT_MIN_PATH_PROB, Drafter, DrafterConfig, DraftMode
-from tasc_ray.generator import GenerationResult, SamplingParams, SpeculativeGenerator
+from tasc_ray.generator import GenerationResult, SamplingParams, SpeculativeGenerator, find_stop
 from tasc_ray.models import load_model
 from tasc_ray.ngram_index import DEFAULT_MAX_ORDER, NgramIndex, tokenizer_fingerprint
 from tasc_ray.tasks import BUILTIN_TASKS, Task, load_task, load_task_file
@@ -160,7 +160,10 @@ def measure_engine(generator: SpeculativeGenerator, prompts: list[str], params: 
 
 @torch.inference_mode()
 def measure_hf_lookup(model, tokenizer, prompts: list[str], params: SamplingParams) -> Measured:
-    """transformers' prompt lookup decoding, one prompt at a time (it supports batch 1 only)."""
+    """transformers' prompt lookup decoding, one prompt at a time (it supports batch 1 only).
+
+    transformers checks stop strings after each assisted step, so its output can run a few accepted tokens past
+    the stop string: the output is cut where our engine cuts it (the time spent past it still counts)."""
     token_ids = []
     t0 = time.perf_counter()
     for prompt in prompts:
@@ -168,7 +171,9 @@ def measure_hf_lookup(model, tokenizer, prompts: list[str], params: SamplingPara
         out = model.generate(**enc, max_new_tokens=params.max_new_tokens, do_sample=False,
                              prompt_lookup_num_tokens=HF_LOOKUP_TOKENS, stop_strings=params.stop or None,
                              tokenizer=tokenizer)
-        token_ids.append(out[0, enc["input_ids"].shape[1]:].tolist())
+        ids = out[0, enc["input_ids"].shape[1]:].tolist()
+        cut = find_stop(tokenizer, ids, params.stop)
+        token_ids.append(ids[:cut[0]] if cut else ids)
     return Measured(None, token_ids, time.perf_counter() - t0)
 
 
