@@ -4,7 +4,7 @@ The pipeline, for a corpus of logged outputs in many parquet files:
 
 1. `ray.data.read_parquet` of the one text column (column projection), local paths, directories and globs, or
    `s3://` through s3fs (endpoint, region and credentials from the standard AWS environment or options);
-2. per block, in an actor pool of `num_workers` actors with fractional CPUs: tokenise (the tokenizer object is
+2. per block, in an actor pool of `num_workers` actors with fractional CPUs: tokenise (the tokenizer is
    shipped once per actor) and count with `NgramCounts.from_sequences` (vectorised, pre-aggregated per block);
 3. a hash-partitioned shuffle by context hash: each count block goes to `num_reducers` reducer actors, each
    keeping the rows whose `hash % num_reducers` is its own and summing them (periodic compaction, so its memory
@@ -270,18 +270,34 @@ def _count_rows_table(counts: NgramCounts, stats: dict[str, int]) -> pa.Table:
 
 
 class CountBatch:
-    """Ray Data map_batches UDF (one per actor): tokenise a block's texts and count its n-grams."""
+    """Ray Data map_batches UDF (one per actor): tokenise a block's texts and count its n-grams.
+
+    A fast tokenizer travels as its `tokenizers` JSON and is rebuilt with the Rust library alone, so an actor
+    starts without importing transformers; the ids are the same (the wrapper calls the same `encode_batch`)."""
 
     def __init__(self, tokenizer: Any, column: str, max_order: int) -> None:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker; scale with workers
-        self.tokenizer, self.column, self.max_order = tokenizer, column, max_order
+        if isinstance(tokenizer, str):
+            from tokenizers import Tokenizer
+
+            backend = Tokenizer.from_str(tokenizer)
+            self.encode = lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+        else:
+            self.encode = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
+        self.column, self.max_order = column, max_order
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts, stats = split_texts(batch.column(self.column))
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        ids = self.encode(texts) if texts else []
         counts = NgramCounts.from_sequences(ids, self.max_order)
         stats.update(sequences=counts.n_sequences, tokens=counts.n_tokens)
         return _count_rows_table(counts, stats)
+
+
+def portable_tokenizer(tokenizer: Any) -> Any:
+    """What CountBatch gets: the Rust tokenizer's JSON for a fast tokenizer, else the tokenizer object itself."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend.to_str() if backend is not None else tokenizer
 
 
 class Reducer:
@@ -473,8 +489,8 @@ def build_index_distributed(
     # barrier, no shuffle) cuts them into batch-sized blocks that spread over the actor pool.
     ds = ray.data.read_parquet(read_paths, filesystem=_pyarrow_filesystem(fs, remote), num_cpus=DEFAULT_READ_CPUS)
     ds = ds.select_columns([column]).repartition(target_num_rows_per_block=batch_size)
-    counted = ds.map_batches(CountBatch, fn_constructor_kwargs={"tokenizer": tokenizer, "column": column,
-                                                                 "max_order": max_order},
+    udf_args = {"tokenizer": portable_tokenizer(tokenizer), "column": column, "max_order": max_order}
+    counted = ds.map_batches(CountBatch, fn_constructor_kwargs=udf_args,
                              batch_size=batch_size, batch_format="pyarrow",
                              compute=ray.data.ActorPoolStrategy(size=num_workers), num_cpus=cpus_per_worker)
     reducer_cls = ray.remote(Reducer)
@@ -484,10 +500,12 @@ def build_index_distributed(
     if append_to is not None:
         split = {m: _partition_table(append_to.tables[m], num_reducers) for m in append_to.orders}
         base_parts = [{m: split[m][p] for m in split} for p in range(num_reducers)]
-    blocks = 0
+    blocks, first_block_seconds = 0, None
     try:
         pending: list[Any] = []
         for bundle in counted.iter_internal_ref_bundles():
+            if first_block_seconds is None:  # start-up: planning, listing, reading, starting the actors
+                first_block_seconds = time.perf_counter() - t0
             for ref in bundle.block_refs:
                 pending.extend(r.add.remote(ref) for r in reducers)
                 blocks += 1
@@ -534,6 +552,7 @@ def build_index_distributed(
         "skipped_rows": skipped, "skipped_null": stats["skipped_null"], "skipped_empty": stats["skipped_empty"],
         "skipped_non_string": stats["skipped_non_string"], "num_workers": num_workers,
         "num_reducers": num_reducers, "count_blocks": blocks, "seconds": elapsed, "map_seconds": map_seconds,
+        "first_block_seconds": first_block_seconds,
         "reduce_seconds": reduce_seconds, "tokens_per_s": stats["tokens"] / elapsed if elapsed else 0.0,
         "full_count_rows": sum(res["full_rows"] for res in results),
         "reducer_maxrss_bytes": [res["maxrss_bytes"] for res in results],

@@ -205,6 +205,8 @@ class DyingTokenizer:
     def __getattr__(self, name):
         if name in ("tokenizer", "marker") or name.startswith("__"):  # unpickling looks these up before __dict__
             raise AttributeError(name)
+        if name == "backend_tokenizer":  # so the job ships this object, not the Rust tokenizer inside it
+            raise AttributeError(name)
         return getattr(self.tokenizer, name)
 
 
