@@ -3,7 +3,9 @@
 Each step runs one forward pass over every row's pending token plus its draft, with per-row position ids and
 an explicit 4D attention mask. A row accepts the longest draft prefix the target agrees with, plus the
 target's own next token; the cache slots of rejected draft tokens are masked out (never recomputed) and
-compacted away when they pile up. Finished rows leave the batch.
+compacted away when they pile up. Finished rows leave the batch. A prompt prefix shared by the whole batch
+(a few-shot template, a system prompt) is prefilled once at batch 1, and its keys and values serve every row
+and later batches that share it.
 
 Greedy decoding emits exactly what plain greedy decoding emits. Sampling is exact too: the draft is a point
 mass, so sampling x ~ p at each position and accepting the draft token iff x equals it (else emitting x and
@@ -116,6 +118,8 @@ class EngineTimings:
     verify_s: float = 0.0
     generate_s: float = 0.0
     steps: int = 0  # batched forward passes after prefill
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens served from the shared-prefix cache instead of prefilled
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,6 +136,17 @@ class GenerationResult:
     @property
     def new_tokens(self) -> int:
         return len(self.token_ids)
+
+
+@dataclass
+class _PrefixKV:
+    """Keys and values of a prompt prefix for every layer, computed once at batch 1."""
+
+    tokens: tuple[int, ...]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+
+    def cut(self, n: int) -> _PrefixKV:
+        return _PrefixKV(self.tokens[:n], [(k[:, :, :n], v[:, :, :n]) for k, v in self.layers])
 
 
 @dataclass
@@ -156,9 +171,13 @@ class SpeculativeGenerator:
         drafter: Drafter | None = None,
         max_batch_size: int = 8,
         compact_waste: float = 0.5,
+        prefix_cache_min_tokens: int = 16,
     ) -> None:
+        """`prefix_cache_min_tokens`: the shortest shared prompt prefix worth caching (0 turns the cache off)."""
         self.model, self.tokenizer, self.drafter = model, tokenizer, drafter
         self.max_batch_size, self.compact_waste = max_batch_size, compact_waste
+        self.prefix_cache_min_tokens = prefix_cache_min_tokens
+        self._prefix: _PrefixKV | None = None
         if drafter is not None and drafter.index is not None:
             drafter.index.check_tokenizer(tokenizer)
         eos = model.generation_config.eos_token_id
@@ -168,7 +187,9 @@ class SpeculativeGenerator:
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
         self.timings = EngineTimings()
         self.step_cost = StepCostModel()
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        forward_params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
+        self._can_keep_last = "logits_to_keep" in forward_params
 
     # ----- public API -----
     def encode(self, prompt: Prompt) -> list[int]:
@@ -220,15 +241,25 @@ class SpeculativeGenerator:
         warpers = self._warpers(params)
         device = self.model.device
 
-        # Prefill: left-padded prompts; the first new token comes from the last position's logits.
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=device)
-        valid = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device, dtype=torch.bool)
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        # Prefill: the shared prefix's cached keys and values, then the left-padded rest of each prompt;
+        # the first new token comes from the last position's logits.
         cache = DynamicCache(config=self.model.config)
-        logits = self._forward(ids, valid, positions, cache)[:, -1:]
+        prefix = self._shared_prefix(prompts)
+        n_prefix = len(prefix.tokens) if prefix is not None else 0
+        if prefix is not None:
+            for layer, (keys, values) in enumerate(prefix.layers):
+                cache.update(keys.expand(len(prompts), -1, -1, -1), values.expand(len(prompts), -1, -1, -1), layer)
+        rests = [p[n_prefix:] for p in prompts]
+        width = max(len(r) for r in rests)
+        ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rests], device=device)
+        valid = torch.tensor([[1] * n_prefix + [0] * (width - len(r)) + [1] * len(r) for r in rests],
+                             device=device, dtype=torch.bool)
+        positions = n_prefix + (valid[:, n_prefix:].long().cumsum(-1) - 1).clamp(min=0)
+        logits = self._forward(ids, valid, positions, cache, last_only=True)
         pending = self._choose(logits, warpers, generator)[:, 0]
         next_pos = valid.sum(-1)
+        self.timings.prompt_tokens += sum(len(p) for p in prompts)
+        self.timings.cached_prompt_tokens += n_prefix * len(prompts)
         done = [self._emit(row, [int(t)], params, stream) for row, t in zip(rows, pending.tolist())]
         finished: list[_Row] = []
 
@@ -279,17 +310,46 @@ class SpeculativeGenerator:
                 row.stats.verify_s += t2 - t1
                 done.append(self._emit(row, draft[:n] + [bonus], params, stream))
 
-    def _forward(self, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor,
-                 cache: DynamicCache) -> torch.Tensor:
-        """Logits for `ids`, which occupy the last ids.shape[1] slots of `valid` (the mask over all cache slots)."""
+    def _forward(self, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
+                 last_only: bool = False) -> torch.Tensor:
+        """Logits for `ids` (only the last position's with `last_only`), which occupy the last ids.shape[1] slots
+        of `valid` (the mask over all cache slots)."""
         q, s = ids.shape[1], valid.shape[1]
         causal = torch.arange(s, device=ids.device)[None, :] <= torch.arange(s - q, s, device=ids.device)[:, None]
         allowed = valid[:, None, None, :] & causal[None, None]
         dtype = self.model.dtype
         mask = torch.zeros(allowed.shape, dtype=dtype, device=ids.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        extra = {"logits_to_keep": 1} if last_only and self._can_keep_last else {}
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         **{self._cache_kwarg: cache})
-        return out.logits.float()
+                         **{self._cache_kwarg: cache}, **extra)
+        return out.logits[:, -1:].float() if last_only else out.logits.float()
+
+    def _shared_prefix(self, prompts: list[list[int]]) -> _PrefixKV | None:
+        """The cached keys and values of the longest prefix every prompt of the batch shares (each keeps at least
+        one token to prefill), reusing the last batch's prefix when it still applies; None when shorter than
+        `prefix_cache_min_tokens`."""
+        if self.prefix_cache_min_tokens <= 0:
+            return None
+        limit = min(len(p) for p in prompts) - 1
+        kept = self._prefix
+        if kept is not None:
+            n = min(_common_prefix_length([list(kept.tokens), *prompts]), limit)
+            if n >= self.prefix_cache_min_tokens:
+                if n < len(kept.tokens):
+                    self._prefix = kept = kept.cut(n)
+                return kept
+        if len(prompts) < 2:
+            return None
+        n = min(_common_prefix_length(prompts), limit)
+        if n < self.prefix_cache_min_tokens:
+            return None
+        tokens = prompts[0][:n]
+        cache = DynamicCache(config=self.model.config)
+        device = self.model.device
+        self._forward(torch.tensor([tokens], device=device), torch.ones(1, n, dtype=torch.bool, device=device),
+                      torch.arange(n, device=device)[None], cache, last_only=True)
+        self._prefix = _PrefixKV(tuple(tokens), [(layer.keys, layer.values) for layer in cache.layers])
+        return self._prefix
 
     def _warpers(self, params: SamplingParams) -> LogitsProcessorList | None:
         if params.greedy:
@@ -358,6 +418,14 @@ def find_stop(tokenizer: PreTrainedTokenizerBase, token_ids: Sequence[int], stop
         if hits:
             return end, min(hits)
     return None
+
+
+def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    first, n = sequences[0], min(len(s) for s in sequences)
+    for i in range(n):
+        if any(s[i] != first[i] for s in sequences[1:]):
+            return i
+    return n
 
 
 def _select_rows(cache: DynamicCache, rows: torch.Tensor) -> None:

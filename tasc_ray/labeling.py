@@ -313,6 +313,10 @@ def label_parquet(
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 and engine.device != "cpu" else 0.0
         cpus = num_cpus_per_replica if num_cpus_per_replica is not None else 0.5
+        if num_threads is None and not gpus:
+            # The fractional CPU reservation leaves room for Ray Data's own tasks, but Ray then pins a fractional
+            # actor to one torch thread; decoding is the job's real work, so share the node's cores among replicas.
+            num_threads = max(1, int(ray.cluster_resources().get("CPU", 1) // num_replicas))
         sampling = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "stop": list(stop or []),
                     "speculative": speculative}
         engine_dict = engine.model_copy(update={"max_batch_size": batch_size}).model_dump(mode="json")

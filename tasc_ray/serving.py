@@ -93,8 +93,6 @@ class ServeConfig(BaseModel):
     num_gpus: float | None = Field(None, ge=0, description="GPUs per replica; default 1 when engine.device is cuda")
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads per replica")
     max_ongoing_requests: int = Field(64, ge=1)
-    draft_budget: int | None = Field(None, ge=1, description="most draft tokens per decode step over the whole "
-                                     "batch: rows draft up to max(1, budget // rows), never above max_draft")
     api_key: str | None = Field(None, description="if set, /v1/* require 'Authorization: Bearer <key>'")
     api_key_env: str | None = Field(None, description="environment variable holding the API key (e.g. a secret)")
     user_config: IndexUpdate | None = None
@@ -417,13 +415,6 @@ class EngineServer:
 
     def _generate(self, works: list[Work]) -> list[Any]:
         params = works[0].params
-        drafter = self.generator.drafter
-        if drafter is not None and self.config.draft_budget is not None:
-            # The engine pads every row's draft to the batch's longest, so a step verifies rows x (k + 1) tokens:
-            # on compute-bound hardware a large batch affords only short drafts (decided per batch, on the decode
-            # thread, under the lock that also guards drafter swaps).
-            drafter.config.max_draft = max(1, min(self.drafter_settings["max_draft"],
-                                                  self.config.draft_budget // len(works)))
         callbacks = [w.on_tokens for w in works]
         stream = None
         if any(cb is not None for cb in callbacks):

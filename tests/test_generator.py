@@ -190,3 +190,28 @@ def test_long_generation_compacts_cache(tiny_model, tiny_tokenizer):
     results = generator.generate(prompts, SamplingParams(max_new_tokens=120))
     assert [r.token_ids for r in results] == [truths[tuple(p)] for p in prompts]
     assert np.mean([r.stats.drafted for r in results]) > 0
+
+
+def test_shared_prefix_is_prefilled_once_and_changes_nothing(tiny_model, tiny_tokenizer):
+    rng = random.Random(11)
+    vocab = len(tiny_tokenizer)
+    header = [rng.randrange(3, vocab) for _ in range(40)]
+    prompts = [header + [rng.randrange(3, vocab) for _ in range(rng.randint(1, 12))] for _ in range(6)]
+    drafter = Drafter(None, DrafterConfig(mode=DraftMode.CONTEXT))
+    cached = SpeculativeGenerator(tiny_model, tiny_tokenizer, drafter, max_batch_size=3)
+    uncached = SpeculativeGenerator(tiny_model, tiny_tokenizer, drafter, max_batch_size=3, prefix_cache_min_tokens=0)
+    params = SamplingParams(max_new_tokens=16)
+    with_cache = cached.generate(prompts, params)
+    assert cached.timings.cached_prompt_tokens == 40 * 6  # both batches of 3 reuse the 40-token header
+    assert [r.token_ids for r in with_cache] == [r.token_ids for r in uncached.generate(prompts, params)]
+    assert uncached.timings.cached_prompt_tokens == 0
+    for prompt, result in zip(prompts, with_cache):
+        assert result.token_ids == reference_greedy(tiny_model, prompt, 16)
+    # a batch sharing only part of the header reuses that part; one sharing too little prefills in full
+    partial = [header[:20] + [5] * 4, header[:20] + [6] * 3]
+    cached.generate(partial, params)
+    assert cached.timings.cached_prompt_tokens == 40 * 6 + 20 * 2
+    assert [r.token_ids for r in cached.generate(partial, params)] == [reference_greedy(tiny_model, p, 16)
+                                                                      for p in partial]
+    cached.generate([[7] * 30, [8] * 30], params)
+    assert cached.timings.cached_prompt_tokens == 40 * 6 + 20 * 4

@@ -37,7 +37,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 E2E_DIR = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "e2e"
-SHARED_CPU_NOTE = ("The 2-core CPU was shared with other engineers' jobs during this run (load average above); "
+SHARED_CPU_NOTE = ("The 2-core CPU was shared with other work during this run (load average above); "
                    "absolute numbers are noisy, the with/without ratio from the same run is the comparable figure.")
 
 
@@ -59,8 +59,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="requests per level (default: max(12, 2 x concurrency))")
     serve.add_argument("--max-batch-size", type=int, default=32)
     serve.add_argument("--batch-wait-timeout-s", type=float, default=0.02)
-    serve.add_argument("--draft-budget", type=int, default=None,
-                       help="most draft tokens per decode step over the batch (ServeConfig.draft_budget)")
     serve.set_defaults(handler=run_serve_bench)
 
 
@@ -127,7 +125,8 @@ def write_report(report: dict[str, Any], out_dir: str, name: str, table: str) ->
     md = [f"# {report['title']}", "", f"Command: `{report['command']}`", "",
           f"Machine: {m['cpus']} CPUs, torch {m['torch']}, load average at start "
           f"{', '.join(f'{x:.1f}' for x in m['load_average_start'])}, at end "
-          f"{', '.join(f'{x:.1f}' for x in m['load_average_end'])}. {SHARED_CPU_NOTE}", "",
+          f"{', '.join(f'{x:.1f}' for x in m['load_average_end'])}. "
+          f"{SHARED_CPU_NOTE if m['load_average_start'][0] > 1.5 else 'A quiet machine (nothing else running).'}", "",
           table, ""]
     md += [f"- {line}" for line in report.get("notes", [])]
     (out / f"{name}.md").write_text("\n".join(md) + "\n")
@@ -337,8 +336,7 @@ def run_serve_bench(args: argparse.Namespace) -> dict[str, Any]:
     config = ServeConfig.model_validate({
         "model": args.model, "index": index, "model_name": "bench", "max_batch_size": args.max_batch_size,
         "batch_wait_timeout_s": args.batch_wait_timeout_s, "num_cpus": args.num_cpus, "num_threads": args.threads,
-        "max_ongoing_requests": max(64, 2 * max(args.concurrency)), "max_tokens_limit": args.max_new_tokens,
-        "draft_budget": args.draft_budget})
+        "max_ongoing_requests": max(64, 2 * max(args.concurrency)), "max_tokens_limit": args.max_new_tokens})
     serve.run(build_app(config), name="bench", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     prompts = [r["prompt"] for r in rows]
@@ -373,7 +371,6 @@ def run_serve_bench(args: argparse.Namespace) -> dict[str, Any]:
         "command": _command(), "machine": info,
         "setup": {"model": args.model, "shots": args.shots, "max_tokens": args.max_new_tokens, "stop": "\\n",
                   "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s,
-                  "draft_budget": args.draft_budget,
                   "replicas": 1, "threads": args.threads, "num_cpus": args.num_cpus,
                   "index_corpus": f"devset.csv 'mr' ({len(corpus)} human references)",
                   "client": "httpx.AsyncClient on loopback, bounded by a semaphore; greedy; same replica for both; "
