@@ -1,4 +1,5 @@
-"""Read a corpus of texts (one column of parquet or jsonl, or lines of a text file) with clear errors on bad input."""
+"""Read a corpus of texts (one column of parquet, jsonl or csv, or lines of a text file) with clear errors on bad
+input."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ class Corpus:
 
 
 def read_texts(path: str | Path, column: str = "output") -> Corpus:
-    """Texts of `column` in a .parquet or .jsonl file, or the non-empty lines of any other file."""
+    """Texts of `column` in a .parquet, .jsonl or .csv file, or the non-empty lines of any other file."""
     path = Path(path)
     if not path.is_file():
         raise CorpusError(f"corpus file not found: {path}")
@@ -49,6 +50,16 @@ def read_texts(path: str | Path, column: str = "output") -> Corpus:
                 if not isinstance(record, dict) or column not in record:
                     raise CorpusError(f"{path}:{lineno} has no field {column!r}")
                 values.append(record[column])
+    elif suffix == ".csv":
+        import pyarrow.csv as pacsv
+
+        try:
+            table = pacsv.read_csv(path)
+        except Exception as exc:
+            raise CorpusError(f"{path} is not a readable CSV file: {exc}") from exc
+        if column not in table.column_names:
+            raise CorpusError(f"{path} has no column {column!r}; columns: {', '.join(table.column_names)}")
+        values = table.column(column).to_pylist()
     else:
         values = path.read_text(encoding="utf-8").splitlines()
     texts = [v for v in values if isinstance(v, str) and v.strip()]

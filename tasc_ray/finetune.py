@@ -338,9 +338,7 @@ def _storage(cfg: FinetuneConfig) -> tuple[str, str]:
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune (Ray Train by default) and save the merged model to cfg.out. Returns a summary dict."""
-    from transformers import AutoTokenizer
-
-    from tasc_ray.models import resolve_model
+    from tasc_ray.models import ModelNotFoundError, load_tokenizer, resolve_model
 
     if cfg.epochs <= 0:
         raise FinetuneError(f"epochs must be positive, got {cfg.epochs}")
@@ -357,11 +355,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     rows = read_pairs(cfg.train, cfg.prompt_column, cfg.output_column)
     model_path = resolve_model(cfg.model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-    except (OSError, ValueError, TypeError) as exc:
+        load_tokenizer(model_path)
+    except ModelNotFoundError as exc:
         raise FinetuneError(f"{cfg.model}: cannot load a tokenizer ({exc})") from exc
-    if isinstance(tokenizer, bool) or not hasattr(tokenizer, "added_tokens_decoder"):
-        raise FinetuneError(f"{cfg.model}: no usable tokenizer in the model directory")
     storage, name = _storage(cfg)
     loop_cfg = {"model_path": model_path, "rows": rows, "full": cfg.full, "lora_r": cfg.lora_r,
                 "lora_alpha": cfg.lora_alpha, "lr": cfg.resolved_lr(), "epochs": cfg.epochs,

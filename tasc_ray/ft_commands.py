@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 from typing import Any
 
 from tasc_ray.cli import add_command, add_model_argument
@@ -65,11 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _enrich(args: argparse.Namespace) -> dict[str, Any]:
-    path = Path(args.corpus)
-    if path.suffix.lower() == ".csv":
-        texts = _csv_column(path, args.column)
-    else:
-        texts = read_texts(path, args.column).texts
+    texts = read_texts(args.corpus, args.column).texts
     config = EnrichConfig(budget=args.budget, max_n=args.max_n, per_iteration=args.per_iteration,
                           min_count=args.min_count, min_gain=args.min_gain, prefix_filter=not args.no_prefix_filter,
                           max_conflict=args.max_conflict, holdout=args.holdout, seed=args.seed)
@@ -78,21 +73,6 @@ def _enrich(args: argparse.Namespace) -> dict[str, Any]:
     summary["out"] = args.out
     summary["first_new_tokens"] = [t["token"] for t in report["new_tokens"][:20]]
     return summary
-
-
-def _csv_column(path: Path, column: str) -> list[str]:
-    import pandas as pd
-
-    try:
-        df = pd.read_csv(path)
-    except Exception as exc:
-        raise VocabEnrichmentError(f"{path} is not a readable CSV file: {exc}") from exc
-    if column not in df.columns:
-        raise VocabEnrichmentError(f"{path} has no column {column!r}; columns: {', '.join(map(str, df.columns))}")
-    texts = [v for v in df[column] if isinstance(v, str) and v.strip()]
-    if not texts:
-        raise VocabEnrichmentError(f"{path}: column {column!r} has no non-empty text rows (empty corpus)")
-    return texts
 
 
 def _finetune(args: argparse.Namespace) -> dict[str, Any]:

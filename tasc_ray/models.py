@@ -91,9 +91,12 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """Load the tokenizer of a model name or directory."""
     source = resolve_model(name_or_path)
     try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as exc:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as exc:
         raise ModelNotFoundError(_unknown_model_message(name_or_path, exc)) from exc
+    if isinstance(tokenizer, bool) or not hasattr(tokenizer, "get_vocab"):  # a directory without tokenizer files
+        raise ModelNotFoundError(f"{name_or_path}: no usable tokenizer in {source}")
+    return tokenizer
 
 
 def load_model(

@@ -352,17 +352,15 @@ def init_new_embeddings(model: PreTrainedModel, new_tokens: Sequence[NewToken], 
 
 
 def _load_base(model: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from tasc_ray.models import resolve_model
+    from tasc_ray.models import ModelNotFoundError, load_tokenizer, resolve_model
 
     source = resolve_model(model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, TypeError) as exc:
+        tokenizer = load_tokenizer(source)
+    except ModelNotFoundError as exc:
         raise VocabEnrichmentError(f"{model}: cannot load a tokenizer ({exc})") from exc
-    if isinstance(tokenizer, bool) or not hasattr(tokenizer, "get_vocab"):
-        raise VocabEnrichmentError(f"{model}: cannot load a tokenizer")
     model_obj = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     return model_obj, tokenizer, source
 
