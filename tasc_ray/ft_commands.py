@@ -29,6 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     enrich.add_argument("--max-conflict", type=float, default=0.1, help="prefix-conflict score above which a "
                         "candidate is dropped (share of its occurrences not aligned with the current tokens)")
     enrich.add_argument("--no-prefix-filter", action="store_true", help="keep prefix-conflicting candidates")
+    enrich.add_argument("--no-cross", action="append", default=[], metavar="SEP",
+                        help="a field separator new tokens may not span (repeatable), e.g. --no-cross ', '")
     enrich.add_argument("--holdout", type=float, default=0.1, help="share of distinct outputs held out to "
                         "measure compression")
     enrich.add_argument("--seed", type=int, default=0)
@@ -67,6 +69,7 @@ def _enrich(args: argparse.Namespace) -> dict[str, Any]:
     texts = read_texts(args.corpus, args.column).texts
     config = EnrichConfig(budget=args.budget, max_n=args.max_n, per_iteration=args.per_iteration,
                           min_count=args.min_count, min_gain=args.min_gain, prefix_filter=not args.no_prefix_filter,
+                          no_cross=tuple(args.no_cross),
                           max_conflict=args.max_conflict, holdout=args.holdout, seed=args.seed)
     report = enrich_model(args.model, texts, args.out, config)
     summary = {k: v for k, v in report.items() if k != "new_tokens"}

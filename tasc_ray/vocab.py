@@ -18,6 +18,12 @@ straddling a token boundary) and change how the neighbouring text is tokenised. 
   ``"Theatre"``, ``"food[Fast"`` in ``"food[Fast food]"`` split differently). The prefix-conflict score is
   ``conflict(s) = m(s) / c(s)`` in [0, 1]; with the filter on, candidates with ``conflict(s) > max_conflict``
   (default 0.1) are dropped. The bench measures compression with and without it.
+* **Field boundaries** (`no_cross`, off by default). A task's outputs often separate fields with a fixed string
+  (`", "` between E2E slots). A candidate *crosses* a separator when the separator occurs strictly inside it, with
+  text on both sides (`"], food[English"` crosses `", "`; `", food[English]"` does not): such a token decides
+  two fields at once (one value and the next field), which the fine-tuned model must then learn from the few
+  times each combination occurs. With `no_cross=(", ",)` those candidates are dropped, so each new token stays
+  within one field (separator first, if at all).
 * **Batch overlap.** Within one iteration a candidate is skipped when a suffix of its token sequence equals a
   prefix of an already chosen one (or vice versa), or when one contains the other: both cannot replace the
   same text, so their counted savings would be double-counted. They are reconsidered next iteration.
@@ -76,6 +82,7 @@ class EnrichConfig:
     holdout: float = 0.1  # share of the corpus held out to measure compression
     seed: int = 0
     candidate_pool: int = 20  # candidates examined per iteration = candidate_pool * per_iteration
+    no_cross: tuple[str, ...] = ()  # field separators a new token may not cross (see the module docstring)
 
     def validate(self) -> None:
         if self.budget <= 0:
@@ -88,6 +95,8 @@ class EnrichConfig:
             raise VocabEnrichmentError(f"holdout must be in [0, 1), got {self.holdout}")
         if not 0.0 <= self.max_conflict <= 1.0:
             raise VocabEnrichmentError(f"max_conflict must be in [0, 1], got {self.max_conflict}")
+        if any(not sep for sep in self.no_cross):
+            raise VocabEnrichmentError("no_cross separators must be non-empty strings")
 
 
 @dataclass
@@ -115,6 +124,7 @@ class IterationLog:
     dropped_conflict: int
     dropped_overlap: int
     seconds: float
+    dropped_crossing: int = 0
 
 
 @dataclass
@@ -211,6 +221,16 @@ def _overlaps(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     return False
 
 
+def crosses(s: str, separator: str) -> bool:
+    """Whether `separator` occurs strictly inside s, with text on both sides (s spans two fields)."""
+    start = s.find(separator, 1)
+    while start != -1:
+        if start + len(separator) < len(s):
+            return True
+        start = s.find(separator, start + 1)
+    return False
+
+
 def _round_trips(tokenizer: PreTrainedTokenizerBase, s: str, probe: tuple[list[str], str] | None = None) -> bool:
     """Whether an added token with content s decodes back to s, alone and between ordinary tokens.
 
@@ -269,11 +289,14 @@ def enrich_tokenizer(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
         raw = _candidates(seqs, config.max_n, config.min_count, special, config.candidate_pool * want)
         # Merge tokenisations that decode to the same string: all their occurrences would use the new token.
         by_string: dict[str, list[Any]] = {}
-        dropped_invalid = 0
+        dropped_invalid = dropped_crossing = 0
         for score, count, ids in raw:
             s = tok.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
             if s in vocab or not _round_trips(tok, s, probe):
                 dropped_invalid += 1
+                continue
+            if any(crosses(s, sep) for sep in config.no_cross):
+                dropped_crossing += 1
                 continue
             entry = by_string.setdefault(s, [0, 0, ids])
             entry[0] += score
@@ -312,7 +335,8 @@ def enrich_tokenizer(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
                 base_ids=base(s, add_special_tokens=False)["input_ids"]))
         bar.update(len(chosen))
         iterations.append(IterationLog(iteration, len(chosen), after, round(gain, 5), len(raw), dropped_invalid,
-                                       dropped_conflict, dropped_overlap, round(time.perf_counter() - t0, 3)))
+                                       dropped_conflict, dropped_overlap, round(time.perf_counter() - t0, 3),
+                                       dropped_crossing))
         logger.info("iteration %d: +%d tokens (%d in all), train tokens %d -> %d (%.2f%%)", iteration, len(chosen),
                     len(new_tokens), current, after, 100 * gain)
         current = after

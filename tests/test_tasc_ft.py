@@ -29,6 +29,7 @@ from tasc_ray.vocab import (
     VocabEnrichmentError,
     _overlaps,
     count_tokens,
+    crosses,
     enrich_model,
     enrich_tokenizer,
     init_new_embeddings,
@@ -89,6 +90,19 @@ def test_prefix_conflict_filter(tiny_tokenizer, outputs, enriched):
     assert sum(it.dropped_conflict for it in off.iterations) == 0
     assert max(t.conflict for t in off.new_tokens) > 0.1
     assert roundtrip_failures(off.tokenizer, outputs, limit=len(outputs)) == []
+
+
+def test_field_boundaries(tiny_tokenizer, outputs, enriched):
+    assert crosses("], food[English", ", ") and crosses("a, b, c", ", ")
+    assert not crosses(", food[English]", ", ") and not crosses("food[English], ", ", ") and not crosses(", ", ", ")
+    assert any(crosses(t.token, ", ") for t in enriched.new_tokens), "the default spans fields"
+    kept = enrich_tokenizer(tiny_tokenizer, outputs, EnrichConfig(budget=60, per_iteration=20, no_cross=(", ",)),
+                            progress=False)
+    assert kept.new_tokens and not any(crosses(t.token, ", ") for t in kept.new_tokens)
+    assert sum(it.dropped_crossing for it in kept.iterations) > 0
+    assert roundtrip_failures(kept.tokenizer, outputs, limit=len(outputs)) == []
+    with pytest.raises(VocabEnrichmentError, match="no_cross"):
+        EnrichConfig(no_cross=("",)).validate()
 
 
 def test_non_ascii_and_budget_stop(tiny_tokenizer):

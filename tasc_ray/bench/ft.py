@@ -58,6 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="LoRA: learning-rate multiplier for the new tokens' embedding rows")
     p.add_argument("--min-count", type=int, default=2, help="least occurrences of a new token's n-gram")
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    p.add_argument("--no-cross", action="append", default=[], metavar="SEP",
+                   help="a field separator new tokens may not span (repeatable)")
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--use-gpu", action="store_true", help="train on GPUs (Ray Train workers with use_gpu)")
     p.add_argument("--trainer", choices=["ray", "local"], default="ray",
@@ -200,7 +202,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # 1. vocabulary: with the filter (the model we fine-tune) and without it (compression only)
     enrich_cfg = dict(budget=args.budget, max_n=args.max_n, per_iteration=args.per_iteration, holdout=0.0,
-                      seed=args.seed, min_count=getattr(args, "min_count", 2))
+                      seed=args.seed, min_count=getattr(args, "min_count", 2),
+                      no_cross=tuple(getattr(args, "no_cross", ())))
     report = enrich_model(args.model, train_outputs, work / "enriched", EnrichConfig(**enrich_cfg))
     enriched_tok = AutoTokenizer.from_pretrained(work / "enriched")
     nofilter = enrich_tokenizer(base_tok, train_outputs, EnrichConfig(prefix_filter=False, **enrich_cfg),
