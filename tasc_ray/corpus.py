@@ -29,14 +29,8 @@ def read_texts(path: str | Path, column: str = "output") -> Corpus:
     if not path.is_file():
         raise CorpusError(f"corpus file not found: {path}")
     suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        try:
-            schema = pq.read_schema(path)
-        except Exception as exc:
-            raise CorpusError(f"{path} is not a readable parquet file: {exc}") from exc
-        if column not in schema.names:
-            raise CorpusError(f"{path} has no column {column!r}; columns: {', '.join(schema.names)}")
-        values = pq.read_table(path, columns=[column]).column(column).to_pylist()
+    if suffix in (".parquet", ".csv"):
+        values = _table_column(path, column)
     elif suffix in (".jsonl", ".ndjson"):
         values = []
         with path.open(encoding="utf-8") as f:
@@ -50,16 +44,6 @@ def read_texts(path: str | Path, column: str = "output") -> Corpus:
                 if not isinstance(record, dict) or column not in record:
                     raise CorpusError(f"{path}:{lineno} has no field {column!r}")
                 values.append(record[column])
-    elif suffix == ".csv":
-        import pyarrow.csv as pacsv
-
-        try:
-            table = pacsv.read_csv(path)
-        except Exception as exc:
-            raise CorpusError(f"{path} is not a readable CSV file: {exc}") from exc
-        if column not in table.column_names:
-            raise CorpusError(f"{path} has no column {column!r}; columns: {', '.join(table.column_names)}")
-        values = table.column(column).to_pylist()
     else:
         values = path.read_text(encoding="utf-8").splitlines()
     texts = [v for v in values if isinstance(v, str) and v.strip()]
@@ -69,3 +53,20 @@ def read_texts(path: str | Path, column: str = "output") -> Corpus:
     if not texts:
         raise CorpusError(f"{path}: column {column!r} has no non-empty text rows (empty corpus)")
     return Corpus(texts, skipped)
+
+
+def _table_column(path: Path, column: str) -> list:
+    """One column of a parquet file (read alone) or of a CSV file."""
+    import pyarrow.csv as pacsv
+
+    parquet = path.suffix.lower() == ".parquet"
+    try:
+        table = None if parquet else pacsv.read_csv(path)
+        names = pq.read_schema(path).names if parquet else table.column_names
+    except Exception as exc:
+        raise CorpusError(f"{path} is not a readable {'parquet' if parquet else 'CSV'} file: {exc}") from exc
+    if column not in names:
+        raise CorpusError(f"{path} has no column {column!r}; columns: {', '.join(names)}")
+    if parquet:
+        table = pq.read_table(path, columns=[column])
+    return table.column(column).to_pylist()
