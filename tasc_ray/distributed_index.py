@@ -47,7 +47,6 @@ from tasc_ray.ngram_index import (
     _sum_by_key,
     _tokenizer_meta,
 )
-from tasc_ray.ray_runtime import ensure_ray  # noqa: F401  (re-exported for callers)
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,6 @@ import numpy as np
 from tasc_ray.cli import add_command
 from tasc_ray.distributed_index import (
     DEFAULT_BATCH_SIZE,
-    ensure_ray,
     index_corpus,
     index_truncation,
     is_remote,
@@ -35,6 +34,7 @@ from tasc_ray.drafter import (
 )
 from tasc_ray.models import DEFAULT_MODEL, load_tokenizer
 from tasc_ray.ngram_index import DEFAULT_MAX_ORDER, DEFAULT_TOP_K, MANIFEST, NgramIndex, read_manifest
+from tasc_ray.ray_runtime import ensure_ray
 from tasc_ray.simulate import simulate_acceptance
 
 logger = logging.getLogger(__name__)

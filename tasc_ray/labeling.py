@@ -32,7 +32,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from tasc_ray.engine import EngineConfig
-from tasc_ray.ray_runtime import ensure_ray  # noqa: F401  (re-exported for callers)
+from tasc_ray.ray_runtime import ensure_ray
 
 logger = logging.getLogger(__name__)
 

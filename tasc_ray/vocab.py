@@ -223,12 +223,7 @@ def _overlaps(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
 
 def crosses(s: str, separator: str) -> bool:
     """Whether `separator` occurs strictly inside s, with text on both sides (s spans two fields)."""
-    start = s.find(separator, 1)
-    while start != -1:
-        if start + len(separator) < len(s):
-            return True
-        start = s.find(separator, start + 1)
-    return False
+    return separator in s[1:-1]
 
 
 def _round_trips(tokenizer: PreTrainedTokenizerBase, s: str, probe: tuple[list[str], str] | None = None) -> bool:

@@ -203,10 +203,11 @@ def lookup_latency(index: Any, sequences: list[np.ndarray], rng: random.Random, 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
-    from tasc_ray.distributed_index import ensure_ray, index_corpus
+    from tasc_ray.distributed_index import index_corpus
     from tasc_ray.index_commands import index_stats
     from tasc_ray.models import load_tokenizer
     from tasc_ray.ngram_index import NgramIndex, tokenize_texts
+    from tasc_ray.ray_runtime import ensure_ray
 
     command = "tasc-ray " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-index-"))

@@ -146,7 +146,8 @@ def run_label_bench(args: argparse.Namespace) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     from tasc_ray.engine import EngineConfig
-    from tasc_ray.labeling import ensure_ray, label_parquet, resolve_filesystem
+    from tasc_ray.labeling import label_parquet, resolve_filesystem
+    from tasc_ray.ray_runtime import ensure_ray
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="tasc-bench-label-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -283,14 +284,16 @@ async def drive(base: str, prompts: list[str], concurrency: int, speculative: bo
         wall = time.perf_counter() - t0
     lat = sorted(latencies)
 
-    def pct(q: float) -> float:
-        return lat[min(len(lat) - 1, int(round(q * (len(lat) - 1))))]
-
     return {"requests": len(prompts), "errors": errors, "seconds": wall, "requests_per_s": len(prompts) / wall,
             "latencies": lat,
-            "tokens_per_s": usage["completion_tokens"] / wall, "p50_s": pct(0.5), "p99_s": pct(0.99),
+            "tokens_per_s": usage["completion_tokens"] / wall,
+            "p50_s": _percentile(lat, 0.5), "p99_s": _percentile(lat, 0.99),
             "mean_s": sum(lat) / len(lat), **usage,
             "accepted_per_pass": usage["accepted_tokens"] / max(1, usage["forward_passes"]), "texts": texts}
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(round(q * (len(sorted_values) - 1))))]
 
 
 def _merge(segments: list[dict[str, Any]]) -> dict[str, Any]:
@@ -301,12 +304,9 @@ def _merge(segments: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ("completion_tokens", "drafted_tokens", "accepted_tokens", "forward_passes", "errors")
     out: dict[str, Any] = {k: sum(s[k] for s in segments) for k in keys}
 
-    def pct(q: float) -> float:
-        return lat[min(len(lat) - 1, int(round(q * (len(lat) - 1))))]
-
     out.update({"requests": n, "seconds": wall, "requests_per_s": n / wall,
                 "tokens_per_s": out["completion_tokens"] / wall,
-                "p50_s": pct(0.5), "p99_s": pct(0.99), "mean_s": sum(lat) / len(lat),
+                "p50_s": _percentile(lat, 0.5), "p99_s": _percentile(lat, 0.99), "mean_s": sum(lat) / len(lat),
                 "accepted_per_pass": out["accepted_tokens"] / max(1, out["forward_passes"]),
                 "texts": [t for s in segments for t in s["texts"]]})
     return out
