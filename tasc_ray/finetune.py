@@ -57,7 +57,7 @@ class FinetuneConfig:
     lr: float | None = None  # default: 2e-4 for LoRA, 5e-5 for full fine-tuning
     lora_r: int = 16
     lora_alpha: int | None = None  # default 2 * lora_r
-    new_token_lr_mult: float = 1.0  # LoRA: learning-rate multiplier for the new tokens' embedding rows
+    new_token_lr_mult: float = 1.0  # learning-rate multiplier for the new tokens' embedding rows (LoRA and full)
     full: bool = False
     num_workers: int = 1
     cpus_per_worker: float | None = None  # default: the cluster's CPUs shared among the workers
@@ -259,6 +259,31 @@ class _LocalSession:
                 shutil.rmtree(old, ignore_errors=True)
 
 
+class NewRowBoost:
+    """Full fine-tuning: a learning rate `mult` times higher for the new tokens' embedding rows (and untied LM-head
+    rows). The AdamW step is linear in the learning rate, so scaling those rows' step by `mult` after the optimizer
+    has taken it is the same as giving them `lr * mult`, without splitting the embedding matrix in two."""
+
+    def __init__(self, model: Any, new_ids: list[int], mult: float) -> None:
+        self.ids = torch.tensor(new_ids, dtype=torch.long)
+        self.mult = mult
+        matrices = [model.get_input_embeddings().weight]
+        head = model.get_output_embeddings()
+        if head is not None and head.weight is not matrices[0]:
+            matrices.append(head.weight)
+        self.matrices = matrices if new_ids and mult != 1.0 else []
+        self.before: list[torch.Tensor] = []
+
+    def before_step(self) -> None:
+        self.before = [w.detach()[self.ids.to(w.device)].clone() for w in self.matrices]
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        for w, old in zip(self.matrices, self.before):
+            ids = self.ids.to(w.device)
+            w[ids] = old + (w[ids] - old) * self.mult
+
+
 def train_loop(cfg: dict[str, Any]) -> None:
     """The per-worker loop (Ray Train entry point)."""
     run_training(cfg, _RaySession())
@@ -277,6 +302,7 @@ def run_training(cfg: dict[str, Any], session: Any) -> None:
     if token_rows:
         groups.append({"params": token_rows, "lr": cfg["lr"] * cfg.get("new_token_lr_mult", 1.0)})
     optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    boost = NewRowBoost(model, new_token_ids(tokenizer), cfg.get("new_token_lr_mult", 1.0)) if cfg["full"] else None
     start_epoch, step = 0, 0
     state = session.latest_state()
     if state is not None:
@@ -311,7 +337,11 @@ def run_training(cfg: dict[str, Any], session: Any) -> None:
                 loss = model(**batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
+            if boost is not None:
+                boost.before_step()
             optimizer.step()
+            if boost is not None:
+                boost.after_step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             step += 1

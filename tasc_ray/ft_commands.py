@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ft.add_argument("--lr", type=float, default=None, help="default 2e-4 (LoRA) or 5e-5 (full)")
     ft.add_argument("--lora-r", type=int, default=16)
     ft.add_argument("--new-token-lr-mult", type=float, default=1.0,
-                    help="LoRA: learning-rate multiplier for the new tokens' embedding rows")
+                    help="learning-rate multiplier for the new tokens' embedding rows (LoRA and full)")
     ft.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     ft.add_argument("--num-workers", type=int, default=1)
     ft.add_argument("--cpus-per-worker", type=float, default=None)

@@ -17,6 +17,8 @@ from tasc_ray.cli import main
 from tasc_ray.finetune import (
     FinetuneConfig,
     FinetuneError,
+    NewRowBoost,
+    _collate,
     encode_rows,
     finetune,
     new_token_ids,
@@ -201,6 +203,29 @@ def test_encode_rows_masks_the_prompt(enriched_dir):
     assert ids[n_prompt:] == labels[n_prompt:]
 
 
+def test_new_token_lr_mult_in_full_finetuning(enriched_dir, task_rows):
+    """The boost scales the new rows' AdamW step by `mult` and leaves every other row's step as it was."""
+    tok = AutoTokenizer.from_pretrained(enriched_dir)
+    new_ids = new_token_ids(tok)
+    batch = _collate(encode_rows(tok, task_rows[:4], 512), tok.pad_token_id or 0)
+    steps = {}
+    for mult in (1.0, 5.0):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(enriched_dir, dtype=torch.float32)
+        start = model.get_input_embeddings().weight.detach().clone()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        boost = NewRowBoost(model, new_ids, mult)
+        model(**batch).loss.backward()
+        boost.before_step()
+        optimizer.step()
+        boost.after_step()
+        steps[mult] = model.get_input_embeddings().weight.detach() - start
+    old = [i for i in range(len(tok)) if i not in set(new_ids)]
+    assert steps[1.0][new_ids].abs().sum() > 0
+    torch.testing.assert_close(steps[5.0][new_ids], 5 * steps[1.0][new_ids], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(steps[5.0][old], steps[1.0][old])
+
+
 def test_gpu_selection():
     assert select_gpu(False) == (False, "gloo")
     assert select_gpu(True, cluster_gpus=2) == (True, "nccl")
@@ -288,12 +313,33 @@ def test_bench_quality_metrics():
     assert partial["exact_match"] == 0.0 and partial["slot_f1"] == pytest.approx(40.0)
     sentence = "the cat sat on the mat today"
     assert text_scores([sentence], [[sentence]])["bleu"] == pytest.approx(100.0)
-    runs = {n: {"decode": {m: {"seconds": s, "tokens_per_output": t, "exact_match": 50.0, "slot_f1": f}
-                           for m in ("plain", "tasc_spec")}}
-            for n, s, t, f in (("original", 2.0, 40.0, 90.0), ("enriched", 1.0, 20.0, 80.0))}
-    r = finalize({"direction": "text2mr", "runs": runs, "compression": {"reduction_enriched": 0.5, "new_tokens": 300}})
+    runs = {n: {"decode": {split: {m: {"seconds": s * scale, "tokens_per_output": t, "exact_match": 50.0,
+                                        "slot_f1": f - drop}
+                                    for m in ("plain", "tasc_spec")}
+                           for split, scale, drop in (("heldout", 1.0, 0.0), ("test", 2.0, 5.0 * (n == "enriched")))}}
+            for n, s, t, f in (("original", 2.0, 40.0, 90.0), ("enriched", 1.0, 20.0, 89.0))}
+    compression = {"new_tokens": 300, "heldout": {"reduction_enriched": 0.5}, "test": {"reduction_enriched": 0.1}}
+    r = finalize({"direction": "text2mr", "runs": runs, "compression": compression})
     assert r["targets"]["decode_speedup>=1.3x"] == {"value": 2.0, "met": True}
-    assert r["targets"]["slot_f1_within_2_points"]["met"] is False
+    assert r["targets"]["reference_output_token_reduction>=25%_with<=500_new_tokens"]["value"] == 0.5
+    assert r["targets"]["slot_f1_within_2_points (heldout)"] == {"value": -1.0, "met": True}
+    assert r["targets"]["slot_f1_within_2_points (test)"] == {"value": -6.0, "met": False}
+    assert r["comparisons"]["test"]["enriched+plain"]["speedup"] == 2.0
+
+
+def test_bench_splits_are_disjoint():
+    """The `heldout` split's MRs never appear among the training outputs; `test` comes from the test set."""
+    from tasc_ray.bench.ft import E2E_DIR, load_e2e
+
+    if not (E2E_DIR / "devset.csv").is_file():
+        pytest.skip("E2E data not present")
+    for direction in ("text2mr", "mr2text"):
+        train, splits = load_e2e(E2E_DIR, direction, 200, 20, seed=0)
+        assert len(train) == 200 and all(len(v) == 20 for v in splits.values())
+        key = "output" if direction == "text2mr" else "prompt"
+        train_mrs = {r[key].removeprefix("MR: ").removesuffix("\nSentence:\n") for r in train}
+        held_mrs = {(h["refs"][0] if direction == "text2mr" else h["prompt"][4:-11]) for h in splits["heldout"]}
+        assert held_mrs and not held_mrs & train_mrs
 
 
 def test_job_entry_point(tmp_path, enriched_dir):

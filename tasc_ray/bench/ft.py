@@ -2,12 +2,16 @@
 
 For one direction (text -> MR, or MR -> text) the harness:
 
-1. draws `--train-rows` training rows from the E2E devset and `--eval-rows` held-out rows from the test set
-   (disjoint files), with short plain completion prompts (no few-shot: the models are fine-tuned);
+1. splits the E2E devset by meaning representation (MR): a fifth of its MRs are held out; draws `--train-rows`
+   training rows from the rest, and `--eval-rows` prompts for each of two evaluation splits, with short plain
+   completion prompts (no few-shot: the models are fine-tuned):
+   * `heldout`: devset rows whose MR no training row has (the task's own distribution, unseen outputs);
+   * `test`: the E2E test set, a shifted distribution: its restaurant names are not in the devset, and the
+     devset's only eatType value is "coffee shop" while most test MRs say "pub" or "restaurant";
 2. enriches the vocabulary on the training outputs (with and, for the record, without the prefix-conflict
-   filter) and measures tokens per output on the held-out references by re-tokenising them;
+   filter) and measures tokens per output on each split's references by re-tokenising them;
 3. fine-tunes the original model and the enriched one on Ray Train with the same recipe, steps and data;
-4. decodes the held-out prompts with each fine-tuned model, plainly and with TASC-spec (an n-gram index built
+4. decodes both splits' prompts with each fine-tuned model, plainly and with TASC-spec (an n-gram index built
    from the training outputs with that model's own tokenizer), and reports wall time, speedup over the
    fine-tuned original-vocabulary model, tokens per generated output, the share of generated tokens that are
    new tokens, and task quality (exact match and slot F1 for text -> MR; BLEU and chrF for MR -> text);
@@ -36,6 +40,7 @@ logger = logging.getLogger(__name__)
 E2E_DIR = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "e2e"
 DIRECTIONS = ("text2mr", "mr2text")
 SLOT = re.compile(r"([^,\[\]]+)\[([^\]]*)\]")
+SPLITS = ("heldout", "test")  # the target split first
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--direction", choices=DIRECTIONS, default="text2mr")
     p.add_argument("--data-dir", default=str(E2E_DIR), help="folder with devset.csv and testset_w_refs.csv")
     p.add_argument("--train-rows", type=int, default=256)
-    p.add_argument("--eval-rows", type=int, default=48)
+    p.add_argument("--eval-rows", type=int, default=48, help="prompts per evaluation split")
+    p.add_argument("--holdout-fraction", type=float, default=0.2, help="share of devset MRs held out")
     p.add_argument("--budget", type=int, default=500, help="most new tokens")
     p.add_argument("--max-n", type=int, default=8)
     p.add_argument("--per-iteration", type=int, default=50)
@@ -55,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--new-token-lr-mult", type=float, default=1.0,
-                   help="LoRA: learning-rate multiplier for the new tokens' embedding rows")
+                   help="learning-rate multiplier for the new tokens' embedding rows (LoRA and full)")
     p.add_argument("--min-count", type=int, default=2, help="least occurrences of a new token's n-gram")
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     p.add_argument("--no-cross", action="append", default=[], metavar="SEP",
@@ -81,24 +87,35 @@ def _prompt(direction: str, source: str) -> str:
     return f"Sentence: {source}\nMR:\n" if direction == "text2mr" else f"MR: {source}\nSentence:\n"
 
 
-def load_e2e(data_dir: str | Path, direction: str, n_train: int, n_eval: int,
-             seed: int) -> tuple[list[dict[str, str]], list[dict[str, Any]]]:
-    """Training rows from devset.csv; held-out rows (with every reference) from testset_w_refs.csv."""
+def _eval_rows(df: pd.DataFrame, direction: str, n: int, rng: random.Random) -> list[dict[str, Any]]:
+    """`n` prompts with their references: one row per prompt for text -> MR; one MR with all its sentences for
+    MR -> text."""
+    if direction == "text2mr":
+        idx = rng.sample(range(len(df)), min(n, len(df)))
+        return [{"prompt": _prompt(direction, df.ref.iloc[i]), "refs": [df.mr.iloc[i]]} for i in idx]
+    groups = df.groupby("mr", sort=True)["ref"].apply(list)
+    mrs = rng.sample(list(groups.index), min(n, len(groups)))
+    return [{"prompt": _prompt(direction, mr), "refs": groups[mr]} for mr in mrs]
+
+
+def load_e2e(data_dir: str | Path, direction: str, n_train: int, n_eval: int, seed: int,
+             holdout_fraction: float = 0.2) -> tuple[list[dict[str, str]], dict[str, list[dict[str, Any]]]]:
+    """Training rows from the devset MRs not held out; evaluation splits `heldout` (devset rows of the held-out
+    MRs) and `test` (testset_w_refs.csv)."""
     data_dir = Path(data_dir)
     dev = pd.read_csv(data_dir / "devset.csv")
     test = pd.read_csv(data_dir / "testset_w_refs.csv")
     rng = random.Random(seed)
-    dev_idx = rng.sample(range(len(dev)), min(n_train, len(dev)))
-    if direction == "text2mr":
-        train = [{"prompt": _prompt(direction, dev.ref[i]), "output": dev.mr[i]} for i in dev_idx]
-        test_idx = rng.sample(range(len(test)), min(n_eval, len(test)))
-        held = [{"prompt": _prompt(direction, test.ref[i]), "refs": [test.mr[i]]} for i in test_idx]
-    else:
-        train = [{"prompt": _prompt(direction, dev.mr[i]), "output": dev.ref[i]} for i in dev_idx]
-        groups = test.groupby("mr", sort=True)["ref"].apply(list)
-        mrs = rng.sample(list(groups.index), min(n_eval, len(groups)))
-        held = [{"prompt": _prompt(direction, mr), "refs": groups[mr]} for mr in mrs]
-    return train, held
+    mrs = sorted(set(dev.mr))
+    rng.shuffle(mrs)
+    held_mrs = set(mrs[:max(1, round(holdout_fraction * len(mrs)))])
+    train_df, held_df = dev[~dev.mr.isin(held_mrs)], dev[dev.mr.isin(held_mrs)]
+    source, target = ("ref", "mr") if direction == "text2mr" else ("mr", "ref")
+    idx = rng.sample(range(len(train_df)), min(n_train, len(train_df)))
+    train = [{"prompt": _prompt(direction, train_df[source].iloc[i]), "output": train_df[target].iloc[i]}
+             for i in idx]
+    splits = {"heldout": _eval_rows(held_df, direction, n_eval, rng), "test": _eval_rows(test, direction, n_eval, rng)}
+    return train, splits
 
 
 # ----- quality -----
@@ -127,17 +144,26 @@ def text_scores(preds: list[str], refs: list[list[str]]) -> dict[str, float]:
 
 
 # ----- decoding -----
-def evaluate(model_dir: str, held: list[dict[str, Any]], train_outputs: list[str], direction: str,
-             args: argparse.Namespace, base_vocab: int) -> dict[str, Any]:
-    """Decode the held-out prompts plainly and with TASC-spec; time, tokens, new-token share, quality."""
-    from tasc_ray.drafter import Drafter, DrafterConfig
-    from tasc_ray.generator import SamplingParams, SpeculativeGenerator
+def evaluate(model_dir: str, splits: dict[str, list[dict[str, Any]]], train_outputs: list[str], direction: str,
+             args: argparse.Namespace, base_vocab: int) -> dict[str, dict[str, Any]]:
+    """Decode each split's prompts plainly and with TASC-spec; time, tokens, new-token share, quality."""
     from tasc_ray.models import load_model
     from tasc_ray.ngram_index import NgramIndex
 
     dtype = "bfloat16" if args.bf16 else "float32"
     model, tokenizer = load_model(model_dir, dtype=dtype, device=args.device)
     index = NgramIndex.from_texts(train_outputs, tokenizer)
+    results = {split: _decode_split(model, tokenizer, index, held, direction, args, base_vocab)
+               for split, held in splits.items()}
+    del model
+    return results
+
+
+def _decode_split(model: Any, tokenizer: Any, index: Any, held: list[dict[str, Any]], direction: str,
+                  args: argparse.Namespace, base_vocab: int) -> dict[str, Any]:
+    from tasc_ray.drafter import Drafter, DrafterConfig
+    from tasc_ray.generator import SamplingParams, SpeculativeGenerator
+
     prompts = [h["prompt"] for h in held]
     results: dict[str, Any] = {}
     for mode in ("plain", "tasc_spec"):
@@ -169,7 +195,6 @@ def evaluate(model_dir: str, held: list[dict[str, Any]], train_outputs: list[str
     plain, spec = results["_texts"]["plain"], results["_texts"]["tasc_spec"]
     results["tasc_spec"]["matches_plain"] = sum(a == b for a, b in zip(plain, spec)) / len(plain)
     del results["_texts"]
-    del model
     return results
 
 
@@ -192,10 +217,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
     work = Path(args.work_dir) / f"{args.direction}_{args.tag}_{int(time.time())}"
     work.mkdir(parents=True, exist_ok=True)
-    train, held = load_e2e(args.data_dir, args.direction, args.train_rows, args.eval_rows, args.seed)
+    train, splits = load_e2e(args.data_dir, args.direction, args.train_rows, args.eval_rows, args.seed,
+                             getattr(args, "holdout_fraction", 0.2))
     pd.DataFrame(train).to_parquet(work / "train.parquet")
     train_outputs = [r["output"] for r in train]
-    held_refs = [r for h in held for r in h["refs"]]
     base_path = resolve_model(args.model)
     base_tok = AutoTokenizer.from_pretrained(base_path)
     base_vocab = len(base_tok)
@@ -208,19 +233,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     enriched_tok = AutoTokenizer.from_pretrained(work / "enriched")
     nofilter = enrich_tokenizer(base_tok, train_outputs, EnrichConfig(prefix_filter=False, **enrich_cfg),
                                 progress=False)
-    before = count_tokens(base_tok, held_refs) / len(held_refs)
-    compression = {
-        "heldout_refs": len(held_refs),
-        "tokens_per_output_original": before,
-        "tokens_per_output_enriched": count_tokens(enriched_tok, held_refs) / len(held_refs),
-        "tokens_per_output_enriched_no_prefix_filter": count_tokens(nofilter.tokenizer, held_refs) / len(held_refs),
+    compression: dict[str, Any] = {
         "new_tokens": report["n_new_tokens"], "new_tokens_no_prefix_filter": len(nofilter.new_tokens),
         "iterations": len(report["iterations"]), "stop_reason": report["stop_reason"],
         "enrich_seconds": report["seconds"],
     }
-    for key in ("enriched", "enriched_no_prefix_filter"):
-        compression[f"reduction_{key}"] = 1 - compression[f"tokens_per_output_{key}"] / before
-    logger.info("compression on held-out references: %s", compression)
+    for split, held in splits.items():
+        refs = [r for h in held for r in h["refs"]]
+        c = {"references": len(refs)}
+        for key, tok in (("original", base_tok), ("enriched", enriched_tok),
+                         ("enriched_no_prefix_filter", nofilter.tokenizer)):
+            c[f"tokens_per_output_{key}"] = count_tokens(tok, refs) / len(refs)
+        for key in ("enriched", "enriched_no_prefix_filter"):
+            c[f"reduction_{key}"] = 1 - c[f"tokens_per_output_{key}"] / c["tokens_per_output_original"]
+        compression[split] = c
+    logger.info("compression on the evaluation splits' references: %s", compression)
 
     # 2. fine-tune both with the same recipe
     runs: dict[str, Any] = {}
@@ -235,13 +262,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         summary = finetune(cfg)
         runs[name] = {"train": {k: summary[k] for k in ("recipe", "rows", "epochs_done", "steps", "final_loss",
                                                         "train_seconds", "backend", "num_workers", "trainer")}}
-        runs[name]["decode"] = evaluate(cfg.out, held, train_outputs, args.direction, args, base_vocab)
+        runs[name]["decode"] = evaluate(cfg.out, splits, train_outputs, args.direction, args, base_vocab)
         logger.info("%s: %s", name, json.dumps(runs[name], default=str)[:2000])
 
     result = {
         "benchmark": "ft", "direction": args.direction, "command": command, "model": args.model,
         "device": args.device, "host": platform.node(), "torch_threads": torch.get_num_threads(),
-        "train_rows": len(train), "eval_rows": len(held), "config": vars(args) | {"handler": None},
+        "train_rows": len(train), "eval_rows": {k: len(v) for k, v in splits.items()},
+        "config": vars(args) | {"handler": None},
         "compression": compression, "runs": runs,
         "added_tokens_head": [t["token"] for t in report["new_tokens"][:40]],
         "total_seconds": time.perf_counter() - t_start, "work_dir": str(work),
@@ -260,28 +288,31 @@ QUALITY = {"text2mr": ("exact_match", "slot_f1"), "mr2text": ("bleu", "chrf")}
 
 
 def finalize(result: dict[str, Any]) -> dict[str, Any]:
-    """Derive the comparisons (against the fine-tuned original-vocabulary model decoded plainly) and the target
-    checks from the measured runs."""
+    """Derive, per evaluation split, the comparisons against the fine-tuned original-vocabulary model decoded
+    plainly, and the target checks (compression and speed on `heldout`; quality on every split)."""
     keys = QUALITY[result["direction"]]
     runs, compression = result["runs"], result["compression"]
-    ref = runs["original"]["decode"]["plain"]
-    comparisons = {}
-    for name in ("original", "enriched"):
-        for mode in ("plain", "tasc_spec"):
-            d = runs[name]["decode"][mode]
-            comparisons[f"{name}+{mode}"] = {
-                "speedup": ref["seconds"] / d["seconds"],
-                "token_reduction": 1 - d["tokens_per_output"] / ref["tokens_per_output"],
-                **{f"{k}_delta": d[k] - ref[k] for k in keys},
-            }
-    speed = comparisons["enriched+plain"]["speedup"]
+    comparisons: dict[str, Any] = {}
+    for split in runs["original"]["decode"]:
+        ref = runs["original"]["decode"][split]["plain"]
+        comparisons[split] = {}
+        for name in ("original", "enriched"):
+            for mode in ("plain", "tasc_spec"):
+                d = runs[name]["decode"][split][mode]
+                comparisons[split][f"{name}+{mode}"] = {
+                    "speedup": ref["seconds"] / d["seconds"],
+                    "token_reduction": 1 - d["tokens_per_output"] / ref["tokens_per_output"],
+                    **{f"{k}_delta": d[k] - ref[k] for k in keys},
+                }
+    reduction = compression[SPLITS[0]]["reduction_enriched"]
+    speed = comparisons[SPLITS[0]]["enriched+plain"]["speedup"]
     targets = {"reference_output_token_reduction>=25%_with<=500_new_tokens": {
-        "value": compression["reduction_enriched"],
-        "met": compression["reduction_enriched"] >= 0.25 and compression["new_tokens"] <= 500}}
+        "value": reduction, "met": reduction >= 0.25 and compression["new_tokens"] <= 500}}
     targets["decode_speedup>=1.3x"] = {"value": speed, "met": speed >= 1.3}
-    for k in keys:
-        delta = comparisons["enriched+plain"][f"{k}_delta"]
-        targets[f"{k}_within_2_points"] = {"value": delta, "met": delta >= -2.0}
+    for split in comparisons:
+        for k in keys:
+            delta = comparisons[split]["enriched+plain"][f"{k}_delta"]
+            targets[f"{k}_within_2_points ({split})"] = {"value": delta, "met": delta >= -2.0}
     result["comparisons"], result["targets"] = comparisons, targets
     return result
 
@@ -289,35 +320,44 @@ def finalize(result: dict[str, Any]) -> dict[str, Any]:
 def markdown(r: dict[str, Any]) -> str:
     c = r["compression"]
     q, q2 = QUALITY[r["direction"]]
+    splits = list(r["runs"]["original"]["decode"])
+    rows = ", ".join(f"{n} `{k}`" for k, n in r["eval_rows"].items())
     lines = [
         f"# TASC-ft on E2E {r['direction']} ({r['model']}, {r['device']})", "",
         "Command:", "", "```", r["command"], "```", "",
-        f"{r['train_rows']} training rows (E2E devset), {r['eval_rows']} held-out prompts (E2E test set). "
+        f"{r['train_rows']} training rows (E2E devset, MRs not held out); evaluation prompts: {rows}. "
+        "`heldout`: devset rows whose MR no training row has (the task's distribution); `test`: the E2E test set "
+        "(restaurant names the devset lacks; eatType mostly pub/restaurant, which the devset never has). "
         f"Total wall time {r['total_seconds'] / 60:.1f} min.", "",
-        "## Compression (held-out references, re-tokenised)", "",
-        "| vocabulary | new tokens | tokens / output | reduction |", "|---|---|---|---|",
-        f"| original | 0 | {c['tokens_per_output_original']:.2f} | - |",
-        f"| TASC-ft (prefix-conflict filter on) | {c['new_tokens']} | {c['tokens_per_output_enriched']:.2f} "
-        f"| {100 * c['reduction_enriched']:.1f}% |",
-        f"| TASC-ft (filter off) | {c['new_tokens_no_prefix_filter']} | "
-        f"{c['tokens_per_output_enriched_no_prefix_filter']:.2f} | "
-        f"{100 * c['reduction_enriched_no_prefix_filter']:.1f}% |", "",
-        "## Fine-tuning (same recipe for both)", "",
-        "| model | recipe | steps | final loss | train s |", "|---|---|---|---|---|",
+        "## Compression (references re-tokenised)", "",
+        "| split | vocabulary | new tokens | tokens / output | reduction |", "|---|---|---|---|---|",
     ]
+    for split in splits:
+        cs = c[split]
+        lines += [
+            f"| {split} | original | 0 | {cs['tokens_per_output_original']:.2f} | - |",
+            f"| {split} | TASC-ft (prefix-conflict filter on) | {c['new_tokens']} | "
+            f"{cs['tokens_per_output_enriched']:.2f} | {100 * cs['reduction_enriched']:.1f}% |",
+            f"| {split} | TASC-ft (filter off) | {c['new_tokens_no_prefix_filter']} | "
+            f"{cs['tokens_per_output_enriched_no_prefix_filter']:.2f} | "
+            f"{100 * cs['reduction_enriched_no_prefix_filter']:.1f}% |"]
+    lines += ["", "## Fine-tuning (same recipe for both)", "",
+              "| model | recipe | steps | final loss | train s |", "|---|---|---|---|---|"]
     for name, run_ in r["runs"].items():
         t = run_["train"]
         lines.append(f"| {name} | {t['recipe']} | {t['steps']} | {t['final_loss']:.3f} | {t['train_seconds']:.0f} |")
-    lines += ["", "## Decoding (held-out prompts)", "",
-              f"| model | decoding | s | speedup | tokens / output | new-token share | tokens / pass | {q} | {q2} |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for name, run_ in r["runs"].items():
-        for mode, d in run_["decode"].items():
-            cmp = r["comparisons"][f"{name}+{mode}"]
-            lines.append(f"| {name} | {mode} | {d['seconds']:.1f} | {cmp['speedup']:.2f}x | "
-                         f"{d['tokens_per_output']:.1f} | {100 * d['new_token_share']:.1f}% | "
-                         f"{d['tokens_per_pass']:.2f} | {d[q]:.1f} | {d[q2]:.1f} |")
-    lines += ["", "## Targets", "", "| target | value | met |", "|---|---|---|"]
+    lines += ["", "## Decoding", "",
+              "| split | model | decoding | s | speedup | tokens / output | new-token share | tokens / pass "
+              f"| {q} | {q2} |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for split in splits:
+        for name, run_ in r["runs"].items():
+            for mode, d in run_["decode"][split].items():
+                cmp = r["comparisons"][split][f"{name}+{mode}"]
+                lines.append(f"| {split} | {name} | {mode} | {d['seconds']:.1f} | {cmp['speedup']:.2f}x | "
+                             f"{d['tokens_per_output']:.1f} | {100 * d['new_token_share']:.1f}% | "
+                             f"{d['tokens_per_pass']:.2f} | {d[q]:.1f} | {d[q2]:.1f} |")
+    lines += ["", "## Targets (compression and speed on `heldout`)", "", "| target | value | met |", "|---|---|---|"]
     for name, t in r["targets"].items():
         lines.append(f"| {name} | {t['value']:.3f} | {'yes' if t['met'] else 'NO'} |")
     for note in r.get("notes", []):
