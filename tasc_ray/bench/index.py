@@ -43,6 +43,8 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasc_ray.bench import cpu_was_shared
+
 logger = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "datasets"
@@ -325,7 +327,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"Load average {r['machine']['load_avg_start'][0]:.1f} at the start, {r['machine']['load_avg_end'][0]:.1f} "
         f"at the end, on {r['machine']['cpus']} cores"
         + (" (**the CPU was shared with other work**: absolute numbers are pessimistic and noisy)."
-           if r["machine"]["load_avg_start"][0] > 1.5 else " (a quiet machine)."), "",
+           if cpu_was_shared(r["machine"]["load_avg_start"][0], r["machine"]["cpus"]) else " (a quiet machine)."), "",
         f"Corpus: {r['base_outputs']} real outputs (E2E ref + mr, WikiSQL sql; {r['base_tokens']} tokens with "
         f"{r['tokenizer']}), replicated and shuffled into {r['files_per_corpus']} parquet files. max_order "
         f"{r['max_order']}, top_k {r['top_k']}. Times are end to end (list + read parquet, tokenise, count, "
@@ -384,7 +386,7 @@ def markdown(r: dict[str, Any]) -> str:
             "## Why targets were missed", "",
             *([f"- Shared CPU: load average {load['load_avg_start'][0]:.1f} at the start and "
                f"{load['load_avg_end'][0]:.1f} at the end on {load['cpus']} cores; the runs measure contention "
-               "as much as the job."] if load["load_avg_start"][0] > 1.5 else []),
+               "as much as the job."] if cpu_was_shared(load["load_avg_start"][0], load["cpus"]) else []),
             "- Fixed costs weigh on a few-million-token job on 2 cores: every job starts its own count actors and "
             "reducers (one process each, importing Ray Data, pyarrow and tasc_ray) and Ray Data's listing, read and "
             "repartition tasks, on the same two cores that count; the `first block s` column is the time from the "

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tasc_ray.bench import cpu_was_shared
+
 logger = logging.getLogger(__name__)
 
 E2E_DIR = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "e2e"
@@ -126,7 +128,8 @@ def write_report(report: dict[str, Any], out_dir: str, name: str, table: str) ->
           f"Machine: {m['cpus']} CPUs, torch {m['torch']}, load average at start "
           f"{', '.join(f'{x:.1f}' for x in m['load_average_start'])}, at end "
           f"{', '.join(f'{x:.1f}' for x in m['load_average_end'])}. "
-          f"{SHARED_CPU_NOTE if m['load_average_start'][0] > 1.5 else 'A quiet machine (nothing else running).'}", "",
+          + (SHARED_CPU_NOTE if cpu_was_shared(m["load_average_start"][0], m["cpus"])
+             else "A quiet machine (nothing else running)."), "",
           table, ""]
     md += [f"- {line}" for line in report.get("notes", [])]
     (out / f"{name}.md").write_text("\n".join(md) + "\n")
