@@ -178,6 +178,7 @@ class SpeculativeGenerator:
         self.max_batch_size, self.compact_waste = max_batch_size, compact_waste
         self.prefix_cache_min_tokens = prefix_cache_min_tokens
         self._prefix: _PrefixKV | None = None
+        self._last_prompt: list[int] | None = None  # lets single-prompt batches find a prefix shared across calls
         if drafter is not None and drafter.index is not None:
             drafter.index.check_tokenizer(tokenizer)
         eos = model.generation_config.eos_token_id
@@ -327,10 +328,12 @@ class SpeculativeGenerator:
     def _shared_prefix(self, prompts: list[list[int]]) -> _PrefixKV | None:
         """The cached keys and values of the longest prefix every prompt of the batch shares (each keeps at least
         one token to prefill), reusing the last batch's prefix when it still applies; None when shorter than
-        `prefix_cache_min_tokens`."""
+        `prefix_cache_min_tokens`. A batch of one prompt (an online request) is compared with the previous batch's
+        first prompt, so consecutive requests with one system prompt or template share its prefill."""
         if self.prefix_cache_min_tokens <= 0:
             return None
         limit = min(len(p) for p in prompts) - 1
+        last, self._last_prompt = self._last_prompt, prompts[0]
         kept = self._prefix
         if kept is not None:
             n = min(_common_prefix_length([list(kept.tokens), *prompts]), limit)
@@ -338,9 +341,10 @@ class SpeculativeGenerator:
                 if n < len(kept.tokens):
                     self._prefix = kept = kept.cut(n)
                 return kept
-        if len(prompts) < 2:
+        group = prompts if len(prompts) > 1 else [p for p in (last, prompts[0]) if p is not None]
+        if len(group) < 2:
             return None
-        n = min(_common_prefix_length(prompts), limit)
+        n = min(_common_prefix_length(group), limit)
         if n < self.prefix_cache_min_tokens:
             return None
         tokens = prompts[0][:n]

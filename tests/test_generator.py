@@ -215,3 +215,20 @@ def test_shared_prefix_is_prefilled_once_and_changes_nothing(tiny_model, tiny_to
                                                                       for p in partial]
     cached.generate([[7] * 30, [8] * 30], params)
     assert cached.timings.cached_prompt_tokens == 40 * 6 + 20 * 4
+
+
+def test_single_prompt_requests_share_a_prefix_across_calls(tiny_model, tiny_tokenizer):
+    """One prompt per call (an online endpoint): the second call finds the prefix it shares with the first and
+    caches it; later calls reuse it. Outputs stay those of plain greedy decoding."""
+    rng = random.Random(12)
+    vocab = len(tiny_tokenizer)
+    header = [rng.randrange(3, vocab) for _ in range(30)]
+    requests = [header + [rng.randrange(3, vocab) for _ in range(rng.randint(2, 8))] for _ in range(4)]
+    generator = SpeculativeGenerator(tiny_model, tiny_tokenizer, None, max_batch_size=4)
+    params = SamplingParams(max_new_tokens=8)
+    outputs = [generator.generate([r], params)[0].token_ids for r in requests]
+    assert outputs == [reference_greedy(tiny_model, r, 8) for r in requests]
+    assert generator.timings.cached_prompt_tokens == 30 * 3  # the first call had nothing to compare with
+    generator.generate([[9] * 40], params)  # an unrelated request neither uses nor breaks the kept prefix
+    generator.generate([requests[0]], params)
+    assert generator.timings.cached_prompt_tokens == 30 * 4
