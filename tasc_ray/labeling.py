@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import string
 import time
@@ -96,16 +97,28 @@ def template_columns(template: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------
 # The actor
 # ----------------------------------------------------------------------------------------------------------------
+def node_cpu_share(replicas_per_node: int) -> int:
+    """Torch threads for one replica: the CPUs of the node it runs on (as Ray counts them, so a container's limit
+    rather than the host's cores) shared among the replicas placed there."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    cpus = next((n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n["NodeID"] == node_id), 1.0)
+    return max(1, int(cpus // replicas_per_node))
+
+
 class LabelActor:
     """One pool member: loads the engine once, turns a batch of input rows into output rows."""
 
     def __init__(self, engine: dict[str, Any], template: str, id_column: str, sampling: dict[str, Any],
-                 num_threads: int | None = None) -> None:
+                 num_threads: int | None = None, replicas_per_node: int | None = None) -> None:
         import torch
 
         from tasc_ray.engine import load_engine
         from tasc_ray.generator import SamplingParams
 
+        if num_threads is None and replicas_per_node:
+            num_threads = node_cpu_share(replicas_per_node)
         if num_threads:
             torch.set_num_threads(num_threads)
         self.generator = load_engine(EngineConfig.model_validate(engine))
@@ -313,10 +326,13 @@ def label_parquet(
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 and engine.device != "cpu" else 0.0
         cpus = num_cpus_per_replica if num_cpus_per_replica is not None else 0.5
+        replicas_per_node = None
         if num_threads is None and not gpus:
             # The fractional CPU reservation leaves room for Ray Data's own tasks, but Ray then pins a fractional
-            # actor to one torch thread; decoding is the job's real work, so share the node's cores among replicas.
-            num_threads = max(1, int(ray.cluster_resources().get("CPU", 1) // num_replicas))
+            # actor to one torch thread; decoding is the job's real work, so each replica takes its share of its
+            # node's cores. Ray Data spreads actors over the nodes (its default SPREAD strategy).
+            cpu_nodes = sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0)
+            replicas_per_node = math.ceil(num_replicas / max(1, cpu_nodes))
         sampling = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "stop": list(stop or []),
                     "speculative": speculative}
         engine_dict = engine.model_copy(update={"max_batch_size": batch_size}).model_dump(mode="json")
@@ -331,7 +347,8 @@ def label_parquet(
             LabelActor, batch_size=batch_size, batch_format="pyarrow",
             compute=ActorPoolStrategy(size=num_replicas), num_cpus=cpus, num_gpus=gpus or None,
             fn_constructor_kwargs={"engine": engine_dict, "template": prompt_template, "id_column": id_column,
-                                   "sampling": sampling, "num_threads": num_threads})
+                                   "sampling": sampling, "num_threads": num_threads,
+                                   "replicas_per_node": replicas_per_node})
         staging = f"{out_path}/{STAGING}/{run_id}"
         t0 = time.perf_counter()
         # Writes are I/O: a small CPU share lets them run while the actors hold the cluster's CPUs, so finished parts

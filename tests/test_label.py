@@ -22,6 +22,7 @@ from tasc_ray.labeling import (
     LabelError,
     is_complete,
     label_parquet,
+    node_cpu_share,
     resolve_filesystem,
 )
 from tasc_ray.ngram_index import NgramIndex
@@ -103,6 +104,12 @@ def test_label_errors_limit_and_resume(ray_cluster, tmp_path, task_rows, engine,
 
     third = label_parquet(str(src), out, engine, max_new_tokens=MAX_NEW, stop=STOP, batch_size=8)
     assert third["rows_labeled"] == 0 and third["complete"] and len(_read(out)) == 42
+
+
+def test_replicas_share_their_node_cpus(ray_cluster):
+    """Inside the cluster (one node with 2 CPUs), each replica's torch threads are its share of its node's CPUs."""
+    share = ray_cluster.remote(num_cpus=0)(node_cpu_share)
+    assert ray_cluster.get([share.remote(k) for k in (1, 2, 3)]) == [2, 1, 1]
 
 
 def test_template_and_column_errors(ray_cluster, tmp_path, task_rows, engine):
