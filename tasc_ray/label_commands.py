@@ -34,7 +34,7 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-cpus", type=float, default=None, help="CPUs per actor (default 0.5)")
     parser.add_argument("--num-gpus", type=float, default=None, help="GPUs per actor (default 1 if the cluster has)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads per actor (default on CPU: its node's CPUs shared among the replicas there)")
+                        help="torch threads per actor (default on CPU: its node's CPUs shared by the replicas there)")
     parser.add_argument("--limit", type=int, default=None, help="label at most this many new rows in this run")
     parser.add_argument("--rows-per-part", type=int, default=None,
                         help="rows per block/output part (default 8 batches): parallelism and resume granularity")
