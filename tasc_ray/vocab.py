@@ -287,11 +287,11 @@ def enrich_tokenizer(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
         dropped_invalid = dropped_crossing = 0
         for score, count, ids in raw:
             s = tok.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            if any(crosses(s, sep) for sep in config.no_cross):  # the cheap test first
+                dropped_crossing += 1
+                continue
             if s in vocab or not _round_trips(tok, s, probe):
                 dropped_invalid += 1
-                continue
-            if any(crosses(s, sep) for sep in config.no_cross):
-                dropped_crossing += 1
                 continue
             entry = by_string.setdefault(s, [0, 0, ids])
             entry[0] += score
