@@ -6,8 +6,8 @@ For one direction (text -> MR, or MR -> text) the harness:
    training rows from the rest, and `--eval-rows` prompts for each of two evaluation splits, with short plain
    completion prompts (no few-shot: the models are fine-tuned):
    * `heldout`: devset rows whose MR no training row has (the task's own distribution, unseen outputs);
-   * `test`: the E2E test set, a shifted distribution: its restaurant names are not in the devset, and the
-     devset's only eatType value is "coffee shop" while most test MRs say "pub" or "restaurant";
+   * `test`: the E2E test set, a shifted distribution: half its restaurant names and most food values are not
+     in the devset, whose only eatType value is "coffee shop" while most test MRs say "pub" or "restaurant";
 2. enriches the vocabulary on the training outputs (with and, for the record, without the prefix-conflict
    filter) and measures tokens per output on each split's references by re-tokenising them;
 3. fine-tunes the original model and the enriched one on Ray Train with the same recipe, steps and data;
@@ -327,7 +327,7 @@ def markdown(r: dict[str, Any]) -> str:
         "Command:", "", "```", r["command"], "```", "",
         f"{r['train_rows']} training rows (E2E devset, MRs not held out); evaluation prompts: {rows}. "
         "`heldout`: devset rows whose MR no training row has (the task's distribution); `test`: the E2E test set "
-        "(restaurant names the devset lacks; eatType mostly pub/restaurant, which the devset never has). "
+        "(names and food values the devset lacks; eatType mostly pub/restaurant, which the devset never has). "
         f"Total wall time {r['total_seconds'] / 60:.1f} min.", "",
         "## Compression (references re-tokenised)", "",
         "| split | vocabulary | new tokens | tokens / output | reduction |", "|---|---|---|---|---|",
