@@ -327,6 +327,28 @@ def test_bench_quality_metrics():
     assert r["comparisons"]["test"]["enriched+plain"]["speedup"] == 2.0
 
 
+def test_bench_reuses_an_original_model_only_for_the_same_rows_and_recipe(tmp_path):
+    from tasc_ray.bench.ft import reused_original
+
+    rows = [{"prompt": "p1", "output": "o1"}, {"prompt": "p2", "output": "o2"}]
+    (tmp_path / "ft_original").mkdir()
+    pd.DataFrame(rows).to_parquet(tmp_path / "train.parquet")
+    cfg = FinetuneConfig(model="smollm2-135m", train="t.parquet", out=str(tmp_path / "new"), full=True, lr=1e-4)
+    with pytest.raises(ValueError, match="no fine-tuned original model"):
+        reused_original(tmp_path, cfg, rows)
+    summary = {"out": "old", "final_loss": 0.1, "config": {k: getattr(cfg, k) for k in (
+        "model", "epochs", "lr", "lora_r", "lora_alpha", "full", "max_steps", "batch_size", "max_length",
+        "weight_decay", "seed", "bf16")}}
+    (tmp_path / "ft_original" / "finetune.json").write_text(json.dumps(summary))
+    reused = reused_original(tmp_path, cfg, rows)
+    assert reused["out"] == str(tmp_path / "ft_original") and reused["reused_from"] == str(tmp_path)
+    with pytest.raises(ValueError, match="training rows differ"):
+        reused_original(tmp_path, cfg, rows[:1])
+    cfg.epochs = 5
+    with pytest.raises(ValueError, match="recipe differs in epochs"):
+        reused_original(tmp_path, cfg, rows)
+
+
 def test_bench_splits_are_disjoint():
     """The `heldout` split's MRs never appear among the training outputs; `test` comes from the test set."""
     from tasc_ray.bench.ft import E2E_DIR, load_e2e

@@ -75,6 +75,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gen-batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse-original", default=None, metavar="WORK_DIR",
+                   help="an earlier run's work dir: reuse its fine-tuned original-vocabulary model (same training rows "
+                        "and recipe, checked) instead of training it again; it is still decoded in this run")
     p.add_argument("--tag", default="cpu", help="suffix of the result files")
     p.add_argument("--work-dir", default="benchmarks/cache/ft", help="models and Ray storage (not committed)")
     p.add_argument("--out-dir", default="benchmarks/results")
@@ -199,6 +202,26 @@ def _decode_split(model: Any, tokenizer: Any, index: Any, held: list[dict[str, A
 
 
 # ----- the run -----
+RECIPE_KEYS = ("model", "epochs", "lr", "lora_r", "lora_alpha", "full", "max_steps", "batch_size", "max_length",
+               "weight_decay", "seed", "bf16")
+
+
+def reused_original(work: Path, cfg: Any, train: list[dict[str, str]]) -> dict[str, Any]:
+    """The fine-tuning summary of an earlier run's original-vocabulary model, refused unless that run trained on
+    the same rows with the same recipe (the model is then the one this run would train)."""
+    summary_file = work / "ft_original" / "finetune.json"
+    if not summary_file.is_file():
+        raise ValueError(f"--reuse-original {work}: no fine-tuned original model ({summary_file} is missing)")
+    if pd.read_parquet(work / "train.parquet").to_dict("records") != train:
+        raise ValueError(f"--reuse-original {work}: its training rows differ from this run's")
+    summary = json.loads(summary_file.read_text())
+    differ = [k for k in RECIPE_KEYS if summary["config"].get(k) != getattr(cfg, k)]
+    if differ:
+        raise ValueError(f"--reuse-original {work}: its recipe differs in {', '.join(differ)}")
+    logger.info("reusing the fine-tuned original-vocabulary model of %s", work)
+    return summary | {"out": str(work / "ft_original"), "reused_from": str(work)}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
@@ -259,9 +282,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              max_steps=args.max_steps, batch_size=args.batch_size, seed=args.seed,
                              storage_path=str((work / "ray").resolve()), name=f"ft-{name}",
                              trainer=args.trainer, progress=True)
-        summary = finetune(cfg)
+        reuse = getattr(args, "reuse_original", None) if name == "original" else None
+        summary = reused_original(Path(reuse), cfg, train) if reuse else finetune(cfg)
+        cfg.out = summary["out"]
         runs[name] = {"train": {k: summary[k] for k in ("recipe", "rows", "epochs_done", "steps", "final_loss",
                                                         "train_seconds", "backend", "num_workers", "trainer")}}
+        if "reused_from" in summary:
+            runs[name]["train"]["reused_from"] = summary["reused_from"]
         runs[name]["decode"] = evaluate(cfg.out, splits, train_outputs, args.direction, args, base_vocab)
         logger.info("%s: %s", name, json.dumps(runs[name], default=str)[:2000])
 
@@ -345,7 +372,8 @@ def markdown(r: dict[str, Any]) -> str:
               "| model | recipe | steps | final loss | train s |", "|---|---|---|---|---|"]
     for name, run_ in r["runs"].items():
         t = run_["train"]
-        lines.append(f"| {name} | {t['recipe']} | {t['steps']} | {t['final_loss']:.3f} | {t['train_seconds']:.0f} |")
+        label = f"{name} (trained in {t['reused_from']})" if t.get("reused_from") else name
+        lines.append(f"| {label} | {t['recipe']} | {t['steps']} | {t['final_loss']:.3f} | {t['train_seconds']:.0f} |")
     lines += ["", "## Decoding", "",
               "| split | model | decoding | s | speedup | tokens / output | new-token share | tokens / pass "
               f"| {q} | {q2} |",
