@@ -229,6 +229,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from tasc_ray.models import resolve_model
     from tasc_ray.vocab import EnrichConfig, count_tokens, enrich_model, enrich_tokenizer
 
+    reuse = getattr(args, "reuse_original", None)
+    if reuse and not (Path(reuse) / "ft_original" / "finetune.json").is_file():  # before any work
+        raise ValueError(f"--reuse-original {reuse}: no fine-tuned original model (ft_original/finetune.json)")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
