@@ -265,23 +265,24 @@ class NewRowBoost:
     has taken it is the same as giving them `lr * mult`, without splitting the embedding matrix in two."""
 
     def __init__(self, model: Any, new_ids: list[int], mult: float) -> None:
-        self.ids = torch.tensor(new_ids, dtype=torch.long)
         self.mult = mult
-        matrices = [model.get_input_embeddings().weight]
-        head = model.get_output_embeddings()
-        if head is not None and head.weight is not matrices[0]:
-            matrices.append(head.weight)
-        self.matrices = matrices if new_ids and mult != 1.0 else []
+        self.matrices: list[torch.Tensor] = []  # empty: nothing to boost, both hooks do nothing
         self.before: list[torch.Tensor] = []
+        if not new_ids or mult == 1.0:
+            return
+        self.matrices = [model.get_input_embeddings().weight]
+        head = model.get_output_embeddings()
+        if head is not None and head.weight is not self.matrices[0]:
+            self.matrices.append(head.weight)
+        self.ids = torch.tensor(new_ids, dtype=torch.long, device=self.matrices[0].device)
 
     def before_step(self) -> None:
-        self.before = [w.detach()[self.ids.to(w.device)].clone() for w in self.matrices]
+        self.before = [w.detach()[self.ids] for w in self.matrices]  # advanced indexing copies
 
     @torch.no_grad()
     def after_step(self) -> None:
         for w, old in zip(self.matrices, self.before):
-            ids = self.ids.to(w.device)
-            w[ids] = old + (w[ids] - old) * self.mult
+            w[self.ids] = old + (w[self.ids] - old) * self.mult
 
 
 def train_loop(cfg: dict[str, Any]) -> None:
@@ -302,7 +303,8 @@ def run_training(cfg: dict[str, Any], session: Any) -> None:
     if token_rows:
         groups.append({"params": token_rows, "lr": cfg["lr"] * cfg.get("new_token_lr_mult", 1.0)})
     optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    boost = NewRowBoost(model, new_token_ids(tokenizer), cfg.get("new_token_lr_mult", 1.0)) if cfg["full"] else None
+    # LoRA gives the new rows their own parameter group above; full fine-tuning scales their step instead
+    boost = NewRowBoost(model, new_token_ids(tokenizer) if cfg["full"] else [], cfg.get("new_token_lr_mult", 1.0))
     start_epoch, step = 0, 0
     state = session.latest_state()
     if state is not None:
@@ -337,11 +339,9 @@ def run_training(cfg: dict[str, Any], session: Any) -> None:
                 loss = model(**batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
-            if boost is not None:
-                boost.before_step()
+            boost.before_step()
             optimizer.step()
-            if boost is not None:
-                boost.after_step()
+            boost.after_step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             step += 1

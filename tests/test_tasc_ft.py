@@ -328,7 +328,7 @@ def test_bench_quality_metrics():
 
 
 def test_bench_reuses_an_original_model_only_for_the_same_rows_and_recipe(tmp_path):
-    from tasc_ray.bench.ft import reused_original
+    from tasc_ray.bench.ft import RECIPE_KEYS, reused_original
 
     rows = [{"prompt": "p1", "output": "o1"}, {"prompt": "p2", "output": "o2"}]
     (tmp_path / "ft_original").mkdir()
@@ -336,9 +336,7 @@ def test_bench_reuses_an_original_model_only_for_the_same_rows_and_recipe(tmp_pa
     cfg = FinetuneConfig(model="smollm2-135m", train="t.parquet", out=str(tmp_path / "new"), full=True, lr=1e-4)
     with pytest.raises(ValueError, match="no fine-tuned original model"):
         reused_original(tmp_path, cfg, rows)
-    summary = {"out": "old", "final_loss": 0.1, "config": {k: getattr(cfg, k) for k in (
-        "model", "epochs", "lr", "lora_r", "lora_alpha", "full", "max_steps", "batch_size", "max_length",
-        "weight_decay", "seed", "bf16")}}
+    summary = {"out": "old", "final_loss": 0.1, "config": {k: getattr(cfg, k) for k in RECIPE_KEYS}}
     (tmp_path / "ft_original" / "finetune.json").write_text(json.dumps(summary))
     reused = reused_original(tmp_path, cfg, rows)
     assert reused["out"] == str(tmp_path / "ft_original") and reused["reused_from"] == str(tmp_path)

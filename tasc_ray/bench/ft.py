@@ -206,12 +206,17 @@ RECIPE_KEYS = ("model", "epochs", "lr", "lora_r", "lora_alpha", "full", "max_ste
                "weight_decay", "seed", "bf16")
 
 
-def reused_original(work: Path, cfg: Any, train: list[dict[str, str]]) -> dict[str, Any]:
-    """The fine-tuning summary of an earlier run's original-vocabulary model, refused unless that run trained on
-    the same rows with the same recipe (the model is then the one this run would train)."""
+def _original_summary_file(work: Path) -> Path:
     summary_file = work / "ft_original" / "finetune.json"
     if not summary_file.is_file():
         raise ValueError(f"--reuse-original {work}: no fine-tuned original model ({summary_file} is missing)")
+    return summary_file
+
+
+def reused_original(work: Path, cfg: Any, train: list[dict[str, str]]) -> dict[str, Any]:
+    """The fine-tuning summary of an earlier run's original-vocabulary model, refused unless that run trained on
+    the same rows with the same recipe (the model is then the one this run would train)."""
+    summary_file = _original_summary_file(work)
     if pd.read_parquet(work / "train.parquet").to_dict("records") != train:
         raise ValueError(f"--reuse-original {work}: its training rows differ from this run's")
     summary = json.loads(summary_file.read_text())
@@ -230,8 +235,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from tasc_ray.vocab import EnrichConfig, count_tokens, enrich_model, enrich_tokenizer
 
     reuse = getattr(args, "reuse_original", None)
-    if reuse and not (Path(reuse) / "ft_original" / "finetune.json").is_file():  # before any work
-        raise ValueError(f"--reuse-original {reuse}: no fine-tuned original model (ft_original/finetune.json)")
+    if reuse:
+        _original_summary_file(Path(reuse))  # refuse a missing model before any work
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -285,8 +290,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              max_steps=args.max_steps, batch_size=args.batch_size, seed=args.seed,
                              storage_path=str((work / "ray").resolve()), name=f"ft-{name}",
                              trainer=args.trainer, progress=True)
-        reuse = getattr(args, "reuse_original", None) if name == "original" else None
-        summary = reused_original(Path(reuse), cfg, train) if reuse else finetune(cfg)
+        reusing = reuse and name == "original"
+        summary = reused_original(Path(reuse), cfg, train) if reusing else finetune(cfg)
         cfg.out = summary["out"]
         runs[name] = {"train": {k: summary[k] for k in ("recipe", "rows", "epochs_done", "steps", "final_loss",
                                                         "train_seconds", "backend", "num_workers", "trainer")}}
