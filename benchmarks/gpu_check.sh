@@ -12,7 +12,7 @@ export PYTHONPATH=/tmp/site:$PWD TASC_RAY_DATASETS=$PWD/.gpu/datasets TASC_RAY_C
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu_env.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
   | tee -a "$OUT/gpu_env.txt"
-python3 -m tasc_ray.bench.spec --device cuda --dtype bfloat16 --n 24 --batch-sizes 1,8 --max-new-tokens 64 \
+python3 -m benchmarks.spec --device cuda --dtype bfloat16 --n 24 --batch-sizes 1,8 --max-new-tokens 64 \
   --json "$OUT/spec_cuda_bf16.json" 2>&1 | grep -v "Loading weights"
-python3 -m tasc_ray.bench.spec --device cuda --dtype float32 --n 24 --batch-sizes 1,8 --max-new-tokens 64 \
+python3 -m benchmarks.spec --device cuda --dtype float32 --n 24 --batch-sizes 1,8 --max-new-tokens 64 \
   --methods plain,tasc_mixed --json "$OUT/spec_cuda_fp32.json" 2>&1 | grep -v "Loading weights"

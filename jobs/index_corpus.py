@@ -1,39 +1,18 @@
-"""Ray job: index a corpus of outputs (parquet on local disk or S3) into an n-gram index.
+"""Ray job: index a corpus of outputs on Ray Data, the same arguments as `tasc-ray index` (prints the JSON summary).
 
     ray job submit --working-dir . -- python jobs/index_corpus.py --input s3://bucket/outputs/ \
         --column output --tokenizer smollm2-135m --out s3://bucket/index/
 
-Same arguments as `tasc-ray index`; connects to the cluster at RAY_ADDRESS (set by `ray job submit`), or starts
-a local Ray. A thin entry point: all the work is in tasc_ray.distributed_index.
+Connects to the cluster in RAY_ADDRESS (set by `ray job submit`), else starts a local Ray.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
-import logging
 import sys
 
-from tasc_ray.cli import USER_ERRORS
-from tasc_ray.index_commands import add_index_arguments, run_index
+from tasc_ray.cli.main import main as cli_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_index_arguments(parser)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        summary = run_index(args)
-    except USER_ERRORS as exc:
-        if args.verbose:
-            raise
-        print(f"index_corpus: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2, default=str))
-    return 0
+    return cli_main(["index", "--json", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

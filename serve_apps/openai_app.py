@@ -4,7 +4,7 @@
     serve deploy serve_apps/config.yaml          # the same application, from its YAML config
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health. The arguments are parsed
-into `tasc_ray.serving.ServeConfig` (which embeds the engine's `EngineConfig`); `python -m serve_apps.openai_app
+into `tasc_ray.serving.server.ServeConfig` (which embeds the engine's `EngineConfig`); `python -m serve_apps.openai_app
 --write-config` regenerates serve_apps/config.yaml from the builder's defaults (a test keeps them in sync).
 """
 
@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from tasc_ray.serving import (
+from tasc_ray.serving.server import (
     APP_NAME,
     DEPLOYMENT_NAME,
     APIError,

@@ -1,5 +1,5 @@
 """`python -m tasc_ray` runs the `tasc-ray` CLI."""
 
-from tasc_ray.cli import main
+from tasc_ray.cli.main import main
 
 raise SystemExit(main())

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasc_ray.cli import build_parser, main
+from tasc_ray.cli.main import build_parser, main
 
 
 def test_every_command_has_help(capsys):

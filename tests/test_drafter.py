@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from tasc_ray.drafter import Drafter, DrafterConfig, DraftMode, best_draft_length
-from tasc_ray.generator import StepCostModel
-from tasc_ray.ngram_index import NgramIndex
+from tasc_ray.spec.config import DrafterConfig, DraftMode
+from tasc_ray.spec.draft_length import best_draft_length
+from tasc_ray.spec.drafter import Drafter
+from tasc_ray.spec.generator import StepCostModel
+from tasc_ray.spec.index import NgramIndex
 
 
 def test_context_mode_is_prompt_lookup():

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from tasc_ray.drafter import Drafter, DrafterConfig, DraftMode, RowState
-from tasc_ray.generator import PromptTooLongError, SamplingParams, SpeculativeGenerator
-from tasc_ray.ngram_index import NgramIndex
+from tasc_ray.spec.config import DrafterConfig, DraftMode
+from tasc_ray.spec.drafter import Drafter, RowState
+from tasc_ray.spec.generator import PromptTooLongError, SamplingParams, SpeculativeGenerator
+from tasc_ray.spec.index import NgramIndex
 
 
 class OracleDrafter(Drafter):

@@ -16,13 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 from ray import cloudpickle
 
-from tasc_ray.cli import main
-from tasc_ray.distributed_index import IndexJobError, build_index_distributed, index_corpus, split_texts
-from tasc_ray.drafter import DrafterConfig, DraftMode
-from tasc_ray.index_commands import collision_entropy, index_stats
+from tasc_ray.cli.index import collision_entropy, index_stats
+from tasc_ray.cli.main import main
 from tasc_ray.models import load_tokenizer
-from tasc_ray.ngram_index import NgramIndex
-from tasc_ray.simulate import simulate_acceptance
+from tasc_ray.spec.config import DrafterConfig, DraftMode
+from tasc_ray.spec.index import NgramIndex
+from tasc_ray.spec.simulate import simulate_acceptance
+from tasc_ray.stages.index_job import IndexJobError, build_index_distributed, index_corpus, split_texts
 
 ARRAYS = ("hashes", "totals", "offsets", "next_tokens", "counts")
 

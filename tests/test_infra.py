@@ -88,17 +88,17 @@ def test_every_pod_has_shm_memory_volume():
 
 def _job_parser(script: str) -> argparse.ArgumentParser:
     if script == "jobs/batch_label.py":
-        from tasc_ray.label_commands import add_label_arguments
+        from tasc_ray.cli.label import add_label_arguments
         parser = argparse.ArgumentParser()
         add_label_arguments(parser)
         return parser
     if script == "jobs/index_corpus.py":
-        from tasc_ray.index_commands import add_index_arguments
+        from tasc_ray.cli.index import add_index_arguments
         parser = argparse.ArgumentParser()
         add_index_arguments(parser)
         return parser
     if script == "jobs/finetune.py":
-        from tasc_ray.cli import build_parser
+        from tasc_ray.cli.main import build_parser
         sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
         return sub.choices["finetune"]
     raise AssertionError(f"unknown job script {script}")
@@ -125,7 +125,7 @@ def test_rayservice_serves_the_committed_serve_config():
         builder = getattr(importlib.import_module(module), attr)
         built = builder.__wrapped__ if hasattr(builder, "__wrapped__") else builder
         assert callable(built)
-        from tasc_ray.serving import ServeConfig
+        from tasc_ray.serving.server import ServeConfig
         config = ServeConfig.model_validate(app["args"])
         assert config.api_key_env == "TASC_API_KEY"
     containers = [c for t in _pod_templates(_manifests()["rayservice.yaml"]["spec"]) for c in t["spec"]["containers"]]

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasc_ray.drafter import Drafter, DrafterConfig, DraftMode
-from tasc_ray.generator import SamplingParams, SpeculativeGenerator
 from tasc_ray.models import load_model
-from tasc_ray.ngram_index import NgramIndex
 from tasc_ray.sample_task import sample_task
+from tasc_ray.spec.config import DrafterConfig, DraftMode
+from tasc_ray.spec.drafter import Drafter
+from tasc_ray.spec.generator import SamplingParams, SpeculativeGenerator
+from tasc_ray.spec.index import NgramIndex
 
 pytestmark = pytest.mark.integration
 

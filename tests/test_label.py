@@ -14,9 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasc_ray.engine import EngineConfig, load_engine
-from tasc_ray.generator import SamplingParams
-from tasc_ray.labeling import (
+from tasc_ray.spec.engine import EngineConfig, load_engine
+from tasc_ray.spec.generator import SamplingParams
+from tasc_ray.spec.index import NgramIndex
+from tasc_ray.stages.labeling import (
     OUTPUT_COLUMNS,
     SUCCESS,
     LabelError,
@@ -25,7 +26,6 @@ from tasc_ray.labeling import (
     node_cpu_share,
     resolve_filesystem,
 )
-from tasc_ray.ngram_index import NgramIndex
 
 MAX_NEW = 24
 STOP = ["]"]

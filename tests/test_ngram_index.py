@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from tasc_ray.ngram_index import NgramCounts, NgramIndex, NgramIndexError, hash_windows
+from tasc_ray.spec.index import NgramCounts, NgramIndex, NgramIndexError, hash_windows
 
 
 def brute_force_counts(seqs, m):

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from serve_apps.openai_app import CONFIG_PATH, build_app, default_config, deploy_config
-from tasc_ray.ngram_index import NgramIndex
-from tasc_ray.serving import DEPLOYMENT_NAME, ServeConfig
+from tasc_ray.serving.server import DEPLOYMENT_NAME, ServeConfig
+from tasc_ray.spec.index import NgramIndex
 
 MODEL = "tiny"
 KEY = "sk-test-123"

@@ -12,20 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from tasc_ray.bench.ft import finalize, parse_slots, slot_scores, text_scores
-from tasc_ray.cli import main
-from tasc_ray.finetune import (
-    FinetuneConfig,
-    FinetuneError,
-    NewRowBoost,
-    _collate,
-    encode_rows,
-    finetune,
-    new_token_ids,
-    read_pairs,
-    select_gpu,
-)
-from tasc_ray.vocab import (
+from benchmarks.ft import finalize, parse_slots, slot_scores, text_scores
+from tasc_ray.cli.main import main
+from tasc_ray.ft.enrich import (
     REPORT_FILE,
     EnrichConfig,
     VocabEnrichmentError,
@@ -37,6 +26,17 @@ from tasc_ray.vocab import (
     init_new_embeddings,
     roundtrip_failures,
     split_corpus,
+)
+from tasc_ray.ft.train import (
+    FinetuneConfig,
+    FinetuneError,
+    NewRowBoost,
+    _collate,
+    encode_rows,
+    finetune,
+    new_token_ids,
+    read_pairs,
+    select_gpu,
 )
 
 
@@ -150,7 +150,7 @@ def test_untied_lm_head_rows_are_means():
                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
     model = LlamaForCausalLM(config)
     head = model.get_output_embeddings().weight.detach().clone()
-    from tasc_ray.vocab import NewToken
+    from tasc_ray.ft.enrich import NewToken
 
     init_new_embeddings(model, [NewToken("ab", 50, 1, 2, 3, 3, 0.0, [4, 7]), NewToken("abc", 51, 2, 2, 3, 3, 0.0,
                                                                                       [4, 7, 9])], 50)
@@ -328,7 +328,7 @@ def test_bench_quality_metrics():
 
 
 def test_bench_reuses_an_original_model_only_for_the_same_rows_and_recipe(tmp_path):
-    from tasc_ray.bench.ft import RECIPE_KEYS, reused_original
+    from benchmarks.ft import RECIPE_KEYS, reused_original
 
     rows = [{"prompt": "p1", "output": "o1"}, {"prompt": "p2", "output": "o2"}]
     (tmp_path / "ft_original").mkdir()
@@ -349,7 +349,7 @@ def test_bench_reuses_an_original_model_only_for_the_same_rows_and_recipe(tmp_pa
 
 def test_bench_splits_are_disjoint():
     """The `heldout` split's MRs never appear among the training outputs; `test` comes from the test set."""
-    from tasc_ray.bench.ft import E2E_DIR, load_e2e
+    from benchmarks.ft import E2E_DIR, load_e2e
 
     if not (E2E_DIR / "devset.csv").is_file():
         pytest.skip("E2E data not present")

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 
-from tasc_ray.drafter import Drafter, DrafterConfig, DraftMode
-from tasc_ray.ngram_index import NgramIndex
+from tasc_ray.spec.config import DrafterConfig
+from tasc_ray.spec.drafter import Drafter
+from tasc_ray.spec.index import NgramIndex
 
 
 def simulate_acceptance(
@@ -76,8 +76,6 @@ def simulate_acceptance(
                 tokens += len(seqs[i])
                 passes += row_passes[i]
                 per_seq.append(len(seqs[i]) / row_passes[i])
-    cfg = asdict(config)
-    cfg["mode"] = DraftMode(config.mode).value
     return {
         "sequences": len(per_seq),
         "tokens": tokens,
@@ -91,5 +89,5 @@ def simulate_acceptance(
         "accepted_hist": hist.tolist(),
         "draft_seconds": draft_seconds,
         "draft_ms_per_pass": 1000 * draft_seconds / passes if passes else 0.0,
-        "drafter": cfg,
+        "drafter": config.model_dump(mode="json"),
     }

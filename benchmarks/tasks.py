@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from tasc_ray.corpus import CorpusError, read_texts
+from tasc_ray.io import CorpusError, read_texts
 
 BUILTIN_TASKS = ("e2e_text2mr", "e2e_mr2text", "wikisql")
 N_SHOTS = 3

@@ -1,12 +1,12 @@
-"""`tasc-ray label`: batch labeling of a parquet dataset through a Ray Data actor pool (see tasc_ray.labeling)."""
+"""`tasc-ray label`: batch labeling of a parquet dataset on a Ray Data actor pool (tasc_ray.stages.labeling)."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from tasc_ray.cli import add_command, add_model_argument
-from tasc_ray.commands import add_engine_arguments, engine_config
+from tasc_ray.cli.args import add_engine_arguments, add_model_argument, engine_config
+from tasc_ray.cli.main import CommandIncomplete, add_command
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,11 +47,14 @@ def _unescape(text: str) -> str:
 
 
 def run_label(args: argparse.Namespace) -> dict[str, Any]:
-    from tasc_ray.labeling import label_parquet
+    from tasc_ray.stages.labeling import label_parquet
 
     template, stops = _unescape(args.prompt_template), [_unescape(s) for s in args.stop]
-    return label_parquet(
+    summary = label_parquet(
         args.input, args.output, engine_config(args), prompt_template=template, id_column=args.id_column,
         max_new_tokens=args.max_new_tokens, stop=stops, speculative=not args.no_spec, batch_size=args.batch_size,
         num_replicas=args.num_replicas, num_cpus_per_replica=args.num_cpus, num_gpus_per_replica=args.num_gpus,
         num_threads=args.threads, limit=args.limit, rows_per_part=args.rows_per_part)
+    if summary["rows_remaining"] and args.limit is None:
+        raise CommandIncomplete(f"{summary['rows_remaining']} rows are not labeled yet; rerun to resume", summary)
+    return summary

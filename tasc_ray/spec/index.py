@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 logger = logging.getLogger(__name__)
 
-FORMAT_NAME = "tasc_ray.ngram_index"
+FORMAT_NAME = "tasc_ray.ngram_index"  # the on-disk format's name, kept across code moves
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DEFAULT_MAX_ORDER = 4

@@ -10,38 +10,20 @@ estimated probability of the drafted path falls below a threshold. A bad draft o
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 
 import numpy as np
 
-from tasc_ray.ngram_index import Match, NgramIndex
+from tasc_ray.spec.config import DrafterConfig, DraftMode
+from tasc_ray.spec.draft_length import StepCost, best_draft_length
+from tasc_ray.spec.index import Match, NgramIndex
 
-DEFAULT_MAX_DRAFT = 8
-DEFAULT_LAMBDA = 0.5
-DEFAULT_MIN_PATH_PROB = 0.1
-DEFAULT_CONTEXT_ORDER = 4
+logger = logging.getLogger(__name__)
 
-StepCost = Callable[[int], float]  # estimated seconds of one verification pass over n query tokens (whole batch)
-
-
-class DraftMode(str, Enum):
-    """Which statistics draft: the row's own context (prompt lookup), the task corpus, or both mixed."""
-
-    CONTEXT = "context"
-    CORPUS = "corpus"
-    MIXED = "mixed"
-
-
-@dataclass
-class DrafterConfig:
-    mode: DraftMode = DraftMode.MIXED
-    max_draft: int = DEFAULT_MAX_DRAFT  # k, the most tokens drafted per step
-    lam: float = DEFAULT_LAMBDA  # weight of the corpus distribution when both sources match
-    min_path_prob: float = DEFAULT_MIN_PATH_PROB  # stop drafting when the path's estimated probability drops below
-    context_order: int = DEFAULT_CONTEXT_ORDER  # n-gram order of the row's own context model
+__all__ = ["Drafter", "DrafterConfig", "DraftMode", "RowState", "build_drafter"]
 
 
 @dataclass
@@ -137,19 +119,9 @@ class Drafter:
         return int(corpus.next_tokens[0]), float(corpus.probs[0])
 
 
-def best_draft_length(path_probs: Sequence[Sequence[float]], step_cost: StepCost) -> int:
-    """The common draft length K maximising expected tokens per second of one batched pass.
-
-    A pass over B rows with drafts cut to K costs step_cost(B * (K + 1)) (every row is padded to K + 1 query
-    tokens) and yields, in expectation, sum_i (1 + sum_{j < K} q_ij) tokens, q_ij being the estimated
-    probability that row i's first j + 1 draft tokens are all accepted.
-    """
-    batch = len(path_probs)
-    expected = float(batch)  # each pass emits at least the target's own token per row
-    best_k, best_rate = 0, expected / step_cost(batch)
-    for k in range(1, max(len(p) for p in path_probs) + 1):
-        expected += sum(p[k - 1] for p in path_probs if len(p) >= k)
-        rate = expected / step_cost(batch * (k + 1))
-        if rate > best_rate:
-            best_k, best_rate = k, rate
-    return best_k
+def build_drafter(index: NgramIndex | None, config: DrafterConfig) -> Drafter:
+    """A Drafter over `index`; without one, drafting falls back to the row's own context (prompt lookup)."""
+    effective = config.for_index(index is not None)
+    if effective is not config:
+        logger.info("no index given: drafting from the prompt's own n-grams only (context mode)")
+    return Drafter(index, effective)

@@ -57,7 +57,7 @@ from tokenizers import AddedToken
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tasc_ray.ngram_index import hash_windows, tokenize_texts
+from tasc_ray.spec.index import hash_windows, tokenize_texts
 
 logger = logging.getLogger(__name__)
 

@@ -8,13 +8,18 @@ import logging
 import time
 from typing import Any
 
-from tasc_ray.cli import add_command, add_model_argument
-from tasc_ray.corpus import read_texts
-from tasc_ray.drafter import DEFAULT_LAMBDA, DEFAULT_MAX_DRAFT, DEFAULT_MIN_PATH_PROB, DraftMode
-from tasc_ray.engine import EngineConfig, load_engine
-from tasc_ray.generator import SamplingParams
+from tasc_ray.cli.args import (
+    add_engine_arguments,
+    add_model_argument,
+    add_sampling_arguments,
+    engine_config,
+    sampling_params,
+)
+from tasc_ray.cli.main import add_command
+from tasc_ray.io import read_texts
 from tasc_ray.models import load_tokenizer, resolve_model
-from tasc_ray.ngram_index import DEFAULT_MAX_ORDER, DEFAULT_TOP_K, NgramIndex
+from tasc_ray.spec.engine import load_engine
+from tasc_ray.spec.index import DEFAULT_MAX_ORDER, DEFAULT_TOP_K, NgramIndex
 
 logger = logging.getLogger(__name__)
 
@@ -43,38 +48,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_engine_arguments(gen)
     gen.add_argument("--no-spec", action="store_true", help="plain decoding (no drafts), same code path")
     add_sampling_arguments(gen)
-
-
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--index", help="n-gram index directory or s3:// prefix (without: prompt lookup only)")
-    parser.add_argument("--mode", choices=[m.value for m in DraftMode], default=DraftMode.MIXED.value,
-                        help="draft from the row's context, the corpus index, or both mixed")
-    parser.add_argument("--lam", type=float, default=DEFAULT_LAMBDA, help="weight of the corpus distribution")
-    parser.add_argument("--max-draft", type=int, default=DEFAULT_MAX_DRAFT, help="most tokens drafted per step")
-    parser.add_argument("--min-path-prob", type=float, default=DEFAULT_MIN_PATH_PROB,
-                        help="stop drafting when the drafted path's estimated probability falls below this")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-
-
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(model=args.model, index=args.index, dtype=args.dtype, device=args.device,
-                        mode=DraftMode(args.mode), lam=args.lam, max_draft=args.max_draft,
-                        min_path_prob=args.min_path_prob)
-
-
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-
-
-def sampling_params(args: argparse.Namespace, speculative: bool = True) -> SamplingParams:
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed, stop=list(args.stop), speculative=speculative)
 
 
 def _models(args: argparse.Namespace) -> dict[str, Any]:

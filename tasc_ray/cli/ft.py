@@ -6,10 +6,11 @@ import argparse
 import logging
 from typing import Any
 
-from tasc_ray.cli import add_command, add_model_argument
-from tasc_ray.corpus import read_texts
-from tasc_ray.finetune import FinetuneConfig, FinetuneError, finetune
-from tasc_ray.vocab import EnrichConfig, VocabEnrichmentError, enrich_model
+from tasc_ray.cli.args import add_model_argument
+from tasc_ray.cli.main import add_command
+from tasc_ray.ft.enrich import EnrichConfig, VocabEnrichmentError, enrich_model
+from tasc_ray.ft.train import FinetuneConfig, FinetuneError, finetune
+from tasc_ray.io import read_texts
 
 logger = logging.getLogger(__name__)
 

@@ -445,7 +445,7 @@ def _fit_ray(cfg: FinetuneConfig, loop_cfg: dict[str, Any], storage: str,
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from tasc_ray.ray_runtime import ensure_ray
+    from tasc_ray.stages.runtime import ensure_ray
 
     ensure_ray()
     use_gpu, backend = select_gpu(cfg.use_gpu, ray.cluster_resources().get("GPU", 0.0) if cfg.use_gpu else None)

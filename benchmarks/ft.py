@@ -151,7 +151,7 @@ def evaluate(model_dir: str, splits: dict[str, list[dict[str, Any]]], train_outp
              args: argparse.Namespace, base_vocab: int) -> dict[str, dict[str, Any]]:
     """Decode each split's prompts plainly and with TASC-spec; time, tokens, new-token share, quality."""
     from tasc_ray.models import load_model
-    from tasc_ray.ngram_index import NgramIndex
+    from tasc_ray.spec.index import NgramIndex
 
     dtype = "bfloat16" if args.bf16 else "float32"
     model, tokenizer = load_model(model_dir, dtype=dtype, device=args.device)
@@ -164,8 +164,9 @@ def evaluate(model_dir: str, splits: dict[str, list[dict[str, Any]]], train_outp
 
 def _decode_split(model: Any, tokenizer: Any, index: Any, held: list[dict[str, Any]], direction: str,
                   args: argparse.Namespace, base_vocab: int) -> dict[str, Any]:
-    from tasc_ray.drafter import Drafter, DrafterConfig
-    from tasc_ray.generator import SamplingParams, SpeculativeGenerator
+    from tasc_ray.spec.config import DrafterConfig
+    from tasc_ray.spec.drafter import Drafter
+    from tasc_ray.spec.generator import SamplingParams, SpeculativeGenerator
 
     prompts = [h["prompt"] for h in held]
     results: dict[str, Any] = {}
@@ -230,9 +231,9 @@ def reused_original(work: Path, cfg: Any, train: list[dict[str, str]]) -> dict[s
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from tasc_ray.finetune import FinetuneConfig, finetune
+    from tasc_ray.ft.enrich import EnrichConfig, count_tokens, enrich_model, enrich_tokenizer
+    from tasc_ray.ft.train import FinetuneConfig, finetune
     from tasc_ray.models import resolve_model
-    from tasc_ray.vocab import EnrichConfig, count_tokens, enrich_model, enrich_tokenizer
 
     reuse = getattr(args, "reuse_original", None)
     if reuse:
@@ -241,8 +242,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was given but CUDA is not available")
-    if Path(sys.argv[0]).name == "ft.py":  # python -m tasc_ray.bench.ft
-        command = "python -m tasc_ray.bench.ft " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if Path(sys.argv[0]).name == "ft.py":  # python -m benchmarks.ft
+        command = "python -m benchmarks.ft " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     else:
         command = "tasc-ray " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "tasc-ray bench ft"
     t_start = time.perf_counter()
@@ -403,9 +404,9 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m tasc_ray.bench.ft ...`: the same benchmark without the full CLI (for machines without Ray
+    """`python -m benchmarks.ft ...`: the same benchmark without the full CLI (for machines without Ray
     Serve/pydantic, with --trainer local)."""
-    parser = argparse.ArgumentParser(prog="python -m tasc_ray.bench.ft")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ft")
     register(parser.add_subparsers(dest="bench", required=True))
     args = parser.parse_args(["ft", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

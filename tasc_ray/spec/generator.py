@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation.logits_process import (
@@ -31,7 +30,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from tasc_ray.drafter import Drafter, RowState
+from tasc_ray.spec.draft_length import StepCostModel
+from tasc_ray.spec.drafter import Drafter, RowState
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +39,16 @@ Prompt = str | Sequence[int] | Sequence[dict[str, str]]
 StreamCallback = Callable[[int, list[int]], None]  # (prompt index, newly emitted token ids)
 
 
-class PromptTooLongError(ValueError):
+class PromptError(ValueError):
+    """A prompt the engine cannot decode (empty, token ids outside the vocabulary, too long for the context)."""
+
+    code = "invalid_value"  # OpenAI's error code for it
+
+
+class PromptTooLongError(PromptError):
     """A prompt that leaves no room for one new token in the model's context window."""
+
+    code = "context_length_exceeded"
 
 
 @dataclass
@@ -77,37 +85,6 @@ class RowStats:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-class StepCostModel:
-    """Seconds of one verification pass as a function of its query tokens n (all rows): cost(n) = a + b * n.
-
-    Fitted online by least squares over the latest passes. Until the observed n vary enough to fit a slope,
-    the slope comes from a prior: `prior_tokens` extra query tokens double a pass's cost (on 2 CPU cores a
-    pass over 8 new tokens costs ~1.4x one token; a GPU has far more room, which the fit then finds).
-    """
-
-    def __init__(self, prior_tokens: float = 20.0, window: int = 128) -> None:
-        self.prior_tokens, self.window = prior_tokens, window
-        self.obs: list[tuple[int, float]] = []
-        self.a, self.b = 1.0, 1.0 / prior_tokens
-
-    def observe(self, n_tokens: int, seconds: float) -> None:
-        self.obs.append((n_tokens, seconds))
-        if len(self.obs) > self.window:
-            del self.obs[0]
-        n = np.array([o[0] for o in self.obs], dtype=float)
-        s = np.array([o[1] for o in self.obs], dtype=float)
-        if len(self.obs) >= 8 and n.std() > 0.25 * n.mean():
-            b, a = np.polyfit(n, s, 1)
-            if a > 0 and b >= 0:
-                self.a, self.b = a, b
-                return
-        self.a = float(s.mean() / (1 + n.mean() / self.prior_tokens))
-        self.b = self.a / self.prior_tokens
-
-    def __call__(self, n_tokens: int) -> float:
-        return self.a + self.b * n_tokens
 
 
 @dataclass
@@ -194,13 +171,29 @@ class SpeculativeGenerator:
 
     # ----- public API -----
     def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of a prompt: text as is, chat messages through the chat template, ids unchanged."""
+        """Token ids of a prompt: text as is, chat messages through the chat template, ids unchanged; raises
+        PromptError for a prompt the engine cannot decode (see check_prompt)."""
         if isinstance(prompt, str):
-            return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        if len(prompt) and isinstance(prompt[0], dict):
-            ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        return [int(t) for t in prompt]
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        elif len(prompt) and isinstance(prompt[0], dict):
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise PromptError("this model has no chat template; send a plain-text prompt")
+            out = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+            ids = list(out["input_ids"] if hasattr(out, "keys") else out)
+        else:
+            ids = [int(t) for t in prompt]
+            vocab = len(self.tokenizer)
+            if any(t < 0 or t >= vocab for t in ids):
+                raise PromptError(f"token ids must lie in [0, {vocab})")
+        self.check_prompt(ids)
+        return ids
+
+    def check_prompt(self, ids: Sequence[int]) -> None:
+        """Refuse an empty prompt and one that leaves no room for a new token in the model's context."""
+        if not ids:
+            raise PromptError("the prompt is empty")
+        if len(ids) >= self.max_context:
+            raise PromptTooLongError(f"the prompt has {len(ids)} tokens; the model's context holds {self.max_context}")
 
     def generate(
         self,
@@ -212,13 +205,12 @@ class SpeculativeGenerator:
         params = params or SamplingParams()
         if params.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be positive, got {params.max_new_tokens}")
-        encoded = [self.encode(p) for p in prompts]
-        for i, ids in enumerate(encoded):
-            if not ids:
-                raise ValueError(f"prompt {i} is empty")
-            if len(ids) >= self.max_context:
-                raise PromptTooLongError(
-                    f"prompt {i} has {len(ids)} tokens; the model's context holds {self.max_context}")
+        encoded = []
+        for i, prompt in enumerate(prompts):
+            try:
+                encoded.append(self.encode(prompt))
+            except PromptError as exc:
+                raise type(exc)(f"prompt {i}: {exc}") from exc
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         generator = None
         if params.seed is not None:
@@ -231,6 +223,27 @@ class SpeculativeGenerator:
                 results[row.index] = self._result(row)
         self.timings.generate_s += time.perf_counter() - t0
         return results  # type: ignore[return-value]
+
+    def generate_each(
+        self,
+        prompts: Sequence[Prompt],
+        params: SamplingParams | None = None,
+        stream: StreamCallback | None = None,
+    ) -> list[GenerationResult | Exception]:
+        """generate(), but a failure stays in its own row: when the batch fails, the rows are decoded one at a
+        time and each failing row's exception takes the place of its result."""
+        try:
+            return list(self.generate(prompts, params, stream))
+        except Exception as exc:
+            logger.warning("batched decode of %d rows failed (%s); decoding them one by one", len(prompts), exc)
+        out: list[GenerationResult | Exception] = []
+        for i, prompt in enumerate(prompts):
+            row_stream = None if stream is None else (lambda _k, ids, i=i: stream(i, ids))
+            try:
+                out.append(self.generate([prompt], params, row_stream)[0])
+            except Exception as exc:
+                out.append(exc)
+        return out
 
     # ----- the decoding loop -----
     @torch.inference_mode()

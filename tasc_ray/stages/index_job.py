@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasc_ray.ngram_index import (
+from tasc_ray.spec.index import (
     DEFAULT_MAX_ORDER,
     DEFAULT_TOP_K,
     NgramCounts,

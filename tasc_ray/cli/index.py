@@ -15,8 +15,13 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from tasc_ray.cli import add_command
-from tasc_ray.distributed_index import (
+from tasc_ray.cli.args import add_config_arguments, config_from_args
+from tasc_ray.cli.main import add_command
+from tasc_ray.models import DEFAULT_MODEL, load_tokenizer
+from tasc_ray.spec.config import DrafterConfig, DraftMode
+from tasc_ray.spec.index import DEFAULT_MAX_ORDER, DEFAULT_TOP_K, MANIFEST, NgramIndex, read_manifest
+from tasc_ray.spec.simulate import simulate_acceptance
+from tasc_ray.stages.index_job import (
     DEFAULT_BATCH_SIZE,
     index_corpus,
     index_truncation,
@@ -24,18 +29,7 @@ from tasc_ray.distributed_index import (
     read_text_column,
     storage_options_for,
 )
-from tasc_ray.drafter import (
-    DEFAULT_CONTEXT_ORDER,
-    DEFAULT_LAMBDA,
-    DEFAULT_MAX_DRAFT,
-    DEFAULT_MIN_PATH_PROB,
-    DrafterConfig,
-    DraftMode,
-)
-from tasc_ray.models import DEFAULT_MODEL, load_tokenizer
-from tasc_ray.ngram_index import DEFAULT_MAX_ORDER, DEFAULT_TOP_K, MANIFEST, NgramIndex, read_manifest
-from tasc_ray.ray_runtime import ensure_ray
-from tasc_ray.simulate import simulate_acceptance
+from tasc_ray.stages.runtime import ensure_ray
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sim.add_argument("--tokenizer", "--model", dest="tokenizer", default=DEFAULT_MODEL,
                      help=f"{DEFAULT_MODEL!r} or a Hugging Face model/tokenizer directory (the index's tokenizer)")
     sim.add_argument("--limit", type=int, default=None, help="simulate only the first N rows")
-    sim.add_argument("--mode", choices=[m.value for m in DraftMode], default=DraftMode.MIXED.value)
-    sim.add_argument("--lam", type=float, default=DEFAULT_LAMBDA, help="weight of the corpus distribution")
-    sim.add_argument("--max-draft", type=int, default=DEFAULT_MAX_DRAFT, help="most tokens drafted per pass")
-    sim.add_argument("--min-path-prob", type=float, default=DEFAULT_MIN_PATH_PROB,
-                     help="stop drafting when the drafted path's estimated probability falls below this")
-    sim.add_argument("--context-order", type=int, default=DEFAULT_CONTEXT_ORDER,
-                     help="n-gram order of the row's own context model")
+    add_config_arguments(sim, DrafterConfig)
     sim.add_argument("--storage-options", type=_json_dict, default=None, help="fsspec options as JSON for s3://")
 
 
@@ -205,9 +193,9 @@ def _index_stats(args: argparse.Namespace) -> dict[str, Any]:
 # ----- simulate -----
 
 def _simulate(args: argparse.Namespace) -> dict[str, Any]:
-    mode = DraftMode(args.mode)
-    if args.index is None and mode != DraftMode.CONTEXT:
-        raise ValueError(f"--mode {mode.value} needs --index")
+    config = config_from_args(DrafterConfig, args)
+    if args.index is None and config.mode != DraftMode.CONTEXT:
+        raise ValueError(f"--mode {config.mode.value} needs --index")
     tokenizer = load_tokenizer(args.tokenizer)
     index = None
     if args.index is not None:
@@ -226,8 +214,6 @@ def _simulate(args: argparse.Namespace) -> dict[str, Any]:
     if prompts_text is not None:
         prompts = tokenizer([p if isinstance(p, str) else "" for p in prompts_text],
                             add_special_tokens=False)["input_ids"]
-    config = DrafterConfig(mode=mode, max_draft=args.max_draft, lam=args.lam, min_path_prob=args.min_path_prob,
-                           context_order=args.context_order)
     result = simulate_acceptance(index, sequences, config, prompts)
     result.update(index=args.index, input=args.input, column=args.column,
                   skipped_rows=read_stats["skipped_null"] + read_stats["skipped_empty"]

@@ -28,12 +28,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from tasc_ray.cli import add_model_argument
-from tasc_ray.drafter import DEFAULT_LAMBDA, DEFAULT_MAX_DRAFT, DEFAULT_MIN_PATH_PROB, Drafter, DrafterConfig, DraftMode
-from tasc_ray.generator import GenerationResult, SamplingParams, SpeculativeGenerator, find_stop
+from benchmarks.tasks import BUILTIN_TASKS, Task, load_task, load_task_file
+from tasc_ray.cli.args import add_config_arguments, add_model_argument, config_from_args
 from tasc_ray.models import load_model
-from tasc_ray.ngram_index import DEFAULT_MAX_ORDER, NgramIndex, tokenizer_fingerprint
-from tasc_ray.tasks import BUILTIN_TASKS, Task, load_task, load_task_file
+from tasc_ray.spec.config import DrafterConfig, DraftMode
+from tasc_ray.spec.drafter import Drafter
+from tasc_ray.spec.generator import GenerationResult, SamplingParams, SpeculativeGenerator, find_stop
+from tasc_ray.spec.index import DEFAULT_MAX_ORDER, NgramIndex, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="also index the model's own greedy outputs on N prompts of the disjoint split")
     p.add_argument("--corpus-limit", type=int, default=None, help="at most this many reference outputs to index")
     p.add_argument("--max-order", type=int, default=DEFAULT_MAX_ORDER)
-    p.add_argument("--lam", type=float, default=DEFAULT_LAMBDA)
-    p.add_argument("--max-draft", type=int, default=DEFAULT_MAX_DRAFT)
-    p.add_argument("--min-path-prob", type=float, default=DEFAULT_MIN_PATH_PROB)
+    add_config_arguments(p, DrafterConfig, exclude={"mode"})  # each method sets the mode
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0, help="which prompts are drawn")
@@ -118,7 +117,7 @@ def _git_commit() -> str | None:
 
 
 def _command_line() -> str:
-    prog = "python -m tasc_ray.bench.spec" if sys.argv[0].endswith("spec.py") else "tasc-ray"
+    prog = "python -m benchmarks.spec" if sys.argv[0].endswith("spec.py") else "tasc-ray"
     return " ".join([prog, *(shlex.quote(a) for a in sys.argv[1:])])
 
 
@@ -141,8 +140,7 @@ def bench_task(model, tokenizer, task: Task, indexes: dict[str, NgramIndex], met
                 elif method == "prompt_lookup_hf":
                     measured = measure_hf_lookup(model, tokenizer, task.prompts, params)
                 else:
-                    config = DrafterConfig(mode=MODES[method], max_draft=args.max_draft, lam=args.lam,
-                                           min_path_prob=args.min_path_prob)
+                    config = config_from_args(DrafterConfig, args, mode=MODES[method])
                     generator = SpeculativeGenerator(model, tokenizer, Drafter(index, config),
                                                      max_batch_size=batch_size)
                     measured = measure_engine(generator, task.prompts, params)
@@ -207,14 +205,13 @@ def run_record(task: Task, method: str, batch_size: int, corpus_kind: str | None
 def simulate_task(task: Task, indexes: dict[str, NgramIndex], tokenizer, args: argparse.Namespace
                   ) -> list[dict[str, Any]]:
     """Predicted tokens per pass from replaying the references through the drafter (no model)."""
-    from tasc_ray.simulate import simulate_acceptance
+    from tasc_ray.spec.simulate import simulate_acceptance
 
     prompts = [tokenizer(p)["input_ids"] for p in task.prompts]
     references = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in task.references]
     out = []
     for corpus_kind, index in indexes.items():
-        config = DrafterConfig(mode=DraftMode.MIXED, max_draft=args.max_draft, lam=args.lam,
-                               min_path_prob=args.min_path_prob)
+        config = config_from_args(DrafterConfig, args, mode=DraftMode.MIXED)
         sim = simulate_acceptance(index, references, config, prompts=prompts)
         out.append({"task": task.name, "corpus": corpus_kind, "method": "tasc_mixed", **sim})
     return out
@@ -304,8 +301,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m tasc_ray.bench.spec ...`: the same benchmark without loading the other CLI commands (or Ray)."""
-    parser = argparse.ArgumentParser(prog="python -m tasc_ray.bench.spec")
+    """`python -m benchmarks.spec ...`: the same benchmark without loading the other CLI commands (or Ray)."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.spec")
     register(parser.add_subparsers(dest="bench", required=True))
     args = parser.parse_args(["spec", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -14,25 +14,35 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from tasc_ray.corpus import CorpusError
-from tasc_ray.models import DEFAULT_MODEL, ModelNotFoundError
-from tasc_ray.ngram_index import NgramIndexError
+from tasc_ray.io import CorpusError
+from tasc_ray.models import ModelNotFoundError
+from tasc_ray.spec.index import NgramIndexError
 
 logger = logging.getLogger("tasc_ray")
 
 COMMAND_MODULES = [
-    "tasc_ray.commands",
-    "tasc_ray.demo",
-    "tasc_ray.bench",
-    "tasc_ray.label_commands",
-    "tasc_ray.ft_commands",
-    "tasc_ray.index_commands",
+    "tasc_ray.cli.generate",
+    "tasc_ray.cli.demo",
+    "tasc_ray.cli.label",
+    "tasc_ray.cli.ft",
+    "tasc_ray.cli.index",
 ]
 
 # Errors that are the user's input, reported as one line and exit code 2 (tracebacks only with --verbose).
 USER_ERRORS: tuple[type[BaseException], ...] = (
     CorpusError, ModelNotFoundError, NgramIndexError, FileNotFoundError, ValueError, KeyError,
 )
+
+
+
+class CommandIncomplete(Exception):
+    """A command that ran but did not finish its work (e.g. rows left unlabeled): its summary is still printed
+    with --json, and the exit code is 1."""
+
+    def __init__(self, message: str, summary: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.summary = summary
+
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
 
@@ -48,35 +58,39 @@ def add_command(subparsers: argparse._SubParsersAction, name: str, handler: Hand
     return parser
 
 
-def add_model_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"{DEFAULT_MODEL!r} (embedded SmolLM2-135M-Instruct) or a Hugging Face model directory")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tasc-ray",
-        description="TASC: task-adaptive speculative decoding and vocabulary compression for small LMs, on Ray.")
+def build_parser(prog: str = "tasc-ray", modules: list[str] = COMMAND_MODULES,
+                 description: str = "TASC: task-adaptive speculative decoding and vocabulary compression for "
+                                    "small LMs, on Ray.") -> argparse.ArgumentParser:
+    """A parser whose subcommands are registered by `modules` (each has a `register(subparsers)`)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in COMMAND_MODULES:
+    for module in modules:
         importlib.import_module(module).register(subparsers)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse, run the chosen handler, print its summary with --json; user errors are one line and exit 2."""
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    code = 0
     try:
         summary = args.handler(args)
     except USER_ERRORS as exc:
         if args.verbose:
             raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"tasc-ray {args.command}: error: {message}", file=sys.stderr)
+        print(f"{parser.prog} {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except CommandIncomplete as exc:
+        print(f"{parser.prog} {args.command}: incomplete: {exc}", file=sys.stderr)
+        summary, code = exc.summary, 1
     if getattr(args, "json", False):
         print(json.dumps(summary, indent=2, default=str))
-    return 0
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser(), argv)

@@ -43,7 +43,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasc_ray.bench import cpu_was_shared
+from benchmarks.common import cpu_was_shared
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ IN_PROCESS = r"""
 import json, resource, sys, time
 import pyarrow.parquet as pq
 from tasc_ray.models import load_tokenizer
-from tasc_ray.ngram_index import NgramIndex
+from tasc_ray.spec.index import NgramIndex
 tok = load_tokenizer(sys.argv[1])
 files, out, max_order, top_k = json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -174,7 +174,7 @@ def in_process(tokenizer: str, files: list[str], out: str, max_order: int, top_k
 
 def baseline_worker_rss_mb() -> float:
     """RSS of a fresh Python that imports what a worker imports (tasc_ray + transformers), for reference."""
-    code = ("import resource, tasc_ray.distributed_index, transformers; "
+    code = ("import resource, tasc_ray.stages.index_job, transformers; "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
@@ -205,11 +205,11 @@ def lookup_latency(index: Any, sequences: list[np.ndarray], rng: random.Random, 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
-    from tasc_ray.distributed_index import index_corpus
-    from tasc_ray.index_commands import index_stats
+    from tasc_ray.cli.index import index_stats
     from tasc_ray.models import load_tokenizer
-    from tasc_ray.ngram_index import NgramIndex, tokenize_texts
-    from tasc_ray.ray_runtime import ensure_ray
+    from tasc_ray.spec.index import NgramIndex, tokenize_texts
+    from tasc_ray.stages.index_job import index_corpus
+    from tasc_ray.stages.runtime import ensure_ray
 
     command = "tasc-ray " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-index-"))
@@ -353,7 +353,7 @@ def markdown(r: dict[str, Any]) -> str:
     lat = r["lookup_latency"]
     lines += [
         "",
-        f"A fresh Python that imports what a worker imports (tasc_ray.distributed_index and transformers) "
+        f"A fresh Python that imports what a worker imports (tasc_ray.stages.index_job and transformers) "
         f"already has {r['baseline_worker_import_rss_mb']:.0f} MB resident; worker RSS also counts the object-store "
         "pages it maps.", "",
         f"Distributed index identical to the in-process one (every array, stats): "

@@ -32,8 +32,8 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from tasc_ray.engine import EngineConfig
-from tasc_ray.ray_runtime import ensure_ray
+from tasc_ray.spec.engine import EngineConfig
+from tasc_ray.stages.runtime import ensure_ray
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +114,8 @@ class LabelActor:
                  num_threads: int | None = None, replicas_per_node: int | None = None) -> None:
         import torch
 
-        from tasc_ray.engine import load_engine
-        from tasc_ray.generator import SamplingParams
+        from tasc_ray.spec.engine import load_engine
+        from tasc_ray.spec.generator import SamplingParams
 
         if num_threads is None and replicas_per_node:
             num_threads = node_cpu_share(replicas_per_node)
@@ -126,7 +126,7 @@ class LabelActor:
         self.params = SamplingParams(**sampling)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from tasc_ray.generator import PromptTooLongError
+        from tasc_ray.spec.generator import PromptTooLongError
 
         rows = batch.to_pylist()
         n = len(rows)

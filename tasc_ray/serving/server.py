@@ -29,15 +29,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, model_validator
 
-from tasc_ray.engine import EngineConfig
+from tasc_ray.spec.config import DrafterConfig, EngineConfig
 
 logger = logging.getLogger(__name__)
 
 DEPLOYMENT_NAME = "TascOpenAI"
 APP_NAME = "tasc"
-# EngineConfig fields accepted at the top level of ServeConfig (max_batch_size stays ServeConfig's own: the batch
-# size of @serve.batch, which is also the engine's batch size in a replica).
-ENGINE_FIELDS = set(EngineConfig.model_fields) - {"max_batch_size"}
+# EngineConfig fields (and the drafter's) accepted at the top level of ServeConfig (max_batch_size stays
+# ServeConfig's own: the batch size of @serve.batch, which is also the engine's batch size in a replica).
+ENGINE_FIELDS = (set(EngineConfig.model_fields) | set(DrafterConfig.model_fields)) - {"max_batch_size"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -59,18 +59,30 @@ class IndexUpdate(BaseModel):
     """The replica's `user_config`: applied by `reconfigure` without restarting the replica.
 
     A field left out keeps its current value; `index: null` drops the index (prompt lookup only). Change
-    `index_version` to reload an index rebuilt in place under the same path.
+    `index_version` to reload an index rebuilt in place under the same path. DrafterConfig's fields (mode, lam,
+    max_draft, ...) may be given at the top level; they are checked against DrafterConfig when applied.
     """
 
     model_config = ConfigDict(extra="forbid")
     index: str | None = None
     index_version: str | int | None = None
-    mode: str | None = None
-    lam: float | None = Field(None, ge=0.0, le=1.0)
-    max_draft: int | None = Field(None, ge=0)
-    min_path_prob: float | None = Field(None, ge=0.0, le=1.0)
+    drafter: dict[str, Any] = Field(default_factory=dict, description="DrafterConfig fields to change")
     max_batch_size: int | None = Field(None, ge=1)
     batch_wait_timeout_s: float | None = Field(None, ge=0.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_drafter_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        drafter = dict(data.pop("drafter", None) or {})
+        for key in DrafterConfig.model_fields:
+            if key in data:
+                drafter[key] = data.pop(key)
+        if drafter:
+            data["drafter"] = drafter
+        return data
 
 
 class ServeConfig(BaseModel):
@@ -277,8 +289,8 @@ class EngineServer:
     def __init__(self, config: ServeConfig) -> None:
         import torch
 
-        from tasc_ray.engine import load_engine
         from tasc_ray.models import load_tokenizer
+        from tasc_ray.spec.engine import load_engine
 
         self.config = config
         if config.num_threads:
@@ -294,8 +306,7 @@ class EngineServer:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tasc-decode")
         self.index_path = config.engine.index
         self.index_version: Any = None
-        self.drafter_settings = {"mode": engine_config.mode.value, "lam": engine_config.lam,
-                                 "max_draft": engine_config.max_draft, "min_path_prob": engine_config.min_path_prob}
+        self.drafter_config = engine_config.drafter
         self.created = int(time.time())
         self.replica_id = uuid.uuid4().hex[:12]
         self.batches = 0
@@ -373,7 +384,7 @@ class EngineServer:
         return ids
 
     def sampling_params(self, req: _RequestBase) -> Any:
-        from tasc_ray.generator import SamplingParams
+        from tasc_ray.spec.generator import SamplingParams
 
         max_tokens = self.config.default_max_tokens if req.max_tokens is None else req.max_tokens
         if max_tokens <= 0:
@@ -426,19 +437,16 @@ class EngineServer:
     # ----- index reloads -----
     def apply_user_config(self, raw: dict[str, Any] | None) -> dict[str, Any]:
         """Apply an IndexUpdate: swap the drafter (new index or knobs) between batches, without a restart."""
-        from tasc_ray.drafter import Drafter, DrafterConfig, DraftMode
-        from tasc_ray.ngram_index import NgramIndex
+        from tasc_ray.spec.drafter import build_drafter
+        from tasc_ray.spec.index import NgramIndex
 
         update = IndexUpdate.model_validate(raw or {})
         given = update.model_fields_set
-        settings = dict(self.drafter_settings)
-        for key in ("mode", "lam", "max_draft", "min_path_prob"):
-            if key in given and getattr(update, key) is not None:
-                settings[key] = getattr(update, key)
+        settings = DrafterConfig.model_validate({**self.drafter_config.model_dump(), **update.drafter})
         path = update.index if "index" in given else self.index_path
         reload_index = path != self.index_path or ("index_version" in given
                                                    and update.index_version != self.index_version)
-        changed = reload_index or settings != self.drafter_settings
+        changed = reload_index or settings != self.drafter_config
         if changed:
             index = self.generator.drafter.index if self.generator.drafter is not None else None
             if reload_index:
@@ -447,14 +455,10 @@ class EngineServer:
                 if index is not None:
                     index.check_tokenizer(self.generator.tokenizer)
                 logger.info("replica %s: loaded index %s in %.2f s", self.replica_id, path, time.perf_counter() - t0)
-            drafter_config = DrafterConfig(mode=DraftMode(settings["mode"]), max_draft=settings["max_draft"],
-                                           lam=settings["lam"], min_path_prob=settings["min_path_prob"])
-            if index is None and drafter_config.mode != DraftMode.CONTEXT:
-                drafter_config.mode = DraftMode.CONTEXT
-            drafter = Drafter(index, drafter_config)
+            drafter = build_drafter(index, settings)
             with self.lock:  # between batches: a running decode keeps its drafter until it ends
                 self.generator.drafter = drafter
-            self.index_path, self.drafter_settings = path, settings
+            self.index_path, self.drafter_config = path, settings
         if "index_version" in given:
             self.index_version = update.index_version
         return {"index": self.index_path, "index_version": self.index_version, "changed": changed}

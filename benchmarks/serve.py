@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasc_ray.bench import cpu_was_shared
+from benchmarks.common import cpu_was_shared
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def load_task(data_dir: str | Path, n_rows: int, n_shots: int, seed: int) -> tup
 
 def build_index(model: str, corpus: list[str], path: Path) -> str:
     from tasc_ray.models import load_tokenizer
-    from tasc_ray.ngram_index import NgramIndex
+    from tasc_ray.spec.index import NgramIndex
 
     if (path / "manifest.json").exists():
         return str(path)
@@ -148,9 +148,9 @@ def run_label_bench(args: argparse.Namespace) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tasc_ray.engine import EngineConfig
-    from tasc_ray.labeling import label_parquet, resolve_filesystem
-    from tasc_ray.ray_runtime import ensure_ray
+    from tasc_ray.spec.engine import EngineConfig
+    from tasc_ray.stages.labeling import label_parquet, resolve_filesystem
+    from tasc_ray.stages.runtime import ensure_ray
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="tasc-bench-label-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -321,7 +321,7 @@ def run_serve_bench(args: argparse.Namespace) -> dict[str, Any]:
     from ray import serve
 
     from serve_apps.openai_app import build_app
-    from tasc_ray.serving import ServeConfig
+    from tasc_ray.serving.server import ServeConfig
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="tasc-bench-serve-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,72 @@
+"""The engine's settings, declared once: `DrafterConfig` nested in `EngineConfig`.
+
+The CLI's flags (`tasc_ray.cli.args`), the Serve YAML (`ServeConfig.engine`), the label stage, the simulator and
+the benchmarks all read these classes, so a new drafter setting is one field here. EngineConfig also accepts
+the drafter's fields at its top level (`EngineConfig(index=..., mode="context")`, `serve run ... mode=context`).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class DraftMode(str, Enum):
+    """Which statistics draft: the row's own context (prompt lookup), the task corpus, or both mixed."""
+
+    CONTEXT = "context"
+    CORPUS = "corpus"
+    MIXED = "mixed"
+
+
+class DrafterConfig(BaseModel):
+    """How drafts are proposed (see tasc_ray.spec.drafter)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    mode: DraftMode = Field(DraftMode.MIXED,
+                            description="draft from the row's context, the corpus index, or both mixed")
+    max_draft: int = Field(8, ge=0, description="most tokens drafted per step (k)")
+    lam: float = Field(0.5, ge=0.0, le=1.0, description="weight of the corpus distribution when both sources match")
+    min_path_prob: float = Field(0.1, ge=0.0, le=1.0,
+                                 description="stop drafting when the drafted path's estimated probability falls "
+                                             "below this")
+    context_order: int = Field(4, ge=2, description="n-gram order of the row's own context model")
+
+    def for_index(self, has_index: bool) -> DrafterConfig:
+        """The settings to use with or without a corpus index: no index means drafting from the context only."""
+        if has_index or self.mode == DraftMode.CONTEXT:
+            return self
+        return self.model_copy(update={"mode": DraftMode.CONTEXT})
+
+
+class EngineConfig(BaseModel):
+    """What a generator needs: the model, an optional index, the drafter's settings, the batch size."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(DEFAULT_MODEL, description="'smollm2-135m' (embedded SmolLM2-135M-Instruct) or a Hugging "
+                                                  "Face model directory")
+    index: str | None = Field(None, description="n-gram index directory or s3:// prefix (without: prompt lookup "
+                                                "only)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="model weights' dtype")
+    device: str | None = Field(None, description="cpu or cuda; unset: cuda when present")
+    max_batch_size: int = Field(8, ge=1, description="rows decoded together")
+    drafter: DrafterConfig = Field(default_factory=DrafterConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_drafter_fields(cls, data: Any) -> Any:
+        """Move DrafterConfig's fields given at the top level into `drafter`."""
+        if not isinstance(data, dict) or not set(data) & set(DrafterConfig.model_fields):
+            return data
+        data = dict(data)
+        drafter = data.get("drafter") or {}
+        drafter = drafter.model_dump() if isinstance(drafter, DrafterConfig) else dict(drafter)
+        for key in DrafterConfig.model_fields:
+            if key in data:
+                drafter[key] = data.pop(key)
+        data["drafter"] = drafter
+        return data

@@ -1,0 +1,20 @@
+"""load_engine: the one way the CLI, the Ray stages and the Serve replicas build a SpeculativeGenerator."""
+
+from __future__ import annotations
+
+from tasc_ray.models import load_model
+from tasc_ray.spec.config import EngineConfig
+from tasc_ray.spec.drafter import build_drafter
+from tasc_ray.spec.generator import SpeculativeGenerator
+from tasc_ray.spec.index import NgramIndex
+
+__all__ = ["EngineConfig", "load_engine"]
+
+
+def load_engine(config: EngineConfig, index: NgramIndex | None = None) -> SpeculativeGenerator:
+    """Load the model (and the index, unless given) and build the generator; refuses a mismatched index."""
+    model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    if index is None and config.index:
+        index = NgramIndex.load(config.index)
+    drafter = build_drafter(index, config.drafter)
+    return SpeculativeGenerator(model, tokenizer, drafter, max_batch_size=config.max_batch_size)
