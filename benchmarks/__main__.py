@@ -6,6 +6,10 @@ from benchmarks.common import BENCH_MODULES
 from tasc_ray.cli.main import build_parser, run
 
 if __name__ == "__main__":
-    parser = build_parser("python -m benchmarks", BENCH_MODULES, "tasc_ray benchmarks: each writes JSON and a "
-                          "markdown table under --out-dir, starting with the command that produced them.")
+    parser = build_parser(
+        "python -m benchmarks",
+        BENCH_MODULES,
+        "tasc_ray benchmarks: each writes JSON and a "
+        "markdown table under --out-dir, starting with the command that produced them.",
+    )
     sys.exit(run(parser))

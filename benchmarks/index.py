@@ -51,9 +51,12 @@ DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "datasets"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("index", help="indexing throughput (Ray Data, 1 and 2 workers, in-process), memory, "
-                              "index size, lookup latency", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "index",
+        help="indexing throughput (Ray Data, 1 and 2 workers, in-process), memory, index size, lookup latency",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--tokenizer", default="smollm2-135m")
     p.add_argument("--data-dir", default=str(DATA_DIR), help="folder with e2e/ and wikisql/")
     p.add_argument("--target-tokens", type=int, default=5_000_000, help="tokens in the big corpus (at least)")
@@ -140,9 +143,12 @@ class MemorySampler:
         def peak(word: str) -> int:
             return max((rss for title, rss in self.worker_peaks.values() if word in title), default=0)
 
-        return {"driver_peak_rss_mb": self.driver_peak / 2**20, "map_worker_peak_rss_mb": peak("CountBatch") / 2**20,
-                "reducer_peak_rss_mb": peak("Reducer") / 2**20,
-                "all_ray_workers_peak_total_rss_mb": self.workers_total_peak / 2**20}
+        return {
+            "driver_peak_rss_mb": self.driver_peak / 2**20,
+            "map_worker_peak_rss_mb": peak("CountBatch") / 2**20,
+            "reducer_peak_rss_mb": peak("Reducer") / 2**20,
+            "all_ray_workers_peak_total_rss_mb": self.workers_total_peak / 2**20,
+        }
 
 
 IN_PROCESS = r"""
@@ -165,8 +171,12 @@ print(json.dumps({"seconds": seconds, "tokens": index.n_tokens, "peak_rss_mb": r
 
 
 def in_process(tokenizer: str, files: list[str], out: str, max_order: int, top_k: int) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-c", IN_PROCESS, tokenizer, json.dumps(files), out, str(max_order),
-                           str(top_k)], capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", IN_PROCESS, tokenizer, json.dumps(files), out, str(max_order), str(top_k)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["tokens_per_s"] = result["tokens"] / result["seconds"]
     return result
@@ -174,8 +184,10 @@ def in_process(tokenizer: str, files: list[str], out: str, max_order: int, top_k
 
 def baseline_worker_rss_mb() -> float:
     """RSS of a fresh Python that imports what a worker imports (tasc_ray + transformers), for reference."""
-    code = ("import resource, tasc_ray.stages.index_job, transformers; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    code = (
+        "import resource, tasc_ray.stages.index_job, transformers; "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    )
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
@@ -189,7 +201,7 @@ def lookup_latency(index: Any, sequences: list[np.ndarray], rng: random.Random, 
         for _ in range(8):
             s = rng.choice(pool)
             end = rng.randrange(width, len(s))
-            batch.append(s[max(0, end - 32):end].tolist())
+            batch.append(s[max(0, end - 32) : end].tolist())
         histories.append(batch)
     index.longest_matches(histories[0])  # warm up
     times = []
@@ -198,8 +210,13 @@ def lookup_latency(index: Any, sequences: list[np.ndarray], rng: random.Random, 
         index.longest_matches(batch)
         times.append(time.perf_counter() - t0)
     arr = np.array(times) * 1e6
-    return {"batch": 8, "calls": batches, "median_us": float(np.median(arr)), "p99_us": float(np.percentile(arr, 99)),
-            "mean_us": float(arr.mean())}
+    return {
+        "batch": 8,
+        "calls": batches,
+        "median_us": float(np.median(arr)),
+        "p99_us": float(np.percentile(arr, 99)),
+        "mean_us": float(arr.mean()),
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -220,8 +237,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     ids = tokenize_texts(texts, tokenizer)
     base_tokens = int(sum(len(s) for s in ids))
-    logger.info("base corpus: %d outputs, %d tokens (tokenised in %.1f s)", len(texts), base_tokens,
-                time.perf_counter() - t0)
+    logger.info(
+        "base corpus: %d outputs, %d tokens (tokenised in %.1f s)", len(texts), base_tokens, time.perf_counter() - t0
+    )
     big_copies = max(1, -(-args.target_tokens // base_tokens))
     small_copies = max(1, big_copies // 2)
     corpora = {
@@ -247,13 +265,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 summary = index_corpus(corpora[corpus], out, tokenizer, num_workers=workers, **common)
                 wall = time.perf_counter() - t0
-            row = {"builder": "ray_data", "kind": kind, "workers": workers, "corpus": corpus,
-                   "copies": copies[corpus], "tokens": summary["tokens"], "sequences": summary["sequences"],
-                   "seconds": wall, "tokens_per_s": summary["tokens"] / wall, "map_seconds": summary["map_seconds"],
-                   "first_block_seconds": summary["first_block_seconds"],
-                   "reduce_seconds": summary["reduce_seconds"], "save_seconds": summary["save_seconds"],
-                   "count_blocks": summary["count_blocks"], "full_count_rows": summary["full_count_rows"],
-                   "index_memory_mb": summary["memory_bytes"] / 2**20, **mem.summary()}
+            row = {
+                "builder": "ray_data",
+                "kind": kind,
+                "workers": workers,
+                "corpus": corpus,
+                "copies": copies[corpus],
+                "tokens": summary["tokens"],
+                "sequences": summary["sequences"],
+                "seconds": wall,
+                "tokens_per_s": summary["tokens"] / wall,
+                "map_seconds": summary["map_seconds"],
+                "first_block_seconds": summary["first_block_seconds"],
+                "reduce_seconds": summary["reduce_seconds"],
+                "save_seconds": summary["save_seconds"],
+                "count_blocks": summary["count_blocks"],
+                "full_count_rows": summary["full_count_rows"],
+                "index_memory_mb": summary["memory_bytes"] / 2**20,
+                **mem.summary(),
+            }
             logger.info("%s", row)
             runs.append(row)
     finally:
@@ -267,10 +297,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     big_ray = NgramIndex.load(str(work / "index-ray-big-2w"))
     big_inproc = NgramIndex.load(str(work / "index-inproc-big"))
-    identical = all(
-        np.array_equal(getattr(big_ray.tables[m], a), getattr(big_inproc.tables[m], a))
-        for m in big_ray.orders for a in ("hashes", "totals", "offsets", "next_tokens", "counts")
-    ) and big_ray.stats() == big_inproc.stats()
+    identical = (
+        all(
+            np.array_equal(getattr(big_ray.tables[m], a), getattr(big_inproc.tables[m], a))
+            for m in big_ray.orders
+            for a in ("hashes", "totals", "offsets", "next_tokens", "counts")
+        )
+        and big_ray.stats() == big_inproc.stats()
+    )
     stats = index_stats(str(work / "index-ray-big-2w"))
     latency = lookup_latency(big_ray, ids, random.Random(args.seed))
     by = {(r["builder"], r["corpus"], r["workers"]): r for r in runs if r.get("kind", "timed") == "timed"}
@@ -284,23 +318,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "scaling_target_1_5x_met": two["tokens_per_s"] / one["tokens_per_s"] >= 1.5,
         "ray_vs_in_process": two["tokens_per_s"] / inproc["tokens_per_s"],
         # counting once running: tokens over the time from the first counted block to the last
-        "after_first_block_tokens_per_s": {w: run["tokens"] / (run["map_seconds"] - run["first_block_seconds"])
-                                           for w, run in ((2, two), (1, one))},
+        "after_first_block_tokens_per_s": {
+            w: run["tokens"] / (run["map_seconds"] - run["first_block_seconds"]) for w, run in ((2, two), (1, one))
+        },
         "reducer_peak_rss_mb_small_vs_big": [small2["reducer_peak_rss_mb"], two["reducer_peak_rss_mb"]],
         "map_worker_peak_rss_mb_small_vs_big": [small2["map_worker_peak_rss_mb"], two["map_worker_peak_rss_mb"]],
         "in_process_peak_rss_mb_small_vs_big": [by[("in_process", "small", 1)]["peak_rss_mb"], inproc["peak_rss_mb"]],
     }
     result = {
-        "benchmark": "index", "tag": args.tag, "command": command, "created_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-                    "memory_gb": psutil.virtual_memory().total / 2**30, "load_avg_start": load_start,
-                    "load_avg_end": os.getloadavg(),
-                    "note": "CPU shared with other engineers' jobs during the run (see load averages)"},
-        "tokenizer": args.tokenizer, "sources": {k: len(v) for k, v in sources.items()},
-        "base_outputs": len(texts), "base_tokens": base_tokens, "files_per_corpus": args.files,
-        "max_order": args.max_order, "top_k": args.top_k, "batch_size": args.batch_size,
-        "ray_init_seconds": ray_init_s, "baseline_worker_import_rss_mb": baseline_worker_rss_mb(),
-        "runs": runs, "distributed_equals_in_process": bool(identical), "index": stats, "lookup_latency": latency,
+        "benchmark": "index",
+        "tag": args.tag,
+        "command": command,
+        "created_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "memory_gb": psutil.virtual_memory().total / 2**30,
+            "load_avg_start": load_start,
+            "load_avg_end": os.getloadavg(),
+            "note": "CPU shared with other engineers' jobs during the run (see load averages)",
+        },
+        "tokenizer": args.tokenizer,
+        "sources": {k: len(v) for k, v in sources.items()},
+        "base_outputs": len(texts),
+        "base_tokens": base_tokens,
+        "files_per_corpus": args.files,
+        "max_order": args.max_order,
+        "top_k": args.top_k,
+        "batch_size": args.batch_size,
+        "ray_init_seconds": ray_init_s,
+        "baseline_worker_import_rss_mb": baseline_worker_rss_mb(),
+        "runs": runs,
+        "distributed_equals_in_process": bool(identical),
+        "index": stats,
+        "lookup_latency": latency,
         "targets": targets,
     }
     out_dir = Path(args.out_dir)
@@ -313,57 +365,82 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def median_run(runs: list[dict[str, Any]], corpus: str, workers: int) -> dict[str, Any]:
     """The timed Ray Data run of median wall time for (corpus, workers)."""
-    timed = sorted((r for r in runs if r["builder"] == "ray_data" and r.get("kind") == "timed"
-                    and r["corpus"] == corpus and r["workers"] == workers), key=lambda r: r["seconds"])
+    timed = sorted(
+        (
+            r
+            for r in runs
+            if r["builder"] == "ray_data"
+            and r.get("kind") == "timed"
+            and r["corpus"] == corpus
+            and r["workers"] == workers
+        ),
+        key=lambda r: r["seconds"],
+    )
     return timed[(len(timed) - 1) // 2]
 
 
 def markdown(r: dict[str, Any]) -> str:
     t = r["targets"]
     lines = [
-        f"# Corpus indexing benchmark ({r['tag']})", "",
-        f"Command: `{r['command']}`", "",
+        f"# Corpus indexing benchmark ({r['tag']})",
+        "",
+        f"Command: `{r['command']}`",
+        "",
         f"Machine: {r['machine']['cpus']} CPUs, {r['machine']['memory_gb']:.0f} GB, {r['machine']['platform']}. "
         f"Load average {r['machine']['load_avg_start'][0]:.1f} at the start, {r['machine']['load_avg_end'][0]:.1f} "
         f"at the end, on {r['machine']['cpus']} cores"
-        + (" (**the CPU was shared with other work**: absolute numbers are pessimistic and noisy)."
-           if cpu_was_shared(r["machine"]["load_avg_start"][0], r["machine"]["cpus"]) else " (a quiet machine)."), "",
+        + (
+            " (**the CPU was shared with other work**: absolute numbers are pessimistic and noisy)."
+            if cpu_was_shared(r["machine"]["load_avg_start"][0], r["machine"]["cpus"])
+            else " (a quiet machine)."
+        ),
+        "",
         f"Corpus: {r['base_outputs']} real outputs (E2E ref + mr, WikiSQL sql; {r['base_tokens']} tokens with "
         f"{r['tokenizer']}), replicated and shuffled into {r['files_per_corpus']} parquet files. max_order "
         f"{r['max_order']}, top_k {r['top_k']}. Times are end to end (list + read parquet, tokenise, count, "
         f"shuffle and merge, top-K, save); `ray.init` ({r['ray_init_seconds']:.1f} s) is not included. The first "
         "job (warm-up) runs on the fresh cluster and also pays the start of Ray Data's own actors and of the "
         "pooled task workers; the big-corpus jobs then alternate 2 and 1 workers and the targets take each "
-        "one's median.", "",
+        "one's median.",
+        "",
         "| builder | run | workers | corpus tokens | seconds | first block s | tokens/s | driver peak RSS MB "
         "| map worker peak RSS MB | reducer peak RSS MB | all Ray workers peak MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in r["runs"]:
         if run["builder"] == "ray_data":
-            lines.append(f"| Ray Data | {run.get('kind', 'timed')} | {run['workers']} | {run['tokens']:,} | "
-                         f"{run['seconds']:.1f} | {run['first_block_seconds']:.1f} | "
-                         f"{run['tokens_per_s']:,.0f} | {run['driver_peak_rss_mb']:.0f} | "
-                         f"{run['map_worker_peak_rss_mb']:.0f} | {run['reducer_peak_rss_mb']:.0f} | "
-                         f"{run['all_ray_workers_peak_total_rss_mb']:.0f} |")
+            lines.append(
+                f"| Ray Data | {run.get('kind', 'timed')} | {run['workers']} | {run['tokens']:,} | "
+                f"{run['seconds']:.1f} | {run['first_block_seconds']:.1f} | "
+                f"{run['tokens_per_s']:,.0f} | {run['driver_peak_rss_mb']:.0f} | "
+                f"{run['map_worker_peak_rss_mb']:.0f} | {run['reducer_peak_rss_mb']:.0f} | "
+                f"{run['all_ray_workers_peak_total_rss_mb']:.0f} |"
+            )
         else:
-            lines.append(f"| in-process | timed | 1 | {run['tokens']:,} | {run['seconds']:.1f} | - | "
-                         f"{run['tokens_per_s']:,.0f} | {run['peak_rss_mb']:.0f} (whole builder) | - | - | - |")
+            lines.append(
+                f"| in-process | timed | 1 | {run['tokens']:,} | {run['seconds']:.1f} | - | "
+                f"{run['tokens_per_s']:,.0f} | {run['peak_rss_mb']:.0f} (whole builder) | - | - | - |"
+            )
     ix = r["index"]
     lat = r["lookup_latency"]
     lines += [
         "",
         f"A fresh Python that imports what a worker imports (tasc_ray.stages.index_job and transformers) "
         f"already has {r['baseline_worker_import_rss_mb']:.0f} MB resident; worker RSS also counts the object-store "
-        "pages it maps.", "",
+        "pages it maps.",
+        "",
         f"Distributed index identical to the in-process one (every array, stats): "
-        f"**{r['distributed_equals_in_process']}**.", "",
+        f"**{r['distributed_equals_in_process']}**.",
+        "",
         f"Index (big corpus): {ix['contexts']:,} contexts, {ix['memory_bytes'] / 2**20:.1f} MB in memory, "
         f"{ix['disk_bytes'] / 2**20:.1f} MB on disk ({ix['memory_bytes_per_million_contexts'] / 2**20:.1f} MB per "
-        f"million contexts), H2 = {ix['h2_bits']:.3f} bits over {ix['distinct_tokens']} distinct tokens.", "",
+        f"million contexts), H2 = {ix['h2_bits']:.3f} bits over {ix['distinct_tokens']} distinct tokens.",
+        "",
         f"Lookup latency (`longest_matches`, batch of {lat['batch']} contexts, {lat['calls']} calls): median "
-        f"{lat['median_us']:.0f} us, p99 {lat['p99_us']:.0f} us.", "",
-        "## Targets", "",
+        f"{lat['median_us']:.0f} us, p99 {lat['p99_us']:.0f} us.",
+        "",
+        "## Targets",
+        "",
         f"- >= 300k corpus tokens/s end to end with 2 workers: **{t['throughput_2_workers_tokens_per_s']:,.0f}** "
         f"({'met' if t['throughput_target_300k_met'] else 'MISSED'})",
         f"- >= 1.5x from 1 to 2 workers: **{t['scaling_1_to_2_workers']:.2f}x** "
@@ -383,10 +460,17 @@ def markdown(r: dict[str, Any]) -> str:
     if not (t["throughput_target_300k_met"] and t["scaling_target_1_5x_met"]):
         load = r["machine"]
         lines += [
-            "## Why targets were missed", "",
-            *([f"- Shared CPU: load average {load['load_avg_start'][0]:.1f} at the start and "
-               f"{load['load_avg_end'][0]:.1f} at the end on {load['cpus']} cores; the runs measure contention "
-               "as much as the job."] if cpu_was_shared(load["load_avg_start"][0], load["cpus"]) else []),
+            "## Why targets were missed",
+            "",
+            *(
+                [
+                    f"- Shared CPU: load average {load['load_avg_start'][0]:.1f} at the start and "
+                    f"{load['load_avg_end'][0]:.1f} at the end on {load['cpus']} cores; the runs measure contention "
+                    "as much as the job."
+                ]
+                if cpu_was_shared(load["load_avg_start"][0], load["cpus"])
+                else []
+            ),
             "- Fixed costs weigh on a few-million-token job on 2 cores: every job starts its own count actors and "
             "reducers (one process each, importing Ray Data, pyarrow and tasc_ray) and Ray Data's listing, read and "
             "repartition tasks, on the same two cores that count; the `first block s` column is the time from the "

@@ -39,26 +39,40 @@ from benchmarks.common import cpu_was_shared
 logger = logging.getLogger(__name__)
 
 E2E_DIR = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "e2e"
-SHARED_CPU_NOTE = ("The 2-core CPU was shared with other work during this run (load average above); "
-                   "absolute numbers are noisy, the with/without ratio from the same run is the comparable figure.")
+SHARED_CPU_NOTE = (
+    "The 2-core CPU was shared with other work during this run (load average above); "
+    "absolute numbers are noisy, the with/without ratio from the same run is the comparable figure."
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    label = subparsers.add_parser("label", help="batch labeling (Ray Data) with and without TASC-spec on E2E",
-                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    label = subparsers.add_parser(
+        "label",
+        help="batch labeling (Ray Data) with and without TASC-spec on E2E",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _common(label, rows=500)
     label.add_argument("--batch-size", type=int, default=8)
     label.add_argument("--num-replicas", type=int, default=1)
-    label.add_argument("--concurrent-modes", action="store_true",
-                       help="run the plain and the TASC-spec job at the same time (same machine load for both)")
+    label.add_argument(
+        "--concurrent-modes",
+        action="store_true",
+        help="run the plain and the TASC-spec job at the same time (same machine load for both)",
+    )
     label.set_defaults(handler=run_label_bench)
 
-    serve = subparsers.add_parser("serve", help="the OpenAI endpoint under load with and without TASC-spec",
-                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve = subparsers.add_parser(
+        "serve",
+        help="the OpenAI endpoint under load with and without TASC-spec",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _common(serve, rows=64)
     serve.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    serve.add_argument("--requests", type=int, nargs="+", default=None,
-                       help="requests per level (default: max(12, 2 x concurrency))")
+    serve.add_argument(
+        "--requests", type=int, nargs="+", default=None, help="requests per level (default: max(12, 2 x concurrency))"
+    )
     serve.add_argument("--max-batch-size", type=int, default=32)
     serve.add_argument("--batch-wait-timeout-s", type=float, default=0.02)
     serve.set_defaults(handler=run_serve_bench)
@@ -94,8 +108,15 @@ def load_task(data_dir: str | Path, n_rows: int, n_shots: int, seed: int) -> tup
     rng = random.Random(seed)
     shots = [(ref, mr) for mr, ref in rng.sample(dev, n_shots)]
     picked = rng.sample(range(len(test)), min(n_rows, len(test)))
-    rows = [{"id": f"e2e-test-{i}", "text": test[i][1].strip(), "reference": test[i][0].strip(),
-             "prompt": few_shot_prompt(test[i][1].strip(), shots)} for i in picked]
+    rows = [
+        {
+            "id": f"e2e-test-{i}",
+            "text": test[i][1].strip(),
+            "reference": test[i][0].strip(),
+            "prompt": few_shot_prompt(test[i][1].strip(), shots),
+        }
+        for i in picked
+    ]
     corpus = [mr for mr, _ in dev]  # counts matter: keep every row
     return rows, corpus
 
@@ -113,9 +134,14 @@ def build_index(model: str, corpus: list[str], path: Path) -> str:
 def machine() -> dict[str, Any]:
     import torch
 
-    return {"platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "load_average_start": os.getloadavg()}
+    return {
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_average_start": os.getloadavg(),
+    }
 
 
 def write_report(report: dict[str, Any], out_dir: str, name: str, table: str) -> dict[str, str]:
@@ -124,13 +150,23 @@ def write_report(report: dict[str, Any], out_dir: str, name: str, table: str) ->
     report["machine"]["load_average_end"] = os.getloadavg()
     (out / f"{name}.json").write_text(json.dumps(report, indent=2, default=str))
     m = report["machine"]
-    md = [f"# {report['title']}", "", f"Command: `{report['command']}`", "",
-          f"Machine: {m['cpus']} CPUs, torch {m['torch']}, load average at start "
-          f"{', '.join(f'{x:.1f}' for x in m['load_average_start'])}, at end "
-          f"{', '.join(f'{x:.1f}' for x in m['load_average_end'])}. "
-          + (SHARED_CPU_NOTE if cpu_was_shared(m["load_average_start"][0], m["cpus"])
-             else "A quiet machine (nothing else running)."), "",
-          table, ""]
+    md = [
+        f"# {report['title']}",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"Machine: {m['cpus']} CPUs, torch {m['torch']}, load average at start "
+        f"{', '.join(f'{x:.1f}' for x in m['load_average_start'])}, at end "
+        f"{', '.join(f'{x:.1f}' for x in m['load_average_end'])}. "
+        + (
+            SHARED_CPU_NOTE
+            if cpu_was_shared(m["load_average_start"][0], m["cpus"])
+            else "A quiet machine (nothing else running)."
+        ),
+        "",
+        table,
+        "",
+    ]
     md += [f"- {line}" for line in report.get("notes", [])]
     (out / f"{name}.md").write_text("\n".join(md) + "\n")
     logger.info("wrote %s/%s.json and .md", out, name)
@@ -166,10 +202,20 @@ def run_label_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     def run_mode(mode: str) -> None:
         out = work / f"labels-{mode}-{int(time.time())}"
-        runs[mode] = label_parquet(str(src), str(out), engine, prompt_template="{prompt}", id_column="id",
-                                   max_new_tokens=args.max_new_tokens, stop=["\n"], speculative=mode == "tasc",
-                                   batch_size=args.batch_size, num_replicas=args.num_replicas,
-                                   num_cpus_per_replica=args.num_cpus, num_threads=args.threads)
+        runs[mode] = label_parquet(
+            str(src),
+            str(out),
+            engine,
+            prompt_template="{prompt}",
+            id_column="id",
+            max_new_tokens=args.max_new_tokens,
+            stop=["\n"],
+            speculative=mode == "tasc",
+            batch_size=args.batch_size,
+            num_replicas=args.num_replicas,
+            num_cpus_per_replica=args.num_cpus,
+            num_threads=args.threads,
+        )
         fs, root = resolve_filesystem(str(out))
         table = pq.read_table(root, filesystem=fs)
         outputs[mode] = dict(zip(table.column("id").to_pylist(), table.column("output").to_pylist()))
@@ -189,19 +235,44 @@ def run_label_bench(args: argparse.Namespace) -> dict[str, Any]:
     slot_f1 = {m: _slot_f1([outputs[m][i] or "" for i in refs], list(refs.values())) for m in outputs}
     speedup_rows = runs["tasc"]["rows_per_s"] / runs["plain"]["rows_per_s"]
     speedup_tokens = runs["tasc"]["tokens_per_s"] / runs["plain"]["tokens_per_s"]
-    keys = ("rows_labeled", "errors", "label_seconds", "rows_per_s", "output_tokens", "tokens_per_s",
-            "forward_passes", "drafted_tokens", "accepted_tokens", "accepted_per_pass", "acceptance_rate")
+    keys = (
+        "rows_labeled",
+        "errors",
+        "label_seconds",
+        "rows_per_s",
+        "output_tokens",
+        "tokens_per_s",
+        "forward_passes",
+        "drafted_tokens",
+        "accepted_tokens",
+        "accepted_per_pass",
+        "acceptance_rate",
+    )
     report = {
         "title": "Batch labeling (Ray Data actor pool): E2E text -> MR, with and without TASC-spec",
-        "command": _command(), "machine": info,
-        "setup": {"model": args.model, "rows": len(rows), "shots": args.shots, "max_new_tokens": args.max_new_tokens,
-                  "stop": "\\n", "batch_size": args.batch_size, "num_replicas": args.num_replicas,
-                  "threads": args.threads, "num_cpus": args.num_cpus, "concurrent_modes": args.concurrent_modes,
-                  "index_corpus": f"devset.csv 'mr' ({len(corpus)} human references)",
-                  "timed_rows": "testset_w_refs.csv (disjoint from the index corpus)"},
+        "command": _command(),
+        "machine": info,
+        "setup": {
+            "model": args.model,
+            "rows": len(rows),
+            "shots": args.shots,
+            "max_new_tokens": args.max_new_tokens,
+            "stop": "\\n",
+            "batch_size": args.batch_size,
+            "num_replicas": args.num_replicas,
+            "threads": args.threads,
+            "num_cpus": args.num_cpus,
+            "concurrent_modes": args.concurrent_modes,
+            "index_corpus": f"devset.csv 'mr' ({len(corpus)} human references)",
+            "timed_rows": "testset_w_refs.csv (disjoint from the index corpus)",
+        },
         "runs": {m: {k: runs[m][k] for k in keys} for m in runs},
-        "speedup_rows_per_s": speedup_rows, "speedup_tokens_per_s": speedup_tokens,
-        "identical_outputs": f"{same}/{len(refs)}", "exact_match": exact, "slot_f1": slot_f1, "target": ">= 1.5x",
+        "speedup_rows_per_s": speedup_rows,
+        "speedup_tokens_per_s": speedup_tokens,
+        "identical_outputs": f"{same}/{len(refs)}",
+        "exact_match": exact,
+        "slot_f1": slot_f1,
+        "target": ">= 1.5x",
         "target_met": speedup_rows >= 1.5,
     }
     report["notes"] = [
@@ -211,9 +282,11 @@ def run_label_bench(args: argparse.Namespace) -> dict[str, Any]:
         "Wall time covers the whole Ray Data job (actor start and model load included, the same in both runs).",
     ]
     if args.concurrent_modes:
-        report["notes"].append("Both jobs ran at the same time (one actor each): they saw the same machine load; "
-                               "once the faster one finished the other had the CPU share to itself, which favours "
-                               "the slower run, so the ratio is if anything understated.")
+        report["notes"].append(
+            "Both jobs ran at the same time (one actor each): they saw the same machine load; "
+            "once the faster one finished the other had the CPU share to itself, which favours "
+            "the slower run, so the ratio is if anything understated."
+        )
     table = _label_table(report)
     report["files"] = write_report(report, args.out_dir, args.name or "label_e2e", table)
     return report
@@ -233,16 +306,22 @@ def _slot_f1(preds: list[str], refs: list[str]) -> float:
 
 
 def _label_table(report: dict[str, Any]) -> str:
-    lines = ["| mode | rows | errors | seconds | rows/s | tokens/s | accepted/pass | acceptance | exact match "
-             "| slot F1 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| mode | rows | errors | seconds | rows/s | tokens/s | accepted/pass | acceptance | exact match | slot F1 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for mode, r in report["runs"].items():
-        lines.append(f"| {mode} | {r['rows_labeled']} | {r['errors']} | {r['label_seconds']:.1f} | "
-                     f"{r['rows_per_s']:.2f} | {r['tokens_per_s']:.1f} | {r['accepted_per_pass']:.2f} | "
-                     f"{r['acceptance_rate']:.2f} | {report['exact_match'][mode]:.3f} | "
-                     f"{report['slot_f1'][mode]:.3f} |")
-    lines += ["", f"Speedup (TASC-spec / plain): **{report['speedup_rows_per_s']:.2f}x rows/s**, "
-                  f"{report['speedup_tokens_per_s']:.2f}x tokens/s; identical outputs {report['identical_outputs']}."]
+        lines.append(
+            f"| {mode} | {r['rows_labeled']} | {r['errors']} | {r['label_seconds']:.1f} | "
+            f"{r['rows_per_s']:.2f} | {r['tokens_per_s']:.1f} | {r['accepted_per_pass']:.2f} | "
+            f"{r['acceptance_rate']:.2f} | {report['exact_match'][mode]:.3f} | "
+            f"{report['slot_f1'][mode]:.3f} |"
+        )
+    lines += [
+        "",
+        f"Speedup (TASC-spec / plain): **{report['speedup_rows_per_s']:.2f}x rows/s**, "
+        f"{report['speedup_tokens_per_s']:.2f}x tokens/s; identical outputs {report['identical_outputs']}.",
+    ]
     return "\n".join(lines)
 
 
@@ -255,8 +334,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-async def drive(base: str, prompts: list[str], concurrency: int, speculative: bool, max_tokens: int,
-                model: str) -> dict[str, Any]:
+async def drive(
+    base: str, prompts: list[str], concurrency: int, speculative: bool, max_tokens: int, model: str
+) -> dict[str, Any]:
     """Send every prompt with at most `concurrency` in flight; per-request latency and totals."""
     import httpx
 
@@ -267,13 +347,22 @@ async def drive(base: str, prompts: list[str], concurrency: int, speculative: bo
     texts: list[str | None] = [None] * len(prompts)
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
+
         async def one(i: int, prompt: str) -> None:
             nonlocal errors
             async with sem:
                 t0 = time.perf_counter()
-                r = await client.post("/v1/completions", json={
-                    "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stop": ["\n"],
-                    "speculative": speculative})
+                r = await client.post(
+                    "/v1/completions",
+                    json={
+                        "model": model,
+                        "prompt": prompt,
+                        "max_tokens": max_tokens,
+                        "temperature": 0,
+                        "stop": ["\n"],
+                        "speculative": speculative,
+                    },
+                )
                 latencies.append(time.perf_counter() - t0)
                 if r.status_code != 200:
                     errors += 1
@@ -282,17 +371,26 @@ async def drive(base: str, prompts: list[str], concurrency: int, speculative: bo
                 texts[i] = body["choices"][0]["text"]
                 for k in usage:
                     usage[k] += body["usage"][k]
+
         t0 = time.perf_counter()
         await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
         wall = time.perf_counter() - t0
     lat = sorted(latencies)
 
-    return {"requests": len(prompts), "errors": errors, "seconds": wall, "requests_per_s": len(prompts) / wall,
-            "latencies": lat,
-            "tokens_per_s": usage["completion_tokens"] / wall,
-            "p50_s": _percentile(lat, 0.5), "p99_s": _percentile(lat, 0.99),
-            "mean_s": sum(lat) / len(lat), **usage,
-            "accepted_per_pass": usage["accepted_tokens"] / max(1, usage["forward_passes"]), "texts": texts}
+    return {
+        "requests": len(prompts),
+        "errors": errors,
+        "seconds": wall,
+        "requests_per_s": len(prompts) / wall,
+        "latencies": lat,
+        "tokens_per_s": usage["completion_tokens"] / wall,
+        "p50_s": _percentile(lat, 0.5),
+        "p99_s": _percentile(lat, 0.99),
+        "mean_s": sum(lat) / len(lat),
+        **usage,
+        "accepted_per_pass": usage["accepted_tokens"] / max(1, usage["forward_passes"]),
+        "texts": texts,
+    }
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -307,11 +405,19 @@ def _merge(segments: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ("completion_tokens", "drafted_tokens", "accepted_tokens", "forward_passes", "errors")
     out: dict[str, Any] = {k: sum(s[k] for s in segments) for k in keys}
 
-    out.update({"requests": n, "seconds": wall, "requests_per_s": n / wall,
-                "tokens_per_s": out["completion_tokens"] / wall,
-                "p50_s": _percentile(lat, 0.5), "p99_s": _percentile(lat, 0.99), "mean_s": sum(lat) / len(lat),
-                "accepted_per_pass": out["accepted_tokens"] / max(1, out["forward_passes"]),
-                "texts": [t for s in segments for t in s["texts"]]})
+    out.update(
+        {
+            "requests": n,
+            "seconds": wall,
+            "requests_per_s": n / wall,
+            "tokens_per_s": out["completion_tokens"] / wall,
+            "p50_s": _percentile(lat, 0.5),
+            "p99_s": _percentile(lat, 0.99),
+            "mean_s": sum(lat) / len(lat),
+            "accepted_per_pass": out["accepted_tokens"] / max(1, out["forward_passes"]),
+            "texts": [t for s in segments for t in s["texts"]],
+        }
+    )
     return out
 
 
@@ -332,14 +438,27 @@ def run_serve_bench(args: argparse.Namespace) -> dict[str, Any]:
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"])
         else:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+            ray.init(
+                num_cpus=2,
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+            )
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = ServeConfig.model_validate({
-        "model": args.model, "index": index, "model_name": "bench", "max_batch_size": args.max_batch_size,
-        "batch_wait_timeout_s": args.batch_wait_timeout_s, "num_cpus": args.num_cpus, "num_threads": args.threads,
-        "max_ongoing_requests": max(64, 2 * max(args.concurrency)), "max_tokens_limit": args.max_new_tokens})
+    config = ServeConfig.model_validate(
+        {
+            "model": args.model,
+            "index": index,
+            "model_name": "bench",
+            "max_batch_size": args.max_batch_size,
+            "batch_wait_timeout_s": args.batch_wait_timeout_s,
+            "num_cpus": args.num_cpus,
+            "num_threads": args.threads,
+            "max_ongoing_requests": max(64, 2 * max(args.concurrency)),
+            "max_tokens_limit": args.max_new_tokens,
+        }
+    )
     serve.run(build_app(config), name="bench", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     prompts = [r["prompt"] for r in rows]
@@ -371,25 +490,43 @@ def run_serve_bench(args: argparse.Namespace) -> dict[str, Any]:
     met = at8 is not None and at8["throughput_ratio"] >= 1.3 and at8["p99_ratio"] <= 1.0
     report = {
         "title": "OpenAI endpoint (Ray Serve, @serve.batch): E2E text -> MR completions, with and without TASC-spec",
-        "command": _command(), "machine": info,
-        "setup": {"model": args.model, "shots": args.shots, "max_tokens": args.max_new_tokens, "stop": "\\n",
-                  "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s,
-                  "replicas": 1, "threads": args.threads, "num_cpus": args.num_cpus,
-                  "index_corpus": f"devset.csv 'mr' ({len(corpus)} human references)",
-                  "client": "httpx.AsyncClient on loopback, bounded by a semaphore; greedy; same replica for both; "
-                  "ABBA order per level (plain, tasc, tasc, plain, each on half of the requests)"},
-        "levels": levels, "target": ">= 1.3x throughput at concurrency 8 with p99 no worse", "target_met": met,
+        "command": _command(),
+        "machine": info,
+        "setup": {
+            "model": args.model,
+            "shots": args.shots,
+            "max_tokens": args.max_new_tokens,
+            "stop": "\\n",
+            "max_batch_size": args.max_batch_size,
+            "batch_wait_timeout_s": args.batch_wait_timeout_s,
+            "replicas": 1,
+            "threads": args.threads,
+            "num_cpus": args.num_cpus,
+            "index_corpus": f"devset.csv 'mr' ({len(corpus)} human references)",
+            "client": "httpx.AsyncClient on loopback, bounded by a semaphore; greedy; same replica for both; "
+            "ABBA order per level (plain, tasc, tasc, plain, each on half of the requests)",
+        },
+        "levels": levels,
+        "target": ">= 1.3x throughput at concurrency 8 with p99 no worse",
+        "target_met": met,
     }
-    report["notes"] = [f"concurrency {lv['concurrency']}: {lv['throughput_ratio']:.2f}x throughput, p99 ratio "
-                       f"{lv['p99_ratio']:.2f}, identical outputs {lv['identical_outputs']}" for lv in levels]
+    report["notes"] = [
+        f"concurrency {lv['concurrency']}: {lv['throughput_ratio']:.2f}x throughput, p99 ratio "
+        f"{lv['p99_ratio']:.2f}, identical outputs {lv['identical_outputs']}"
+        for lv in levels
+    ]
     report["notes"].append(f"Target at concurrency 8: {'met' if met else 'missed'}.")
-    lines = ["| concurrency | mode | requests | req/s | tokens/s | p50 s | p99 s | accepted/pass |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| concurrency | mode | requests | req/s | tokens/s | p50 s | p99 s | accepted/pass |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for lv in levels:
         for mode in ("plain", "tasc"):
             r = lv[mode]
-            lines.append(f"| {lv['concurrency']} | {mode} | {r['requests']} | {r['requests_per_s']:.2f} | "
-                         f"{r['tokens_per_s']:.1f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | "
-                         f"{r['accepted_per_pass']:.2f} |")
+            lines.append(
+                f"| {lv['concurrency']} | {mode} | {r['requests']} | {r['requests_per_s']:.2f} | "
+                f"{r['tokens_per_s']:.1f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | "
+                f"{r['accepted_per_pass']:.2f} |"
+            )
     report["files"] = write_report(report, args.out_dir, args.name or "serve_e2e", "\n".join(lines))
     return report

@@ -44,20 +44,33 @@ HF_LOOKUP_TOKENS = 10
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("spec", help="TASC-spec speed vs plain greedy and HF prompt lookup",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "spec",
+        help="TASC-spec speed vs plain greedy and HF prompt lookup",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_model_argument(p)
-    p.add_argument("--task", action="append", default=None,
-                   help=f"built-in task ({', '.join(BUILTIN_TASKS)}) or a parquet with prompt/reference columns "
-                        "(repeatable; default: all built-in tasks)")
+    p.add_argument(
+        "--task",
+        action="append",
+        default=None,
+        help=f"built-in task ({', '.join(BUILTIN_TASKS)}) or a parquet with prompt/reference columns "
+        "(repeatable; default: all built-in tasks)",
+    )
     p.add_argument("--corpus", help="corpus file (parquet/jsonl) for a parquet --task")
     p.add_argument("--corpus-column", default="output")
     p.add_argument("--n", type=int, default=16, help="timed prompts per task")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--corpus-from-model", type=int, default=0, metavar="N",
-                   help="also index the model's own greedy outputs on N prompts of the disjoint split")
+    p.add_argument(
+        "--corpus-from-model",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also index the model's own greedy outputs on N prompts of the disjoint split",
+    )
     p.add_argument("--corpus-limit", type=int, default=None, help="at most this many reference outputs to index")
     p.add_argument("--max-order", type=int, default=DEFAULT_MAX_ORDER)
     add_config_arguments(p, DrafterConfig, exclude={"mode"})  # each method sets the mode
@@ -86,18 +99,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     tasks = args.task or list(BUILTIN_TASKS)
     report: dict[str, Any] = {
-        "model": args.model, "dtype": args.dtype, "device": str(model.device), "torch_threads": torch.get_num_threads(),
-        "machine": platform.machine(), "command": _command_line(), "git_commit": _git_commit(),
-        "config": {k: v for k, v in vars(args).items() if k not in ("handler", "json")}, "runs": [], "simulated": [],
+        "model": args.model,
+        "dtype": args.dtype,
+        "device": str(model.device),
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "command": _command_line(),
+        "git_commit": _git_commit(),
+        "config": {k: v for k, v in vars(args).items() if k not in ("handler", "json")},
+        "runs": [],
+        "simulated": [],
     }
     for task_name in tasks:
-        task = (load_task_file(task_name, args.n, args.corpus, args.corpus_column) if task_name.endswith(".parquet")
-                else load_task(task_name, args.n, args.seed, args.corpus_limit))
+        task = (
+            load_task_file(task_name, args.n, args.corpus, args.corpus_column)
+            if task_name.endswith(".parquet")
+            else load_task(task_name, args.n, args.seed, args.corpus_limit)
+        )
         corpora = {"reference": task.corpus}
         if args.corpus_from_model:
             corpora["model"] = model_outputs(model, tokenizer, task, args)
-        indexes = {kind: NgramIndex.from_texts(texts, tokenizer, args.max_order) for kind, texts in corpora.items()
-                   if texts}
+        indexes = {
+            kind: NgramIndex.from_texts(texts, tokenizer, args.max_order) for kind, texts in corpora.items() if texts
+        }
         report["runs"] += bench_task(model, tokenizer, task, indexes, methods, batch_sizes, args)
         report["simulated"] += simulate_task(task, indexes, tokenizer, args)
     if args.json_path:
@@ -110,8 +134,9 @@ def _git_commit() -> str | None:
     import subprocess
 
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -121,8 +146,15 @@ def _command_line() -> str:
     return " ".join([prog, *(shlex.quote(a) for a in sys.argv[1:])])
 
 
-def bench_task(model, tokenizer, task: Task, indexes: dict[str, NgramIndex], methods: list[str],
-               batch_sizes: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
+def bench_task(
+    model,
+    tokenizer,
+    task: Task,
+    indexes: dict[str, NgramIndex],
+    methods: list[str],
+    batch_sizes: list[int],
+    args: argparse.Namespace,
+) -> list[dict[str, Any]]:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, stop=task.stop)
     runs = []
     for batch_size in batch_sizes:
@@ -141,8 +173,9 @@ def bench_task(model, tokenizer, task: Task, indexes: dict[str, NgramIndex], met
                     measured = measure_hf_lookup(model, tokenizer, task.prompts, params)
                 else:
                     config = config_from_args(DrafterConfig, args, mode=MODES[method])
-                    generator = SpeculativeGenerator(model, tokenizer, Drafter(index, config),
-                                                     max_batch_size=batch_size)
+                    generator = SpeculativeGenerator(
+                        model, tokenizer, Drafter(index, config), max_batch_size=batch_size
+                    )
                     measured = measure_engine(generator, task.prompts, params)
                 runs.append(run_record(task, method, batch_size, corpus_kind, measured, plain))
     return runs
@@ -166,24 +199,39 @@ def measure_hf_lookup(model, tokenizer, prompts: list[str], params: SamplingPara
     t0 = time.perf_counter()
     for prompt in prompts:
         enc = tokenizer(prompt, return_tensors="pt").to(model.device)
-        out = model.generate(**enc, max_new_tokens=params.max_new_tokens, do_sample=False,
-                             prompt_lookup_num_tokens=HF_LOOKUP_TOKENS, stop_strings=params.stop or None,
-                             tokenizer=tokenizer)
-        ids = out[0, enc["input_ids"].shape[1]:].tolist()
+        out = model.generate(
+            **enc,
+            max_new_tokens=params.max_new_tokens,
+            do_sample=False,
+            prompt_lookup_num_tokens=HF_LOOKUP_TOKENS,
+            stop_strings=params.stop or None,
+            tokenizer=tokenizer,
+        )
+        ids = out[0, enc["input_ids"].shape[1] :].tolist()
         cut = find_stop(tokenizer, ids, params.stop)
-        token_ids.append(ids[:cut[0]] if cut else ids)
+        token_ids.append(ids[: cut[0]] if cut else ids)
     return Measured(None, token_ids, time.perf_counter() - t0)
 
 
-def run_record(task: Task, method: str, batch_size: int, corpus_kind: str | None, m: Measured,
-               plain: Measured) -> dict[str, Any]:
+def run_record(
+    task: Task, method: str, batch_size: int, corpus_kind: str | None, m: Measured, plain: Measured
+) -> dict[str, Any]:
     new_tokens = sum(len(ids) for ids in m.token_ids)
     record: dict[str, Any] = {
-        "task": task.name, "method": method, "batch_size": batch_size, "corpus": corpus_kind,
-        "n_prompts": len(m.token_ids), "new_tokens": new_tokens, "wall_s": round(m.wall_s, 3),
-        "tokens_per_s": round(new_tokens / m.wall_s, 2), "speedup_vs_plain": round(plain.wall_s / m.wall_s, 3),
+        "task": task.name,
+        "method": method,
+        "batch_size": batch_size,
+        "corpus": corpus_kind,
+        "n_prompts": len(m.token_ids),
+        "new_tokens": new_tokens,
+        "wall_s": round(m.wall_s, 3),
+        "tokens_per_s": round(new_tokens / m.wall_s, 2),
+        "speedup_vs_plain": round(plain.wall_s / m.wall_s, 3),
         "match_rate_vs_plain": sum(a == b for a, b in zip(m.token_ids, plain.token_ids)) / len(m.token_ids),
-        "mean_accepted_per_pass": None, "tokens_per_pass": None, "draft_time_share": None, "accepted_hist": None,
+        "mean_accepted_per_pass": None,
+        "tokens_per_pass": None,
+        "draft_time_share": None,
+        "accepted_hist": None,
     }
     if m.results is not None:
         passes = sum(r.stats.forward_passes for r in m.results)
@@ -202,8 +250,9 @@ def run_record(task: Task, method: str, batch_size: int, corpus_kind: str | None
     return record
 
 
-def simulate_task(task: Task, indexes: dict[str, NgramIndex], tokenizer, args: argparse.Namespace
-                  ) -> list[dict[str, Any]]:
+def simulate_task(
+    task: Task, indexes: dict[str, NgramIndex], tokenizer, args: argparse.Namespace
+) -> list[dict[str, Any]]:
     """Predicted tokens per pass from replaying the references through the drafter (no model)."""
     from tasc_ray.spec.simulate import simulate_acceptance
 
@@ -219,9 +268,12 @@ def simulate_task(task: Task, indexes: dict[str, NgramIndex], tokenizer, args: a
 
 def model_outputs(model, tokenizer, task: Task, args: argparse.Namespace) -> list[str]:
     """The model's own greedy outputs on N prompts of the disjoint split, cached on disk."""
-    prompts = task.corpus_prompts[:args.corpus_from_model]
-    key = hashlib.sha256(json.dumps([tokenizer_fingerprint(tokenizer), str(model.config.to_dict()),
-                                     args.max_new_tokens, prompts]).encode()).hexdigest()[:16]
+    prompts = task.corpus_prompts[: args.corpus_from_model]
+    key = hashlib.sha256(
+        json.dumps(
+            [tokenizer_fingerprint(tokenizer), str(model.config.to_dict()), args.max_new_tokens, prompts]
+        ).encode()
+    ).hexdigest()[:16]
     path = Path(args.cache_dir) / f"model-corpus-{task.name}-{len(prompts)}-{key}.json"
     if path.exists():
         return json.loads(path.read_text())
@@ -230,26 +282,39 @@ def model_outputs(model, tokenizer, task: Task, args: argparse.Namespace) -> lis
     params = SamplingParams(max_new_tokens=args.max_new_tokens, stop=task.stop)
     texts = []
     for i in tqdm(range(0, len(prompts), 64), desc=f"{task.name}: logging model outputs"):
-        texts += [r.text.strip() for r in generator.generate(prompts[i:i + 64], params)]
+        texts += [r.text.strip() for r in generator.generate(prompts[i : i + 64], params)]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(texts))
     return texts
 
 
 def markdown_table(report: dict[str, Any]) -> str:
-    lines = [f"Model: {report['model']} ({report['dtype']}, {report['device']}, {report['torch_threads']} threads)",
-             "", "| task | method | corpus | batch | tokens/s | speedup vs plain | tokens/pass | accepted/pass "
-             "| draft share | match vs plain |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Model: {report['model']} ({report['dtype']}, {report['device']}, {report['torch_threads']} threads)",
+        "",
+        "| task | method | corpus | batch | tokens/s | speedup vs plain | tokens/pass | accepted/pass "
+        "| draft share | match vs plain |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["runs"]:
+
         def fmt(v: Any) -> str:
             return "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
-        lines.append(f"| {r['task']} | {r['method']} | {r['corpus'] or '-'} | {r['batch_size']} | "
-                     f"{fmt(r['tokens_per_s'])} | {fmt(r['speedup_vs_plain'])}x | {fmt(r['tokens_per_pass'])} | "
-                     f"{fmt(r['mean_accepted_per_pass'])} | {fmt(r['draft_time_share'])} | "
-                     f"{fmt(r['match_rate_vs_plain'])} |")
+
+        lines.append(
+            f"| {r['task']} | {r['method']} | {r['corpus'] or '-'} | {r['batch_size']} | "
+            f"{fmt(r['tokens_per_s'])} | {fmt(r['speedup_vs_plain'])}x | {fmt(r['tokens_per_pass'])} | "
+            f"{fmt(r['mean_accepted_per_pass'])} | {fmt(r['draft_time_share'])} | "
+            f"{fmt(r['match_rate_vs_plain'])} |"
+        )
     if report["simulated"]:
-        lines += ["", "Offline simulator (teacher-forced replay of the references, no model):", "",
-                  "| task | corpus | predicted tokens/pass |", "|---|---|---|"]
+        lines += [
+            "",
+            "Offline simulator (teacher-forced replay of the references, no model):",
+            "",
+            "| task | corpus | predicted tokens/pass |",
+            "|---|---|---|",
+        ]
         lines += [f"| {s['task']} | {s['corpus']} | {s.get('tokens_per_pass', '-')} |" for s in report["simulated"]]
     return "\n".join(lines)
 
@@ -277,9 +342,17 @@ def plot(report: dict[str, Any], path: Path) -> None:
         tasks = sorted({r["task"] for r in rows})
         width = 0.8 / max(len(labels), 1)
         for j, label in enumerate(labels):
-            values = [next((r["speedup_vs_plain"] for r in rows if r["task"] == t and
-                            f"{r['method']}" + (f" ({r['corpus']})" if r["corpus"] else "") == label), 0)
-                      for t in tasks]
+            values = [
+                next(
+                    (
+                        r["speedup_vs_plain"]
+                        for r in rows
+                        if r["task"] == t and f"{r['method']}" + (f" ({r['corpus']})" if r["corpus"] else "") == label
+                    ),
+                    0,
+                )
+                for t in tasks
+            ]
             ax.bar([i + j * width for i in range(len(tasks))], values, width, label=label)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks)
@@ -289,8 +362,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
     for r in runs:
         if r["method"] == "tasc_mixed" and r["batch_size"] == batch_sizes[0] and r["accepted_hist"]:
             total = sum(r["accepted_hist"])
-            ax.plot(range(len(r["accepted_hist"])), [c / total for c in r["accepted_hist"]], marker="o",
-                    label=f"{r['task']} ({r['corpus']})")
+            ax.plot(
+                range(len(r["accepted_hist"])),
+                [c / total for c in r["accepted_hist"]],
+                marker="o",
+                label=f"{r['task']} ({r['corpus']})",
+            )
     ax.set_title(f"tasc_mixed: drafted tokens accepted per pass (batch {batch_sizes[0]})")
     ax.set_xlabel("accepted draft tokens")
     ax.set_ylabel("share of passes")

@@ -11,9 +11,30 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-NAMES = ["The Golden Curry", "Blue Spice", "The Eagle", "Alimentum", "Zizzi", "The Phoenix", "Loch Fyne",
-         "The Wrestlers", "Fitzbillies", "The Punter", "Cotto", "Green Man", "Aromi", "The Mill", "Browns Cambridge",
-         "Strada", "The Rice Boat", "Giraffe", "Wildwood", "Midsummer House", "Clowns", "Bibimbap House"]
+NAMES = [
+    "The Golden Curry",
+    "Blue Spice",
+    "The Eagle",
+    "Alimentum",
+    "Zizzi",
+    "The Phoenix",
+    "Loch Fyne",
+    "The Wrestlers",
+    "Fitzbillies",
+    "The Punter",
+    "Cotto",
+    "Green Man",
+    "Aromi",
+    "The Mill",
+    "Browns Cambridge",
+    "Strada",
+    "The Rice Boat",
+    "Giraffe",
+    "Wildwood",
+    "Midsummer House",
+    "Clowns",
+    "Bibimbap House",
+]
 EAT_TYPES = ["restaurant", "pub", "coffee shop"]
 FOODS = ["Italian", "French", "Indian", "Chinese", "Japanese", "English", "Fast food"]
 PRICES = ["cheap", "moderate", "high", "less than £20", "£20-25", "more than £30"]
@@ -32,9 +53,15 @@ INSTRUCTION = "Extract the restaurant's attributes from each sentence."
 
 def _row(rng: random.Random) -> tuple[str, str]:
     template = rng.choice(TEMPLATES)
-    values = {"name": rng.choice(NAMES), "eatType": rng.choice(EAT_TYPES), "food": rng.choice(FOODS),
-              "priceRange": rng.choice(PRICES), "area": rng.choice(AREAS), "familyFriendly": rng.choice(["yes", "no"]),
-              "near": rng.choice(NAMES)}
+    values = {
+        "name": rng.choice(NAMES),
+        "eatType": rng.choice(EAT_TYPES),
+        "food": rng.choice(FOODS),
+        "priceRange": rng.choice(PRICES),
+        "area": rng.choice(AREAS),
+        "familyFriendly": rng.choice(["yes", "no"]),
+        "near": rng.choice(NAMES),
+    }
     family = "family-friendly" if values["familyFriendly"] == "yes" else "not family-friendly"
     text = template.format(family=family, **values)
     used = [k for k in KEYS if "{" + k + "}" in template or (k == "familyFriendly" and "{family}" in template)]
@@ -67,6 +94,10 @@ def write_sample_task(out_dir: str | Path, n_corpus: int = 2000, n_prompts: int 
     corpus, prompts = rows[:n_corpus], rows[n_corpus:]
     paths = {"corpus": out_dir / "corpus.parquet", "prompts": out_dir / "prompts.parquet"}
     pq.write_table(pa.Table.from_pylist([{"id": r["id"], "output": r["output"]} for r in corpus]), paths["corpus"])
-    pq.write_table(pa.Table.from_pylist([{"id": r["id"], "text": r["text"], "prompt": r["prompt"],
-                                          "reference": r["output"]} for r in prompts]), paths["prompts"])
+    pq.write_table(
+        pa.Table.from_pylist(
+            [{"id": r["id"], "text": r["text"], "prompt": r["prompt"], "reference": r["output"]} for r in prompts]
+        ),
+        paths["prompts"],
+    )
     return paths

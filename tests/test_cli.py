@@ -38,35 +38,75 @@ def corpus_parquet(tmp_path, task_rows):
 
 def test_build_index_and_generate(tmp_path, corpus_parquet, tiny_model_dir, capsys, task_rows):
     out = tmp_path / "idx"
-    assert main(["build-index", "--input", str(corpus_parquet), "--model", str(tiny_model_dir), "--out", str(out),
-                 "--json"]) == 0
+    assert (
+        main(
+            ["build-index", "--input", str(corpus_parquet), "--model", str(tiny_model_dir), "--out", str(out), "--json"]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["rows"] == 100 and summary["skipped_rows"] == 2
     assert (out / "manifest.json").exists()
     prompt = task_rows[300]["prompt"][-120:]
-    assert main(["generate", "--model", str(tiny_model_dir), "--index", str(out), "--prompt", prompt,
-                 "--max-new-tokens", "12", "--json"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_model_dir),
+                "--index",
+                str(out),
+                "--prompt",
+                prompt,
+                "--max-new-tokens",
+                "12",
+                "--json",
+            ]
+        )
+        == 0
+    )
     spec = json.loads(capsys.readouterr().out)
-    assert main(["generate", "--model", str(tiny_model_dir), "--index", str(out), "--prompt", prompt,
-                 "--max-new-tokens", "12", "--json", "--no-spec"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_model_dir),
+                "--index",
+                str(out),
+                "--prompt",
+                prompt,
+                "--max-new-tokens",
+                "12",
+                "--json",
+                "--no-spec",
+            ]
+        )
+        == 0
+    )
     plain = json.loads(capsys.readouterr().out)
     assert spec["text"] == plain["text"] and plain["drafted"] == 0 and spec["new_tokens"] >= 1
 
 
 def test_generate_chat_messages(tiny_model_dir, capsys):
     messages = json.dumps([{"role": "user", "content": "Zizzi is a pub."}])
-    assert main(["generate", "--model", str(tiny_model_dir), "--messages", messages, "--max-new-tokens", "5",
-                 "--json"]) == 0
+    assert (
+        main(["generate", "--model", str(tiny_model_dir), "--messages", messages, "--max-new-tokens", "5", "--json"])
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["prompt_tokens"] > 5
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "corpus file not found"),
-    ("column", "has no column 'output'; columns: text"),
-    ("empty", "no non-empty text rows"),
-    ("corrupt", "not a readable parquet file"),
-    ("jsonl", "is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "corpus file not found"),
+        ("column", "has no column 'output'; columns: text"),
+        ("empty", "no non-empty text rows"),
+        ("corrupt", "not a readable parquet file"),
+        ("jsonl", "is not valid JSON"),
+    ],
+)
 def test_build_index_bad_input(tmp_path, tiny_model_dir, capsys, case, message):
     path = tmp_path / "corpus.parquet"
     if case == "column":

@@ -44,9 +44,13 @@ class OracleDrafter(Drafter):
 
 
 def reference_greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:
-    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                         max_new_tokens=max_new_tokens, do_sample=False)
-    return out[0, len(ids):].tolist()
+    out = model.generate(
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+    )
+    return out[0, len(ids) :].tolist()
 
 
 def random_prompts(rng: random.Random, vocab: int, n: int) -> list[list[int]]:
@@ -61,8 +65,9 @@ def test_greedy_identical_to_generate(tiny_model, tiny_tokenizer, p_right, batch
         rng = random.Random(seed * 100 + batch_size)
         prompts = random_prompts(rng, vocab, batch_size)
         truths = {tuple(p): reference_greedy(tiny_model, p, 24) for p in prompts}
-        generator = SpeculativeGenerator(tiny_model, tiny_tokenizer, OracleDrafter(truths, p_right, vocab, seed),
-                                         max_batch_size=batch_size)
+        generator = SpeculativeGenerator(
+            tiny_model, tiny_tokenizer, OracleDrafter(truths, p_right, vocab, seed), max_batch_size=batch_size
+        )
         results = generator.generate(prompts, SamplingParams(max_new_tokens=24))
         for prompt, result in zip(prompts, results):
             expected = truths[tuple(prompt)]
@@ -76,8 +81,9 @@ def test_greedy_identical_to_generate(tiny_model, tiny_tokenizer, p_right, batch
 def test_greedy_identical_with_ngram_drafter(tiny_model, tiny_tokenizer, task_rows, mode):
     outputs = [tiny_tokenizer(r["output"], add_special_tokens=False)["input_ids"] for r in task_rows[:200]]
     index = NgramIndex.build(outputs, max_order=4, tokenizer=tiny_tokenizer)
-    generator = SpeculativeGenerator(tiny_model, tiny_tokenizer, Drafter(index, DrafterConfig(mode=mode)),
-                                     max_batch_size=4)
+    generator = SpeculativeGenerator(
+        tiny_model, tiny_tokenizer, Drafter(index, DrafterConfig(mode=mode)), max_batch_size=4
+    )
     prompts = [r["prompt"][-200:] for r in task_rows[200:210]]
     results = generator.generate(prompts, SamplingParams(max_new_tokens=20))
     for prompt, result in zip(prompts, results):
@@ -116,8 +122,9 @@ def test_sampling_matches_plain_distribution(tiny_model, tiny_tokenizer):
     n = 1500
     common = dict(max_new_tokens=3, temperature=1.5, top_k=6)
     spec_results = _sample(generator, prompt, [SamplingParams(seed=i, **common) for i in range(n)])
-    plain_results = _sample(generator, prompt, [SamplingParams(seed=i + n, speculative=False, **common)
-                                                for i in range(n)])
+    plain_results = _sample(
+        generator, prompt, [SamplingParams(seed=i + n, speculative=False, **common) for i in range(n)]
+    )
     spec = Counter(tuple(r.token_ids[:2]) for r in spec_results)
     plain = Counter(tuple(r.token_ids[:2]) for r in plain_results)
     # Exact law of the first two tokens from the model itself.
@@ -156,12 +163,12 @@ def test_stop_strings_and_eos(tiny_model, tiny_tokenizer):
     if full.finish_reason == "stop":
         assert full.token_ids[-1] == 2
     text = full.text
-    stop = text[len(text) // 2:len(text) // 2 + 2]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
     assert stop
     cut = generator.generate([prompt], SamplingParams(max_new_tokens=30, stop=[stop]))[0]
     assert cut.finish_reason == "stop"
-    assert cut.text == text[:text.find(stop)]
-    assert cut.token_ids == full.token_ids[:len(cut.token_ids)]
+    assert cut.text == text[: text.find(stop)]
+    assert cut.token_ids == full.token_ids[: len(cut.token_ids)]
 
 
 def test_chat_prompt_uses_template(tiny_model, tiny_tokenizer):
@@ -212,8 +219,9 @@ def test_shared_prefix_is_prefilled_once_and_changes_nothing(tiny_model, tiny_to
     partial = [header[:20] + [5] * 4, header[:20] + [6] * 3]
     cached.generate(partial, params)
     assert cached.timings.cached_prompt_tokens == 40 * 6 + 20 * 2
-    assert [r.token_ids for r in cached.generate(partial, params)] == [reference_greedy(tiny_model, p, 16)
-                                                                      for p in partial]
+    assert [r.token_ids for r in cached.generate(partial, params)] == [
+        reference_greedy(tiny_model, p, 16) for p in partial
+    ]
     cached.generate([[7] * 30, [8] * 30], params)
     assert cached.timings.cached_prompt_tokens == 40 * 6 + 20 * 4
 

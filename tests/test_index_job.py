@@ -50,17 +50,35 @@ def corpus_dir(tmp_path_factory, outputs) -> Path:
     root = tmp_path_factory.mktemp("corpus")
     parts = [outputs[:150] + [None, ""], outputs[150:300] + ["   "], outputs[300:]]
     for i, part in enumerate(parts):
-        pq.write_table(pa.table({"output": part, "other": [f"x{j}" for j in range(len(part))]}),
-                       root / f"part-{i}.parquet")
+        pq.write_table(
+            pa.table({"output": part, "other": [f"x{j}" for j in range(len(part))]}), root / f"part-{i}.parquet"
+        )
     return root
 
 
-def test_cli_index_matches_in_process_builder(ray_cluster, corpus_dir, outputs, tiny_model_dir, tiny_tokenizer,
-                                              tmp_path, capsys):
+def test_cli_index_matches_in_process_builder(
+    ray_cluster, corpus_dir, outputs, tiny_model_dir, tiny_tokenizer, tmp_path, capsys
+):
     out = tmp_path / "idx"
     # top_k=2 truncates many contexts: the cut must match the in-process builder's too.
-    rc = main(["index", "--input", str(corpus_dir / "*.parquet"), "--column", "output", "--tokenizer",
-               str(tiny_model_dir), "--out", str(out), "--top-k", "2", "--batch-size", "64", "--json"])
+    rc = main(
+        [
+            "index",
+            "--input",
+            str(corpus_dir / "*.parquet"),
+            "--column",
+            "output",
+            "--tokenizer",
+            str(tiny_model_dir),
+            "--out",
+            str(out),
+            "--top-k",
+            "2",
+            "--batch-size",
+            "64",
+            "--json",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err[-3000:]
     summary = json.loads(captured.out)
@@ -71,7 +89,8 @@ def test_cli_index_matches_in_process_builder(ray_cluster, corpus_dir, outputs, 
     reference = NgramIndex.from_texts(outputs, load_tokenizer(str(tiny_model_dir)), top_k=2)
     assert_same_index(built, reference)
     assert sum(summary["orders"][str(m)]["contexts"] for m in built.orders) == sum(
-        len(built.tables[m].hashes) for m in built.orders)
+        len(built.tables[m].hashes) for m in built.orders
+    )
 
     # index-stats: H2 of the output tokens, computed here independently from the token ids.
     stats = index_stats(str(out))
@@ -91,7 +110,7 @@ def test_cli_index_matches_in_process_builder(ray_cluster, corpus_dir, outputs, 
 def test_collision_entropy_known_values():
     assert collision_entropy(np.array([5, 5, 5, 5])) == pytest.approx(2.0)
     assert collision_entropy(np.array([7])) == 0.0
-    assert collision_entropy(np.array([3, 1])) == pytest.approx(-math.log2(0.75 ** 2 + 0.25 ** 2))
+    assert collision_entropy(np.array([3, 1])) == pytest.approx(-math.log2(0.75**2 + 0.25**2))
 
 
 def test_s3_index_and_append(ray_cluster, s3_server, s3_bucket, outputs, tiny_tokenizer, tmp_path):
@@ -104,23 +123,41 @@ def test_s3_index_and_append(ray_cluster, s3_server, s3_bucket, outputs, tiny_to
     with fs.open(f"{s3_bucket}/new/b.parquet", "wb") as f:
         pq.write_table(pa.table({"text": outputs[200:]}), f)
     out = f"s3://{s3_bucket}/index"
-    first = index_corpus(f"s3://{s3_bucket}/corpus/", out, tiny_tokenizer, column="text", top_k=64, num_workers=1,
-                         num_reducers=2, batch_size=64)
+    first = index_corpus(
+        f"s3://{s3_bucket}/corpus/",
+        out,
+        tiny_tokenizer,
+        column="text",
+        top_k=64,
+        num_workers=1,
+        num_reducers=2,
+        batch_size=64,
+    )
     assert first["files"] == 2 and first["skipped_null"] == 1
     assert fs.exists(f"{s3_bucket}/index/manifest.json")
     assert_same_index(NgramIndex.load(out), NgramIndex.from_texts(outputs[:200], tiny_tokenizer, top_k=64))
 
     # Append in place: counts add, exactly, because no context of the first index was truncated at top_k=64.
-    second = index_corpus(f"s3://{s3_bucket}/new/*.parquet", out, tiny_tokenizer, column="text", top_k=64,
-                          append_to=out, num_workers=1, num_reducers=3, batch_size=64)
+    second = index_corpus(
+        f"s3://{s3_bucket}/new/*.parquet",
+        out,
+        tiny_tokenizer,
+        column="text",
+        top_k=64,
+        append_to=out,
+        num_workers=1,
+        num_reducers=3,
+        batch_size=64,
+    )
     assert second["appended"] and second["append_exact"]
     appended = NgramIndex.load(out)
     assert_same_index(appended, NgramIndex.from_texts(outputs, tiny_tokenizer, top_k=64))
     assert index_stats(out)["exact_for_append"] is True
 
 
-def test_bad_inputs_name_the_file_column_or_bucket(ray_cluster, s3_server, s3_bucket, corpus_dir, tiny_model_dir,
-                                                   tiny_tokenizer, tmp_path, capsys):
+def test_bad_inputs_name_the_file_column_or_bucket(
+    ray_cluster, s3_server, s3_bucket, corpus_dir, tiny_model_dir, tiny_tokenizer, tmp_path, capsys
+):
     out = tmp_path / "idx"
     base = ["--tokenizer", str(tiny_model_dir), "--out", str(out)]
     # missing column: one line, exit 2, names the file and the column
@@ -139,8 +176,20 @@ def test_bad_inputs_name_the_file_column_or_bucket(ray_cluster, s3_server, s3_bu
     # wrong bucket (input and output)
     assert main(["index", "--input", "s3://no-such-bucket-xyz/corpus/", *base]) == 2
     assert "no-such-bucket-xyz" in capsys.readouterr().err
-    assert main(["index", "--input", str(corpus_dir), "--tokenizer", str(tiny_model_dir),
-                 "--out", "s3://no-such-bucket-out/idx"]) == 2
+    assert (
+        main(
+            [
+                "index",
+                "--input",
+                str(corpus_dir),
+                "--tokenizer",
+                str(tiny_model_dir),
+                "--out",
+                "s3://no-such-bucket-out/idx",
+            ]
+        )
+        == 2
+    )
     assert "no-such-bucket-out" in capsys.readouterr().err
     # the job entry point takes the same arguments and fails the same way
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
@@ -213,14 +262,21 @@ class DyingTokenizer:
 def test_worker_death_is_retried_and_result_is_exact(ray_cluster, corpus_dir, outputs, tiny_tokenizer, tmp_path):
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the wrapper travels by value to the workers
     marker = tmp_path / "died"
-    result = build_index_distributed(str(corpus_dir), DyingTokenizer(tiny_tokenizer, str(marker)), top_k=3,
-                                     batch_size=64, num_workers=1, num_reducers=1)
+    result = build_index_distributed(
+        str(corpus_dir),
+        DyingTokenizer(tiny_tokenizer, str(marker)),
+        top_k=3,
+        batch_size=64,
+        num_workers=1,
+        num_reducers=1,
+    )
     assert marker.exists() and int(marker.read_text()) != os.getpid()  # a worker process really died
     assert result.summary["sequences"] == len(outputs) and result.summary["skipped_rows"] == 3
     assert_same_index(result.index, NgramIndex.from_texts(outputs, tiny_tokenizer, top_k=3))
 
 
 # ----- the offline acceptance simulator -----
+
 
 def test_simulate_known_answers():
     seq = list(range(10, 30))  # 20 distinct tokens
@@ -258,15 +314,24 @@ def test_simulate_cli(corpus_dir, outputs, tiny_model_dir, tiny_tokenizer, tmp_p
     index.save(str(tmp_path / "idx"))
     heldout = tmp_path / "heldout.parquet"
     pq.write_table(pa.table({"reference": outputs[300:] + [None], "prompt": ["p"] * 101}), heldout)
-    args = ["simulate", "--index", str(tmp_path / "idx"), "--input", str(heldout), "--tokenizer",
-            str(tiny_model_dir), "--json"]
+    args = [
+        "simulate",
+        "--index",
+        str(tmp_path / "idx"),
+        "--input",
+        str(heldout),
+        "--tokenizer",
+        str(tiny_model_dir),
+        "--json",
+    ]
     assert main([*args, "--prompt-column", "prompt"]) == 0
     r = json.loads(capsys.readouterr().out)
     ids = tiny_tokenizer(outputs[300:], add_special_tokens=False)["input_ids"]
     assert r["sequences"] == 100 and r["skipped_rows"] == 1 and r["tokens"] == sum(len(s) for s in ids)
     # the CLI's answer is the library's
-    lib = simulate_acceptance(index, ids, DrafterConfig(), tiny_tokenizer(["p"] * 100, add_special_tokens=False)
-                              ["input_ids"])
+    lib = simulate_acceptance(
+        index, ids, DrafterConfig(), tiny_tokenizer(["p"] * 100, add_special_tokens=False)["input_ids"]
+    )
     assert r["passes"] == lib["passes"] and r["tokens_per_pass"] > 1.2  # a templated task drafts well
     assert main([*args, "--mode", "corpus", "--max-draft", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens_per_pass"] <= 2.0

@@ -42,8 +42,13 @@ def _pod_templates(node) -> list[dict]:
 
 def test_manifests_parse_with_expected_kinds():
     kinds = {name: doc["kind"] for name, doc in _manifests().items()}
-    assert kinds == {"raycluster.yaml": "RayCluster", "rayjob-finetune.yaml": "RayJob", "rayjob-index.yaml": "RayJob",
-                     "rayjob-label.yaml": "RayJob", "rayservice.yaml": "RayService"}
+    assert kinds == {
+        "raycluster.yaml": "RayCluster",
+        "rayjob-finetune.yaml": "RayJob",
+        "rayjob-index.yaml": "RayJob",
+        "rayjob-label.yaml": "RayJob",
+        "rayservice.yaml": "RayService",
+    }
     for doc in _manifests().values():
         assert doc["apiVersion"] == "ray.io/v1" and doc["metadata"]["name"]
 
@@ -55,6 +60,7 @@ def test_versions_agree_with_pyproject():
     assert re.search(r"^ARG RAY_VERSION=(\S+)$", docker, re.M).group(1) == pin
     assert "FROM ${BASE_IMAGE}" in docker and "rayproject/ray:${RAY_VERSION}" in docker
     import ray
+
     assert ray.__version__ == pin
     clusters = [_manifests()["raycluster.yaml"]["spec"], _manifests()["rayservice.yaml"]["spec"]["rayClusterConfig"]]
     for spec in clusters:
@@ -89,24 +95,32 @@ def test_every_pod_has_shm_memory_volume():
 def _job_parser(script: str) -> argparse.ArgumentParser:
     if script == "jobs/batch_label.py":
         from tasc_ray.cli.label import add_label_arguments
+
         parser = argparse.ArgumentParser()
         add_label_arguments(parser)
         return parser
     if script == "jobs/index_corpus.py":
         from tasc_ray.cli.index import add_index_arguments
+
         parser = argparse.ArgumentParser()
         add_index_arguments(parser)
         return parser
     if script == "jobs/finetune.py":
         from tasc_ray.cli.main import build_parser
+
         sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
         return sub.choices["finetune"]
     raise AssertionError(f"unknown job script {script}")
 
 
-@pytest.mark.parametrize("manifest,script", [("rayjob-index.yaml", "jobs/index_corpus.py"),
-                                             ("rayjob-finetune.yaml", "jobs/finetune.py"),
-                                             ("rayjob-label.yaml", "jobs/batch_label.py")])
+@pytest.mark.parametrize(
+    "manifest,script",
+    [
+        ("rayjob-index.yaml", "jobs/index_corpus.py"),
+        ("rayjob-finetune.yaml", "jobs/finetune.py"),
+        ("rayjob-label.yaml", "jobs/batch_label.py"),
+    ],
+)
 def test_rayjob_entrypoints_exist_and_parse(manifest, script):
     spec = _manifests()[manifest]["spec"]
     assert spec["clusterSelector"]["ray.io/cluster"] == _manifests()["raycluster.yaml"]["metadata"]["name"]
@@ -126,6 +140,7 @@ def test_rayservice_serves_the_committed_serve_config():
         built = builder.__wrapped__ if hasattr(builder, "__wrapped__") else builder
         assert callable(built)
         from tasc_ray.serving.server import ServeConfig
+
         config = ServeConfig.model_validate(app["args"])
         assert config.api_key_env == "TASC_API_KEY"
     containers = [c for t in _pod_templates(_manifests()["rayservice.yaml"]["spec"]) for c in t["spec"]["containers"]]

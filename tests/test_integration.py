@@ -25,14 +25,15 @@ def test_real_model_greedy_identical(smollm2):
     rows = sample_task(400, seed=1)
     index = NgramIndex.from_texts([r["output"] for r in rows[:396]], tokenizer)
     prompts = [r["prompt"] for r in rows[396:]]
-    generator = SpeculativeGenerator(model, tokenizer, Drafter(index, DrafterConfig(mode=DraftMode.MIXED)),
-                                     max_batch_size=4)
+    generator = SpeculativeGenerator(
+        model, tokenizer, Drafter(index, DrafterConfig(mode=DraftMode.MIXED)), max_batch_size=4
+    )
     params = SamplingParams(max_new_tokens=24)
     spec = generator.generate(prompts, params)
     assert sum(r.stats.accepted for r in spec) > 0  # the drafts were really used
     for prompt, result in zip(prompts[:2], spec):
         enc = tokenizer(prompt, return_tensors="pt")
-        expected = model.generate(**enc, max_new_tokens=24, do_sample=False)[0, enc["input_ids"].shape[1]:]
+        expected = model.generate(**enc, max_new_tokens=24, do_sample=False)[0, enc["input_ids"].shape[1] :]
         assert result.token_ids == expected.tolist()
     plain = generator.generate(prompts, SamplingParams(max_new_tokens=24, speculative=False))
     assert [r.token_ids for r in plain] == [r.token_ids for r in spec]

@@ -44,10 +44,12 @@ def engine(tiny_model_dir, index_dir):
 
 
 def _rows(task_rows, n, bad=True):
-    rows = [{"id": r["id"], "text": r["text"], "prompt": r["prompt"]} for r in task_rows[300:300 + n]]
+    rows = [{"id": r["id"], "text": r["text"], "prompt": r["prompt"]} for r in task_rows[300 : 300 + n]]
     if bad:  # an empty prompt and one longer than the tiny model's 1024-token context
-        rows += [{"id": "bad-empty", "text": "", "prompt": ""},
-                 {"id": "bad-long", "text": "x", "prompt": "Blue Spice is a pub. " * 400}]
+        rows += [
+            {"id": "bad-empty", "text": "", "prompt": ""},
+            {"id": "bad-long", "text": "x", "prompt": "Blue Spice is a pub. " * 400},
+        ]
     return rows
 
 
@@ -62,14 +64,17 @@ def reference(engine, task_rows):
 
 def _read(output: str) -> pa.Table:
     fs, root = resolve_filesystem(output)
-    parts = [f.path for f in fs.get_file_info(__import__("pyarrow.fs").fs.FileSelector(root))
-             if f.base_name.startswith("part-")]
+    parts = [
+        f.path
+        for f in fs.get_file_info(__import__("pyarrow.fs").fs.FileSelector(root))
+        if f.base_name.startswith("part-")
+    ]
     return pa.concat_tables([pq.read_table(p, filesystem=fs) for p in parts])
 
 
 def _check_output(output: str, rows: list[dict], reference: dict[str, str]) -> pa.Table:
     table = _read(output)
-    assert table.column_names[:len(OUTPUT_COLUMNS)] == OUTPUT_COLUMNS
+    assert table.column_names[: len(OUTPUT_COLUMNS)] == OUTPUT_COLUMNS
     ids = table.column("id").to_pylist()
     assert sorted(ids) == sorted(r["id"] for r in rows)  # every row exactly once
     by_id = {r["id"]: r for r in table.to_pylist()}
@@ -87,8 +92,18 @@ def test_label_errors_limit_and_resume(ray_cluster, tmp_path, task_rows, engine,
     out = str(tmp_path / "labels")
 
     # the first run decodes plainly (no drafts); the rows must match the speculative reference exactly
-    first = label_parquet(str(src), out, engine, max_new_tokens=MAX_NEW, stop=STOP, batch_size=8, limit=15,
-                          speculative=False, num_replicas=2, num_cpus_per_replica=0.25)
+    first = label_parquet(
+        str(src),
+        out,
+        engine,
+        max_new_tokens=MAX_NEW,
+        stop=STOP,
+        batch_size=8,
+        limit=15,
+        speculative=False,
+        num_replicas=2,
+        num_cpus_per_replica=0.25,
+    )
     assert first["rows_labeled"] == 15 and not first["complete"] and first["rows_remaining"] == 27
     assert first["drafted_tokens"] == 0
     assert not is_complete(out) and not (Path(out) / SUCCESS).exists()
@@ -130,7 +145,7 @@ def test_s3_input_and_output_through_the_job_script(ray_cluster, s3_bucket, tmp_
 
     rows = _rows(task_rows, 12, bad=False)
     for r in rows:  # the template rebuilds the prompt from two columns
-        r["intro"] = r["prompt"][:r["prompt"].rindex("Sentence: ")]
+        r["intro"] = r["prompt"][: r["prompt"].rindex("Sentence: ")]
     fs, _ = resolve_filesystem(f"s3://{s3_bucket}/in")
     with fs.open_output_stream(f"{s3_bucket}/in/prompts.parquet") as f:
         pq.write_table(pa.Table.from_pylist(rows), f)
@@ -140,9 +155,26 @@ def test_s3_input_and_output_through_the_job_script(ray_cluster, s3_bucket, tmp_
         import batch_label
     finally:
         sys.path.pop(0)
-    rc = batch_label.main(["--input", f"s3://{s3_bucket}/in", "--output", out, "--model", engine.model,
-                           "--index", engine.index, "--prompt-template", "{intro}Sentence: {text}\\nMR:",
-                           "--max-new-tokens", str(MAX_NEW), "--stop", "]", "--batch-size", "4"])
+    rc = batch_label.main(
+        [
+            "--input",
+            f"s3://{s3_bucket}/in",
+            "--output",
+            out,
+            "--model",
+            engine.model,
+            "--index",
+            engine.index,
+            "--prompt-template",
+            "{intro}Sentence: {text}\\nMR:",
+            "--max-new-tokens",
+            str(MAX_NEW),
+            "--stop",
+            "]",
+            "--batch-size",
+            "4",
+        ]
+    )
     assert rc == 0 and is_complete(out)
     assert fs.get_file_info(f"{s3_bucket}/labels/_staging").type == pafs.FileType.NotFound
     _check_output(out, rows, reference)
@@ -156,11 +188,33 @@ def test_killed_run_resumes_without_duplicates(ray_cluster, tmp_path, task_rows,
     pq.write_table(pa.Table.from_pylist(rows), src)
     out = tmp_path / "labels"
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "tasc_ray", "label", "--input", str(src), "--output", str(out), "--model",
-           engine.model, "--index", engine.index, "--max-new-tokens", str(MAX_NEW), "--stop", "]",
-           "--batch-size", "2", "--rows-per-part", "4", "--num-cpus", "0.25"]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "tasc_ray",
+        "label",
+        "--input",
+        str(src),
+        "--output",
+        str(out),
+        "--model",
+        engine.model,
+        "--index",
+        engine.index,
+        "--max-new-tokens",
+        str(MAX_NEW),
+        "--stop",
+        "]",
+        "--batch-size",
+        "2",
+        "--rows-per-part",
+        "4",
+        "--num-cpus",
+        "0.25",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     staged = out / "_staging"
     deadline = time.time() + 120
     try:
@@ -177,4 +231,3 @@ def test_killed_run_resumes_without_duplicates(ray_cluster, tmp_path, task_rows,
     assert summary["complete"] and summary["rows_already_done"] + summary["rows_labeled"] == 40
     assert summary["rows_already_done"] > 0  # the killed run's finished parts were kept
     _check_output(str(out), rows, reference)
-

@@ -14,7 +14,7 @@ def brute_force_counts(seqs, m):
     counts = {}
     for s in seqs:
         for i in range(len(s) - m):
-            key = tuple(s[i:i + m])
+            key = tuple(s[i : i + m])
             counts.setdefault(key, {}).setdefault(s[i + m], 0)
             counts[key][s[i + m]] += 1
     return counts

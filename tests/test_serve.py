@@ -34,9 +34,18 @@ def indexes(tmp_path_factory, task_rows, tiny_tokenizer):
 
 
 def _config(tiny_model_dir, index, **extra) -> ServeConfig:
-    return ServeConfig.model_validate({"model": str(tiny_model_dir), "index": index, "model_name": MODEL,
-                                       "max_batch_size": 16, "batch_wait_timeout_s": 0.05, "num_cpus": 0.25,
-                                       "max_tokens_limit": 256, **extra})
+    return ServeConfig.model_validate(
+        {
+            "model": str(tiny_model_dir),
+            "index": index,
+            "model_name": MODEL,
+            "max_batch_size": 16,
+            "batch_wait_timeout_s": 0.05,
+            "num_cpus": 0.25,
+            "max_tokens_limit": 256,
+            **extra,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +55,7 @@ def server(ray_cluster, tiny_model_dir, indexes):
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(_config(tiny_model_dir, indexes["full"])), name="tasc", route_prefix="/")
-    serve.run(build_app(_config(tiny_model_dir, None, api_key=KEY)), name="tasc-auth",
-              route_prefix="/auth")
+    serve.run(build_app(_config(tiny_model_dir, None, api_key=KEY)), name="tasc-auth", route_prefix="/auth")
     base = f"http://127.0.0.1:{port}"
     yield {"base": base, "port": port, "model_dir": tiny_model_dir}
     serve.shutdown()
@@ -60,10 +68,21 @@ def _post(server, path, body, **kw):
 def _texts(prompts, speculative, server, max_tokens=24):
     async def go():
         async with httpx.AsyncClient(base_url=server["base"], timeout=120) as client:
-            reqs = [client.post("/v1/completions", json={"model": MODEL, "prompt": p, "max_tokens": max_tokens,
-                                                         "temperature": 0, "speculative": speculative})
-                    for p in prompts]
+            reqs = [
+                client.post(
+                    "/v1/completions",
+                    json={
+                        "model": MODEL,
+                        "prompt": p,
+                        "max_tokens": max_tokens,
+                        "temperature": 0,
+                        "speculative": speculative,
+                    },
+                )
+                for p in prompts
+            ]
             return await asyncio.gather(*reqs)
+
     return asyncio.run(go())
 
 
@@ -79,8 +98,15 @@ def test_config_yaml_in_sync_with_builder():
 
 
 def test_flat_args_and_resources():
-    cfg = ServeConfig.model_validate({"model": "m", "index": "None", "device": "cuda", "max_batch_size": "8",
-                                      "autoscaling": {"min_replicas": 1, "max_replicas": 3}})
+    cfg = ServeConfig.model_validate(
+        {
+            "model": "m",
+            "index": "None",
+            "device": "cuda",
+            "max_batch_size": "8",
+            "autoscaling": {"min_replicas": 1, "max_replicas": 3},
+        }
+    )
     assert cfg.engine.model == "m" and cfg.engine.index is None and cfg.max_batch_size == 8
     opts = cfg.deployment_options()
     assert opts["ray_actor_options"]["num_gpus"] == 1.0
@@ -120,8 +146,11 @@ def test_concurrent_requests_batched_and_lossless(server, task_rows):
 
 def test_multiple_prompts_and_token_prompt(server, task_rows):
     tok_ids = [5, 17, 42, 99, 7]
-    r = _post(server, "/v1/completions", {"model": MODEL, "prompt": [task_rows[0]["prompt"], task_rows[1]["prompt"]],
-                                          "max_tokens": 8})
+    r = _post(
+        server,
+        "/v1/completions",
+        {"model": MODEL, "prompt": [task_rows[0]["prompt"], task_rows[1]["prompt"]], "max_tokens": 8},
+    )
     assert r.status_code == 200, r.text
     assert [c["index"] for c in r.json()["choices"]] == [0, 1]
     r = _post(server, "/v1/completions", {"prompt": tok_ids, "max_tokens": 4})
@@ -148,8 +177,11 @@ def _sse(response: httpx.Response) -> tuple[list[dict], str]:
 def test_streaming_matches_non_streaming(server, task_rows):
     prompt = task_rows[3]["prompt"]
     full = _post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 32}).json()["choices"][0]["text"]
-    r = _post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 32, "stream": True,
-                                          "stream_options": {"include_usage": True}})
+    r = _post(
+        server,
+        "/v1/completions",
+        {"prompt": prompt, "max_tokens": 32, "stream": True, "stream_options": {"include_usage": True}},
+    )
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     chunks, _ = _sse(r)
     pieces = [c["choices"][0]["text"] for c in chunks if c["choices"]]
@@ -164,8 +196,11 @@ def test_streaming_matches_non_streaming(server, task_rows):
     assert streamed == ref["choices"][0]["text"] and stop not in streamed
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
     # chat streaming
-    r = _post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10,
-                                               "stream": True})
+    r = _post(
+        server,
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10, "stream": True},
+    )
     chunks, _ = _sse(r)
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
@@ -211,10 +246,12 @@ def test_bad_requests_get_openai_errors(server, path, body, status, param):
 def test_bad_request_does_not_fail_its_batch(server, task_rows):
     async def go():
         async with httpx.AsyncClient(base_url=server["base"], timeout=60) as client:
-            good = [client.post("/v1/completions", json={"prompt": r["prompt"], "max_tokens": 6})
-                    for r in task_rows[40:48]]
+            good = [
+                client.post("/v1/completions", json={"prompt": r["prompt"], "max_tokens": 6}) for r in task_rows[40:48]
+            ]
             bad = [client.post("/v1/completions", json={"prompt": [7] * 1100}) for _ in range(4)]
             return await asyncio.gather(*good, *bad)
+
     out = asyncio.run(go())
     assert [r.status_code for r in out] == [200] * 8 + [400] * 4
 
@@ -260,8 +297,12 @@ def test_deploy_config_and_reconfigure_without_restart(server, tiny_model_dir, i
     prompt = task_rows[5]["prompt"]
     body = {"prompt": prompt, "max_tokens": 16}
     text_before = httpx.post(base + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
-    _deploy(server, _config(tiny_model_dir, indexes["full"], user_config={"index": indexes["half"],
-                                                                          "index_version": 2}), "tasc-live", "/live")
+    _deploy(
+        server,
+        _config(tiny_model_dir, indexes["full"], user_config={"index": indexes["half"], "index_version": 2}),
+        "tasc-live",
+        "/live",
+    )
     after = httpx.get(base + "/health").json()
     assert after["replica"] == before["replica"]  # the same replica, reconfigured in place
     assert after["index"] == indexes["half"] and after["index_sequences"] == 100 and after["index_version"] == 2

@@ -87,8 +87,9 @@ def test_enrichment_round_trips_and_compresses(tiny_tokenizer, outputs, enriched
 def test_prefix_conflict_filter(tiny_tokenizer, outputs, enriched):
     assert all(t.conflict <= 0.1 for t in enriched.new_tokens)
     assert sum(it.dropped_conflict for it in enriched.iterations) > 0
-    off = enrich_tokenizer(tiny_tokenizer, outputs, EnrichConfig(budget=60, per_iteration=20, prefix_filter=False),
-                           progress=False)
+    off = enrich_tokenizer(
+        tiny_tokenizer, outputs, EnrichConfig(budget=60, per_iteration=20, prefix_filter=False), progress=False
+    )
     assert sum(it.dropped_conflict for it in off.iterations) == 0
     assert max(t.conflict for t in off.new_tokens) > 0.1
     assert roundtrip_failures(off.tokenizer, outputs, limit=len(outputs)) == []
@@ -98,8 +99,9 @@ def test_field_boundaries(tiny_tokenizer, outputs, enriched):
     assert crosses("], food[English", ", ") and crosses("a, b, c", ", ")
     assert not crosses(", food[English]", ", ") and not crosses("food[English], ", ", ") and not crosses(", ", ", ")
     assert any(crosses(t.token, ", ") for t in enriched.new_tokens), "the default spans fields"
-    kept = enrich_tokenizer(tiny_tokenizer, outputs, EnrichConfig(budget=60, per_iteration=20, no_cross=(", ",)),
-                            progress=False)
+    kept = enrich_tokenizer(
+        tiny_tokenizer, outputs, EnrichConfig(budget=60, per_iteration=20, no_cross=(", ",)), progress=False
+    )
     assert kept.new_tokens and not any(crosses(t.token, ", ") for t in kept.new_tokens)
     assert sum(it.dropped_crossing for it in kept.iterations) > 0
     assert roundtrip_failures(kept.tokenizer, outputs, limit=len(outputs)) == []
@@ -109,8 +111,9 @@ def test_field_boundaries(tiny_tokenizer, outputs, enriched):
 
 def test_non_ascii_and_budget_stop(tiny_tokenizer):
     texts = [f"price[less than £20], name[Café {i % 7}], area[riverside]" for i in range(60)]
-    result = enrich_tokenizer(tiny_tokenizer, texts, EnrichConfig(budget=15, per_iteration=4, holdout=0.0),
-                              progress=False)
+    result = enrich_tokenizer(
+        tiny_tokenizer, texts, EnrichConfig(budget=15, per_iteration=4, holdout=0.0), progress=False
+    )
     assert len(result.new_tokens) <= 15 and result.stop_reason
     assert roundtrip_failures(result.tokenizer, texts, limit=100) == []
     assert all(result.tokenizer.decode([t.id]) == t.token for t in result.new_tokens)
@@ -137,8 +140,9 @@ def test_enrich_model_writes_plain_hf_dir(tiny_model_dir, enriched_dir):
     assert model.get_output_embeddings().weight.data_ptr() == emb.data_ptr()  # still tied
     # the chat template still works and uses the new tokens for an assistant output
     output = report["new_tokens"][0]["token"] + " " + report["new_tokens"][1]["token"]
-    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": output}],
-                                  tokenize=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": output}], tokenize=True
+    )
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     assert report["new_tokens"][0]["id"] in ids
     assert tok.decode(ids).count(output) == 1
@@ -146,14 +150,22 @@ def test_enrich_model_writes_plain_hf_dir(tiny_model_dir, enriched_dir):
 
 
 def test_untied_lm_head_rows_are_means():
-    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config)
     head = model.get_output_embeddings().weight.detach().clone()
     from tasc_ray.ft.enrich import NewToken
 
-    init_new_embeddings(model, [NewToken("ab", 50, 1, 2, 3, 3, 0.0, [4, 7]), NewToken("abc", 51, 2, 2, 3, 3, 0.0,
-                                                                                      [4, 7, 9])], 50)
+    init_new_embeddings(
+        model, [NewToken("ab", 50, 1, 2, 3, 3, 0.0, [4, 7]), NewToken("abc", 51, 2, 2, 3, 3, 0.0, [4, 7, 9])], 50
+    )
     assert model.get_output_embeddings().weight.shape[0] == 52
     assert torch.allclose(model.get_output_embeddings().weight[51], head[[4, 7, 9]].mean(0))
     assert torch.allclose(model.get_output_embeddings().weight[:50], head)
@@ -173,12 +185,42 @@ def test_bad_enrichment_input(tmp_path, tiny_model_dir, tiny_model, outputs, cap
     corpus = tmp_path / "c.csv"
     pd.DataFrame({"mr": outputs}).to_csv(corpus, index=False)
     capsys.readouterr()
-    assert main(["enrich-vocab", "--model", str(tiny_model_dir), "--corpus", str(corpus), "--column", "output",
-                 "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "enrich-vocab",
+                "--model",
+                str(tiny_model_dir),
+                "--corpus",
+                str(corpus),
+                "--column",
+                "output",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no column 'output'" in err[0]
-    assert main(["enrich-vocab", "--model", str(tiny_model_dir), "--corpus", str(corpus), "--column", "mr",
-                 "--budget", "0", "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "enrich-vocab",
+                "--model",
+                str(tiny_model_dir),
+                "--corpus",
+                str(corpus),
+                "--column",
+                "mr",
+                "--budget",
+                "0",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert not out.exists()
 
 
@@ -186,8 +228,25 @@ def test_enrich_vocab_cli(tmp_path, tiny_model_dir, outputs, capsys):
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"output": o}) + "\n" for o in outputs))
     out = tmp_path / "enriched"
-    assert main(["enrich-vocab", "--model", str(tiny_model_dir), "--corpus", str(corpus), "--budget", "20",
-                 "--per-iteration", "10", "--out", str(out), "--json"]) == 0
+    assert (
+        main(
+            [
+                "enrich-vocab",
+                "--model",
+                str(tiny_model_dir),
+                "--corpus",
+                str(corpus),
+                "--budget",
+                "20",
+                "--per-iteration",
+                "10",
+                "--out",
+                str(out),
+                "--json",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["n_new_tokens"] == 20 and (out / REPORT_FILE).is_file() and (out / "config.json").is_file()
 
@@ -196,7 +255,7 @@ def test_enrich_vocab_cli(tmp_path, tiny_model_dir, outputs, capsys):
 def test_encode_rows_masks_the_prompt(enriched_dir):
     tok = AutoTokenizer.from_pretrained(enriched_dir)
     rows = [{"prompt": "Sentence: x\nMR:\n", "output": "name[The Eagle], area[riverside]"}]
-    (ids, labels), = encode_rows(tok, rows, 512)
+    ((ids, labels),) = encode_rows(tok, rows, 512)
     n_prompt = len(tok(rows[0]["prompt"])["input_ids"])
     out_ids = tok(rows[0]["output"], add_special_tokens=False)["input_ids"]
     assert labels[:n_prompt] == [-100] * n_prompt and labels[n_prompt:] == out_ids + [tok.eos_token_id]
@@ -247,8 +306,16 @@ def test_read_pairs_errors(tmp_path):
 
 
 def test_local_trainer_resumes_after_failure(tmp_path, enriched_dir, train_file):
-    cfg = dict(model=str(enriched_dir), train=str(train_file), out=str(tmp_path / "ft"), epochs=2, batch_size=8,
-               trainer="local", storage_path=str(tmp_path / "storage"), name="run")
+    cfg = dict(
+        model=str(enriched_dir),
+        train=str(train_file),
+        out=str(tmp_path / "ft"),
+        epochs=2,
+        batch_size=8,
+        trainer="local",
+        storage_path=str(tmp_path / "storage"),
+        name="run",
+    )
     with pytest.raises(RuntimeError, match="injected failure"):
         finetune(FinetuneConfig(**cfg, fail_after_epoch=1))
     assert not (tmp_path / "ft").exists()
@@ -259,8 +326,17 @@ def test_local_trainer_resumes_after_failure(tmp_path, enriched_dir, train_file)
 
 def test_ray_train_two_workers_lora_resume(ray_cluster, tmp_path, enriched_dir, train_file):
     """Two gloo workers; the first run fails after epoch 1's checkpoint; a rerun resumes and finishes."""
-    cfg = dict(model=str(enriched_dir), train=str(train_file), out=str(tmp_path / "ft"), epochs=2, batch_size=8,
-               num_workers=2, storage_path=str(tmp_path / "storage"), name="resume-test", lr=1e-2)
+    cfg = dict(
+        model=str(enriched_dir),
+        train=str(train_file),
+        out=str(tmp_path / "ft"),
+        epochs=2,
+        batch_size=8,
+        num_workers=2,
+        storage_path=str(tmp_path / "storage"),
+        name="resume-test",
+        lr=1e-2,
+    )
     with pytest.raises(Exception, match="injected failure"):
         finetune(FinetuneConfig(**cfg, fail_after_epoch=1))
     assert not (tmp_path / "ft").exists()
@@ -273,7 +349,7 @@ def test_ray_train_two_workers_lora_resume(ray_cluster, tmp_path, enriched_dir, 
     new = new_token_ids(tok)
     emb, base_emb = tuned.get_input_embeddings().weight, base.get_input_embeddings().weight
     assert not torch.allclose(emb[new], base_emb[new]), "the new tokens' rows must be trained"
-    assert torch.equal(emb[:new[0]], base_emb[:new[0]]), "LoRA leaves the original rows alone"
+    assert torch.equal(emb[: new[0]], base_emb[: new[0]]), "LoRA leaves the original rows alone"
     assert tuned.get_output_embeddings().weight.data_ptr() == emb.data_ptr()
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.allclose(tuned.state_dict()[q], base.state_dict()[q]), "LoRA merged into the weights"
@@ -282,9 +358,19 @@ def test_ray_train_two_workers_lora_resume(ray_cluster, tmp_path, enriched_dir, 
 
 def test_ray_train_full_finetune_failure_config(ray_cluster, tmp_path, enriched_dir, train_file):
     """max_failures=1: the worker group is restarted from the latest checkpoint inside one fit()."""
-    summary = finetune(FinetuneConfig(model=str(enriched_dir), train=str(train_file), out=str(tmp_path / "ft"),
-                                      epochs=2, batch_size=8, full=True, max_failures=1, fail_after_epoch=1,
-                                      storage_path=str(tmp_path / "storage")))
+    summary = finetune(
+        FinetuneConfig(
+            model=str(enriched_dir),
+            train=str(train_file),
+            out=str(tmp_path / "ft"),
+            epochs=2,
+            batch_size=8,
+            full=True,
+            max_failures=1,
+            fail_after_epoch=1,
+            storage_path=str(tmp_path / "storage"),
+        )
+    )
     assert summary["recipe"] == "full" and summary["resumed_from_epoch"] == 1 and summary["epochs_done"] == 2
     tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "ft")
     base = AutoModelForCausalLM.from_pretrained(enriched_dir)
@@ -296,11 +382,27 @@ def test_finetune_refuses_use_gpu_without_gpus(ray_cluster, tmp_path, enriched_d
         pytest.skip("this cluster has GPUs")
     out = tmp_path / "ft"
     capsys.readouterr()
-    assert main(["finetune", "--model", str(enriched_dir), "--train", str(train_file), "--out", str(out),
-                 "--use-gpu"]) == 2
+    assert (
+        main(["finetune", "--model", str(enriched_dir), "--train", str(train_file), "--out", str(out), "--use-gpu"])
+        == 2
+    )
     assert "no GPU" in capsys.readouterr().err and not out.exists()
-    assert main(["finetune", "--model", str(enriched_dir), "--train", str(train_file), "--out", str(out),
-                 "--output-column", "mr"]) == 2
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                str(enriched_dir),
+                "--train",
+                str(train_file),
+                "--out",
+                str(out),
+                "--output-column",
+                "mr",
+            ]
+        )
+        == 2
+    )
     assert "no column 'mr'" in capsys.readouterr().err and not out.exists()
 
 
@@ -313,11 +415,18 @@ def test_bench_quality_metrics():
     assert partial["exact_match"] == 0.0 and partial["slot_f1"] == pytest.approx(40.0)
     sentence = "the cat sat on the mat today"
     assert text_scores([sentence], [[sentence]])["bleu"] == pytest.approx(100.0)
-    runs = {n: {"decode": {split: {m: {"seconds": s * scale, "tokens_per_output": t, "exact_match": 50.0,
-                                        "slot_f1": f - drop}
-                                    for m in ("plain", "tasc_spec")}
-                           for split, scale, drop in (("heldout", 1.0, 0.0), ("test", 2.0, 5.0 * (n == "enriched")))}}
-            for n, s, t, f in (("original", 2.0, 40.0, 90.0), ("enriched", 1.0, 20.0, 89.0))}
+    runs = {
+        n: {
+            "decode": {
+                split: {
+                    m: {"seconds": s * scale, "tokens_per_output": t, "exact_match": 50.0, "slot_f1": f - drop}
+                    for m in ("plain", "tasc_spec")
+                }
+                for split, scale, drop in (("heldout", 1.0, 0.0), ("test", 2.0, 5.0 * (n == "enriched")))
+            }
+        }
+        for n, s, t, f in (("original", 2.0, 40.0, 90.0), ("enriched", 1.0, 20.0, 89.0))
+    }
     compression = {"new_tokens": 300, "heldout": {"reduction_enriched": 0.5}, "test": {"reduction_enriched": 0.1}}
     r = finalize({"direction": "text2mr", "runs": runs, "compression": compression})
     assert r["targets"]["decode_speedup>=1.3x"] == {"value": 2.0, "met": True}
@@ -367,9 +476,22 @@ def test_job_entry_point(tmp_path, enriched_dir):
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, str(root / "jobs" / "finetune.py"), "--model", str(enriched_dir),
-                           "--train", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(root / "jobs" / "finetune.py"),
+            "--model",
+            str(enriched_dir),
+            "--train",
+            str(tmp_path / "missing.parquet"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2 and "training file not found" in proc.stderr and not (tmp_path / "out").exists()
 
 
@@ -378,8 +500,17 @@ def test_ray_train_checkpoints_to_s3(ray_cluster, s3_bucket, tmp_path, enriched_
     """--storage-path s3://...: checkpoints go to S3 (moto over HTTP) and the final state is read back from it."""
     import s3fs
 
-    summary = finetune(FinetuneConfig(model=str(enriched_dir), train=str(train_file), out=str(tmp_path / "ft"),
-                                      epochs=1, batch_size=8, storage_path=f"s3://{s3_bucket}/runs", name="s3"))
+    summary = finetune(
+        FinetuneConfig(
+            model=str(enriched_dir),
+            train=str(train_file),
+            out=str(tmp_path / "ft"),
+            epochs=1,
+            batch_size=8,
+            storage_path=f"s3://{s3_bucket}/runs",
+            name="s3",
+        )
+    )
     assert summary["storage_path"] == f"s3://{s3_bucket}/runs" and (tmp_path / "ft" / "config.json").is_file()
     fs = s3fs.S3FileSystem()
     assert any(p.split("/")[-1].startswith("checkpoint_") for p in fs.ls(f"{s3_bucket}/runs/s3", detail=False))

@@ -19,8 +19,9 @@ from tasc_ray.spec.generator import SamplingParams
 _NOT_ENGINE_FLAGS = {"model", "max_batch_size", "drafter"}
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config: type[BaseModel],
-                         exclude: Collection[str] = ()) -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser, config: type[BaseModel], exclude: Collection[str] = ()
+) -> None:
     """One `--field-name` flag per field of `config` (enum and Literal fields become choices)."""
     for name, field in config.model_fields.items():
         if name in exclude:
@@ -36,8 +37,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: type[BaseModel
         parser.add_argument("--" + name.replace("_", "-"), **kwargs)
 
 
-def config_from_args(config: type[BaseModel], args: argparse.Namespace, exclude: Collection[str] = (),
-                     **extra: Any) -> Any:
+def config_from_args(
+    config: type[BaseModel], args: argparse.Namespace, exclude: Collection[str] = (), **extra: Any
+) -> Any:
     """The `config` instance whose fields are the parsed flags of the same names (validated by pydantic)."""
     values = {name: getattr(args, name) for name in config.model_fields if name not in exclude and hasattr(args, name)}
     return config.model_validate({**values, **extra})
@@ -69,8 +71,15 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int 
 
 
 def sampling_params(args: argparse.Namespace, speculative: bool = True) -> SamplingParams:
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed, stop=list(args.stop), speculative=speculative)
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=list(args.stop),
+        speculative=speculative,
+    )
 
 
 def _scalar_type(annotation: Any) -> Any:

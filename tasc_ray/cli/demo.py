@@ -31,8 +31,12 @@ logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    demo = add_command(subparsers, "demo", run_demo,
-                       "full flow on a sample task: Ray Data index job, then labeling with and without TASC-spec")
+    demo = add_command(
+        subparsers,
+        "demo",
+        run_demo,
+        "full flow on a sample task: Ray Data index job, then labeling with and without TASC-spec",
+    )
     add_model_argument(demo)
     demo.add_argument("--workdir", default="outputs/demo", help="where the task, index and labels are written")
     demo.add_argument("--n", type=int, default=48, help="prompts to label")
@@ -52,16 +56,27 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     for name, index, speculative in (("plain", None, False), ("tasc", index_dir, True)):
         out = workdir / f"labels-{name}"
         shutil.rmtree(out, ignore_errors=True)  # the demo's own output from an earlier run; a fresh run each time
-        runs[name] = label_parquet(str(paths["prompts"]), str(out), EngineConfig(model=args.model, index=index),
-                                   prompt_template="{prompt}", id_column="id", max_new_tokens=args.max_new_tokens,
-                                   stop=["\n"], speculative=speculative, batch_size=args.batch_size)
+        runs[name] = label_parquet(
+            str(paths["prompts"]),
+            str(out),
+            EngineConfig(model=args.model, index=index),
+            prompt_template="{prompt}",
+            id_column="id",
+            max_new_tokens=args.max_new_tokens,
+            stop=["\n"],
+            speculative=speculative,
+            batch_size=args.batch_size,
+        )
     plain = pq.read_table(workdir / "labels-plain").sort_by("id").to_pylist()
     tasc = pq.read_table(workdir / "labels-tasc").sort_by("id").to_pylist()
     prompts = {r["id"]: r for r in pq.read_table(paths["prompts"]).to_pylist()}
     summary = {
-        "rows": len(tasc), "index": index_dir, "index_tokens": index_summary.get("corpus_tokens"),
+        "rows": len(tasc),
+        "index": index_dir,
+        "index_tokens": index_summary.get("corpus_tokens"),
         "outputs": {"plain": runs["plain"]["output"], "tasc": runs["tasc"]["output"]},
-        "plain_s": runs["plain"]["label_seconds"], "tasc_s": runs["tasc"]["label_seconds"],
+        "plain_s": runs["plain"]["label_seconds"],
+        "tasc_s": runs["tasc"]["label_seconds"],
         "speedup": runs["plain"]["label_seconds"] / runs["tasc"]["label_seconds"],
         # decoding alone, inside the actors: the per-row latencies, without actor start and model load
         "decode_speedup": sum(r["latency_s"] for r in plain) / max(sum(r["latency_s"] for r in tasc), 1e-9),
@@ -73,12 +88,14 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     if not args.json:
         for row in tasc[:5]:
             print(f"{prompts[row['id']]['text']}\n  -> {row['output'].strip()}")
-        print(f"\nLabeled {summary['rows']} rows through the Ray Data actor pool (batch {args.batch_size}):\n"
-              f"  plain greedy: {summary['plain_s']:.1f} s   TASC-spec: {summary['tasc_s']:.1f} s   "
-              f"speedup {summary['speedup']:.2f}x end to end (actor start and model load included), "
-              f"{summary['decode_speedup']:.2f}x decoding alone\n"
-              f"  {summary['tokens_per_pass']:.2f} tokens per forward pass; outputs identical to plain decoding: "
-              f"{summary['outputs_identical_to_plain']:.0%}; exact match with the reference: "
-              f"{summary['exact_match_vs_reference']:.0%}\n"
-              f"  index: {index_dir}\n  outputs: {summary['outputs']['tasc']} (plain: {summary['outputs']['plain']})")
+        print(
+            f"\nLabeled {summary['rows']} rows through the Ray Data actor pool (batch {args.batch_size}):\n"
+            f"  plain greedy: {summary['plain_s']:.1f} s   TASC-spec: {summary['tasc_s']:.1f} s   "
+            f"speedup {summary['speedup']:.2f}x end to end (actor start and model load included), "
+            f"{summary['decode_speedup']:.2f}x decoding alone\n"
+            f"  {summary['tokens_per_pass']:.2f} tokens per forward pass; outputs identical to plain decoding: "
+            f"{summary['outputs_identical_to_plain']:.0%}; exact match with the reference: "
+            f"{summary['exact_match_vs_reference']:.0%}\n"
+            f"  index: {index_dir}\n  outputs: {summary['outputs']['tasc']} (plain: {summary['outputs']['plain']})"
+        )
     return summary

@@ -16,8 +16,12 @@ logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    enrich = add_command(subparsers, "enrich-vocab", _enrich,
-                         "TASC-ft: add frequent output n-grams to the tokenizer and save a plain HF model directory")
+    enrich = add_command(
+        subparsers,
+        "enrich-vocab",
+        _enrich,
+        "TASC-ft: add frequent output n-grams to the tokenizer and save a plain HF model directory",
+    )
     add_model_argument(enrich)
     enrich.add_argument("--corpus", required=True, help="outputs: .parquet, .jsonl, .csv or text (one per line)")
     enrich.add_argument("--column", default="output", help="column (parquet/csv) or field (jsonl) of the outputs")
@@ -25,20 +29,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     enrich.add_argument("--max-n", type=int, default=8, help="longest token n-gram considered per iteration")
     enrich.add_argument("--per-iteration", type=int, default=50, help="new tokens added per iteration")
     enrich.add_argument("--min-count", type=int, default=2, help="least occurrences of a candidate n-gram")
-    enrich.add_argument("--min-gain", type=float, default=0.002,
-                        help="stop when an iteration saves less than this share of the corpus' tokens")
-    enrich.add_argument("--max-conflict", type=float, default=0.1, help="prefix-conflict score above which a "
-                        "candidate is dropped (share of its occurrences not aligned with the current tokens)")
+    enrich.add_argument(
+        "--min-gain",
+        type=float,
+        default=0.002,
+        help="stop when an iteration saves less than this share of the corpus' tokens",
+    )
+    enrich.add_argument(
+        "--max-conflict",
+        type=float,
+        default=0.1,
+        help="prefix-conflict score above which a "
+        "candidate is dropped (share of its occurrences not aligned with the current tokens)",
+    )
     enrich.add_argument("--no-prefix-filter", action="store_true", help="keep prefix-conflicting candidates")
-    enrich.add_argument("--no-cross", action="append", default=[], metavar="SEP",
-                        help="a field separator new tokens may not span (repeatable), e.g. --no-cross ', '")
-    enrich.add_argument("--holdout", type=float, default=0.1, help="share of distinct outputs held out to "
-                        "measure compression")
+    enrich.add_argument(
+        "--no-cross",
+        action="append",
+        default=[],
+        metavar="SEP",
+        help="a field separator new tokens may not span (repeatable), e.g. --no-cross ', '",
+    )
+    enrich.add_argument(
+        "--holdout", type=float, default=0.1, help="share of distinct outputs held out to measure compression"
+    )
     enrich.add_argument("--seed", type=int, default=0)
     enrich.add_argument("--out", required=True, help="output model directory (must not exist or be empty)")
 
-    ft = add_command(subparsers, "finetune", _finetune,
-                     "TASC-ft: fine-tune (LoRA or full) on Ray Train; loss on output tokens only; resumable")
+    ft = add_command(
+        subparsers,
+        "finetune",
+        _finetune,
+        "TASC-ft: fine-tune (LoRA or full) on Ray Train; loss on output tokens only; resumable",
+    )
     ft.add_argument("--model", required=True, help="model directory (e.g. from enrich-vocab) or 'smollm2-135m'")
     ft.add_argument("--train", required=True, help="training data: .parquet, .jsonl or .csv")
     ft.add_argument("--prompt-column", default="prompt")
@@ -47,31 +70,50 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ft.add_argument("--epochs", type=int, default=3)
     ft.add_argument("--lr", type=float, default=None, help="default 2e-4 (LoRA) or 5e-5 (full)")
     ft.add_argument("--lora-r", type=int, default=16)
-    ft.add_argument("--new-token-lr-mult", type=float, default=1.0,
-                    help="learning-rate multiplier for the new tokens' embedding rows (LoRA and full)")
+    ft.add_argument(
+        "--new-token-lr-mult",
+        type=float,
+        default=1.0,
+        help="learning-rate multiplier for the new tokens' embedding rows (LoRA and full)",
+    )
     ft.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     ft.add_argument("--num-workers", type=int, default=1)
     ft.add_argument("--cpus-per-worker", type=float, default=None)
     ft.add_argument("--use-gpu", action="store_true")
     ft.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
-    ft.add_argument("--storage-path", default=None,
-                    help="Ray Train storage (local dir or s3://...); default <out>.ray; rerun to resume")
+    ft.add_argument(
+        "--storage-path",
+        default=None,
+        help="Ray Train storage (local dir or s3://...); default <out>.ray; rerun to resume",
+    )
     ft.add_argument("--name", default=None, help="Ray Train run name (default finetune-<out name>)")
     ft.add_argument("--max-steps", type=int, default=None)
     ft.add_argument("--batch-size", type=int, default=8, help="global batch size")
     ft.add_argument("--max-length", type=int, default=512)
     ft.add_argument("--max-failures", type=int, default=0, help="worker failures retried from the last checkpoint")
     ft.add_argument("--seed", type=int, default=0)
-    ft.add_argument("--trainer", choices=["ray", "local"], default="ray",
-                    help="Ray Train (default) or one in-process worker (machines without Ray)")
+    ft.add_argument(
+        "--trainer",
+        choices=["ray", "local"],
+        default="ray",
+        help="Ray Train (default) or one in-process worker (machines without Ray)",
+    )
 
 
 def _enrich(args: argparse.Namespace) -> dict[str, Any]:
     texts = read_texts(args.corpus, args.column).texts
-    config = EnrichConfig(budget=args.budget, max_n=args.max_n, per_iteration=args.per_iteration,
-                          min_count=args.min_count, min_gain=args.min_gain, prefix_filter=not args.no_prefix_filter,
-                          no_cross=tuple(args.no_cross),
-                          max_conflict=args.max_conflict, holdout=args.holdout, seed=args.seed)
+    config = EnrichConfig(
+        budget=args.budget,
+        max_n=args.max_n,
+        per_iteration=args.per_iteration,
+        min_count=args.min_count,
+        min_gain=args.min_gain,
+        prefix_filter=not args.no_prefix_filter,
+        no_cross=tuple(args.no_cross),
+        max_conflict=args.max_conflict,
+        holdout=args.holdout,
+        seed=args.seed,
+    )
     report = enrich_model(args.model, texts, args.out, config)
     summary = {k: v for k, v in report.items() if k != "new_tokens"}
     summary["out"] = args.out
@@ -80,14 +122,31 @@ def _enrich(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _finetune(args: argparse.Namespace) -> dict[str, Any]:
-    cfg = FinetuneConfig(model=args.model, train=args.train, out=args.out, prompt_column=args.prompt_column,
-                         output_column=args.output_column, epochs=args.epochs, lr=args.lr, lora_r=args.lora_r,
-                         new_token_lr_mult=args.new_token_lr_mult,
-                         full=args.full, num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker,
-                         use_gpu=args.use_gpu, bf16=args.bf16, storage_path=args.storage_path, name=args.name,
-                         max_steps=args.max_steps, batch_size=args.batch_size, max_length=args.max_length,
-                         max_failures=args.max_failures, seed=args.seed,
-                         trainer=args.trainer, progress=not args.json)
+    cfg = FinetuneConfig(
+        model=args.model,
+        train=args.train,
+        out=args.out,
+        prompt_column=args.prompt_column,
+        output_column=args.output_column,
+        epochs=args.epochs,
+        lr=args.lr,
+        lora_r=args.lora_r,
+        new_token_lr_mult=args.new_token_lr_mult,
+        full=args.full,
+        num_workers=args.num_workers,
+        cpus_per_worker=args.cpus_per_worker,
+        use_gpu=args.use_gpu,
+        bf16=args.bf16,
+        storage_path=args.storage_path,
+        name=args.name,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        max_failures=args.max_failures,
+        seed=args.seed,
+        trainer=args.trainer,
+        progress=not args.json,
+    )
     return finetune(cfg)
 
 

@@ -25,13 +25,21 @@ logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    models = add_command(subparsers, "models", _models,
-                         "prepare a model: convert the embedded GGUF once to a cached Hugging Face directory")
+    models = add_command(
+        subparsers,
+        "models",
+        _models,
+        "prepare a model: convert the embedded GGUF once to a cached Hugging Face directory",
+    )
     models.add_argument("action", choices=["prepare"], help="what to do")
     models.add_argument("name", nargs="?", default="smollm2-135m", help="model name or directory")
 
-    build = add_command(subparsers, "build-index", _build_index,
-                        "build an n-gram index in-process from a corpus of outputs (parquet, jsonl or text)")
+    build = add_command(
+        subparsers,
+        "build-index",
+        _build_index,
+        "build an n-gram index in-process from a corpus of outputs (parquet, jsonl or text)",
+    )
     build.add_argument("--input", required=True, help="corpus file: .parquet, .jsonl, or text (one output a line)")
     build.add_argument("--column", default="output", help="column (parquet) or field (jsonl) holding the outputs")
     add_model_argument(build)
@@ -63,10 +71,21 @@ def _build_index(args: argparse.Namespace) -> dict[str, Any]:
     index = NgramIndex.from_texts(corpus.texts, tokenizer, args.max_order, args.top_k, args.min_count)
     index.save(args.out)
     elapsed = time.perf_counter() - t0
-    logger.info("indexed %d outputs (%d tokens, %d skipped) in %.1f s -> %s",
-                len(corpus.texts), index.n_tokens, corpus.skipped, elapsed, args.out)
-    return {"out": args.out, "rows": len(corpus.texts), "skipped_rows": corpus.skipped, "seconds": elapsed,
-            **index.stats()}
+    logger.info(
+        "indexed %d outputs (%d tokens, %d skipped) in %.1f s -> %s",
+        len(corpus.texts),
+        index.n_tokens,
+        corpus.skipped,
+        elapsed,
+        args.out,
+    )
+    return {
+        "out": args.out,
+        "rows": len(corpus.texts),
+        "skipped_rows": corpus.skipped,
+        "seconds": elapsed,
+        **index.stats(),
+    }
 
 
 def _generate(args: argparse.Namespace) -> dict[str, Any]:
@@ -85,6 +104,13 @@ def _generate(args: argparse.Namespace) -> dict[str, Any]:
     elapsed = time.perf_counter() - t0
     if not args.json:
         print(result.text)
-    return {"text": result.text, "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
-            "new_tokens": result.new_tokens, "seconds": elapsed, "tokens_per_s": result.new_tokens / elapsed,
-            "speculative": not args.no_spec, **result.stats.to_dict()}
+    return {
+        "text": result.text,
+        "finish_reason": result.finish_reason,
+        "prompt_tokens": result.prompt_tokens,
+        "new_tokens": result.new_tokens,
+        "seconds": elapsed,
+        "tokens_per_s": result.new_tokens / elapsed,
+        "speculative": not args.no_spec,
+        **result.stats.to_dict(),
+    }

@@ -35,28 +35,47 @@ logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    index = add_command(subparsers, "index", _index,
-                        "index a corpus of outputs (parquet, local or s3://) with a Ray Data job",
-                        "Tokenise and count the n-grams of one text column of parquet files on Ray Data (a local "
-                        "Ray, or the cluster at RAY_ADDRESS), keep the top-K continuations per context and write "
-                        "the index (manifest last).")
+    index = add_command(
+        subparsers,
+        "index",
+        _index,
+        "index a corpus of outputs (parquet, local or s3://) with a Ray Data job",
+        "Tokenise and count the n-grams of one text column of parquet files on Ray Data (a local "
+        "Ray, or the cluster at RAY_ADDRESS), keep the top-K continuations per context and write "
+        "the index (manifest last).",
+    )
     add_index_arguments(index)
 
-    stats = add_command(subparsers, "index-stats", _index_stats,
-                        "statistics of an index: corpus, contexts per order, size, collision entropy H2")
+    stats = add_command(
+        subparsers,
+        "index-stats",
+        _index_stats,
+        "statistics of an index: corpus, contexts per order, size, collision entropy H2",
+    )
     stats.add_argument("index", help="index directory or s3:// prefix")
-    stats.add_argument("--storage-options", type=_json_dict, default=None,
-                       help="fsspec options as JSON (e.g. endpoint_url) for s3://")
+    stats.add_argument(
+        "--storage-options", type=_json_dict, default=None, help="fsspec options as JSON (e.g. endpoint_url) for s3://"
+    )
 
-    sim = add_command(subparsers, "simulate", _simulate,
-                      "offline acceptance: replay held-out outputs through the Drafter, teacher-forced, no model")
+    sim = add_command(
+        subparsers,
+        "simulate",
+        _simulate,
+        "offline acceptance: replay held-out outputs through the Drafter, teacher-forced, no model",
+    )
     sim.add_argument("--index", required=False, help="index directory or s3:// prefix (not needed in context mode)")
-    sim.add_argument("--input", required=True, action="append",
-                     help="held-out parquet: file, directory, glob or s3:// (repeatable)")
+    sim.add_argument(
+        "--input", required=True, action="append", help="held-out parquet: file, directory, glob or s3:// (repeatable)"
+    )
     sim.add_argument("--column", default="reference", help="column with the true outputs")
     sim.add_argument("--prompt-column", default=None, help="optional column of prompts that seed each row")
-    sim.add_argument("--tokenizer", "--model", dest="tokenizer", default=DEFAULT_MODEL,
-                     help=f"{DEFAULT_MODEL!r} or a Hugging Face model/tokenizer directory (the index's tokenizer)")
+    sim.add_argument(
+        "--tokenizer",
+        "--model",
+        dest="tokenizer",
+        default=DEFAULT_MODEL,
+        help=f"{DEFAULT_MODEL!r} or a Hugging Face model/tokenizer directory (the index's tokenizer)",
+    )
     sim.add_argument("--limit", type=int, default=None, help="simulate only the first N rows")
     add_config_arguments(sim, DrafterConfig)
     sim.add_argument("--storage-options", type=_json_dict, default=None, help="fsspec options as JSON for s3://")
@@ -74,27 +93,48 @@ def _json_dict(value: str) -> dict[str, Any]:
 
 def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of `tasc-ray index` and `jobs/index_corpus.py`."""
-    parser.add_argument("--input", required=True, action="append",
-                        help="parquet file, directory, glob, or s3:// path/prefix/glob (repeatable)")
+    parser.add_argument(
+        "--input",
+        required=True,
+        action="append",
+        help="parquet file, directory, glob, or s3:// path/prefix/glob (repeatable)",
+    )
     parser.add_argument("--column", default="output", help="the column holding the outputs")
-    parser.add_argument("--tokenizer", "--model", dest="tokenizer", default=DEFAULT_MODEL,
-                        help=f"{DEFAULT_MODEL!r} (embedded SmolLM2-135M-Instruct) or a Hugging Face directory")
+    parser.add_argument(
+        "--tokenizer",
+        "--model",
+        dest="tokenizer",
+        default=DEFAULT_MODEL,
+        help=f"{DEFAULT_MODEL!r} (embedded SmolLM2-135M-Instruct) or a Hugging Face directory",
+    )
     parser.add_argument("--out", required=True, help="index directory or s3:// prefix")
     parser.add_argument("--max-order", type=int, default=DEFAULT_MAX_ORDER, help="n-gram order N (contexts 1..N-1)")
     parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="continuations kept per context")
     parser.add_argument("--min-count", type=int, default=1, help="drop continuations seen fewer times")
     parser.add_argument("--num-workers", type=int, default=2, help="tokenise/count actors (Ray Data actor pool)")
-    parser.add_argument("--num-reducers", type=int, default=None,
-                        help="hash partitions of the count shuffle (default: --num-workers)")
-    parser.add_argument("--cpus-per-worker", type=float, default=None,
-                        help="logical CPUs per count actor (default: 0.5, less on a small cluster)")
+    parser.add_argument(
+        "--num-reducers", type=int, default=None, help="hash partitions of the count shuffle (default: --num-workers)"
+    )
+    parser.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=None,
+        help="logical CPUs per count actor (default: 0.5, less on a small cluster)",
+    )
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per map batch")
-    parser.add_argument("--num-cpus", type=float, default=None,
-                        help="CPUs of the local Ray this command starts (ignored with RAY_ADDRESS)")
-    parser.add_argument("--append-to", default=None,
-                        help="existing index to add the new outputs to (may equal --out)")
-    parser.add_argument("--storage-options", type=_json_dict, default=None,
-                        help="fsspec/s3fs options as JSON (e.g. {\"endpoint_url\": ...}); default: AWS_* env")
+    parser.add_argument(
+        "--num-cpus",
+        type=float,
+        default=None,
+        help="CPUs of the local Ray this command starts (ignored with RAY_ADDRESS)",
+    )
+    parser.add_argument("--append-to", default=None, help="existing index to add the new outputs to (may equal --out)")
+    parser.add_argument(
+        "--storage-options",
+        type=_json_dict,
+        default=None,
+        help='fsspec/s3fs options as JSON (e.g. {"endpoint_url": ...}); default: AWS_* env',
+    )
 
 
 def run_index(args: argparse.Namespace) -> dict[str, Any]:
@@ -104,11 +144,21 @@ def run_index(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = load_tokenizer(args.tokenizer)
     started = ensure_ray(args.num_cpus)
     try:
-        return index_corpus(args.input, args.out, tokenizer, column=args.column, max_order=args.max_order,
-                            top_k=args.top_k, min_count=args.min_count, num_workers=args.num_workers,
-                            append_to=args.append_to, storage_options=args.storage_options,
-                            num_reducers=args.num_reducers, batch_size=args.batch_size,
-                            cpus_per_worker=args.cpus_per_worker)
+        return index_corpus(
+            args.input,
+            args.out,
+            tokenizer,
+            column=args.column,
+            max_order=args.max_order,
+            top_k=args.top_k,
+            min_count=args.min_count,
+            num_workers=args.num_workers,
+            append_to=args.append_to,
+            storage_options=args.storage_options,
+            num_reducers=args.num_reducers,
+            batch_size=args.batch_size,
+            cpus_per_worker=args.cpus_per_worker,
+        )
     finally:
         if started:
             ray.shutdown()
@@ -117,12 +167,15 @@ def run_index(args: argparse.Namespace) -> dict[str, Any]:
 def _index(args: argparse.Namespace) -> dict[str, Any]:
     summary = run_index(args)
     if not args.json:
-        print(f"indexed {summary['sequences']} outputs ({summary['tokens']} tokens, {summary['skipped_rows']} rows "
-              f"skipped) in {summary['seconds']:.1f} s -> {summary['out']}")
+        print(
+            f"indexed {summary['sequences']} outputs ({summary['tokens']} tokens, {summary['skipped_rows']} rows "
+            f"skipped) in {summary['seconds']:.1f} s -> {summary['out']}"
+        )
     return summary
 
 
 # ----- index-stats -----
+
 
 def collision_entropy(counts: np.ndarray) -> float:
     """Collision (2-Renyi) entropy in bits, H2 = -log2(sum_x p(x)^2), of a distribution given by counts."""
@@ -154,20 +207,31 @@ def index_stats(path: str, storage_options: dict[str, Any] | None = None) -> dic
     orders = {}
     for m, t in index.tables.items():
         contexts, continuations = int(len(t.hashes)), int(len(t.next_tokens))
-        orders[m] = {"contexts": contexts, "continuations": continuations,
-                     "continuations_per_context": continuations / contexts if contexts else 0.0,
-                     "truncated_contexts": truncated[m], "memory_bytes": t.nbytes,
-                     "file_bytes": next((int(i["bytes"]) for i in manifest["files"].values() if i["order"] == m), 0)}
+        orders[m] = {
+            "contexts": contexts,
+            "continuations": continuations,
+            "continuations_per_context": continuations / contexts if contexts else 0.0,
+            "truncated_contexts": truncated[m],
+            "memory_bytes": t.nbytes,
+            "file_bytes": next((int(i["bytes"]) for i in manifest["files"].values() if i["order"] == m), 0),
+        }
     unigram = index.tables[1].totals if 1 in index.tables else np.zeros(0, np.int64)
     contexts_total = sum(o["contexts"] for o in orders.values())
     return {
         "index": path,
-        "tokenizer": stats["tokenizer"], "fingerprint": stats["fingerprint"], "vocab_size": stats["vocab_size"],
-        "max_order": index.max_order, "top_k": index.top_k, "min_count": index.min_count,
-        "corpus_sequences": index.n_sequences, "corpus_tokens": index.n_tokens,
+        "tokenizer": stats["tokenizer"],
+        "fingerprint": stats["fingerprint"],
+        "vocab_size": stats["vocab_size"],
+        "max_order": index.max_order,
+        "top_k": index.top_k,
+        "min_count": index.min_count,
+        "corpus_sequences": index.n_sequences,
+        "corpus_tokens": index.n_tokens,
         "tokens_per_sequence": index.n_tokens / index.n_sequences if index.n_sequences else 0.0,
-        "orders": orders, "contexts": contexts_total,
-        "disk_bytes": disk, "memory_bytes": index.nbytes,
+        "orders": orders,
+        "contexts": contexts_total,
+        "disk_bytes": disk,
+        "memory_bytes": index.nbytes,
         "memory_bytes_per_million_contexts": index.nbytes / contexts_total * 1e6 if contexts_total else 0.0,
         "distinct_tokens": int(len(unigram)),
         "h2_bits": collision_entropy(unigram),
@@ -180,17 +244,24 @@ def index_stats(path: str, storage_options: dict[str, Any] | None = None) -> dic
 def _index_stats(args: argparse.Namespace) -> dict[str, Any]:
     stats = index_stats(args.index, args.storage_options)
     if not args.json:
-        print(f"index {stats['index']}: {stats['corpus_sequences']} outputs, {stats['corpus_tokens']} tokens, "
-              f"tokenizer {stats['tokenizer']}")
+        print(
+            f"index {stats['index']}: {stats['corpus_sequences']} outputs, {stats['corpus_tokens']} tokens, "
+            f"tokenizer {stats['tokenizer']}"
+        )
         for m, o in stats["orders"].items():
-            print(f"  order {m}: {o['contexts']} contexts, {o['continuations']} continuations, "
-                  f"{o['truncated_contexts']} truncated")
-        print(f"  {stats['disk_bytes'] / 1e6:.2f} MB on disk, {stats['memory_bytes'] / 1e6:.2f} MB in memory; "
-              f"H2 = {stats['h2_bits']:.3f} bits over {stats['distinct_tokens']} distinct tokens")
+            print(
+                f"  order {m}: {o['contexts']} contexts, {o['continuations']} continuations, "
+                f"{o['truncated_contexts']} truncated"
+            )
+        print(
+            f"  {stats['disk_bytes'] / 1e6:.2f} MB on disk, {stats['memory_bytes'] / 1e6:.2f} MB in memory; "
+            f"H2 = {stats['h2_bits']:.3f} bits over {stats['distinct_tokens']} distinct tokens"
+        )
     return stats
 
 
 # ----- simulate -----
+
 
 def _simulate(args: argparse.Namespace) -> dict[str, Any]:
     config = config_from_args(DrafterConfig, args)
@@ -207,20 +278,26 @@ def _simulate(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"column {args.column!r} of {', '.join(args.input)} has no non-empty text rows")
     prompts_text = extras.get(args.prompt_column) if args.prompt_column else None
     if args.limit is not None:
-        texts = texts[:args.limit]
-        prompts_text = prompts_text[:args.limit] if prompts_text is not None else None
+        texts = texts[: args.limit]
+        prompts_text = prompts_text[: args.limit] if prompts_text is not None else None
     sequences = tokenizer(texts, add_special_tokens=False)["input_ids"]
     prompts = None
     if prompts_text is not None:
-        prompts = tokenizer([p if isinstance(p, str) else "" for p in prompts_text],
-                            add_special_tokens=False)["input_ids"]
+        prompts = tokenizer([p if isinstance(p, str) else "" for p in prompts_text], add_special_tokens=False)[
+            "input_ids"
+        ]
     result = simulate_acceptance(index, sequences, config, prompts)
-    result.update(index=args.index, input=args.input, column=args.column,
-                  skipped_rows=read_stats["skipped_null"] + read_stats["skipped_empty"]
-                  + read_stats["skipped_non_string"])
+    result.update(
+        index=args.index,
+        input=args.input,
+        column=args.column,
+        skipped_rows=read_stats["skipped_null"] + read_stats["skipped_empty"] + read_stats["skipped_non_string"],
+    )
     if not args.json:
-        print(f"{result['sequences']} outputs, {result['tokens']} tokens: {result['tokens_per_pass']:.3f} tokens per "
-              f"forward pass (acceptance {result['acceptance_rate']:.2%} of {result['drafted']} drafted tokens)")
+        print(
+            f"{result['sequences']} outputs, {result['tokens']} tokens: {result['tokens_per_pass']:.3f} tokens per "
+            f"forward pass (acceptance {result['acceptance_rate']:.2%} of {result['drafted']} drafted tokens)"
+        )
     return result
 
 

@@ -10,11 +10,15 @@ from tasc_ray.cli.main import CommandIncomplete, add_command
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = add_command(subparsers, "label", run_label,
-                         "label a parquet dataset (local or s3://) with TASC-spec on Ray Data; resumable",
-                         description="Read INPUT, format each row's prompt with TEMPLATE, generate with an actor "
-                                     "pool of TASC generators and write OUTPUT (parts + _SUCCESS manifest). A rerun "
-                                     "skips ids already written. Starts a local Ray unless RAY_ADDRESS is set.")
+    parser = add_command(
+        subparsers,
+        "label",
+        run_label,
+        "label a parquet dataset (local or s3://) with TASC-spec on Ray Data; resumable",
+        description="Read INPUT, format each row's prompt with TEMPLATE, generate with an actor "
+        "pool of TASC generators and write OUTPUT (parts + _SUCCESS manifest). A rerun "
+        "skips ids already written. Starts a local Ray unless RAY_ADDRESS is set.",
+    )
     add_label_arguments(parser)
 
 
@@ -24,8 +28,11 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="output directory, local or s3://")
     add_model_argument(parser)
     add_engine_arguments(parser)
-    parser.add_argument("--prompt-template", default="{prompt}",
-                        help='Python format string over the input columns, e.g. "Sentence: {text}\\nMR:"')
+    parser.add_argument(
+        "--prompt-template",
+        default="{prompt}",
+        help='Python format string over the input columns, e.g. "Sentence: {text}\\nMR:"',
+    )
     parser.add_argument("--id-column", default="id", help="column with unique row ids (used to resume)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable), e.g. $'\\n'")
@@ -33,11 +40,19 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-replicas", type=int, default=1, help="generator actors in the pool")
     parser.add_argument("--num-cpus", type=float, default=None, help="CPUs per actor (default 0.5)")
     parser.add_argument("--num-gpus", type=float, default=None, help="GPUs per actor (default 1 if the cluster has)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads per actor (default on CPU: its node's CPUs shared by the replicas there)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per actor (default on CPU: its node's CPUs shared by the replicas there)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="label at most this many new rows in this run")
-    parser.add_argument("--rows-per-part", type=int, default=None,
-                        help="rows per block/output part (default 8 batches): parallelism and resume granularity")
+    parser.add_argument(
+        "--rows-per-part",
+        type=int,
+        default=None,
+        help="rows per block/output part (default 8 batches): parallelism and resume granularity",
+    )
     parser.add_argument("--no-spec", action="store_true", help="plain decoding (no drafts), same code path")
 
 
@@ -51,10 +66,22 @@ def run_label(args: argparse.Namespace) -> dict[str, Any]:
 
     template, stops = _unescape(args.prompt_template), [_unescape(s) for s in args.stop]
     summary = label_parquet(
-        args.input, args.output, engine_config(args), prompt_template=template, id_column=args.id_column,
-        max_new_tokens=args.max_new_tokens, stop=stops, speculative=not args.no_spec, batch_size=args.batch_size,
-        num_replicas=args.num_replicas, num_cpus_per_replica=args.num_cpus, num_gpus_per_replica=args.num_gpus,
-        num_threads=args.threads, limit=args.limit, rows_per_part=args.rows_per_part)
+        args.input,
+        args.output,
+        engine_config(args),
+        prompt_template=template,
+        id_column=args.id_column,
+        max_new_tokens=args.max_new_tokens,
+        stop=stops,
+        speculative=not args.no_spec,
+        batch_size=args.batch_size,
+        num_replicas=args.num_replicas,
+        num_cpus_per_replica=args.num_cpus,
+        num_gpus_per_replica=args.num_gpus,
+        num_threads=args.threads,
+        limit=args.limit,
+        rows_per_part=args.rows_per_part,
+    )
     if summary["rows_remaining"] and args.limit is None:
         raise CommandIncomplete(f"{summary['rows_remaining']} rows are not labeled yet; rerun to resume", summary)
     return summary

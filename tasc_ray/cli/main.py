@@ -30,9 +30,13 @@ COMMAND_MODULES = [
 
 # Errors that are the user's input, reported as one line and exit code 2 (tracebacks only with --verbose).
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    CorpusError, ModelNotFoundError, NgramIndexError, FileNotFoundError, ValueError, KeyError,
+    CorpusError,
+    ModelNotFoundError,
+    NgramIndexError,
+    FileNotFoundError,
+    ValueError,
+    KeyError,
 )
-
 
 
 class CommandIncomplete(Exception):
@@ -47,20 +51,29 @@ class CommandIncomplete(Exception):
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
 
 
-def add_command(subparsers: argparse._SubParsersAction, name: str, handler: Handler, help: str,
-                description: str | None = None, json_flag: bool = True) -> argparse.ArgumentParser:
+def add_command(
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    handler: Handler,
+    help: str,
+    description: str | None = None,
+    json_flag: bool = True,
+) -> argparse.ArgumentParser:
     """Add a subcommand whose handler returns a summary dict (printed as JSON with --json)."""
-    parser = subparsers.add_parser(name, help=help, description=description or help,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = subparsers.add_parser(
+        name, help=help, description=description or help, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     if json_flag:
         parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     parser.set_defaults(handler=handler)
     return parser
 
 
-def build_parser(prog: str = "tasc-ray", modules: list[str] = COMMAND_MODULES,
-                 description: str = "TASC: task-adaptive speculative decoding and vocabulary compression for "
-                                    "small LMs, on Ray.") -> argparse.ArgumentParser:
+def build_parser(
+    prog: str = "tasc-ray",
+    modules: list[str] = COMMAND_MODULES,
+    description: str = "TASC: task-adaptive speculative decoding and vocabulary compression for small LMs, on Ray.",
+) -> argparse.ArgumentParser:
     """A parser whose subcommands are registered by `modules` (each has a `register(subparsers)`)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
@@ -73,8 +86,11 @@ def build_parser(prog: str = "tasc-ray", modules: list[str] = COMMAND_MODULES,
 def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     """Parse, run the chosen handler, print its summary with --json; user errors are one line and exit 2."""
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     code = 0
     try:
         summary = args.handler(args)

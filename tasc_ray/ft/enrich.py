@@ -181,8 +181,9 @@ def _special_ids(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
     return np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
 
 
-def _candidates(seqs: list[np.ndarray], max_n: int, min_count: int, special: np.ndarray,
-                pool: int) -> list[tuple[int, int, tuple[int, ...]]]:
+def _candidates(
+    seqs: list[np.ndarray], max_n: int, min_count: int, special: np.ndarray, pool: int
+) -> list[tuple[int, int, tuple[int, ...]]]:
     """The `pool` best (score, count, ids) token n-grams, n = 2..max_n, scored count * (n - 1)."""
     if not seqs:
         return []
@@ -203,17 +204,18 @@ def _candidates(seqs: list[np.ndarray], max_n: int, min_count: int, special: np.
             break  # longer n-grams cannot be more frequent
         first, counts = first[keep], counts[keep]
         top = np.argsort(-counts, kind="stable")[:pool]
-        out.extend((int(c) * (n - 1), int(c), tuple(int(t) for t in windows[i]))
-                   for i, c in zip(first[top], counts[top]))
+        out.extend(
+            (int(c) * (n - 1), int(c), tuple(int(t) for t in windows[i])) for i, c in zip(first[top], counts[top])
+        )
     out.sort(key=lambda x: -x[0])
-    return out[:pool * 4]
+    return out[: pool * 4]
 
 
 def _overlaps(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     """True when a and b can compete for the same text: containment, or a suffix of one is a prefix of the other."""
     if len(a) > len(b):
         a, b = b, a
-    if any(b[i:i + len(a)] == a for i in range(len(b) - len(a) + 1)):
+    if any(b[i : i + len(a)] == a for i in range(len(b) - len(a) + 1)):
         return True
     for k in range(1, len(a)):
         if a[-k:] == b[:k] or b[-k:] == a[:k]:
@@ -252,8 +254,9 @@ def _probe(tokenizer: PreTrainedTokenizerBase) -> tuple[list[str], str]:
     return tokenizer.convert_ids_to_tokens(ids), tokenizer.decode(ids, clean_up_tokenization_spaces=False)
 
 
-def enrich_tokenizer(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
-                     config: EnrichConfig | None = None, progress: bool = True) -> EnrichResult:
+def enrich_tokenizer(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], config: EnrichConfig | None = None, progress: bool = True
+) -> EnrichResult:
     """Run the enrichment loop on a copy of `tokenizer` over the outputs `texts`; the input is left unchanged."""
     config = config or EnrichConfig()
     config.validate()
@@ -324,16 +327,42 @@ def enrich_tokenizer(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
         tok = trial
         for s, score, count, ids, conflict in chosen:
             vocab.add(s)
-            new_tokens.append(NewToken(
-                token=s, id=int(tok.convert_tokens_to_ids(s)), iteration=iteration, n=len(ids), count=count,
-                score=score, conflict=round(conflict, 4),
-                base_ids=base(s, add_special_tokens=False)["input_ids"]))
+            new_tokens.append(
+                NewToken(
+                    token=s,
+                    id=int(tok.convert_tokens_to_ids(s)),
+                    iteration=iteration,
+                    n=len(ids),
+                    count=count,
+                    score=score,
+                    conflict=round(conflict, 4),
+                    base_ids=base(s, add_special_tokens=False)["input_ids"],
+                )
+            )
         bar.update(len(chosen))
-        iterations.append(IterationLog(iteration, len(chosen), after, round(gain, 5), len(raw), dropped_invalid,
-                                       dropped_conflict, dropped_overlap, round(time.perf_counter() - t0, 3),
-                                       dropped_crossing))
-        logger.info("iteration %d: +%d tokens (%d in all), train tokens %d -> %d (%.2f%%)", iteration, len(chosen),
-                    len(new_tokens), current, after, 100 * gain)
+        iterations.append(
+            IterationLog(
+                iteration,
+                len(chosen),
+                after,
+                round(gain, 5),
+                len(raw),
+                dropped_invalid,
+                dropped_conflict,
+                dropped_overlap,
+                round(time.perf_counter() - t0, 3),
+                dropped_crossing,
+            )
+        )
+        logger.info(
+            "iteration %d: +%d tokens (%d in all), train tokens %d -> %d (%.2f%%)",
+            iteration,
+            len(chosen),
+            len(new_tokens),
+            current,
+            after,
+            100 * gain,
+        )
         current = after
         if gain < config.min_gain:
             stop_reason = f"marginal gain {gain:.4f} < min_gain {config.min_gain}"
@@ -346,8 +375,11 @@ def enrich_tokenizer(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
     for name, split in (("train", train), ("heldout", held)):
         if split:
             b, a = count_tokens(base, split) / len(split), count_tokens(tok, split) / len(split)
-            result.tokens_per_output[name] = {"before": round(b, 3), "after": round(a, 3),
-                                              "reduction": round(1 - a / b, 4) if b else 0.0}
+            result.tokens_per_output[name] = {
+                "before": round(b, 3),
+                "after": round(a, 3),
+                "reduction": round(1 - a / b, 4) if b else 0.0,
+            }
     return result
 
 
@@ -384,8 +416,9 @@ def _load_base(model: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, st
     return model_obj, tokenizer, source
 
 
-def enrich_model(model: str, texts: Sequence[str], out: str | Path, config: EnrichConfig | None = None,
-                 progress: bool = True) -> dict[str, Any]:
+def enrich_model(
+    model: str, texts: Sequence[str], out: str | Path, config: EnrichConfig | None = None, progress: bool = True
+) -> dict[str, Any]:
     """Enrich `model`'s tokenizer on `texts`, init the new rows, save a plain HF directory to `out`, written
     aside and renamed into place. Returns the report (also saved as `out/tasc_ft_vocab.json`)."""
     config = config or EnrichConfig()
@@ -401,8 +434,15 @@ def enrich_model(model: str, texts: Sequence[str], out: str | Path, config: Enri
     result = enrich_tokenizer(tokenizer, texts, config, progress)
     init_new_embeddings(model_obj, result.new_tokens, old_size)
     report = result.report()
-    report.update({"base_model": model, "base_path": source, "vocab_size_before": len(tokenizer),
-                   "vocab_size_after": len(result.tokenizer), "seconds": round(time.perf_counter() - t0, 2)})
+    report.update(
+        {
+            "base_model": model,
+            "base_path": source,
+            "vocab_size_before": len(tokenizer),
+            "vocab_size_after": len(result.tokenizer),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -414,6 +454,11 @@ def enrich_model(model: str, texts: Sequence[str], out: str | Path, config: Enri
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("added %d tokens (%s); held-out tokens/output %s -> saved %s", len(result.new_tokens),
-                result.stop_reason, report["tokens_per_output"].get("heldout"), out)
+    logger.info(
+        "added %d tokens (%s); held-out tokens/output %s -> saved %s",
+        len(result.new_tokens),
+        result.stop_reason,
+        report["tokens_per_output"].get("heldout"),
+        out,
+    )
     return report

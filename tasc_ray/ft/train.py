@@ -103,8 +103,11 @@ def read_pairs(path: str | Path, prompt_column: str, output_column: str) -> list
     for col in (prompt_column, output_column):
         if col not in df.columns:
             raise FinetuneError(f"{path} has no column {col!r}; columns: {', '.join(map(str, df.columns))}")
-    rows = [{"prompt": p, "output": o} for p, o in zip(df[prompt_column], df[output_column])
-            if isinstance(p, str) and isinstance(o, str) and p and o]
+    rows = [
+        {"prompt": p, "output": o}
+        for p, o in zip(df[prompt_column], df[output_column])
+        if isinstance(p, str) and isinstance(o, str) and p and o
+    ]
     if not rows:
         raise FinetuneError(f"{path}: no rows with a non-empty {prompt_column!r} and {output_column!r} (empty data)")
     if len(rows) < len(df):
@@ -118,8 +121,10 @@ def select_gpu(use_gpu: bool, cluster_gpus: float | None = None) -> tuple[bool, 
         return False, "gloo"
     available = cluster_gpus if cluster_gpus is not None else (torch.cuda.device_count() or 0)
     if available <= 0:
-        raise FinetuneError("--use-gpu was given but no GPU is available (torch.cuda.is_available() is False and "
-                            "the Ray cluster reports 0 GPUs); drop --use-gpu to train on CPU")
+        raise FinetuneError(
+            "--use-gpu was given but no GPU is available (torch.cuda.is_available() is False and "
+            "the Ray cluster reports 0 GPUs); drop --use-gpu to train on CPU"
+        )
     return True, "nccl"
 
 
@@ -131,9 +136,14 @@ def new_token_ids(tokenizer: Any) -> list[int]:
 def _lora_config(cfg: dict[str, Any], new_ids: list[int]) -> Any:
     from peft import LoraConfig
 
-    return LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"] or 2 * cfg["lora_r"], lora_dropout=0.0,
-                      target_modules=LORA_TARGETS, task_type="CAUSAL_LM",
-                      trainable_token_indices={"embed_tokens": new_ids} if new_ids else None)
+    return LoraConfig(
+        r=cfg["lora_r"],
+        lora_alpha=cfg["lora_alpha"] or 2 * cfg["lora_r"],
+        lora_dropout=0.0,
+        target_modules=LORA_TARGETS,
+        task_type="CAUSAL_LM",
+        trainable_token_indices={"embed_tokens": new_ids} if new_ids else None,
+    )
 
 
 def build_model(cfg: dict[str, Any], device: torch.device | str = "cpu") -> tuple[Any, Any]:
@@ -169,7 +179,7 @@ def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str,
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for i, (x, y) in enumerate(batch):
-        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
@@ -329,11 +339,12 @@ def run_training(cfg: dict[str, Any], session: Any) -> None:
         random.Random(cfg["seed"] * 1000 + epoch).shuffle(order)
         losses = []
         t0 = time.perf_counter()
-        for i in tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}",
-                      disable=rank != 0 or not cfg.get("progress", False)):
+        for i in tqdm(
+            range(steps_per_epoch), desc=f"epoch {epoch + 1}", disable=rank != 0 or not cfg.get("progress", False)
+        ):
             if step >= max_steps:
                 break
-            batch_idx = order[i * global_bs:(i + 1) * global_bs][rank::world]
+            batch_idx = order[i * global_bs : (i + 1) * global_bs][rank::world]
             batch = {k: v.to(device) for k, v in _collate([examples[j] for j in batch_idx], pad_id).items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = model(**batch).loss
@@ -345,13 +356,22 @@ def run_training(cfg: dict[str, Any], session: Any) -> None:
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             step += 1
-        metrics = {"epoch": epoch + 1, "step": step, "loss": sum(losses) / max(1, len(losses)),
-                   "epoch_seconds": time.perf_counter() - t0, "resumed_from_epoch": resumed_from}
+        metrics = {
+            "epoch": epoch + 1,
+            "step": step,
+            "loss": sum(losses) / max(1, len(losses)),
+            "epoch_seconds": time.perf_counter() - t0,
+            "resumed_from_epoch": resumed_from,
+        }
         state = None
         if rank == 0:
             inner = model.module if hasattr(model, "module") else model
-            state = {"model": trainable_state(inner, cfg["full"]), "optimizer": optimizer.state_dict(),
-                     "epoch": epoch + 1, "step": step}
+            state = {
+                "model": trainable_state(inner, cfg["full"]),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch + 1,
+                "step": step,
+            }
         session.report(metrics, state)
         logger.info("rank %d: epoch %d step %d loss %.4f", rank, epoch + 1, step, metrics["loss"])
         if cfg["fail_after_epoch"] == epoch + 1 and resumed_from is None:
@@ -375,8 +395,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if cfg.max_steps is not None and cfg.max_steps <= 0:
         raise FinetuneError(f"max_steps must be positive, got {cfg.max_steps}")
     if cfg.num_workers < 1 or cfg.batch_size < cfg.num_workers:
-        raise FinetuneError(f"need num_workers >= 1 and batch_size >= num_workers "
-                            f"(got {cfg.num_workers} workers, batch {cfg.batch_size})")
+        raise FinetuneError(
+            f"need num_workers >= 1 and batch_size >= num_workers "
+            f"(got {cfg.num_workers} workers, batch {cfg.batch_size})"
+        )
     if cfg.trainer not in ("ray", "local"):
         raise FinetuneError(f"trainer must be 'ray' or 'local', got {cfg.trainer!r}")
     out = Path(cfg.out).expanduser().resolve()
@@ -389,15 +411,34 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     except ModelNotFoundError as exc:
         raise FinetuneError(f"{cfg.model}: cannot load a tokenizer ({exc})") from exc
     storage, name = _storage(cfg)
-    loop_cfg = {"model_path": model_path, "rows": rows, "full": cfg.full, "lora_r": cfg.lora_r,
-                "lora_alpha": cfg.lora_alpha, "lr": cfg.resolved_lr(), "epochs": cfg.epochs,
-                "max_steps": cfg.max_steps, "batch_size": cfg.batch_size, "max_length": cfg.max_length,
-                "weight_decay": cfg.weight_decay, "seed": cfg.seed, "bf16": cfg.bf16,
-                "fail_after_epoch": cfg.fail_after_epoch, "progress": cfg.progress,
-                "new_token_lr_mult": cfg.new_token_lr_mult}
-    logger.info("fine-tuning %s (%s) on %d rows with %d worker(s) (%s trainer); run %s in %s", cfg.model,
-                "full" if cfg.full else f"LoRA r={cfg.lora_r}", len(rows), cfg.num_workers, cfg.trainer, name,
-                storage)
+    loop_cfg = {
+        "model_path": model_path,
+        "rows": rows,
+        "full": cfg.full,
+        "lora_r": cfg.lora_r,
+        "lora_alpha": cfg.lora_alpha,
+        "lr": cfg.resolved_lr(),
+        "epochs": cfg.epochs,
+        "max_steps": cfg.max_steps,
+        "batch_size": cfg.batch_size,
+        "max_length": cfg.max_length,
+        "weight_decay": cfg.weight_decay,
+        "seed": cfg.seed,
+        "bf16": cfg.bf16,
+        "fail_after_epoch": cfg.fail_after_epoch,
+        "progress": cfg.progress,
+        "new_token_lr_mult": cfg.new_token_lr_mult,
+    }
+    logger.info(
+        "fine-tuning %s (%s) on %d rows with %d worker(s) (%s trainer); run %s in %s",
+        cfg.model,
+        "full" if cfg.full else f"LoRA r={cfg.lora_r}",
+        len(rows),
+        cfg.num_workers,
+        cfg.trainer,
+        name,
+        storage,
+    )
     t0 = time.perf_counter()
     if cfg.trainer == "local":
         if "://" in storage:
@@ -410,12 +451,25 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     else:
         metrics, checkpoint_path, state, use_gpu, backend = _fit_ray(cfg, loop_cfg, storage, name)
     train_s = time.perf_counter() - t0
-    summary = {"model": cfg.model, "out": str(out), "run_name": name, "storage_path": storage,
-               "trainer": cfg.trainer, "recipe": "full" if cfg.full else "lora", "rows": len(rows),
-               "epochs_done": state["epoch"], "steps": state["step"], "final_loss": metrics.get("loss"),
-               "resumed_from_epoch": metrics.get("resumed_from_epoch"), "train_seconds": round(train_s, 2),
-               "backend": backend, "use_gpu": use_gpu, "num_workers": cfg.num_workers,
-               "checkpoint": checkpoint_path, "config": asdict(cfg)}
+    summary = {
+        "model": cfg.model,
+        "out": str(out),
+        "run_name": name,
+        "storage_path": storage,
+        "trainer": cfg.trainer,
+        "recipe": "full" if cfg.full else "lora",
+        "rows": len(rows),
+        "epochs_done": state["epoch"],
+        "steps": state["step"],
+        "final_loss": metrics.get("loss"),
+        "resumed_from_epoch": metrics.get("resumed_from_epoch"),
+        "train_seconds": round(train_s, 2),
+        "backend": backend,
+        "use_gpu": use_gpu,
+        "num_workers": cfg.num_workers,
+        "checkpoint": checkpoint_path,
+        "config": asdict(cfg),
+    }
     save_merged(loop_cfg, state["model"], out, summary, "cuda" if use_gpu else "cpu")
     return summary
 
@@ -429,18 +483,24 @@ def _storage_filesystem(storage: str) -> tuple[Any, str]:
         return None, storage
     import pyarrow.fs as pafs
 
-    kwargs: dict[str, Any] = {"endpoint_override": env["AWS_ENDPOINT_URL"],
-                              "region": env.get("AWS_DEFAULT_REGION", env.get("AWS_REGION", "us-east-1"))}
+    kwargs: dict[str, Any] = {
+        "endpoint_override": env["AWS_ENDPOINT_URL"],
+        "region": env.get("AWS_DEFAULT_REGION", env.get("AWS_REGION", "us-east-1")),
+    }
     if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
-        kwargs.update(access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env["AWS_SECRET_ACCESS_KEY"],
-                      session_token=env.get("AWS_SESSION_TOKEN"))
+        kwargs.update(
+            access_key=env["AWS_ACCESS_KEY_ID"],
+            secret_key=env["AWS_SECRET_ACCESS_KEY"],
+            session_token=env.get("AWS_SESSION_TOKEN"),
+        )
     if env["AWS_ENDPOINT_URL"].startswith("http://"):
         kwargs["scheme"] = "http"
-    return pafs.S3FileSystem(**kwargs), storage[len("s3://"):]
+    return pafs.S3FileSystem(**kwargs), storage[len("s3://") :]
 
 
-def _fit_ray(cfg: FinetuneConfig, loop_cfg: dict[str, Any], storage: str,
-             name: str) -> tuple[dict[str, Any], str, dict[str, Any], bool, str]:
+def _fit_ray(
+    cfg: FinetuneConfig, loop_cfg: dict[str, Any], storage: str, name: str
+) -> tuple[dict[str, Any], str, dict[str, Any], bool, str]:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -452,12 +512,19 @@ def _fit_ray(cfg: FinetuneConfig, loop_cfg: dict[str, Any], storage: str,
     cpus = cfg.cpus_per_worker or max(1.0, math.floor(ray.available_resources().get("CPU", 1.0) / cfg.num_workers))
     storage_fs, storage_path = _storage_filesystem(storage)
     trainer = TorchTrainer(
-        train_loop, train_loop_config=loop_cfg, torch_config=TorchConfig(backend=backend),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=None if use_gpu else {"CPU": cpus}),
-        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        train_loop,
+        train_loop_config=loop_cfg,
+        torch_config=TorchConfig(backend=backend),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=None if use_gpu else {"CPU": cpus}
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -467,8 +534,9 @@ def _fit_ray(cfg: FinetuneConfig, loop_cfg: dict[str, Any], storage: str,
     return dict(result.metrics or {}), result.checkpoint.path, state, use_gpu, backend
 
 
-def save_merged(loop_cfg: dict[str, Any], trained: dict[str, torch.Tensor], out: Path,
-                summary: dict[str, Any], device: str = "cpu") -> None:
+def save_merged(
+    loop_cfg: dict[str, Any], trained: dict[str, torch.Tensor], out: Path, summary: dict[str, Any], device: str = "cpu"
+) -> None:
     """Rebuild the model, load the trained state, merge LoRA, save a plain HF directory aside and rename it."""
     model, tokenizer = build_model(loop_cfg, device)
     load_trainable_state(model, trained, loop_cfg["full"])

@@ -172,8 +172,14 @@ class ServeConfig(BaseModel):
 class APIError(Exception):
     """An error reported to the client as {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -312,26 +318,36 @@ class EngineServer:
         self.batches = 0
         self.batched_rows = 0
         self._init_metrics()
-        logger.info("replica %s: model %s (index %s) loaded in %.1f s", self.replica_id, config.engine.model,
-                    self.index_path, time.perf_counter() - t0)
+        logger.info(
+            "replica %s: model %s (index %s) loaded in %.1f s",
+            self.replica_id,
+            config.engine.model,
+            self.index_path,
+            time.perf_counter() - t0,
+        )
 
     # ----- metrics -----
     def _init_metrics(self) -> None:
         from ray.serve import metrics
 
         self.m_requests = metrics.Counter("tasc_requests", "requests received", tag_keys=("route", "status"))
-        self.m_errors = metrics.Counter("tasc_request_errors", "requests answered with an error",
-                                        tag_keys=("route", "code"))
+        self.m_errors = metrics.Counter(
+            "tasc_request_errors", "requests answered with an error", tag_keys=("route", "code")
+        )
         self.m_prompt_tokens = metrics.Counter("tasc_prompt_tokens", "prompt tokens processed")
         self.m_tokens = metrics.Counter("tasc_generated_tokens", "tokens generated")
         self.m_drafted = metrics.Counter("tasc_drafted_tokens", "draft tokens proposed")
         self.m_accepted = metrics.Counter("tasc_accepted_tokens", "draft tokens accepted")
         self.m_passes = metrics.Counter("tasc_forward_passes", "decode forward passes (per row)")
-        self.m_latency = metrics.Histogram("tasc_request_latency_s", "request latency (s)",
-                                           boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64],
-                                           tag_keys=("route",))
-        self.m_batch = metrics.Histogram("tasc_batch_rows", "rows per batched decode",
-                                         boundaries=[1, 2, 4, 8, 16, 32, 64])
+        self.m_latency = metrics.Histogram(
+            "tasc_request_latency_s",
+            "request latency (s)",
+            boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64],
+            tag_keys=("route",),
+        )
+        self.m_batch = metrics.Histogram(
+            "tasc_batch_rows", "rows per batched decode", boundaries=[1, 2, 4, 8, 16, 32, 64]
+        )
 
     def record_request(self, route: str, status: int, latency_s: float, code: str | None = None) -> None:
         self.m_requests.inc(1, tags={"route": route, "status": str(status)})
@@ -341,9 +357,13 @@ class EngineServer:
 
     def record_results(self, results: list[Any]) -> None:
         totals = usage(results)
-        for counter, key in ((self.m_prompt_tokens, "prompt_tokens"), (self.m_tokens, "completion_tokens"),
-                             (self.m_drafted, "drafted_tokens"), (self.m_accepted, "accepted_tokens"),
-                             (self.m_passes, "forward_passes")):
+        for counter, key in (
+            (self.m_prompt_tokens, "prompt_tokens"),
+            (self.m_tokens, "completion_tokens"),
+            (self.m_drafted, "drafted_tokens"),
+            (self.m_accepted, "accepted_tokens"),
+            (self.m_passes, "forward_passes"),
+        ):
             if totals[key] > 0:  # a Counter refuses inc(0)
                 counter.inc(totals[key])
 
@@ -353,13 +373,21 @@ class EngineServer:
             return
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
-                           type="authentication_error", code="invalid_api_key")
+            raise APIError(
+                401,
+                "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
-            raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}'",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model '{model}' does not exist; this server serves '{self.model_name}'",
+                param="model",
+                code="model_not_found",
+            )
 
     def encode(self, prompt: Any, param: str) -> list[int]:
         """Token ids of a text prompt, a token list, or chat messages (through the chat template)."""
@@ -379,8 +407,12 @@ class EngineServer:
         if not ids:
             raise APIError(400, "the prompt is empty", param=param, code="invalid_value")
         if len(ids) >= self.generator.max_context:
-            raise APIError(400, f"the prompt has {len(ids)} tokens; this model's context holds "
-                                f"{self.generator.max_context}", param=param, code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt has {len(ids)} tokens; this model's context holds {self.generator.max_context}",
+                param=param,
+                code="context_length_exceeded",
+            )
         return ids
 
     def sampling_params(self, req: _RequestBase) -> Any:
@@ -388,13 +420,25 @@ class EngineServer:
 
         max_tokens = self.config.default_max_tokens if req.max_tokens is None else req.max_tokens
         if max_tokens <= 0:
-            raise APIError(400, f"max_tokens must be positive, got {max_tokens}", param="max_tokens",
-                           code="invalid_value")
+            raise APIError(
+                400, f"max_tokens must be positive, got {max_tokens}", param="max_tokens", code="invalid_value"
+            )
         if max_tokens > self.config.max_tokens_limit:
-            raise APIError(400, f"max_tokens {max_tokens} exceeds this server's limit "
-                                f"{self.config.max_tokens_limit}", param="max_tokens", code="invalid_value")
-        return SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                              top_k=req.top_k, seed=req.seed, stop=req.stop_list(), speculative=req.speculative)
+            raise APIError(
+                400,
+                f"max_tokens {max_tokens} exceeds this server's limit {self.config.max_tokens_limit}",
+                param="max_tokens",
+                code="invalid_value",
+            )
+        return SamplingParams(
+            max_new_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            seed=req.seed,
+            stop=req.stop_list(),
+            speculative=req.speculative,
+        )
 
     # ----- decoding (on the decode thread) -----
     def run_batch(self, works: list[Work]) -> list[Any]:
@@ -411,8 +455,7 @@ class EngineServer:
                 try:
                     out = self._generate([works[i] for i in members])
                 except Exception as exc:  # isolate the failing row(s) by decoding one at a time
-                    logger.warning("batched decode of %d rows failed (%s); retrying them one by one", len(members),
-                                   exc)
+                    logger.warning("batched decode of %d rows failed (%s); retrying them one by one", len(members), exc)
                     out = []
                     for i in members:
                         try:
@@ -429,9 +472,11 @@ class EngineServer:
         callbacks = [w.on_tokens for w in works]
         stream = None
         if any(cb is not None for cb in callbacks):
+
             def stream(i: int, ids: list[int]) -> None:
                 if callbacks[i] is not None:
                     callbacks[i](ids)
+
         return self.generator.generate([w.prompt_ids for w in works], params, stream=stream)
 
     # ----- index reloads -----
@@ -444,8 +489,9 @@ class EngineServer:
         given = update.model_fields_set
         settings = DrafterConfig.model_validate({**self.drafter_config.model_dump(), **update.drafter})
         path = update.index if "index" in given else self.index_path
-        reload_index = path != self.index_path or ("index_version" in given
-                                                   and update.index_version != self.index_version)
+        reload_index = path != self.index_path or (
+            "index_version" in given and update.index_version != self.index_version
+        )
         changed = reload_index or settings != self.drafter_config
         if changed:
             index = self.generator.drafter.index if self.generator.drafter is not None else None
@@ -466,12 +512,18 @@ class EngineServer:
     def info(self) -> dict[str, Any]:
         drafter = self.generator.drafter
         index = drafter.index if drafter is not None else None
-        return {"status": "ok", "model": self.model_name, "replica": self.replica_id, "index": self.index_path,
-                "index_version": self.index_version,
-                "index_sequences": index.n_sequences if index is not None else 0,
-                "draft_mode": drafter.config.mode.value if drafter is not None else None,
-                "max_context": self.generator.max_context, "batches": self.batches,
-                "batched_rows": self.batched_rows}
+        return {
+            "status": "ok",
+            "model": self.model_name,
+            "replica": self.replica_id,
+            "index": self.index_path,
+            "index_version": self.index_version,
+            "index_sequences": index.n_sequences if index is not None else 0,
+            "draft_mode": drafter.config.mode.value if drafter is not None else None,
+            "max_context": self.generator.max_context,
+            "batches": self.batches,
+            "batched_rows": self.batched_rows,
+        }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -480,24 +532,47 @@ class EngineServer:
 def usage(results: list[Any]) -> dict[str, int]:
     prompt = sum(r.prompt_tokens for r in results)
     completion = sum(r.new_tokens for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "drafted_tokens": sum(r.stats.drafted for r in results),
-            "accepted_tokens": sum(r.stats.accepted for r in results),
-            "forward_passes": sum(r.stats.forward_passes for r in results)}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "drafted_tokens": sum(r.stats.drafted for r in results),
+        "accepted_tokens": sum(r.stats.accepted for r in results),
+        "forward_passes": sum(r.stats.forward_passes for r in results),
+    }
 
 
 def completion_body(request_id: str, model: str, results: list[Any]) -> dict[str, Any]:
-    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
-                        for i, r in enumerate(results)],
-            "usage": usage(results)}
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
+            for i, r in enumerate(results)
+        ],
+        "usage": usage(results),
+    }
 
 
 def chat_body(request_id: str, model: str, results: list[Any]) -> dict[str, Any]:
-    return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
-                         "finish_reason": r.finish_reason} for i, r in enumerate(results)],
-            "usage": usage(results)}
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": r.text},
+                "logprobs": None,
+                "finish_reason": r.finish_reason,
+            }
+            for i, r in enumerate(results)
+        ],
+        "usage": usage(results),
+    }
 
 
 class TextStream:
@@ -529,7 +604,7 @@ class TextStream:
     def _take(self, text: str, upto: int) -> str:
         if upto <= self.sent:
             return ""
-        piece = text[self.sent:upto]
+        piece = text[self.sent : upto]
         self.sent = upto
         return piece
 
@@ -538,8 +613,15 @@ def sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-async def stream_events(server: EngineServer, request_id: str, chat: bool, prompts: list[list[int]], params: Any,
-                        submit: Callable[[Work], Any], include_usage: bool) -> AsyncIterator[str]:
+async def stream_events(
+    server: EngineServer,
+    request_id: str,
+    chat: bool,
+    prompts: list[list[int]],
+    params: Any,
+    submit: Callable[[Work], Any],
+    include_usage: bool,
+) -> AsyncIterator[str]:
     """Start every prompt's decode and yield OpenAI stream chunks as tokens arrive, then `data: [DONE]`."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
@@ -589,8 +671,16 @@ async def stream_events(server: EngineServer, request_id: str, chat: bool, promp
             piece = streams[i].finish(payload.text)
             yield sse(chunk(i, piece or ("" if not chat else None), payload.finish_reason))
         if include_usage and results:
-            yield sse({"id": request_id, "object": obj, "created": created, "model": server.model_name,
-                       "choices": [], "usage": usage(results)})
+            yield sse(
+                {
+                    "id": request_id,
+                    "object": obj,
+                    "created": created,
+                    "model": server.model_name,
+                    "choices": [],
+                    "usage": usage(results),
+                }
+            )
         yield sse("[DONE]")
     finally:
         for task in tasks:

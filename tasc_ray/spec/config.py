@@ -27,13 +27,14 @@ class DrafterConfig(BaseModel):
     """How drafts are proposed (see tasc_ray.spec.drafter)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    mode: DraftMode = Field(DraftMode.MIXED,
-                            description="draft from the row's context, the corpus index, or both mixed")
+    mode: DraftMode = Field(
+        DraftMode.MIXED, description="draft from the row's context, the corpus index, or both mixed"
+    )
     max_draft: int = Field(8, ge=0, description="most tokens drafted per step (k)")
     lam: float = Field(0.5, ge=0.0, le=1.0, description="weight of the corpus distribution when both sources match")
-    min_path_prob: float = Field(0.1, ge=0.0, le=1.0,
-                                 description="stop drafting when the drafted path's estimated probability falls "
-                                             "below this")
+    min_path_prob: float = Field(
+        0.1, ge=0.0, le=1.0, description="stop drafting when the drafted path's estimated probability falls below this"
+    )
     context_order: int = Field(4, ge=2, description="n-gram order of the row's own context model")
 
     def for_index(self, has_index: bool) -> DrafterConfig:
@@ -47,10 +48,10 @@ class EngineConfig(BaseModel):
     """What a generator needs: the model, an optional index, the drafter's settings, the batch size."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str = Field(DEFAULT_MODEL, description="'smollm2-135m' (embedded SmolLM2-135M-Instruct) or a Hugging "
-                                                  "Face model directory")
-    index: str | None = Field(None, description="n-gram index directory or s3:// prefix (without: prompt lookup "
-                                                "only)")
+    model: str = Field(
+        DEFAULT_MODEL, description="'smollm2-135m' (embedded SmolLM2-135M-Instruct) or a Hugging Face model directory"
+    )
+    index: str | None = Field(None, description="n-gram index directory or s3:// prefix (without: prompt lookup only)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="model weights' dtype")
     device: str | None = Field(None, description="cpu or cuda; unset: cuda when present")
     max_batch_size: int = Field(8, ge=1, description="rows decoded together")

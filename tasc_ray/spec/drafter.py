@@ -40,15 +40,15 @@ class RowState:
         for tok in new_tokens:
             n = len(tokens)
             for m in range(1, min(self.max_order - 1, n) + 1):
-                nexts = table[tuple(tokens[n - m:])]
+                nexts = table[tuple(tokens[n - m :])]
                 nexts[tok] = nexts.get(tok, 0) + 1
             tokens.append(tok)
 
     def longest_match(self, suffix_extra: Sequence[int] = ()) -> dict[int, int] | None:
         """Continuation counts of the longest suffix of tokens + suffix_extra seen earlier in the row."""
-        history = self.tokens[-(self.max_order - 1):] + list(suffix_extra) if suffix_extra else self.tokens
+        history = self.tokens[-(self.max_order - 1) :] + list(suffix_extra) if suffix_extra else self.tokens
         for m in range(min(self.max_order - 1, len(history)), 0, -1):
-            nexts = self.table.get(tuple(history[len(history) - m:]))
+            nexts = self.table.get(tuple(history[len(history) - m :]))
             if nexts:
                 return nexts
         return None
@@ -68,8 +68,9 @@ class Drafter:
         state.extend(prompt_ids)
         return state
 
-    def propose(self, rows: Sequence[RowState], limits: Sequence[int] | None = None,
-                step_cost: StepCost | None = None) -> list[list[int]]:
+    def propose(
+        self, rows: Sequence[RowState], limits: Sequence[int] | None = None, step_cost: StepCost | None = None
+    ) -> list[list[int]]:
         """Draft up to min(max_draft, limits[i]) tokens for each row; with `step_cost`, cut all drafts to the
         common length that maximises expected tokens per second of the batched verification pass."""
         k = self.config.max_draft
@@ -82,8 +83,11 @@ class Drafter:
         use_context = self.config.mode != DraftMode.CORPUS
         tail = (self.index.max_order - 1) if use_corpus else 0
         while active:
-            corpus = (self.index.longest_matches([rows[i].tokens[-tail:] + drafts[i] for i in active])
-                      if use_corpus else [None] * len(active))
+            corpus = (
+                self.index.longest_matches([rows[i].tokens[-tail:] + drafts[i] for i in active])
+                if use_corpus
+                else [None] * len(active)
+            )
             still_active = []
             for i, corpus_match in zip(active, corpus):
                 context_counts = rows[i].longest_match(drafts[i]) if use_context else None

@@ -218,7 +218,7 @@ class SpeculativeGenerator:
         results: list[GenerationResult | None] = [None] * len(encoded)
         t0 = time.perf_counter()
         for start in range(0, len(order), self.max_batch_size):
-            chunk = order[start:start + self.max_batch_size]
+            chunk = order[start : start + self.max_batch_size]
             for row in self._generate_batch([encoded[i] for i in chunk], chunk, params, generator, stream):
                 results[row.index] = self._result(row)
         self.timings.generate_s += time.perf_counter() - t0
@@ -247,11 +247,24 @@ class SpeculativeGenerator:
 
     # ----- the decoding loop -----
     @torch.inference_mode()
-    def _generate_batch(self, prompts: list[list[int]], indices: list[int], params: SamplingParams,
-                        generator: torch.Generator | None, stream: StreamCallback | None) -> list[_Row]:
+    def _generate_batch(
+        self,
+        prompts: list[list[int]],
+        indices: list[int],
+        params: SamplingParams,
+        generator: torch.Generator | None,
+        stream: StreamCallback | None,
+    ) -> list[_Row]:
         use_draft = params.speculative and self.drafter is not None
-        rows = [_Row(i, len(p), min(params.max_new_tokens, self.max_context - len(p)),
-                     self.drafter.new_row(p) if use_draft else None) for i, p in zip(indices, prompts)]
+        rows = [
+            _Row(
+                i,
+                len(p),
+                min(params.max_new_tokens, self.max_context - len(p)),
+                self.drafter.new_row(p) if use_draft else None,
+            )
+            for i, p in zip(indices, prompts)
+        ]
         warpers = self._warpers(params)
         device = self.model.device
 
@@ -266,8 +279,9 @@ class SpeculativeGenerator:
         rests = [p[n_prefix:] for p in prompts]
         width = max(len(r) for r in rests)
         ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rests], device=device)
-        valid = torch.tensor([[1] * n_prefix + [0] * (width - len(r)) + [1] * len(r) for r in rests],
-                             device=device, dtype=torch.bool)
+        valid = torch.tensor(
+            [[1] * n_prefix + [0] * (width - len(r)) + [1] * len(r) for r in rests], device=device, dtype=torch.bool
+        )
         positions = n_prefix + (valid[:, n_prefix:].long().cumsum(-1) - 1).clamp(min=0)
         logits = self._forward(ids, valid, positions, cache, last_only=True)
         pending = self._choose(logits, warpers, generator)[:, 0]
@@ -292,14 +306,18 @@ class SpeculativeGenerator:
 
             t0 = time.perf_counter()
             limits = [r.max_new - len(r.generated) - 1 for r in rows]  # the step also emits the target's own token
-            drafts = (self.drafter.propose([r.draft_state for r in rows], limits, self.step_cost) if use_draft
-                      else [[] for _ in rows])
+            drafts = (
+                self.drafter.propose([r.draft_state for r in rows], limits, self.step_cost)
+                if use_draft
+                else [[] for _ in rows]
+            )
             t1 = time.perf_counter()
             k = max(len(d) for d in drafts)
             step_ids = torch.tensor([d + [self.pad_id] * (k - len(d)) for d in drafts], device=device, dtype=torch.long)
             step_ids = torch.cat([pending[:, None], step_ids], dim=1)
-            step_valid = torch.tensor([[1] * (len(d) + 1) + [0] * (k - len(d)) for d in drafts],
-                                      device=device, dtype=torch.bool)
+            step_valid = torch.tensor(
+                [[1] * (len(d) + 1) + [0] * (k - len(d)) for d in drafts], device=device, dtype=torch.bool
+            )
             step_pos = next_pos[:, None] + torch.arange(k + 1, device=device)
             valid = torch.cat([valid, step_valid], dim=1)
             logits = self._forward(step_ids, valid, step_pos, cache)
@@ -308,7 +326,7 @@ class SpeculativeGenerator:
             agree = (step_ids[:, 1:] == target[:, :-1]) & step_valid[:, 1:]
             n_accepted = agree.long().cumprod(dim=1).sum(dim=1)
             slot = torch.arange(k + 1, device=device)
-            valid[:, -(k + 1):] &= slot[None, :] <= n_accepted[:, None]  # mask rejected draft slots
+            valid[:, -(k + 1) :] &= slot[None, :] <= n_accepted[:, None]  # mask rejected draft slots
             next_pos = next_pos + n_accepted + 1
             pending = target.gather(1, n_accepted[:, None])[:, 0]
             t2 = time.perf_counter()
@@ -324,8 +342,14 @@ class SpeculativeGenerator:
                 row.stats.verify_s += t2 - t1
                 done.append(self._emit(row, draft[:n] + [bonus], params, stream))
 
-    def _forward(self, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
-                 last_only: bool = False) -> torch.Tensor:
+    def _forward(
+        self,
+        ids: torch.Tensor,
+        valid: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache,
+        last_only: bool = False,
+    ) -> torch.Tensor:
         """Logits for `ids` (only the last position's with `last_only`), which occupy the last ids.shape[1] slots
         of `valid` (the mask over all cache slots)."""
         q, s = ids.shape[1], valid.shape[1]
@@ -334,8 +358,14 @@ class SpeculativeGenerator:
         dtype = self.model.dtype
         mask = torch.zeros(allowed.shape, dtype=dtype, device=ids.device).masked_fill(~allowed, torch.finfo(dtype).min)
         extra = {"logits_to_keep": 1} if last_only and self._can_keep_last else {}
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         **{self._cache_kwarg: cache}, **extra)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_kwarg: cache},
+            **extra,
+        )
         return out.logits[:, -1:].float() if last_only else out.logits.float()
 
     def _shared_prefix(self, prompts: list[list[int]]) -> _PrefixKV | None:
@@ -363,8 +393,13 @@ class SpeculativeGenerator:
         tokens = prompts[0][:n]
         cache = DynamicCache(config=self.model.config)
         device = self.model.device
-        self._forward(torch.tensor([tokens], device=device), torch.ones(1, n, dtype=torch.bool, device=device),
-                      torch.arange(n, device=device)[None], cache, last_only=True)
+        self._forward(
+            torch.tensor([tokens], device=device),
+            torch.ones(1, n, dtype=torch.bool, device=device),
+            torch.arange(n, device=device)[None],
+            cache,
+            last_only=True,
+        )
         self._prefix = _PrefixKV(tuple(tokens), [(layer.keys, layer.values) for layer in cache.layers])
         return self._prefix
 
@@ -378,8 +413,9 @@ class SpeculativeGenerator:
             warpers.append(TopPLogitsWarper(params.top_p))
         return warpers
 
-    def _choose(self, logits: torch.Tensor, warpers: LogitsProcessorList | None,
-                generator: torch.Generator | None) -> torch.Tensor:
+    def _choose(
+        self, logits: torch.Tensor, warpers: LogitsProcessorList | None, generator: torch.Generator | None
+    ) -> torch.Tensor:
         """The target's token at every position: argmax (greedy) or an independent sample from the warped p."""
         if warpers is None:
             return logits.argmax(dim=-1)
@@ -394,7 +430,7 @@ class SpeculativeGenerator:
         tokens = tokens[:room]
         for j, tok in enumerate(tokens):
             if tok in self.eos_ids:
-                tokens = tokens[:j + 1]
+                tokens = tokens[: j + 1]
                 row.finish_reason = "stop"
                 break
         start = len(row.generated)
@@ -414,18 +450,19 @@ class SpeculativeGenerator:
         """Cut the row after the first token that completes a stop string; remember where the text ends."""
         cut = find_stop(self.tokenizer, row.generated, stops, start)
         if cut is not None:
-            del row.generated[cut[0]:]
+            del row.generated[cut[0] :]
             row.finish_reason, row.stop_text_end = "stop", cut[1]
 
     def _result(self, row: _Row) -> GenerationResult:
         text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
         if row.stop_text_end is not None:
-            text = text[:row.stop_text_end]
+            text = text[: row.stop_text_end]
         return GenerationResult(text, row.generated, row.prompt_len, row.finish_reason or "length", row.stats)
 
 
-def find_stop(tokenizer: PreTrainedTokenizerBase, token_ids: Sequence[int], stops: Sequence[str],
-              start: int = 0) -> tuple[int, int] | None:
+def find_stop(
+    tokenizer: PreTrainedTokenizerBase, token_ids: Sequence[int], stops: Sequence[str], start: int = 0
+) -> tuple[int, int] | None:
     """(tokens up to the one completing the first stop string, where that string starts in the text), or None.
 
     Only cuts ending after token `start` are looked for (the earlier tokens were checked before)."""

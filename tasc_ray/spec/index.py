@@ -42,7 +42,6 @@ class NgramIndexError(ValueError):
     """An index that cannot be read or used: missing or corrupt files, wrong tokenizer, bad format."""
 
 
-
 def hash_windows(windows: np.ndarray) -> np.ndarray:
     """FNV-1a-style 64-bit hash of each row of an [n, m] int array of token ids (m is part of the hash)."""
     n, m = windows.shape
@@ -85,15 +84,17 @@ class NgramCounts:
             # straddle a separator are dropped.
             windows = _windows([s for s in seqs if len(s) > m], m + 1)
             counts.keys[m], counts.next_tokens[m], counts.counts[m] = _sum_by_key(
-                hash_windows(windows[:, :m]), windows[:, m].astype(np.int32), np.ones(len(windows), np.int64))
+                hash_windows(windows[:, :m]), windows[:, m].astype(np.int32), np.ones(len(windows), np.int64)
+            )
         return counts
 
     def merge(self, other: NgramCounts) -> NgramCounts:
         """Sum two sets of counts (e.g. from two shards of a corpus)."""
         if other.max_order != self.max_order:
             raise ValueError(f"cannot merge counts of max_order {self.max_order} and {other.max_order}")
-        merged = NgramCounts(self.max_order, n_sequences=self.n_sequences + other.n_sequences,
-                             n_tokens=self.n_tokens + other.n_tokens)
+        merged = NgramCounts(
+            self.max_order, n_sequences=self.n_sequences + other.n_sequences, n_tokens=self.n_tokens + other.n_tokens
+        )
         for m in self.orders:
             merged.keys[m], merged.next_tokens[m], merged.counts[m] = _sum_by_key(
                 np.concatenate([self.keys[m], other.keys[m]]),
@@ -132,8 +133,16 @@ class OrderTable:
     counts: np.ndarray  # int64 [offsets[-1]]
 
     @classmethod
-    def from_counts(cls, keys: np.ndarray, nxt: np.ndarray, cnt: np.ndarray, totals_keys: np.ndarray | None,
-                    totals: np.ndarray | None, top_k: int, min_count: int) -> OrderTable:
+    def from_counts(
+        cls,
+        keys: np.ndarray,
+        nxt: np.ndarray,
+        cnt: np.ndarray,
+        totals_keys: np.ndarray | None,
+        totals: np.ndarray | None,
+        top_k: int,
+        min_count: int,
+    ) -> OrderTable:
         """Keep each context's top_k continuations with count >= min_count (ties broken by lower token id)."""
         if totals_keys is None:  # totals from the full counts themselves
             totals_keys, _, totals = _sum_by_key(keys, np.zeros(len(keys), np.int32), cnt)
@@ -149,22 +158,27 @@ class OrderTable:
         hashes, first = np.unique(keys, return_index=True)
         offsets = np.r_[first, len(keys)].astype(np.int64)
         ctx_totals = totals[np.searchsorted(totals_keys, hashes)] if len(hashes) else np.zeros(0, np.int64)
-        return cls(hashes.astype(np.uint64), ctx_totals.astype(np.int64), offsets, nxt.astype(np.int32),
-                   cnt.astype(np.int64))
+        return cls(
+            hashes.astype(np.uint64), ctx_totals.astype(np.int64), offsets, nxt.astype(np.int32), cnt.astype(np.int64)
+        )
 
     def to_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Expand to (context hash, next token, count) rows."""
         return np.repeat(self.hashes, np.diff(self.offsets)), self.next_tokens, self.counts
 
     def to_arrow(self) -> pa.Table:
-        return pa.table({
-            "context_hash": pa.array(self.hashes, pa.uint64()),
-            "total": pa.array(self.totals, pa.int64()),
-            "next_tokens": pa.ListArray.from_arrays(pa.array(self.offsets.astype(np.int32)),
-                                                    pa.array(self.next_tokens, pa.int32())),
-            "counts": pa.ListArray.from_arrays(pa.array(self.offsets.astype(np.int32)),
-                                               pa.array(self.counts, pa.int64())),
-        })
+        return pa.table(
+            {
+                "context_hash": pa.array(self.hashes, pa.uint64()),
+                "total": pa.array(self.totals, pa.int64()),
+                "next_tokens": pa.ListArray.from_arrays(
+                    pa.array(self.offsets.astype(np.int32)), pa.array(self.next_tokens, pa.int32())
+                ),
+                "counts": pa.ListArray.from_arrays(
+                    pa.array(self.offsets.astype(np.int32)), pa.array(self.counts, pa.int64())
+                ),
+            }
+        )
 
     @classmethod
     def from_arrow(cls, table: pa.Table) -> OrderTable:
@@ -196,31 +210,65 @@ class Match:
 class NgramIndex:
     """Top-K next-token statistics of a corpus of outputs, for contexts of 1..max_order-1 tokens."""
 
-    def __init__(self, tables: dict[int, OrderTable], max_order: int, top_k: int, min_count: int = 1,
-                 tokenizer_name: str = "", fingerprint: str = "", vocab_size: int = 0,
-                 n_sequences: int = 0, n_tokens: int = 0) -> None:
+    def __init__(
+        self,
+        tables: dict[int, OrderTable],
+        max_order: int,
+        top_k: int,
+        min_count: int = 1,
+        tokenizer_name: str = "",
+        fingerprint: str = "",
+        vocab_size: int = 0,
+        n_sequences: int = 0,
+        n_tokens: int = 0,
+    ) -> None:
         self.tables, self.max_order, self.top_k, self.min_count = tables, max_order, top_k, min_count
         self.tokenizer_name, self.fingerprint, self.vocab_size = tokenizer_name, fingerprint, vocab_size
         self.n_sequences, self.n_tokens = n_sequences, n_tokens
 
     # ----- building -----
     @classmethod
-    def from_counts(cls, counts: NgramCounts, top_k: int = DEFAULT_TOP_K, min_count: int = 1,
-                    tokenizer: Any = None) -> NgramIndex:
-        tables = {m: OrderTable.from_counts(counts.keys[m], counts.next_tokens[m], counts.counts[m], None, None,
-                                            top_k, min_count) for m in counts.orders}
-        return cls(tables, counts.max_order, top_k, min_count, n_sequences=counts.n_sequences,
-                   n_tokens=counts.n_tokens, **_tokenizer_meta(tokenizer))
+    def from_counts(
+        cls, counts: NgramCounts, top_k: int = DEFAULT_TOP_K, min_count: int = 1, tokenizer: Any = None
+    ) -> NgramIndex:
+        tables = {
+            m: OrderTable.from_counts(
+                counts.keys[m], counts.next_tokens[m], counts.counts[m], None, None, top_k, min_count
+            )
+            for m in counts.orders
+        }
+        return cls(
+            tables,
+            counts.max_order,
+            top_k,
+            min_count,
+            n_sequences=counts.n_sequences,
+            n_tokens=counts.n_tokens,
+            **_tokenizer_meta(tokenizer),
+        )
 
     @classmethod
-    def build(cls, sequences: Iterable[Sequence[int] | np.ndarray], max_order: int = DEFAULT_MAX_ORDER,
-              top_k: int = DEFAULT_TOP_K, min_count: int = 1, tokenizer: Any = None) -> NgramIndex:
+    def build(
+        cls,
+        sequences: Iterable[Sequence[int] | np.ndarray],
+        max_order: int = DEFAULT_MAX_ORDER,
+        top_k: int = DEFAULT_TOP_K,
+        min_count: int = 1,
+        tokenizer: Any = None,
+    ) -> NgramIndex:
         """Build from token-id sequences (outputs tokenised with the target model's tokenizer)."""
         return cls.from_counts(NgramCounts.from_sequences(sequences, max_order), top_k, min_count, tokenizer)
 
     @classmethod
-    def from_texts(cls, texts: Iterable[str], tokenizer: Any, max_order: int = DEFAULT_MAX_ORDER,
-                   top_k: int = DEFAULT_TOP_K, min_count: int = 1, batch_size: int = 1024) -> NgramIndex:
+    def from_texts(
+        cls,
+        texts: Iterable[str],
+        tokenizer: Any,
+        max_order: int = DEFAULT_MAX_ORDER,
+        top_k: int = DEFAULT_TOP_K,
+        min_count: int = 1,
+        batch_size: int = 1024,
+    ) -> NgramIndex:
         """Tokenise output texts (no special tokens) and build."""
         return cls.build(tokenize_texts(texts, tokenizer, batch_size), max_order, top_k, min_count, tokenizer)
 
@@ -231,20 +279,31 @@ class NgramIndex:
         if self.fingerprint and other.fingerprint and self.fingerprint != other.fingerprint:
             raise NgramIndexError(
                 f"cannot merge indexes built with different tokenizers ({self.tokenizer_name!r} "
-                f"{self.fingerprint} vs {other.tokenizer_name!r} {other.fingerprint})")
+                f"{self.fingerprint} vs {other.tokenizer_name!r} {other.fingerprint})"
+            )
         tables = {}
         for m in self.orders:
             a, b = self.tables[m], other.tables[m]
             keys, nxt, cnt = _sum_by_key(*(np.concatenate(pair) for pair in zip(a.to_rows(), b.to_rows())))
-            tkeys, _, totals = _sum_by_key(np.concatenate([a.hashes, b.hashes]),
-                                           np.zeros(len(a.hashes) + len(b.hashes), np.int32),
-                                           np.concatenate([a.totals, b.totals]))
-            tables[m] = OrderTable.from_counts(keys, nxt, cnt, tkeys, totals, max(self.top_k, other.top_k),
-                                               max(self.min_count, other.min_count))
-        return NgramIndex(tables, self.max_order, max(self.top_k, other.top_k), max(self.min_count, other.min_count),
-                          self.tokenizer_name or other.tokenizer_name, self.fingerprint or other.fingerprint,
-                          self.vocab_size or other.vocab_size, self.n_sequences + other.n_sequences,
-                          self.n_tokens + other.n_tokens)
+            tkeys, _, totals = _sum_by_key(
+                np.concatenate([a.hashes, b.hashes]),
+                np.zeros(len(a.hashes) + len(b.hashes), np.int32),
+                np.concatenate([a.totals, b.totals]),
+            )
+            tables[m] = OrderTable.from_counts(
+                keys, nxt, cnt, tkeys, totals, max(self.top_k, other.top_k), max(self.min_count, other.min_count)
+            )
+        return NgramIndex(
+            tables,
+            self.max_order,
+            max(self.top_k, other.top_k),
+            max(self.min_count, other.min_count),
+            self.tokenizer_name or other.tokenizer_name,
+            self.fingerprint or other.fingerprint,
+            self.vocab_size or other.vocab_size,
+            self.n_sequences + other.n_sequences,
+            self.n_tokens + other.n_tokens,
+        )
 
     # ----- querying -----
     @property
@@ -262,7 +321,8 @@ class NgramIndex:
             raise NgramIndexError(
                 f"index was built for tokenizer {self.tokenizer_name!r} (fingerprint {self.fingerprint}), "
                 f"but the model's tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has fingerprint "
-                f"{fingerprint}; rebuild the index with this model's tokenizer")
+                f"{fingerprint}; rebuild the index with this model's tokenizer"
+            )
 
     def longest_matches(self, histories: Sequence[Sequence[int]]) -> list[Match | None]:
         """For each history, the continuations of its longest suffix (<= max_order-1 tokens) seen in the corpus."""
@@ -276,7 +336,7 @@ class NgramIndex:
             table = self.tables[m]
             if len(table.hashes) == 0:
                 continue
-            windows = np.array([histories[r][len(histories[r]) - m:] for r in rows], dtype=np.int64)
+            windows = np.array([histories[r][len(histories[r]) - m :] for r in rows], dtype=np.int64)
             keys = hash_windows(windows)
             pos = np.minimum(np.searchsorted(table.hashes, keys), len(table.hashes) - 1)
             found = table.hashes[pos] == keys
@@ -291,11 +351,18 @@ class NgramIndex:
     # ----- statistics -----
     def stats(self) -> dict[str, Any]:
         return {
-            "tokenizer": self.tokenizer_name, "fingerprint": self.fingerprint, "vocab_size": self.vocab_size,
-            "max_order": self.max_order, "top_k": self.top_k, "min_count": self.min_count,
-            "corpus_sequences": self.n_sequences, "corpus_tokens": self.n_tokens,
-            "orders": {m: {"contexts": int(len(t.hashes)), "continuations": int(len(t.next_tokens))}
-                       for m, t in self.tables.items()},
+            "tokenizer": self.tokenizer_name,
+            "fingerprint": self.fingerprint,
+            "vocab_size": self.vocab_size,
+            "max_order": self.max_order,
+            "top_k": self.top_k,
+            "min_count": self.min_count,
+            "corpus_sequences": self.n_sequences,
+            "corpus_tokens": self.n_tokens,
+            "orders": {
+                m: {"contexts": int(len(t.hashes)), "continuations": int(len(t.next_tokens))}
+                for m, t in self.tables.items()
+            },
             "memory_bytes": self.nbytes,
         }
 
@@ -314,13 +381,22 @@ class NgramIndex:
             name = f"order-{m}.parquet"
             with fs.open(f"{root}/{name}", "wb") as f:
                 f.write(data)
-            files[name] = {"order": m, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                           "contexts": int(len(table.hashes)), "continuations": int(len(table.next_tokens))}
+            files[name] = {
+                "order": m,
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "contexts": int(len(table.hashes)),
+                "continuations": int(len(table.next_tokens)),
+            }
         manifest = {
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "created_at": time.time(),
-            "tokenizer": {"name": self.tokenizer_name, "fingerprint": self.fingerprint,
-                          "vocab_size": self.vocab_size},
-            "max_order": self.max_order, "orders": self.orders, "top_k": self.top_k, "min_count": self.min_count,
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "created_at": time.time(),
+            "tokenizer": {"name": self.tokenizer_name, "fingerprint": self.fingerprint, "vocab_size": self.vocab_size},
+            "max_order": self.max_order,
+            "orders": self.orders,
+            "top_k": self.top_k,
+            "min_count": self.min_count,
             "corpus": {"sequences": self.n_sequences, "tokens": self.n_tokens},
             "files": files,
         }
@@ -348,9 +424,17 @@ class NgramIndex:
         if missing:
             raise NgramIndexError(f"index {path}: manifest lists no file for orders {sorted(missing)}")
         tok = manifest["tokenizer"]
-        return cls(tables, manifest["max_order"], manifest["top_k"], manifest.get("min_count", 1), tok["name"],
-                   tok["fingerprint"], tok["vocab_size"], manifest["corpus"]["sequences"],
-                   manifest["corpus"]["tokens"])
+        return cls(
+            tables,
+            manifest["max_order"],
+            manifest["top_k"],
+            manifest.get("min_count", 1),
+            tok["name"],
+            tok["fingerprint"],
+            tok["vocab_size"],
+            manifest["corpus"]["sequences"],
+            manifest["corpus"]["tokens"],
+        )
 
 
 def read_manifest(path: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -366,8 +450,10 @@ def read_manifest(path: str, storage_options: dict[str, Any] | None = None) -> d
     if manifest.get("format") != FORMAT_NAME:
         raise NgramIndexError(f"{path}/{MANIFEST} is not a {FORMAT_NAME} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise NgramIndexError(f"{path}: index format version {manifest.get('format_version')} is not supported "
-                              f"(this tasc_ray reads version {FORMAT_VERSION})")
+        raise NgramIndexError(
+            f"{path}: index format version {manifest.get('format_version')} is not supported "
+            f"(this tasc_ray reads version {FORMAT_VERSION})"
+        )
     return manifest
 
 
@@ -376,7 +462,7 @@ def tokenize_texts(texts: Iterable[str], tokenizer: Any, batch_size: int = 1024)
     texts = list(texts)
     out: list[np.ndarray] = []
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i:i + batch_size], add_special_tokens=False)["input_ids"]
+        enc = tokenizer(texts[i : i + batch_size], add_special_tokens=False)["input_ids"]
         out.extend(np.asarray(ids, dtype=np.int32) for ids in enc)
     return out
 
@@ -384,5 +470,8 @@ def tokenize_texts(texts: Iterable[str], tokenizer: Any, batch_size: int = 1024)
 def _tokenizer_meta(tokenizer: Any) -> dict[str, Any]:
     if tokenizer is None:
         return {}
-    return {"tokenizer_name": str(getattr(tokenizer, "name_or_path", "")),
-            "fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": len(tokenizer)}
+    return {
+        "tokenizer_name": str(getattr(tokenizer, "name_or_path", "")),
+        "fingerprint": tokenizer_fingerprint(tokenizer),
+        "vocab_size": len(tokenizer),
+    }

@@ -62,7 +62,7 @@ def simulate_acceptance(
                 while n < len(draft) and draft[n] == seq[p + n]:
                     n += 1
                 advance = min(n + 1, len(seq) - p)  # the pass's own token; none past the end (that is EOS)
-                states[i].extend(seq[p:p + advance])
+                states[i].extend(seq[p : p + advance])
                 pos[i] = p + advance
                 row_passes[i] += 1
                 drafted += len(draft)

@@ -72,6 +72,7 @@ class IndexJobError(ValueError):
 # Inputs: local paths, directories, globs and s3:// prefixes, validated before any work starts
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def is_remote(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
@@ -91,8 +92,11 @@ def storage_options_for(path: str, storage_options: dict[str, Any] | None = None
     region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
     if region:
         opts["client_kwargs"] = {"region_name": region}
-    for option, var in (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY"),
-                        ("token", "AWS_SESSION_TOKEN")):
+    for option, var in (
+        ("key", "AWS_ACCESS_KEY_ID"),
+        ("secret", "AWS_SECRET_ACCESS_KEY"),
+        ("token", "AWS_SESSION_TOKEN"),
+    ):
         if env.get(var):
             opts[option] = env[var]
     opts.update(storage_options or {})
@@ -113,12 +117,14 @@ def _check_bucket(fs: Any, path: str) -> None:
     except Exception as exc:  # botocore/aiohttp errors: endpoint unreachable, bad signature, ...
         raise IndexJobError(f"S3 bucket {bucket!r} cannot be reached: {type(exc).__name__}: {exc}") from exc
     if not exists:
-        raise IndexJobError(f"S3 bucket {bucket!r} does not exist or is not visible with these credentials "
-                            f"(path {path})")
+        raise IndexJobError(
+            f"S3 bucket {bucket!r} does not exist or is not visible with these credentials (path {path})"
+        )
 
 
-def resolve_inputs(inputs: str | Sequence[str], storage_options: dict[str, Any] | None = None
-                   ) -> tuple[list[str], Any, dict[str, Any]]:
+def resolve_inputs(
+    inputs: str | Sequence[str], storage_options: dict[str, Any] | None = None
+) -> tuple[list[str], Any, dict[str, Any]]:
     """Expand files, directories (every *.parquet below) and globs, local or s3://, into a sorted file list.
 
     Returns (files, fsspec filesystem, storage options). All inputs must live on one filesystem."""
@@ -134,7 +140,7 @@ def resolve_inputs(inputs: str | Sequence[str], storage_options: dict[str, Any] 
     remote = is_remote(inputs[0])
     files: list[str] = []
     for raw in inputs:
-        path = raw[len("file://"):] if raw.startswith("file://") else raw
+        path = raw[len("file://") :] if raw.startswith("file://") else raw
         if remote:
             _check_bucket(fs, path)
         _, root = fsspec.core.url_to_fs(path, **opts)
@@ -189,18 +195,23 @@ def validate_inputs(files: Sequence[str], fs: Any, column: str, threads: int = 1
     types = {info.column_type for info in infos}
     if len(types) > 1:
         examples = {t: next(i.path for i in infos if i.column_type == t) for t in types}
-        raise IndexJobError(f"column {column!r} has different types across files: "
-                            + "; ".join(f"{t} in {p}" for t, p in examples.items()))
+        raise IndexJobError(
+            f"column {column!r} has different types across files: "
+            + "; ".join(f"{t} in {p}" for t, p in examples.items())
+        )
     return infos
 
 
 def _strip_file_scheme(path: str) -> str:
-    return path[len("file://"):] if path.startswith("file://") else path
+    return path[len("file://") :] if path.startswith("file://") else path
 
 
 def _is_text_type(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or (
-        pa.types.is_dictionary(t) and _is_text_type(t.value_type))
+    return (
+        pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or (pa.types.is_dictionary(t) and _is_text_type(t.value_type))
+    )
 
 
 def split_texts(column: pa.ChunkedArray | pa.Array) -> tuple[list[str], dict[str, int]]:
@@ -216,8 +227,12 @@ def split_texts(column: pa.ChunkedArray | pa.Array) -> tuple[list[str], dict[str
     return usable, stats
 
 
-def read_text_column(inputs: str | Sequence[str], column: str, storage_options: dict[str, Any] | None = None,
-                     extra_columns: Sequence[str] = ()) -> tuple[list[str], dict[str, int], dict[str, list]]:
+def read_text_column(
+    inputs: str | Sequence[str],
+    column: str,
+    storage_options: dict[str, Any] | None = None,
+    extra_columns: Sequence[str] = (),
+) -> tuple[list[str], dict[str, int], dict[str, list]]:
     """In-process read of one text column (plus optional extra columns of the same rows) from parquet inputs.
 
     Returns (usable texts, skip statistics, extra columns restricted to the usable rows)."""
@@ -251,6 +266,7 @@ def read_text_column(inputs: str | Sequence[str], column: str, storage_options: 
 # Ray: the cluster, the map actors and the reducers
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def _count_rows_table(counts: NgramCounts, stats: dict[str, int]) -> pa.Table:
     """Flatten NgramCounts (and the stats rows) to the shuffle's row format: order, key, next, count."""
     orders, keys, nxts, cnts = [], [], [], []
@@ -264,8 +280,14 @@ def _count_rows_table(counts: NgramCounts, stats: dict[str, int]) -> pa.Table:
     keys.append(np.arange(len(_STATS), dtype=np.uint64))
     nxts.append(np.zeros(len(_STATS), np.int32))
     cnts.append(np.array([stats.get(s, 0) for s in _STATS], np.int64))
-    return pa.table({"order": np.concatenate(orders), "key": np.concatenate(keys).astype(np.uint64),
-                     "next": np.concatenate(nxts).astype(np.int32), "count": np.concatenate(cnts).astype(np.int64)})
+    return pa.table(
+        {
+            "order": np.concatenate(orders),
+            "key": np.concatenate(keys).astype(np.uint64),
+            "next": np.concatenate(nxts).astype(np.int32),
+            "count": np.concatenate(cnts).astype(np.int64),
+        }
+    )
 
 
 class CountBatch:
@@ -307,7 +329,8 @@ class Reducer:
         self.compact_rows = compact_rows
         self.orders = list(range(1, max_order))
         self.full: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {
-            m: (np.zeros(0, np.uint64), np.zeros(0, np.int32), np.zeros(0, np.int64)) for m in self.orders}
+            m: (np.zeros(0, np.uint64), np.zeros(0, np.int32), np.zeros(0, np.int64)) for m in self.orders
+        }
         self.pending: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {m: [] for m in self.orders}
         self.pending_rows = 0
         self.stats = np.zeros(len(_STATS), np.int64)
@@ -348,8 +371,9 @@ class Reducer:
         self.pending_rows = 0
         self.peak_rows = max(self.peak_rows, self._full_rows())
 
-    def finish(self, top_k: int, min_count: int,
-               base: dict[int, tuple[np.ndarray, ...]] | None = None) -> dict[str, Any]:
+    def finish(
+        self, top_k: int, min_count: int, base: dict[int, tuple[np.ndarray, ...]] | None = None
+    ) -> dict[str, Any]:
         """Cut each order to its top-K per context (adding `base` rows and totals of an existing index first)."""
         self._compact()
         tables = {}
@@ -358,15 +382,23 @@ class Reducer:
             tkeys, _, totals = _sum_by_key(keys, np.zeros(len(keys), np.int32), cnt)
             if base is not None and m in base:
                 bkeys, bnxt, bcnt, bhashes, btotals = base[m]
-                keys, nxt, cnt = _sum_by_key(np.concatenate([keys, bkeys]), np.concatenate([nxt, bnxt]),
-                                             np.concatenate([cnt, bcnt]))
-                tkeys, _, totals = _sum_by_key(np.concatenate([tkeys, bhashes]),
-                                               np.zeros(len(tkeys) + len(bhashes), np.int32),
-                                               np.concatenate([totals, btotals]))
+                keys, nxt, cnt = _sum_by_key(
+                    np.concatenate([keys, bkeys]), np.concatenate([nxt, bnxt]), np.concatenate([cnt, bcnt])
+                )
+                tkeys, _, totals = _sum_by_key(
+                    np.concatenate([tkeys, bhashes]),
+                    np.zeros(len(tkeys) + len(bhashes), np.int32),
+                    np.concatenate([totals, btotals]),
+                )
             tables[m] = OrderTable.from_counts(keys, nxt, cnt, tkeys, totals, top_k, min_count)
-        return {"tables": tables, "stats": dict(zip(_STATS, self.stats.tolist())), "blocks": self.blocks,
-                "full_rows": self._full_rows(), "peak_full_rows": self.peak_rows,
-                "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        return {
+            "tables": tables,
+            "stats": dict(zip(_STATS, self.stats.tolist())),
+            "blocks": self.blocks,
+            "full_rows": self._full_rows(),
+            "peak_full_rows": self.peak_rows,
+            "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
 
 
 def _partition_table(table: OrderTable, num_partitions: int) -> list[tuple[np.ndarray, ...]]:
@@ -374,8 +406,16 @@ def _partition_table(table: OrderTable, num_partitions: int) -> list[tuple[np.nd
     keys, nxt, cnt = table.to_rows()
     row_part = (keys % np.uint64(num_partitions)).astype(np.int64)
     ctx_part = (table.hashes % np.uint64(num_partitions)).astype(np.int64)
-    return [(keys[row_part == p], nxt[row_part == p], cnt[row_part == p], table.hashes[ctx_part == p],
-             table.totals[ctx_part == p]) for p in range(num_partitions)]
+    return [
+        (
+            keys[row_part == p],
+            nxt[row_part == p],
+            cnt[row_part == p],
+            table.hashes[ctx_part == p],
+            table.totals[ctx_part == p],
+        )
+        for p in range(num_partitions)
+    ]
 
 
 def _concat_partitions(parts: Sequence[OrderTable], top_k: int, min_count: int) -> OrderTable:
@@ -406,6 +446,7 @@ def index_truncation(index: NgramIndex) -> dict[int, int]:
 # ----------------------------------------------------------------------------------------------------------------
 # The job
 # ----------------------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class IndexJobResult:
@@ -473,8 +514,9 @@ def build_index_distributed(
     files, fs, opts = resolve_inputs(inputs, storage_options)
     infos = validate_inputs(files, fs, column)
     total_rows = sum(i.rows for i in infos)
-    logger.info("indexing column %r of %d parquet files (%d rows) with %d workers", column, len(files),
-                total_rows, num_workers)
+    logger.info(
+        "indexing column %r of %d parquet files (%d rows) with %d workers", column, len(files), total_rows, num_workers
+    )
     remote = is_remote(files[0])
     read_paths = [_strip_file_scheme(f).split("://", 1)[-1] if remote else _strip_file_scheme(f) for f in files]
     num_reducers = num_reducers or num_workers
@@ -482,19 +524,27 @@ def build_index_distributed(
 
     if cpus_per_worker is None:  # leave room for Ray Data's listing and read tasks, or the job can stall
         cluster_cpus = float(ray.cluster_resources().get("CPU", 2.0))
-        cpus_per_worker = min(DEFAULT_CPUS_PER_WORKER,
-                              max(0.05, (cluster_cpus - _LIST_FILES_CPUS - DEFAULT_READ_CPUS) / num_workers))
+        cpus_per_worker = min(
+            DEFAULT_CPUS_PER_WORKER, max(0.05, (cluster_cpus - _LIST_FILES_CPUS - DEFAULT_READ_CPUS) / num_workers)
+        )
     # Ray Data coalesces small files into few read blocks (one busy worker); a streaming repartition (no
     # barrier, no shuffle) cuts them into batch-sized blocks that spread over the actor pool.
     ds = ray.data.read_parquet(read_paths, filesystem=_pyarrow_filesystem(fs, remote), num_cpus=DEFAULT_READ_CPUS)
     ds = ds.select_columns([column]).repartition(target_num_rows_per_block=batch_size)
     udf_args = {"tokenizer": portable_tokenizer(tokenizer), "column": column, "max_order": max_order}
-    counted = ds.map_batches(CountBatch, fn_constructor_kwargs=udf_args,
-                             batch_size=batch_size, batch_format="pyarrow",
-                             compute=ray.data.ActorPoolStrategy(size=num_workers), num_cpus=cpus_per_worker)
+    counted = ds.map_batches(
+        CountBatch,
+        fn_constructor_kwargs=udf_args,
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=num_workers),
+        num_cpus=cpus_per_worker,
+    )
     reducer_cls = ray.remote(Reducer)
-    reducers = [reducer_cls.options(num_cpus=cpus_per_reducer, max_restarts=0).remote(p, num_reducers, max_order)
-                for p in range(num_reducers)]
+    reducers = [
+        reducer_cls.options(num_cpus=cpus_per_reducer, max_restarts=0).remote(p, num_reducers, max_order)
+        for p in range(num_reducers)
+    ]
     base_parts = None
     if append_to is not None:
         split = {m: _partition_table(append_to.tables[m], num_reducers) for m in append_to.orders}
@@ -513,11 +563,14 @@ def build_index_distributed(
                 ray.get(done)
         ray.get(pending)
         map_seconds = time.perf_counter() - t0
-        results = ray.get([r.finish.remote(top_k, min_count, base_parts[p] if base_parts else None)
-                           for p, r in enumerate(reducers)])
+        results = ray.get(
+            [r.finish.remote(top_k, min_count, base_parts[p] if base_parts else None) for p, r in enumerate(reducers)]
+        )
     except ray.exceptions.RayActorError as exc:
-        raise IndexJobError(f"a reducer died while indexing {len(files)} files; nothing was written "
-                            f"(rerun the job): {str(exc).splitlines()[0]}") from exc
+        raise IndexJobError(
+            f"a reducer died while indexing {len(files)} files; nothing was written "
+            f"(rerun the job): {str(exc).splitlines()[0]}"
+        ) from exc
     except Exception as exc:
         if isinstance(exc, IndexJobError):
             raise
@@ -531,11 +584,14 @@ def build_index_distributed(
 
     stats = {s: sum(res["stats"][s] for res in results) for s in _STATS}
     if stats["sequences"] == 0 and append_to is None:
-        raise IndexJobError(f"column {column!r} of {len(files)} files has no non-empty text rows "
-                            f"({stats['rows']} rows: {stats['skipped_null']} null, {stats['skipped_empty']} empty, "
-                            f"{stats['skipped_non_string']} non-string)")
-    tables = {m: _concat_partitions([res["tables"][m] for res in results], top_k, min_count)
-              for m in range(1, max_order)}
+        raise IndexJobError(
+            f"column {column!r} of {len(files)} files has no non-empty text rows "
+            f"({stats['rows']} rows: {stats['skipped_null']} null, {stats['skipped_empty']} empty, "
+            f"{stats['skipped_non_string']} non-string)"
+        )
+    tables = {
+        m: _concat_partitions([res["tables"][m] for res in results], top_k, min_count) for m in range(1, max_order)
+    }
     n_sequences, n_tokens = stats["sequences"], stats["tokens"]
     if append_to is not None:
         n_sequences += append_to.n_sequences
@@ -544,15 +600,31 @@ def build_index_distributed(
     elapsed = time.perf_counter() - t0
     skipped = stats["skipped_null"] + stats["skipped_empty"] + stats["skipped_non_string"]
     if skipped:
-        logger.warning("skipped %d of %d rows (%d null, %d empty, %d non-string)", skipped, stats["rows"],
-                       stats["skipped_null"], stats["skipped_empty"], stats["skipped_non_string"])
+        logger.warning(
+            "skipped %d of %d rows (%d null, %d empty, %d non-string)",
+            skipped,
+            stats["rows"],
+            stats["skipped_null"],
+            stats["skipped_empty"],
+            stats["skipped_non_string"],
+        )
     summary = {
-        "files": len(files), "rows": stats["rows"], "sequences": stats["sequences"], "tokens": stats["tokens"],
-        "skipped_rows": skipped, "skipped_null": stats["skipped_null"], "skipped_empty": stats["skipped_empty"],
-        "skipped_non_string": stats["skipped_non_string"], "num_workers": num_workers,
-        "num_reducers": num_reducers, "count_blocks": blocks, "seconds": elapsed, "map_seconds": map_seconds,
+        "files": len(files),
+        "rows": stats["rows"],
+        "sequences": stats["sequences"],
+        "tokens": stats["tokens"],
+        "skipped_rows": skipped,
+        "skipped_null": stats["skipped_null"],
+        "skipped_empty": stats["skipped_empty"],
+        "skipped_non_string": stats["skipped_non_string"],
+        "num_workers": num_workers,
+        "num_reducers": num_reducers,
+        "count_blocks": blocks,
+        "seconds": elapsed,
+        "map_seconds": map_seconds,
         "first_block_seconds": first_block_seconds,
-        "reduce_seconds": reduce_seconds, "tokens_per_s": stats["tokens"] / elapsed if elapsed else 0.0,
+        "reduce_seconds": reduce_seconds,
+        "tokens_per_s": stats["tokens"] / elapsed if elapsed else 0.0,
         "full_count_rows": sum(res["full_rows"] for res in results),
         "reducer_maxrss_bytes": [res["maxrss_bytes"] for res in results],
     }
@@ -560,10 +632,18 @@ def build_index_distributed(
         summary["appended"] = True
         summary["append_exact"] = not any(base_truncated.values())
         if not summary["append_exact"]:
-            logger.warning("the existing index had truncated contexts %s (top_k/min_count): the merged counts "
-                           "of those contexts are lower bounds", base_truncated)
-    logger.info("indexed %d sequences (%d tokens) in %.1f s (%.0f tokens/s)", stats["sequences"], stats["tokens"],
-                elapsed, summary["tokens_per_s"])
+            logger.warning(
+                "the existing index had truncated contexts %s (top_k/min_count): the merged counts "
+                "of those contexts are lower bounds",
+                base_truncated,
+            )
+    logger.info(
+        "indexed %d sequences (%d tokens) in %.1f s (%.0f tokens/s)",
+        stats["sequences"],
+        stats["tokens"],
+        elapsed,
+        summary["tokens_per_s"],
+    )
     return IndexJobResult(index, summary)
 
 
@@ -596,8 +676,18 @@ def index_corpus(
     base = None
     if append_to is not None:
         base = NgramIndex.load(append_to, storage_options_for(append_to, storage_options))
-    result = build_index_distributed(inputs, tokenizer, column, max_order, top_k, min_count, num_workers,
-                                     append_to=base, storage_options=storage_options, **job_options)
+    result = build_index_distributed(
+        inputs,
+        tokenizer,
+        column,
+        max_order,
+        top_k,
+        min_count,
+        num_workers,
+        append_to=base,
+        storage_options=storage_options,
+        **job_options,
+    )
     t0 = time.perf_counter()
     result.index.save(out, out_opts)
     summary = {"out": out, **result.summary, "save_seconds": time.perf_counter() - t0, **result.index.stats()}

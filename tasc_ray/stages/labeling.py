@@ -39,8 +39,18 @@ logger = logging.getLogger(__name__)
 
 SUCCESS = "_SUCCESS"
 STAGING = "_staging"
-OUTPUT_COLUMNS = ["id", "output", "prompt_tokens", "output_tokens", "forward_passes", "accepted_tokens",
-                  "drafted_tokens", "finish_reason", "latency_s", "error"]
+OUTPUT_COLUMNS = [
+    "id",
+    "output",
+    "prompt_tokens",
+    "output_tokens",
+    "forward_passes",
+    "accepted_tokens",
+    "drafted_tokens",
+    "finish_reason",
+    "latency_s",
+    "error",
+]
 
 
 class LabelError(ValueError):
@@ -72,7 +82,7 @@ def resolve_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
         return pafs.S3FileSystem(**kwargs), (parsed.netloc + parsed.path).rstrip("/")
     if "://" in path and not path.startswith("file://"):
         return pafs.FileSystem.from_uri(path)
-    local = path[len("file://"):] if path.startswith("file://") else path
+    local = path[len("file://") :] if path.startswith("file://") else path
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(local))
 
 
@@ -110,8 +120,15 @@ def node_cpu_share(replicas_per_node: int) -> int:
 class LabelActor:
     """One pool member: loads the engine once, turns a batch of input rows into output rows."""
 
-    def __init__(self, engine: dict[str, Any], template: str, id_column: str, sampling: dict[str, Any],
-                 num_threads: int | None = None, replicas_per_node: int | None = None) -> None:
+    def __init__(
+        self,
+        engine: dict[str, Any],
+        template: str,
+        id_column: str,
+        sampling: dict[str, Any],
+        num_threads: int | None = None,
+        replicas_per_node: int | None = None,
+    ) -> None:
         import torch
 
         from tasc_ray.spec.engine import load_engine
@@ -139,8 +156,9 @@ class LabelActor:
                 if not ids:
                     raise ValueError("the prompt is empty")
                 if len(ids) >= self.generator.max_context:
-                    raise PromptTooLongError(f"the prompt has {len(ids)} tokens; the model's context holds "
-                                             f"{self.generator.max_context}")
+                    raise PromptTooLongError(
+                        f"the prompt has {len(ids)} tokens; the model's context holds {self.generator.max_context}"
+                    )
                 encoded[i] = ids
             except Exception as exc:
                 out["error"][i] = f"{type(exc).__name__}: {exc}"
@@ -180,8 +198,11 @@ class LabelActor:
 
 def output_schema(id_type: pa.DataType) -> pa.Schema:
     ints = ["prompt_tokens", "output_tokens", "forward_passes", "accepted_tokens", "drafted_tokens"]
-    return pa.schema([("id", id_type), ("output", pa.string())] + [(c, pa.int64()) for c in ints]
-                     + [("finish_reason", pa.string()), ("latency_s", pa.float64()), ("error", pa.string())])
+    return pa.schema(
+        [("id", id_type), ("output", pa.string())]
+        + [(c, pa.int64()) for c in ints]
+        + [("finish_reason", pa.string()), ("latency_s", pa.float64()), ("error", pa.string())]
+    )
 
 
 def _drop_done(batch: pa.Table, done: pa.Array, id_column: str) -> pa.Table:
@@ -197,8 +218,9 @@ def _list_files(fs: pafs.FileSystem, root: str, recursive: bool = False) -> list
 
 
 def committed_parts(fs: pafs.FileSystem, out: str) -> list[str]:
-    return sorted(f.path for f in _list_files(fs, out) if f.base_name.startswith("part-")
-                  and f.base_name.endswith(".parquet"))
+    return sorted(
+        f.path for f in _list_files(fs, out) if f.base_name.startswith("part-") and f.base_name.endswith(".parquet")
+    )
 
 
 def _readable_part(fs: pafs.FileSystem, path: str) -> bool:
@@ -216,7 +238,7 @@ def promote_staging(fs: pafs.FileSystem, out: str) -> int:
     staging = f"{out}/{STAGING}"
     promoted = 0
     for info in _list_files(fs, staging, recursive=True):
-        rel = info.path[len(staging) + 1:]
+        rel = info.path[len(staging) + 1 :]
         run = rel.split("/")[0]
         if not info.base_name.endswith(".parquet") or not _readable_part(fs, info.path):
             logger.warning("dropping incomplete staged file %s", info.path)
@@ -314,8 +336,9 @@ def label_parquet(
     success_path = f"{out_path}/{SUCCESS}"
     todo = remaining if limit is None else min(limit, remaining)
     run_id = time.strftime("%Y%m%d%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    logger.info("%s: %d rows, %d already labeled, labeling %d now (run %s)", input, total, total - remaining, todo,
-                run_id)
+    logger.info(
+        "%s: %d rows, %d already labeled, labeling %d now (run %s)", input, total, total - remaining, todo, run_id
+    )
 
     new_parts: list[str] = []
     if todo > 0:
@@ -333,8 +356,12 @@ def label_parquet(
             # node's cores. Ray Data spreads actors over the nodes (its default SPREAD strategy).
             cpu_nodes = sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0)
             replicas_per_node = math.ceil(num_replicas / max(1, cpu_nodes))
-        sampling = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "stop": list(stop or []),
-                    "speculative": speculative}
+        sampling = {
+            "max_new_tokens": max_new_tokens,
+            "temperature": 0.0,
+            "stop": list(stop or []),
+            "speculative": speculative,
+        }
         engine_dict = engine.model_copy(update={"max_batch_size": batch_size}).model_dump(mode="json")
         ds = ray.data.read_parquet(in_path, filesystem=in_fs, columns=list(dict.fromkeys([id_column, *columns])))
         if len(done):
@@ -344,11 +371,21 @@ def label_parquet(
         # Small blocks (streaming, no shuffle): every actor gets work and finished parts are written as they come.
         ds = ds.repartition(target_num_rows_per_block=rows_per_part or 8 * batch_size)
         ds = ds.map_batches(
-            LabelActor, batch_size=batch_size, batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=num_replicas), num_cpus=cpus, num_gpus=gpus or None,
-            fn_constructor_kwargs={"engine": engine_dict, "template": prompt_template, "id_column": id_column,
-                                   "sampling": sampling, "num_threads": num_threads,
-                                   "replicas_per_node": replicas_per_node})
+            LabelActor,
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(size=num_replicas),
+            num_cpus=cpus,
+            num_gpus=gpus or None,
+            fn_constructor_kwargs={
+                "engine": engine_dict,
+                "template": prompt_template,
+                "id_column": id_column,
+                "sampling": sampling,
+                "num_threads": num_threads,
+                "replicas_per_node": replicas_per_node,
+            },
+        )
         staging = f"{out_path}/{STAGING}/{run_id}"
         t0 = time.perf_counter()
         # Writes are I/O: a small CPU share lets them run while the actors hold the cluster's CPUs, so finished parts
@@ -361,8 +398,11 @@ def label_parquet(
     else:
         label_s = 0.0
 
-    run = (pads.dataset(new_parts, filesystem=out_fs, format="parquet").to_table() if new_parts
-           else pa.table({c: [] for c in OUTPUT_COLUMNS}))
+    run = (
+        pads.dataset(new_parts, filesystem=out_fs, format="parquet").to_table()
+        if new_parts
+        else pa.table({c: [] for c in OUTPUT_COLUMNS})
+    )
     all_ids = read_committed(out_fs, out_path, ["id"])
     n_committed = len(all_ids) if all_ids is not None else 0
     n_unique = len(pc.unique(all_ids.column("id"))) if all_ids is not None else 0
@@ -370,20 +410,50 @@ def label_parquet(
     if n_committed != n_unique:
         logger.error("output %s holds %d rows for %d ids", output, n_committed, n_unique)
     summary = _summary(run, label_s)
-    summary.update({"input": input, "output": output, "run_id": run_id, "rows_total": total,
-                    "rows_already_done": total - remaining, "rows_committed": n_committed,
-                    "rows_remaining": total - n_unique, "complete": complete, "speculative": speculative,
-                    "num_replicas": num_replicas, "batch_size": batch_size, "seconds": time.perf_counter() - t_start})
+    summary.update(
+        {
+            "input": input,
+            "output": output,
+            "run_id": run_id,
+            "rows_total": total,
+            "rows_already_done": total - remaining,
+            "rows_committed": n_committed,
+            "rows_remaining": total - n_unique,
+            "complete": complete,
+            "speculative": speculative,
+            "num_replicas": num_replicas,
+            "batch_size": batch_size,
+            "seconds": time.perf_counter() - t_start,
+        }
+    )
     if complete:
-        _write_json(out_fs, success_path, {
-            "complete": True, "rows": n_committed, "columns": OUTPUT_COLUMNS, "id_column": id_column,
-            "parts": [p[len(out_path) + 1:] for p in committed_parts(out_fs, out_path)],
-            "model": engine.model, "index": engine.index, "prompt_template": prompt_template,
-            "max_new_tokens": max_new_tokens, "stop": list(stop or []), "speculative": speculative,
-            "finished_at": time.time(), "last_run": {k: v for k, v in summary.items() if k not in ("input", "output")},
-        })
-    logger.info("labeled %d rows (%d errors) in %.1f s; output %s is %s", summary["rows_labeled"],
-                summary["errors"], label_s, output, "complete" if complete else "incomplete")
+        _write_json(
+            out_fs,
+            success_path,
+            {
+                "complete": True,
+                "rows": n_committed,
+                "columns": OUTPUT_COLUMNS,
+                "id_column": id_column,
+                "parts": [p[len(out_path) + 1 :] for p in committed_parts(out_fs, out_path)],
+                "model": engine.model,
+                "index": engine.index,
+                "prompt_template": prompt_template,
+                "max_new_tokens": max_new_tokens,
+                "stop": list(stop or []),
+                "speculative": speculative,
+                "finished_at": time.time(),
+                "last_run": {k: v for k, v in summary.items() if k not in ("input", "output")},
+            },
+        )
+    logger.info(
+        "labeled %d rows (%d errors) in %.1f s; output %s is %s",
+        summary["rows_labeled"],
+        summary["errors"],
+        label_s,
+        output,
+        "complete" if complete else "incomplete",
+    )
     return summary
 
 
@@ -394,8 +464,16 @@ def _summary(run: pa.Table, label_s: float) -> dict[str, Any]:
     passes = int(pc.sum(ok["forward_passes"]).as_py() or 0) if len(ok) else 0
     accepted = int(pc.sum(ok["accepted_tokens"]).as_py() or 0) if len(ok) else 0
     drafted = int(pc.sum(ok["drafted_tokens"]).as_py() or 0) if len(ok) else 0
-    return {"rows_labeled": n, "errors": n - len(ok), "output_tokens": tokens, "forward_passes": passes,
-            "accepted_tokens": accepted, "drafted_tokens": drafted, "label_seconds": label_s,
-            "rows_per_s": n / label_s if label_s else 0.0, "tokens_per_s": tokens / label_s if label_s else 0.0,
-            "accepted_per_pass": accepted / passes if passes else 0.0,
-            "acceptance_rate": accepted / drafted if drafted else 0.0}
+    return {
+        "rows_labeled": n,
+        "errors": n - len(ok),
+        "output_tokens": tokens,
+        "forward_passes": passes,
+        "accepted_tokens": accepted,
+        "drafted_tokens": drafted,
+        "label_seconds": label_s,
+        "rows_per_s": n / label_s if label_s else 0.0,
+        "tokens_per_s": tokens / label_s if label_s else 0.0,
+        "accepted_per_pass": accepted / passes if passes else 0.0,
+        "acceptance_rate": accepted / drafted if drafted else 0.0,
+    }
