@@ -1,1 +1,7 @@
-"""Measurement harnesses (run from a source checkout: `python -m benchmarks NAME --help`); results in results/."""
+"""Measurement harnesses, run from a source checkout: `python -m benchmarks NAME --help` (see README.md).
+
+One module per benchmark (`spec`, `ft`, `serve` with `label` and `serve`, `index`), each registering its
+subcommands; `common/` holds what they share; `results/` holds the current result of each benchmark.
+"""
+
+BENCH_MODULES: list[str] = ["benchmarks.spec", "benchmarks.ft", "benchmarks.serve", "benchmarks.index"]

@@ -1,4 +1,4 @@
-"""`tasc-ray bench ft`: TASC-ft on E2E, the original vocabulary against the enriched one under the same recipe.
+"""`python -m benchmarks ft`: TASC-ft on E2E, the original vocabulary against the enriched one under the same recipe.
 
 For one direction (text -> MR, or MR -> text) the harness:
 
@@ -15,7 +15,9 @@ For one direction (text -> MR, or MR -> text) the harness:
    from the training outputs with that model's own tokenizer), and reports wall time, speedup over the
    fine-tuned original-vocabulary model, tokens per generated output, the share of generated tokens that are
    new tokens, and task quality (exact match and slot F1 for text -> MR; BLEU and chrF for MR -> text);
-5. writes `<out-dir>/ft_<direction>_<tag>.json` and `.md` (with the exact command).
+5. writes `<out-dir>/ft_<direction>_<tag>.json` and `.md` (with the exact command, commit and machine).
+
+On a machine without Ray, `--trainer local` trains in-process.
 """
 
 from __future__ import annotations
@@ -24,10 +26,6 @@ import argparse
 import json
 import logging
 import platform
-import random
-import re
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,12 +33,16 @@ from typing import Any
 import pandas as pd
 import torch
 
+from benchmarks.common.metrics import parse_slots, share_identical, slot_scores, text_scores  # noqa: F401
+from benchmarks.common.report import provenance, write_report
+from benchmarks.common.tasks import load_e2e_splits, locate_datasets
+
 logger = logging.getLogger(__name__)
 
-E2E_DIR = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "e2e"
+E2E_DIR = locate_datasets() / "e2e"
 DIRECTIONS = ("text2mr", "mr2text")
-SLOT = re.compile(r"([^,\[\]]+)\[([^\]]*)\]")
 SPLITS = ("heldout", "test")  # the target split first
+load_e2e = load_e2e_splits  # the name tests/test_tasc_ft.py imports (as it does parse_slots), until it moves
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -106,67 +108,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-# ----- data -----
-def _prompt(direction: str, source: str) -> str:
-    return f"Sentence: {source}\nMR:\n" if direction == "text2mr" else f"MR: {source}\nSentence:\n"
-
-
-def _eval_rows(df: pd.DataFrame, direction: str, n: int, rng: random.Random) -> list[dict[str, Any]]:
-    """`n` prompts with their references: one row per prompt for text -> MR; one MR with all its sentences for
-    MR -> text."""
-    if direction == "text2mr":
-        idx = rng.sample(range(len(df)), min(n, len(df)))
-        return [{"prompt": _prompt(direction, df.ref.iloc[i]), "refs": [df.mr.iloc[i]]} for i in idx]
-    groups = df.groupby("mr", sort=True)["ref"].apply(list)
-    mrs = rng.sample(list(groups.index), min(n, len(groups)))
-    return [{"prompt": _prompt(direction, mr), "refs": groups[mr]} for mr in mrs]
-
-
-def load_e2e(
-    data_dir: str | Path, direction: str, n_train: int, n_eval: int, seed: int, holdout_fraction: float = 0.2
-) -> tuple[list[dict[str, str]], dict[str, list[dict[str, Any]]]]:
-    """Training rows from the devset MRs not held out; evaluation splits `heldout` (devset rows of the held-out
-    MRs) and `test` (testset_w_refs.csv)."""
-    data_dir = Path(data_dir)
-    dev = pd.read_csv(data_dir / "devset.csv")
-    test = pd.read_csv(data_dir / "testset_w_refs.csv")
-    rng = random.Random(seed)
-    mrs = sorted(set(dev.mr))
-    rng.shuffle(mrs)
-    held_mrs = set(mrs[: max(1, round(holdout_fraction * len(mrs)))])
-    train_df, held_df = dev[~dev.mr.isin(held_mrs)], dev[dev.mr.isin(held_mrs)]
-    source, target = ("ref", "mr") if direction == "text2mr" else ("mr", "ref")
-    idx = rng.sample(range(len(train_df)), min(n_train, len(train_df)))
-    train = [{"prompt": _prompt(direction, train_df[source].iloc[i]), "output": train_df[target].iloc[i]} for i in idx]
-    splits = {"heldout": _eval_rows(held_df, direction, n_eval, rng), "test": _eval_rows(test, direction, n_eval, rng)}
-    return train, splits
-
-
-# ----- quality -----
-def parse_slots(mr: str) -> set[tuple[str, str]]:
-    return {(k.strip(), v.strip()) for k, v in SLOT.findall(mr)}
-
-
-def slot_scores(preds: list[str], refs: list[str]) -> dict[str, float]:
-    """Exact match (same slot set) and micro slot F1, in percent."""
-    tp = n_pred = n_ref = exact = 0
-    for p, r in zip(preds, refs):
-        ps, rs = parse_slots(p), parse_slots(r)
-        tp, n_pred, n_ref = tp + len(ps & rs), n_pred + len(ps), n_ref + len(rs)
-        exact += int(ps == rs and bool(rs))
-    prec, rec = tp / max(1, n_pred), tp / max(1, n_ref)
-    f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
-    return {"exact_match": 100 * exact / max(1, len(refs)), "slot_f1": 100 * f1}
-
-
-def text_scores(preds: list[str], refs: list[list[str]]) -> dict[str, float]:
-    import sacrebleu
-
-    width = max(len(r) for r in refs)
-    streams = [[r[i] if i < len(r) else r[0] for r in refs] for i in range(width)]
-    return {"bleu": sacrebleu.corpus_bleu(preds, streams).score, "chrf": sacrebleu.corpus_chrf(preds, streams).score}
-
-
 # ----- decoding -----
 def evaluate(
     model_dir: str,
@@ -189,6 +130,19 @@ def evaluate(
     }
     del model
     return results
+
+
+def _timed_generate(gen: Any, prompts: list[str], params: Any, device: Any) -> tuple[list[Any], float]:
+    """One warm-up call on two prompts, then every prompt, timed (CUDA work synchronised at both ends)."""
+    gen.generate(prompts[:2], params)
+    cuda = torch.cuda.is_available() and str(device).startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = gen.generate(prompts, params)
+    if cuda:
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
 
 
 def _decode_split(
@@ -214,14 +168,7 @@ def _decode_split(
             max_batch_size=args.gen_batch_size,
         )
         params = SamplingParams(max_new_tokens=args.max_new_tokens, stop=["\n"], speculative=mode == "tasc_spec")
-        gen.generate(prompts[:2], params)  # warm-up
-        if torch.cuda.is_available() and str(model.device).startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = gen.generate(prompts, params)
-        if torch.cuda.is_available() and str(model.device).startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+        out, seconds = _timed_generate(gen, prompts, params, model.device)
         texts = [r.text.strip() for r in out]
         n_tokens = sum(r.new_tokens for r in out)
         n_new = sum(1 for r in out for t in r.token_ids if t >= base_vocab)
@@ -244,7 +191,7 @@ def _decode_split(
         results[mode] = entry
         results.setdefault("_texts", {})[mode] = texts
     plain, spec = results["_texts"]["plain"], results["_texts"]["tasc_spec"]
-    results["tasc_spec"]["matches_plain"] = sum(a == b for a, b in zip(plain, spec)) / len(plain)
+    results["tasc_spec"]["matches_plain"] = share_identical(plain, spec)
     del results["_texts"]
     return results
 
@@ -287,42 +234,26 @@ def reused_original(work: Path, cfg: Any, train: list[dict[str, str]]) -> dict[s
     return summary | {"out": str(work / "ft_original"), "reused_from": str(work)}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
-    from tasc_ray.ft.enrich import EnrichConfig, count_tokens, enrich_model, enrich_tokenizer
-    from tasc_ray.ft.train import FinetuneConfig, finetune
-    from tasc_ray.models import resolve_model
-
-    reuse = getattr(args, "reuse_original", None)
-    if reuse:
-        _original_summary_file(Path(reuse))  # refuse a missing model before any work
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse a missing --reuse-original model before any work; pick the decode device."""
+    if getattr(args, "reuse_original", None):
+        _original_summary_file(Path(args.reuse_original))
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was given but CUDA is not available")
-    if Path(sys.argv[0]).name == "ft.py":  # python -m benchmarks.ft
-        command = "python -m benchmarks.ft " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    else:
-        command = "tasc-ray " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "tasc-ray bench ft"
-    t_start = time.perf_counter()
-    work = Path(args.work_dir) / f"{args.direction}_{args.tag}_{int(time.time())}"
-    work.mkdir(parents=True, exist_ok=True)
-    train, splits = load_e2e(
-        args.data_dir,
-        args.direction,
-        args.train_rows,
-        args.eval_rows,
-        args.seed,
-        getattr(args, "holdout_fraction", 0.2),
-    )
-    pd.DataFrame(train).to_parquet(work / "train.parquet")
-    train_outputs = [r["output"] for r in train]
-    base_path = resolve_model(args.model)
-    base_tok = AutoTokenizer.from_pretrained(base_path)
-    base_vocab = len(base_tok)
 
-    # 1. vocabulary: with the filter (the model we fine-tune) and without it (compression only)
+
+def enrich_and_measure(
+    args: argparse.Namespace, work: Path, train_outputs: list[str], splits: dict[str, list[dict[str, Any]]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Enrich the vocabulary on the training outputs with the prefix-conflict filter (the model fine-tuned, saved
+    to work/enriched) and without it (compression only); tokens per reference on each split with each vocabulary.
+    Returns the enrichment report and the compression summary."""
+    from tasc_ray.ft.enrich import EnrichConfig, count_tokens, enrich_model, enrich_tokenizer
+    from tasc_ray.models import load_tokenizer
+
+    base_tok = load_tokenizer(args.model)
     enrich_cfg = dict(
         budget=args.budget,
         max_n=args.max_n,
@@ -333,7 +264,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         no_cross=tuple(getattr(args, "no_cross", ())),
     )
     report = enrich_model(args.model, train_outputs, work / "enriched", EnrichConfig(**enrich_cfg))
-    enriched_tok = AutoTokenizer.from_pretrained(work / "enriched")
+    enriched_tok = load_tokenizer(str(work / "enriched"))
     nofilter = enrich_tokenizer(
         base_tok, train_outputs, EnrichConfig(prefix_filter=False, **enrich_cfg), progress=False
     )
@@ -344,71 +275,107 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "stop_reason": report["stop_reason"],
         "enrich_seconds": report["seconds"],
     }
+    tokenizers = {"original": base_tok, "enriched": enriched_tok, "enriched_no_prefix_filter": nofilter.tokenizer}
     for split, held in splits.items():
         refs = [r for h in held for r in h["refs"]]
-        c = {"references": len(refs)}
-        for key, tok in (
-            ("original", base_tok),
-            ("enriched", enriched_tok),
-            ("enriched_no_prefix_filter", nofilter.tokenizer),
-        ):
+        c: dict[str, Any] = {"references": len(refs)}
+        for key, tok in tokenizers.items():
             c[f"tokens_per_output_{key}"] = count_tokens(tok, refs) / len(refs)
         for key in ("enriched", "enriched_no_prefix_filter"):
             c[f"reduction_{key}"] = 1 - c[f"tokens_per_output_{key}"] / c["tokens_per_output_original"]
         compression[split] = c
     logger.info("compression on the evaluation splits' references: %s", compression)
+    return report, compression
 
-    # 2. fine-tune both with the same recipe
+
+TRAIN_SUMMARY_KEYS = (
+    "recipe",
+    "rows",
+    "epochs_done",
+    "steps",
+    "final_loss",
+    "train_seconds",
+    "backend",
+    "num_workers",
+    "trainer",
+)
+
+
+def finetune_config(args: argparse.Namespace, work: Path, name: str, model: str) -> Any:
+    """The one recipe both vocabularies are fine-tuned with (only the model and the output folder differ)."""
+    from tasc_ray.ft.train import FinetuneConfig
+
+    return FinetuneConfig(
+        model=model,
+        train=str(work / "train.parquet"),
+        out=str(work / f"ft_{name}"),
+        epochs=args.epochs,
+        lr=args.lr,
+        lora_r=args.lora_r,
+        full=args.full,
+        new_token_lr_mult=getattr(args, "new_token_lr_mult", 1.0),
+        num_workers=args.num_workers,
+        use_gpu=args.use_gpu,
+        bf16=args.bf16,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        storage_path=str((work / "ray").resolve()),
+        name=f"ft-{name}",
+        trainer=args.trainer,
+        progress=True,
+    )
+
+
+def train_and_decode(
+    args: argparse.Namespace,
+    work: Path,
+    train: list[dict[str, str]],
+    splits: dict[str, list[dict[str, Any]]],
+    base_vocab: int,
+) -> dict[str, Any]:
+    """Fine-tune the original and the enriched model alike (or reuse an earlier run's original one), then decode
+    every split with each. Returns {name: {"train": summary, "decode": per split and mode}}."""
+    from tasc_ray.ft.train import finetune
+
+    reuse = getattr(args, "reuse_original", None)
+    train_outputs = [r["output"] for r in train]
     runs: dict[str, Any] = {}
     for name, model in (("original", args.model), ("enriched", str(work / "enriched"))):
-        cfg = FinetuneConfig(
-            model=model,
-            train=str(work / "train.parquet"),
-            out=str(work / f"ft_{name}"),
-            epochs=args.epochs,
-            lr=args.lr,
-            lora_r=args.lora_r,
-            full=args.full,
-            new_token_lr_mult=getattr(args, "new_token_lr_mult", 1.0),
-            num_workers=args.num_workers,
-            use_gpu=args.use_gpu,
-            bf16=args.bf16,
-            max_steps=args.max_steps,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            storage_path=str((work / "ray").resolve()),
-            name=f"ft-{name}",
-            trainer=args.trainer,
-            progress=True,
-        )
+        cfg = finetune_config(args, work, name, model)
         reusing = reuse and name == "original"
         summary = reused_original(Path(reuse), cfg, train) if reusing else finetune(cfg)
-        cfg.out = summary["out"]
-        runs[name] = {
-            "train": {
-                k: summary[k]
-                for k in (
-                    "recipe",
-                    "rows",
-                    "epochs_done",
-                    "steps",
-                    "final_loss",
-                    "train_seconds",
-                    "backend",
-                    "num_workers",
-                    "trainer",
-                )
-            }
-        }
+        runs[name] = {"train": {k: summary[k] for k in TRAIN_SUMMARY_KEYS}}
         if "reused_from" in summary:
             runs[name]["train"]["reused_from"] = summary["reused_from"]
-        runs[name]["decode"] = evaluate(cfg.out, splits, train_outputs, args.direction, args, base_vocab)
+        runs[name]["decode"] = evaluate(summary["out"], splits, train_outputs, args.direction, args, base_vocab)
         logger.info("%s: %s", name, json.dumps(runs[name], default=str)[:2000])
+    return runs
 
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from tasc_ray.models import load_tokenizer
+
+    _check_args(args)
+    header = provenance("ft")
+    t_start = time.perf_counter()
+    work = Path(args.work_dir) / f"{args.direction}_{args.tag}_{int(time.time())}"
+    work.mkdir(parents=True, exist_ok=True)
+    train, splits = load_e2e_splits(
+        args.data_dir,
+        args.direction,
+        args.train_rows,
+        args.eval_rows,
+        args.seed,
+        getattr(args, "holdout_fraction", 0.2),
+    )
+    pd.DataFrame(train).to_parquet(work / "train.parquet")
+    report, compression = enrich_and_measure(args, work, [r["output"] for r in train], splits)
+    runs = train_and_decode(args, work, train, splits, base_vocab=len(load_tokenizer(args.model)))
     result = {
         "benchmark": "ft",
         "direction": args.direction,
-        "command": command,
+        **header,
         "model": args.model,
         "device": args.device,
         "host": platform.node(),
@@ -423,12 +390,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "work_dir": str(work),
     }
     finalize(result)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"ft_{args.direction}_{args.tag}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str, ensure_ascii=False))
-    stem.with_suffix(".md").write_text(markdown(result))
-    logger.info("wrote %s.json and .md", stem)
+    stem = Path(args.out_dir) / f"ft_{args.direction}_{args.tag}"
+    write_report(result, stem.with_suffix(".json"), title(result), markdown(result))
     return result
 
 
@@ -469,31 +432,19 @@ def finalize(result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def markdown(r: dict[str, Any]) -> str:
+def title(r: dict[str, Any]) -> str:
+    return f"TASC-ft on E2E {r['direction']} ({r['model']}, {r['device']})"
+
+
+def _compression_table(r: dict[str, Any]) -> list[str]:
     c = r["compression"]
-    q, q2 = QUALITY[r["direction"]]
-    splits = list(r["runs"]["original"]["decode"])
-    rows = ", ".join(f"{n} `{k}`" for k, n in r["eval_rows"].items())
     lines = [
-        f"# TASC-ft on E2E {r['direction']} ({r['model']}, {r['device']})",
-        "",
-        "Command:",
-        "",
-        "```",
-        r["command"],
-        "```",
-        "",
-        f"{r['train_rows']} training rows (E2E devset, MRs not held out); evaluation prompts: {rows}. "
-        "`heldout`: devset rows whose MR no training row has (the task's distribution); `test`: the E2E test set "
-        "(names and food values the devset lacks; eatType mostly pub/restaurant, which the devset never has). "
-        f"Total wall time {r['total_seconds'] / 60:.1f} min.",
-        "",
         "## Compression (references re-tokenised)",
         "",
         "| split | vocabulary | new tokens | tokens / output | reduction |",
         "|---|---|---|---|---|",
     ]
-    for split in splits:
+    for split in r["runs"]["original"]["decode"]:
         cs = c[split]
         lines += [
             f"| {split} | original | 0 | {cs['tokens_per_output_original']:.2f} | - |",
@@ -503,8 +454,11 @@ def markdown(r: dict[str, Any]) -> str:
             f"{cs['tokens_per_output_enriched_no_prefix_filter']:.2f} | "
             f"{100 * cs['reduction_enriched_no_prefix_filter']:.1f}% |",
         ]
-    lines += [
-        "",
+    return lines
+
+
+def _training_table(r: dict[str, Any]) -> list[str]:
+    lines = [
         "## Fine-tuning (same recipe for both)",
         "",
         "| model | recipe | steps | final loss | train s |",
@@ -514,14 +468,18 @@ def markdown(r: dict[str, Any]) -> str:
         t = run_["train"]
         label = f"{name} (trained in {t['reused_from']})" if t.get("reused_from") else name
         lines.append(f"| {label} | {t['recipe']} | {t['steps']} | {t['final_loss']:.3f} | {t['train_seconds']:.0f} |")
-    lines += [
-        "",
+    return lines
+
+
+def _decoding_table(r: dict[str, Any]) -> list[str]:
+    q, q2 = QUALITY[r["direction"]]
+    lines = [
         "## Decoding",
         "",
         f"| split | model | decoding | s | speedup | tokens / output | new-token share | tokens / pass | {q} | {q2} |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for split in splits:
+    for split in r["runs"]["original"]["decode"]:
         for name, run_ in r["runs"].items():
             for mode, d in run_["decode"][split].items():
                 cmp = r["comparisons"][split][f"{name}+{mode}"]
@@ -530,25 +488,32 @@ def markdown(r: dict[str, Any]) -> str:
                     f"{d['tokens_per_output']:.1f} | {100 * d['new_token_share']:.1f}% | "
                     f"{d['tokens_per_pass']:.2f} | {d[q]:.1f} | {d[q2]:.1f} |"
                 )
-    lines += ["", "## Targets (compression and speed on `heldout`)", "", "| target | value | met |", "|---|---|---|"]
+    return lines
+
+
+def markdown(r: dict[str, Any]) -> str:
+    """The result's tables (the common writer adds the command, title and machine above them)."""
+    rows = ", ".join(f"{n} `{k}`" for k, n in r["eval_rows"].items())
+    lines = [
+        f"{r['train_rows']} training rows (E2E devset, MRs not held out); evaluation prompts: {rows}. "
+        "`heldout`: devset rows whose MR no training row has (the task's distribution); `test`: the E2E test set "
+        "(names and food values the devset lacks; eatType mostly pub/restaurant, which the devset never has). "
+        f"Total wall time {r['total_seconds'] / 60:.1f} min.",
+        "",
+        *_compression_table(r),
+        "",
+        *_training_table(r),
+        "",
+        *_decoding_table(r),
+        "",
+        "## Targets (compression and speed on `heldout`)",
+        "",
+        "| target | value | met |",
+        "|---|---|---|",
+    ]
     for name, t in r["targets"].items():
         lines.append(f"| {name} | {t['value']:.3f} | {'yes' if t['met'] else 'NO'} |")
     for note in r.get("notes", []):
         lines += ["", f"Note: {note}"]
     lines += ["", "First added tokens: " + ", ".join(f"`{t}`" for t in r["added_tokens_head"][:20]), ""]
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m benchmarks.ft ...`: the same benchmark without the full CLI (for machines without Ray
-    Serve/pydantic, with --trainer local)."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.ft")
-    register(parser.add_subparsers(dest="bench", required=True))
-    args = parser.parse_args(["ft", *(sys.argv[1:] if argv is None else argv)])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(args)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,48 +1,41 @@
-"""`tasc-ray bench label` and `tasc-ray bench serve`: the Ray paths (batch labeling, the OpenAI endpoint) timed
-with and without TASC-spec on E2E text -> MR.
+"""`python -m benchmarks label` and `python -m benchmarks serve`: the Ray paths (batch labeling, the OpenAI
+endpoint) timed with and without TASC-spec on E2E text -> MR.
 
 Task: E2E test-set sentences (testset_w_refs.csv 'ref') -> their meaning representation ('mr'), as plain
-few-shot completion prompts (`tasc_ray.sample_task.few_shot_prompt`, shots from devset.csv) stopped at a newline.
+few-shot completion prompts (shots from devset.csv; `benchmarks.common.tasks.load_e2e_labeling`) stopped at a
+newline.
 The n-gram index is built from devset.csv's 'mr' column (human references, disjoint from the timed rows) with
 the model's own tokenizer.
 
-- `bench label` writes the prompts to parquet and runs `label_parquet` (Ray Data, actor pool) twice on the same
+- `label` writes the prompts to parquet and runs `label_parquet` (Ray Data, actor pool) twice on the same
   rows, plainly and with TASC-spec: rows/s, output tokens/s, their ratio, exact match against the references,
   and whether both runs produced the same outputs (they must: greedy TASC-spec is lossless).
-- `bench serve` deploys the Serve app on a local Ray and drives it over loopback HTTP with a bounded async load
+- `serve` deploys the Serve app on a local Ray and drives it over loopback HTTP with a bounded async load
   generator (httpx) at each concurrency level, with `speculative` true and false on the same replica:
   requests/s, tokens/s, p50/p99 latency.
 
-Both write `<out-dir>/<name>.json` and `.md` with the command line and the machine load.
+Both write `<out-dir>/<name>.json` and `.md` with the command line, the commit and the machine (its load).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
-import json
 import logging
 import os
-import platform
-import random
-import shlex
 import socket
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import cpu_was_shared
+from benchmarks.common.metrics import exact_match, slot_f1
+from benchmarks.common.report import provenance, write_report
+from benchmarks.common.tasks import load_e2e_labeling, locate_datasets
 
 logger = logging.getLogger(__name__)
 
-E2E_DIR = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "e2e"
-SHARED_CPU_NOTE = (
-    "The 2-core CPU was shared with other work during this run (load average above); "
-    "absolute numbers are noisy, the with/without ratio from the same run is the comparable figure."
-)
+E2E_DIR = locate_datasets() / "e2e"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -94,33 +87,8 @@ def _common(p: argparse.ArgumentParser, rows: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data
+# Shared by both
 # ----------------------------------------------------------------------------------------------------------------
-def load_task(data_dir: str | Path, n_rows: int, n_shots: int, seed: int) -> tuple[list[dict[str, str]], list[str]]:
-    """Timed rows {id, text, prompt, reference} from the test set and the index corpus (devset MRs)."""
-    from tasc_ray.sample_task import few_shot_prompt
-
-    data_dir = Path(data_dir)
-    with open(data_dir / "devset.csv", newline="") as f:
-        dev = [(r["mr"], r["ref"]) for r in csv.DictReader(f)]
-    with open(data_dir / "testset_w_refs.csv", newline="") as f:
-        test = [(r["mr"], r["ref"]) for r in csv.DictReader(f)]
-    rng = random.Random(seed)
-    shots = [(ref, mr) for mr, ref in rng.sample(dev, n_shots)]
-    picked = rng.sample(range(len(test)), min(n_rows, len(test)))
-    rows = [
-        {
-            "id": f"e2e-test-{i}",
-            "text": test[i][1].strip(),
-            "reference": test[i][0].strip(),
-            "prompt": few_shot_prompt(test[i][1].strip(), shots),
-        }
-        for i in picked
-    ]
-    corpus = [mr for mr, _ in dev]  # counts matter: keep every row
-    return rows, corpus
-
-
 def build_index(model: str, corpus: list[str], path: Path) -> str:
     from tasc_ray.models import load_tokenizer
     from tasc_ray.spec.index import NgramIndex
@@ -131,178 +99,137 @@ def build_index(model: str, corpus: list[str], path: Path) -> str:
     return index.save(str(path))
 
 
-def machine() -> dict[str, Any]:
-    import torch
+# ----------------------------------------------------------------------------------------------------------------
+# label
+# ----------------------------------------------------------------------------------------------------------------
+LABEL_KEYS = (
+    "rows_labeled",
+    "errors",
+    "label_seconds",
+    "rows_per_s",
+    "output_tokens",
+    "tokens_per_s",
+    "forward_passes",
+    "drafted_tokens",
+    "accepted_tokens",
+    "accepted_per_pass",
+    "acceptance_rate",
+)
+LABEL_TITLE = "Batch labeling (Ray Data actor pool): E2E text -> MR, with and without TASC-spec"
 
+
+def _label_mode(args: argparse.Namespace, src: Path, engine: Any, work: Path, mode: str) -> tuple[dict, dict]:
+    """One labeling job over the prompts parquet ("plain" or "tasc"): its summary and its outputs by row id."""
+    import pyarrow.parquet as pq
+
+    from tasc_ray.stages.labeling import label_parquet, resolve_filesystem
+
+    out = work / f"labels-{mode}-{int(time.time())}"
+    summary = label_parquet(
+        str(src),
+        str(out),
+        engine,
+        prompt_template="{prompt}",
+        id_column="id",
+        max_new_tokens=args.max_new_tokens,
+        stop=["\n"],
+        speculative=mode == "tasc",
+        batch_size=args.batch_size,
+        num_replicas=args.num_replicas,
+        num_cpus_per_replica=args.num_cpus,
+        num_threads=args.threads,
+    )
+    fs, root = resolve_filesystem(str(out))
+    table = pq.read_table(root, filesystem=fs)
+    return summary, dict(zip(table.column("id").to_pylist(), table.column("output").to_pylist()))
+
+
+def _label_both(args: argparse.Namespace, src: Path, engine: Any, work: Path) -> tuple[dict, dict]:
+    """The plain and the TASC-spec job, one after the other or (--concurrent-modes) at the same time."""
+    modes = ("plain", "tasc")
+    if args.concurrent_modes:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(_label_mode, args, src, engine, work, m) for m in modes]
+            done = [f.result() for f in futures]
+    else:
+        done = [_label_mode(args, src, engine, work, m) for m in modes]
+    return {m: d[0] for m, d in zip(modes, done)}, {m: d[1] for m, d in zip(modes, done)}
+
+
+def _label_setup(args: argparse.Namespace, n_rows: int, n_corpus: int) -> dict[str, Any]:
     return {
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "load_average_start": os.getloadavg(),
+        "model": args.model,
+        "rows": n_rows,
+        "shots": args.shots,
+        "max_new_tokens": args.max_new_tokens,
+        "stop": "\\n",
+        "batch_size": args.batch_size,
+        "num_replicas": args.num_replicas,
+        "threads": args.threads,
+        "num_cpus": args.num_cpus,
+        "concurrent_modes": args.concurrent_modes,
+        "index_corpus": f"devset.csv 'mr' ({n_corpus} human references)",
+        "timed_rows": "testset_w_refs.csv (disjoint from the index corpus)",
     }
 
 
-def write_report(report: dict[str, Any], out_dir: str, name: str, table: str) -> dict[str, str]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    report["machine"]["load_average_end"] = os.getloadavg()
-    (out / f"{name}.json").write_text(json.dumps(report, indent=2, default=str))
-    m = report["machine"]
-    md = [
-        f"# {report['title']}",
-        "",
-        f"Command: `{report['command']}`",
-        "",
-        f"Machine: {m['cpus']} CPUs, torch {m['torch']}, load average at start "
-        f"{', '.join(f'{x:.1f}' for x in m['load_average_start'])}, at end "
-        f"{', '.join(f'{x:.1f}' for x in m['load_average_end'])}. "
-        + (
-            SHARED_CPU_NOTE
-            if cpu_was_shared(m["load_average_start"][0], m["cpus"])
-            else "A quiet machine (nothing else running)."
-        ),
-        "",
-        table,
-        "",
+def _label_notes(report: dict[str, Any], concurrent: bool) -> list[str]:
+    rows_x, tokens_x = report["speedup_rows_per_s"], report["speedup_tokens_per_s"]
+    notes = [
+        f"TASC-spec / plain: {rows_x:.2f}x rows/s, {tokens_x:.2f}x tokens/s "
+        f"(target >= 1.5x: {'met' if rows_x >= 1.5 else 'missed'}).",
+        f"Outputs identical between the two runs for {report['identical_outputs']} rows (greedy TASC-spec is "
+        "lossless).",
+        "Wall time covers the whole Ray Data job (actor start and model load included, the same in both runs).",
     ]
-    md += [f"- {line}" for line in report.get("notes", [])]
-    (out / f"{name}.md").write_text("\n".join(md) + "\n")
-    logger.info("wrote %s/%s.json and .md", out, name)
-    return {"json": str(out / f"{name}.json"), "md": str(out / f"{name}.md")}
+    if concurrent:
+        notes.append(
+            "Both jobs ran at the same time (one actor each): they saw the same machine load; "
+            "once the faster one finished the other had the CPU share to itself, which favours "
+            "the slower run, so the ratio is if anything understated."
+        )
+    return notes
 
 
-def _command() -> str:
-    return "tasc-ray " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# bench label
-# ----------------------------------------------------------------------------------------------------------------
 def run_label_bench(args: argparse.Namespace) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from tasc_ray.spec.engine import EngineConfig
-    from tasc_ray.stages.labeling import label_parquet, resolve_filesystem
     from tasc_ray.stages.runtime import ensure_ray
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="tasc-bench-label-"))
     work.mkdir(parents=True, exist_ok=True)
-    rows, corpus = load_task(args.data_dir, args.rows, args.shots, args.seed)
+    rows, corpus = load_e2e_labeling(args.data_dir, args.rows, args.shots, args.seed)
     index = build_index(args.model, corpus, work / "index")
     src = work / "prompts.parquet"
     pq.write_table(pa.Table.from_pylist(rows), src)
-    info = machine()
+    header = provenance("label")
     ensure_ray()
-    engine = EngineConfig(model=args.model, index=index)
-    runs: dict[str, dict[str, Any]] = {}
-    outputs: dict[str, dict[str, str]] = {}
-
-    def run_mode(mode: str) -> None:
-        out = work / f"labels-{mode}-{int(time.time())}"
-        runs[mode] = label_parquet(
-            str(src),
-            str(out),
-            engine,
-            prompt_template="{prompt}",
-            id_column="id",
-            max_new_tokens=args.max_new_tokens,
-            stop=["\n"],
-            speculative=mode == "tasc",
-            batch_size=args.batch_size,
-            num_replicas=args.num_replicas,
-            num_cpus_per_replica=args.num_cpus,
-            num_threads=args.threads,
-        )
-        fs, root = resolve_filesystem(str(out))
-        table = pq.read_table(root, filesystem=fs)
-        outputs[mode] = dict(zip(table.column("id").to_pylist(), table.column("output").to_pylist()))
-
-    if args.concurrent_modes:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(2) as pool:
-            for future in [pool.submit(run_mode, m) for m in ("plain", "tasc")]:
-                future.result()
-    else:
-        for mode in ("plain", "tasc"):
-            run_mode(mode)
+    runs, outputs = _label_both(args, src, EngineConfig(model=args.model, index=index), work)
     refs = {r["id"]: r["reference"] for r in rows}
+    preds = {m: [outputs[m][i] or "" for i in refs] for m in outputs}
     same = sum(outputs["plain"][i] == outputs["tasc"][i] for i in refs)
-    exact = {m: sum((outputs[m][i] or "").strip() == refs[i] for i in refs) / len(refs) for m in outputs}
-    slot_f1 = {m: _slot_f1([outputs[m][i] or "" for i in refs], list(refs.values())) for m in outputs}
     speedup_rows = runs["tasc"]["rows_per_s"] / runs["plain"]["rows_per_s"]
-    speedup_tokens = runs["tasc"]["tokens_per_s"] / runs["plain"]["tokens_per_s"]
-    keys = (
-        "rows_labeled",
-        "errors",
-        "label_seconds",
-        "rows_per_s",
-        "output_tokens",
-        "tokens_per_s",
-        "forward_passes",
-        "drafted_tokens",
-        "accepted_tokens",
-        "accepted_per_pass",
-        "acceptance_rate",
-    )
     report = {
-        "title": "Batch labeling (Ray Data actor pool): E2E text -> MR, with and without TASC-spec",
-        "command": _command(),
-        "machine": info,
-        "setup": {
-            "model": args.model,
-            "rows": len(rows),
-            "shots": args.shots,
-            "max_new_tokens": args.max_new_tokens,
-            "stop": "\\n",
-            "batch_size": args.batch_size,
-            "num_replicas": args.num_replicas,
-            "threads": args.threads,
-            "num_cpus": args.num_cpus,
-            "concurrent_modes": args.concurrent_modes,
-            "index_corpus": f"devset.csv 'mr' ({len(corpus)} human references)",
-            "timed_rows": "testset_w_refs.csv (disjoint from the index corpus)",
-        },
-        "runs": {m: {k: runs[m][k] for k in keys} for m in runs},
+        "title": LABEL_TITLE,
+        **header,
+        "setup": _label_setup(args, len(rows), len(corpus)),
+        "runs": {m: {k: runs[m][k] for k in LABEL_KEYS} for m in runs},
         "speedup_rows_per_s": speedup_rows,
-        "speedup_tokens_per_s": speedup_tokens,
+        "speedup_tokens_per_s": runs["tasc"]["tokens_per_s"] / runs["plain"]["tokens_per_s"],
         "identical_outputs": f"{same}/{len(refs)}",
-        "exact_match": exact,
-        "slot_f1": slot_f1,
+        "exact_match": {m: exact_match(preds[m], list(refs.values())) for m in preds},
+        "slot_f1": {m: slot_f1(preds[m], list(refs.values())) for m in preds},
         "target": ">= 1.5x",
         "target_met": speedup_rows >= 1.5,
     }
-    report["notes"] = [
-        f"TASC-spec / plain: {speedup_rows:.2f}x rows/s, {speedup_tokens:.2f}x tokens/s "
-        f"(target >= 1.5x: {'met' if speedup_rows >= 1.5 else 'missed'}).",
-        f"Outputs identical between the two runs for {same}/{len(refs)} rows (greedy TASC-spec is lossless).",
-        "Wall time covers the whole Ray Data job (actor start and model load included, the same in both runs).",
-    ]
-    if args.concurrent_modes:
-        report["notes"].append(
-            "Both jobs ran at the same time (one actor each): they saw the same machine load; "
-            "once the faster one finished the other had the CPU share to itself, which favours "
-            "the slower run, so the ratio is if anything understated."
-        )
-    table = _label_table(report)
-    report["files"] = write_report(report, args.out_dir, args.name or "label_e2e", table)
+    report["notes"] = _label_notes(report, args.concurrent_modes)
+    body = _label_table(report) + "\n\n" + "\n".join(f"- {line}" for line in report["notes"])
+    report["files"] = write_report(report, Path(args.out_dir) / f"{args.name or 'label_e2e'}.json", LABEL_TITLE, body)
     return report
-
-
-def _slot_f1(preds: list[str], refs: list[str]) -> float:
-    """Micro F1 over (attribute, value) pairs of the MRs."""
-    import re
-
-    slot = re.compile(r"([^,\[\]]+)\[([^\]]*)\]")
-    tp = n_pred = n_ref = 0
-    for p, r in zip(preds, refs):
-        ps = {(k.strip(), v.strip()) for k, v in slot.findall(p)}
-        rs = {(k.strip(), v.strip()) for k, v in slot.findall(r)}
-        tp, n_pred, n_ref = tp + len(ps & rs), n_pred + len(ps), n_ref + len(rs)
-    return 2 * tp / (n_pred + n_ref) if n_pred + n_ref else 0.0
 
 
 def _label_table(report: dict[str, Any]) -> str:
@@ -326,7 +253,7 @@ def _label_table(report: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# bench serve
+# serve
 # ----------------------------------------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
@@ -421,19 +348,17 @@ def _merge(segments: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run_serve_bench(args: argparse.Namespace) -> dict[str, Any]:
-    import httpx
+SERVE_TITLE = "OpenAI endpoint (Ray Serve, @serve.batch): E2E text -> MR completions, with and without TASC-spec"
+
+
+def _start_serve(args: argparse.Namespace, index: str) -> str:
+    """A local Ray (or $RAY_ADDRESS) with the Serve app on a free loopback port; returns its base URL."""
     import ray
     from ray import serve
 
     from serve_apps.openai_app import build_app
     from tasc_ray.serving.server import ServeConfig
 
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="tasc-bench-serve-"))
-    work.mkdir(parents=True, exist_ok=True)
-    rows, corpus = load_task(args.data_dir, args.rows, args.shots, args.seed)
-    index = build_index(args.model, corpus, work / "index")
-    info = machine()
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"])
@@ -460,62 +385,48 @@ def run_serve_bench(args: argparse.Namespace) -> dict[str, Any]:
         }
     )
     serve.run(build_app(config), name="bench", route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
-    prompts = [r["prompt"] for r in rows]
-    levels: list[dict[str, Any]] = []
-    try:
-        httpx.post(base + "/v1/completions", json={"prompt": prompts[0], "max_tokens": 8}, timeout=600)  # warm up
-        for j, c in enumerate(args.concurrency):
-            n = args.requests[j] if args.requests else max(12, 2 * c)
-            batch = [prompts[(j * 7 + i) % len(prompts)] for i in range(n)]
-            level: dict[str, Any] = {"concurrency": c, "requests": n}
-            # ABBA order (plain, tasc, tasc, plain; each half of the requests): a load that drifts during the level
-            # weighs on both modes alike.
-            half = max(c, n // 2)
-            parts: dict[str, list[dict[str, Any]]] = {"plain": [], "tasc": []}
-            for k, mode in enumerate(("plain", "tasc", "tasc", "plain")):
-                chunk = batch[:half] if k in (0, 1) else batch[half:] or batch[:half]
-                logger.info("concurrency %d, %s: %d requests", c, mode, len(chunk))
-                parts[mode].append(asyncio.run(drive(base, chunk, c, mode == "tasc", args.max_new_tokens, "bench")))
-            for mode, segs in parts.items():
-                level[mode] = _merge(segs)
-            same = sum(a == b for a, b in zip(level["plain"].pop("texts"), level["tasc"].pop("texts")))
-            level["identical_outputs"] = f"{same}/{n}"
-            level["throughput_ratio"] = level["tasc"]["requests_per_s"] / level["plain"]["requests_per_s"]
-            level["p99_ratio"] = level["tasc"]["p99_s"] / level["plain"]["p99_s"]
-            levels.append(level)
-    finally:
-        serve.shutdown()
-    at8 = next((lv for lv in levels if lv["concurrency"] == 8), None)
-    met = at8 is not None and at8["throughput_ratio"] >= 1.3 and at8["p99_ratio"] <= 1.0
-    report = {
-        "title": "OpenAI endpoint (Ray Serve, @serve.batch): E2E text -> MR completions, with and without TASC-spec",
-        "command": _command(),
-        "machine": info,
-        "setup": {
-            "model": args.model,
-            "shots": args.shots,
-            "max_tokens": args.max_new_tokens,
-            "stop": "\\n",
-            "max_batch_size": args.max_batch_size,
-            "batch_wait_timeout_s": args.batch_wait_timeout_s,
-            "replicas": 1,
-            "threads": args.threads,
-            "num_cpus": args.num_cpus,
-            "index_corpus": f"devset.csv 'mr' ({len(corpus)} human references)",
-            "client": "httpx.AsyncClient on loopback, bounded by a semaphore; greedy; same replica for both; "
-            "ABBA order per level (plain, tasc, tasc, plain, each on half of the requests)",
-        },
-        "levels": levels,
-        "target": ">= 1.3x throughput at concurrency 8 with p99 no worse",
-        "target_met": met,
+    return f"http://127.0.0.1:{port}"
+
+
+def _serve_level(base: str, prompts: list[str], j: int, c: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One concurrency level: the same requests plainly and with TASC-spec, in ABBA order (plain, tasc, tasc,
+    plain; each on half of the requests), so that a load drifting during the level weighs on both modes alike."""
+    n = args.requests[j] if args.requests else max(12, 2 * c)
+    batch = [prompts[(j * 7 + i) % len(prompts)] for i in range(n)]
+    level: dict[str, Any] = {"concurrency": c, "requests": n}
+    half = max(c, n // 2)
+    parts: dict[str, list[dict[str, Any]]] = {"plain": [], "tasc": []}
+    for k, mode in enumerate(("plain", "tasc", "tasc", "plain")):
+        chunk = batch[:half] if k in (0, 1) else batch[half:] or batch[:half]
+        logger.info("concurrency %d, %s: %d requests", c, mode, len(chunk))
+        parts[mode].append(asyncio.run(drive(base, chunk, c, mode == "tasc", args.max_new_tokens, "bench")))
+    for mode, segs in parts.items():
+        level[mode] = _merge(segs)
+    same = sum(a == b for a, b in zip(level["plain"].pop("texts"), level["tasc"].pop("texts")))
+    level["identical_outputs"] = f"{same}/{n}"
+    level["throughput_ratio"] = level["tasc"]["requests_per_s"] / level["plain"]["requests_per_s"]
+    level["p99_ratio"] = level["tasc"]["p99_s"] / level["plain"]["p99_s"]
+    return level
+
+
+def _serve_setup(args: argparse.Namespace, n_corpus: int) -> dict[str, Any]:
+    return {
+        "model": args.model,
+        "shots": args.shots,
+        "max_tokens": args.max_new_tokens,
+        "stop": "\\n",
+        "max_batch_size": args.max_batch_size,
+        "batch_wait_timeout_s": args.batch_wait_timeout_s,
+        "replicas": 1,
+        "threads": args.threads,
+        "num_cpus": args.num_cpus,
+        "index_corpus": f"devset.csv 'mr' ({n_corpus} human references)",
+        "client": "httpx.AsyncClient on loopback, bounded by a semaphore; greedy; same replica for both; "
+        "ABBA order per level (plain, tasc, tasc, plain, each on half of the requests)",
     }
-    report["notes"] = [
-        f"concurrency {lv['concurrency']}: {lv['throughput_ratio']:.2f}x throughput, p99 ratio "
-        f"{lv['p99_ratio']:.2f}, identical outputs {lv['identical_outputs']}"
-        for lv in levels
-    ]
-    report["notes"].append(f"Target at concurrency 8: {'met' if met else 'missed'}.")
+
+
+def _serve_table(levels: list[dict[str, Any]]) -> str:
     lines = [
         "| concurrency | mode | requests | req/s | tokens/s | p50 s | p99 s | accepted/pass |",
         "|---|---|---|---|---|---|---|---|",
@@ -528,5 +439,40 @@ def run_serve_bench(args: argparse.Namespace) -> dict[str, Any]:
                 f"{r['tokens_per_s']:.1f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | "
                 f"{r['accepted_per_pass']:.2f} |"
             )
-    report["files"] = write_report(report, args.out_dir, args.name or "serve_e2e", "\n".join(lines))
+    return "\n".join(lines)
+
+
+def run_serve_bench(args: argparse.Namespace) -> dict[str, Any]:
+    import httpx
+    from ray import serve
+
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="tasc-bench-serve-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows, corpus = load_e2e_labeling(args.data_dir, args.rows, args.shots, args.seed)
+    index = build_index(args.model, corpus, work / "index")
+    header = provenance("serve")
+    base = _start_serve(args, index)
+    prompts = [r["prompt"] for r in rows]
+    try:
+        httpx.post(base + "/v1/completions", json={"prompt": prompts[0], "max_tokens": 8}, timeout=600)  # warm up
+        levels = [_serve_level(base, prompts, j, c, args) for j, c in enumerate(args.concurrency)]
+    finally:
+        serve.shutdown()
+    at8 = next((lv for lv in levels if lv["concurrency"] == 8), None)
+    met = at8 is not None and at8["throughput_ratio"] >= 1.3 and at8["p99_ratio"] <= 1.0
+    report = {
+        "title": SERVE_TITLE,
+        **header,
+        "setup": _serve_setup(args, len(corpus)),
+        "levels": levels,
+        "target": ">= 1.3x throughput at concurrency 8 with p99 no worse",
+        "target_met": met,
+    }
+    report["notes"] = [
+        f"concurrency {lv['concurrency']}: {lv['throughput_ratio']:.2f}x throughput, p99 ratio "
+        f"{lv['p99_ratio']:.2f}, identical outputs {lv['identical_outputs']}"
+        for lv in levels
+    ] + [f"Target at concurrency 8: {'met' if met else 'missed'}."]
+    body = _serve_table(levels) + "\n\n" + "\n".join(f"- {line}" for line in report["notes"])
+    report["files"] = write_report(report, Path(args.out_dir) / f"{args.name or 'serve_e2e'}.json", SERVE_TITLE, body)
     return report

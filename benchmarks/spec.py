@@ -1,4 +1,4 @@
-"""`tasc-ray bench spec`: TASC-spec against plain greedy decoding and transformers' prompt lookup, side by side.
+"""`python -m benchmarks spec`: TASC-spec against plain greedy decoding and transformers' prompt lookup, side by side.
 
 For each task, every method decodes the same prompts with the same model, batch size and max_new_tokens in
 one process, one after another; speed is reported as ratios to `plain` at the same batch size. The index is
@@ -17,9 +17,6 @@ import argparse
 import hashlib
 import json
 import logging
-import platform
-import shlex
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +25,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from benchmarks.tasks import BUILTIN_TASKS, Task, load_task, load_task_file
+from benchmarks.common.metrics import share_identical
+from benchmarks.common.report import provenance, write_report
+from benchmarks.common.tasks import BUILTIN_TASKS, Task, load_task, load_task_file
 from tasc_ray.cli.args import add_config_arguments, add_model_argument, config_from_args
 from tasc_ray.models import load_model
 from tasc_ray.spec.config import DrafterConfig, DraftMode
@@ -103,9 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": args.dtype,
         "device": str(model.device),
         "torch_threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "command": _command_line(),
-        "git_commit": _git_commit(),
+        **provenance("spec"),
         "config": {k: v for k, v in vars(args).items() if k not in ("handler", "json")},
         "runs": [],
         "simulated": [],
@@ -125,25 +122,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["runs"] += bench_task(model, tokenizer, task, indexes, methods, batch_sizes, args)
         report["simulated"] += simulate_task(task, indexes, tokenizer, args)
     if args.json_path:
-        write_report(report, Path(args.json_path))
+        write_spec_report(report, Path(args.json_path))
     print(markdown_table(report))
     return report
-
-
-def _git_commit() -> str | None:
-    import subprocess
-
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def _command_line() -> str:
-    prog = "python -m benchmarks.spec" if sys.argv[0].endswith("spec.py") else "tasc-ray"
-    return " ".join([prog, *(shlex.quote(a) for a in sys.argv[1:])])
 
 
 def bench_task(
@@ -227,7 +208,7 @@ def run_record(
         "wall_s": round(m.wall_s, 3),
         "tokens_per_s": round(new_tokens / m.wall_s, 2),
         "speedup_vs_plain": round(plain.wall_s / m.wall_s, 3),
-        "match_rate_vs_plain": sum(a == b for a, b in zip(m.token_ids, plain.token_ids)) / len(m.token_ids),
+        "match_rate_vs_plain": share_identical(m.token_ids, plain.token_ids),
         "mean_accepted_per_pass": None,
         "tokens_per_pass": None,
         "draft_time_share": None,
@@ -288,6 +269,13 @@ def model_outputs(model, tokenizer, task: Task, args: argparse.Namespace) -> lis
     return texts
 
 
+TITLE = "TASC-spec against plain greedy decoding and transformers' prompt lookup"
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
+
+
 def markdown_table(report: dict[str, Any]) -> str:
     lines = [
         f"Model: {report['model']} ({report['dtype']}, {report['device']}, {report['torch_threads']} threads)",
@@ -297,15 +285,11 @@ def markdown_table(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["runs"]:
-
-        def fmt(v: Any) -> str:
-            return "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
-
         lines.append(
             f"| {r['task']} | {r['method']} | {r['corpus'] or '-'} | {r['batch_size']} | "
-            f"{fmt(r['tokens_per_s'])} | {fmt(r['speedup_vs_plain'])}x | {fmt(r['tokens_per_pass'])} | "
-            f"{fmt(r['mean_accepted_per_pass'])} | {fmt(r['draft_time_share'])} | "
-            f"{fmt(r['match_rate_vs_plain'])} |"
+            f"{_fmt(r['tokens_per_s'])} | {_fmt(r['speedup_vs_plain'])}x | {_fmt(r['tokens_per_pass'])} | "
+            f"{_fmt(r['mean_accepted_per_pass'])} | {_fmt(r['draft_time_share'])} | "
+            f"{_fmt(r['match_rate_vs_plain'])} |"
         )
     if report["simulated"]:
         lines += [
@@ -319,11 +303,47 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(report: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
-    path.with_suffix(".md").write_text(f"Command: `{report['command']}`\n\n{markdown_table(report)}\n")
+def write_spec_report(report: dict[str, Any], path: Path) -> None:
+    """The JSON and markdown (common writer), and the plots next to them (.png)."""
+    write_report(report, path, TITLE, markdown_table(report))
     plot(report, path.with_suffix(".png"))
+
+
+def _label(run: dict[str, Any]) -> str:
+    return run["method"] + (f" ({run['corpus']})" if run["corpus"] else "")
+
+
+def _speedup_panel(ax: Any, runs: list[dict[str, Any]], batch_size: int) -> None:
+    """Bars of speedup vs plain by task, one per method (and corpus), at one batch size."""
+    rows = [r for r in runs if r["batch_size"] == batch_size]
+    labels = sorted({_label(r) for r in rows})
+    tasks = sorted({r["task"] for r in rows})
+    width = 0.8 / max(len(labels), 1)
+    for j, label in enumerate(labels):
+        speedup = {r["task"]: r["speedup_vs_plain"] for r in rows if _label(r) == label}
+        values = [speedup.get(t, 0) for t in tasks]
+        ax.bar([i + j * width for i in range(len(tasks))], values, width, label=label)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks)
+    ax.set_title(f"speedup vs plain greedy, batch {batch_size}")
+    ax.legend(fontsize=7)
+
+
+def _histogram_panel(ax: Any, runs: list[dict[str, Any]], batch_size: int) -> None:
+    """tasc_mixed's accepted-length distributions at one batch size."""
+    for r in runs:
+        if r["method"] == "tasc_mixed" and r["batch_size"] == batch_size and r["accepted_hist"]:
+            total = sum(r["accepted_hist"])
+            ax.plot(
+                range(len(r["accepted_hist"])),
+                [c / total for c in r["accepted_hist"]],
+                marker="o",
+                label=f"{r['task']} ({r['corpus']})",
+            )
+    ax.set_title(f"tasc_mixed: drafted tokens accepted per pass (batch {batch_size})")
+    ax.set_xlabel("accepted draft tokens")
+    ax.set_ylabel("share of passes")
+    ax.legend(fontsize=7)
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -336,55 +356,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     runs = [r for r in report["runs"] if r["method"] != "plain"]
     batch_sizes = sorted({r["batch_size"] for r in runs})
     fig, axes = plt.subplots(1, len(batch_sizes) + 1, figsize=(6 * (len(batch_sizes) + 1), 4.5))
-    for ax, bs in zip(axes, batch_sizes):
-        rows = [r for r in runs if r["batch_size"] == bs]
-        labels = sorted({f"{r['method']}" + (f" ({r['corpus']})" if r["corpus"] else "") for r in rows})
-        tasks = sorted({r["task"] for r in rows})
-        width = 0.8 / max(len(labels), 1)
-        for j, label in enumerate(labels):
-            values = [
-                next(
-                    (
-                        r["speedup_vs_plain"]
-                        for r in rows
-                        if r["task"] == t and f"{r['method']}" + (f" ({r['corpus']})" if r["corpus"] else "") == label
-                    ),
-                    0,
-                )
-                for t in tasks
-            ]
-            ax.bar([i + j * width for i in range(len(tasks))], values, width, label=label)
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks)
-        ax.set_title(f"speedup vs plain greedy, batch {bs}")
-        ax.legend(fontsize=7)
-    ax = axes[-1]
-    for r in runs:
-        if r["method"] == "tasc_mixed" and r["batch_size"] == batch_sizes[0] and r["accepted_hist"]:
-            total = sum(r["accepted_hist"])
-            ax.plot(
-                range(len(r["accepted_hist"])),
-                [c / total for c in r["accepted_hist"]],
-                marker="o",
-                label=f"{r['task']} ({r['corpus']})",
-            )
-    ax.set_title(f"tasc_mixed: drafted tokens accepted per pass (batch {batch_sizes[0]})")
-    ax.set_xlabel("accepted draft tokens")
-    ax.set_ylabel("share of passes")
-    ax.legend(fontsize=7)
+    for ax, batch_size in zip(axes, batch_sizes):
+        _speedup_panel(ax, runs, batch_size)
+    _histogram_panel(axes[-1], runs, batch_sizes[0])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m benchmarks.spec ...`: the same benchmark without loading the other CLI commands (or Ray)."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.spec")
-    register(parser.add_subparsers(dest="bench", required=True))
-    args = parser.parse_args(["spec", *(sys.argv[1:] if argv is None else argv)])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args.handler(args)
-
-
-if __name__ == "__main__":
-    main()
