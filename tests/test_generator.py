@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tasc_ray.spec.config import DrafterConfig, DraftMode
-from tasc_ray.spec.drafter import Drafter, RowState
+from tasc_ray.spec.drafter import Drafter, DraftContext
 from tasc_ray.spec.generator import PromptTooLongError, SamplingParams, SpeculativeGenerator
 from tasc_ray.spec.index import NgramIndex
 
@@ -23,7 +23,7 @@ class OracleDrafter(Drafter):
         self.truths, self.p_right, self.vocab, self.rng = truths, p_right, vocab, random.Random(seed)
 
     def new_row(self, prompt_ids):
-        state = RowState(2)
+        state = DraftContext(2)
         state.prompt = tuple(prompt_ids)
         state.extend(prompt_ids)
         return state

@@ -1,7 +1,7 @@
 """Drafter: proposes up to k draft tokens per row by mixing the task's corpus n-grams with the row's own ones.
 
 The interface is small, after Hugging Face's `CandidateGenerator`: `new_row(prompt)` starts a row's state,
-`propose(rows, limits)` drafts for a batch, and `RowState.extend(tokens)` learns what was accepted. Each step
+`propose(rows, limits)` drafts for a batch, and `DraftContext.extend(tokens)` learns what was accepted. Each step
 follows the longest context match in the row's own tokens (prompt + output so far, an incremental hash map
 as in prompt lookup) and the longest match in the corpus index (backoff over orders), mixes their next-token
 distributions as p = lambda * p_corpus + (1 - lambda) * p_context, extends greedily, and stops when the
@@ -23,11 +23,11 @@ from tasc_ray.spec.index import Match, NgramIndex
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Drafter", "DrafterConfig", "DraftMode", "RowState", "build_drafter"]
+__all__ = ["Drafter", "DrafterConfig", "DraftMode", "DraftContext", "build_drafter"]
 
 
 @dataclass
-class RowState:
+class DraftContext:
     """One row's tokens so far and its context n-gram table: (last m tokens) -> {next token: count}."""
 
     max_order: int
@@ -63,13 +63,13 @@ class Drafter:
         if self.config.mode != DraftMode.CONTEXT and index is None:
             raise ValueError(f"draft mode {self.config.mode.value!r} needs an n-gram index")
 
-    def new_row(self, prompt_ids: Sequence[int]) -> RowState:
-        state = RowState(self.config.context_order)
+    def new_row(self, prompt_ids: Sequence[int]) -> DraftContext:
+        state = DraftContext(self.config.context_order)
         state.extend(prompt_ids)
         return state
 
     def propose(
-        self, rows: Sequence[RowState], limits: Sequence[int] | None = None, step_cost: StepCost | None = None
+        self, rows: Sequence[DraftContext], limits: Sequence[int] | None = None, step_cost: StepCost | None = None
     ) -> list[list[int]]:
         """Draft up to min(max_draft, limits[i]) tokens for each row; with `step_cost`, cut all drafts to the
         common length that maximises expected tokens per second of the batched verification pass."""

@@ -5,11 +5,11 @@ an explicit 4D attention mask. A row accepts the longest draft prefix the target
 target's own next token; the cache slots of rejected draft tokens are masked out (never recomputed) and
 compacted away when they pile up. Finished rows leave the batch. A prompt prefix shared by the whole batch
 (a few-shot template, a system prompt) is prefilled once at batch 1, and its keys and values serve every row
-and later batches that share it.
+and later batches that share it (kv_cache.py).
 
 Greedy decoding emits exactly what plain greedy decoding emits. Sampling is exact too: the draft is a point
 mass, so sampling x ~ p at each position and accepting the draft token iff x equals it (else emitting x and
-stopping) draws from p itself. `speculative=False` runs plain decoding through the same loop with no draft.
+stopping) draws from p itself (sampling.py). `speculative=False` runs plain decoding through the same loop.
 """
 
 from __future__ import annotations
@@ -23,15 +23,23 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers.generation.logits_process import LogitsProcessorList
 
 from tasc_ray.spec.draft_length import StepCostModel
-from tasc_ray.spec.drafter import Drafter, RowState
+from tasc_ray.spec.drafter import DraftContext, Drafter
+from tasc_ray.spec.kv_cache import PrefixCache, PrefixKV, attention_mask, compact, select_rows
+from tasc_ray.spec.sampling import SamplingParams, accepted_lengths, logits_warpers, target_tokens
+from tasc_ray.spec.stopping import cut_at_eos, find_stop
+
+__all__ = [
+    "GenerationResult",
+    "PromptError",
+    "PromptTooLongError",
+    "RowStats",
+    "SamplingParams",
+    "SpeculativeGenerator",
+    "find_stop",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -52,22 +60,9 @@ class PromptTooLongError(PromptError):
 
 
 @dataclass
-class SamplingParams:
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 means greedy
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    speculative: bool = True
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
-
-
-@dataclass
 class RowStats:
+    """What speculation did for one output: passes, drafted and accepted tokens, time."""
+
     forward_passes: int = 0
     drafted: int = 0
     accepted: int = 0
@@ -116,26 +111,37 @@ class GenerationResult:
 
 
 @dataclass
-class _PrefixKV:
-    """Keys and values of a prompt prefix for every layer, computed once at batch 1."""
+class _DecodingRow:
+    """One prompt while it decodes."""
 
-    tokens: tuple[int, ...]
-    layers: list[tuple[torch.Tensor, torch.Tensor]]
-
-    def cut(self, n: int) -> _PrefixKV:
-        return _PrefixKV(self.tokens[:n], [(k[:, :, :n], v[:, :, :n]) for k, v in self.layers])
-
-
-@dataclass
-class _Row:
     index: int  # position in the caller's prompt list
     prompt_len: int
     max_new: int
-    draft_state: RowState | None
+    draft_context: DraftContext | None  # what the drafter knows of this row (None: no speculation)
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_text_end: int | None = None
     stats: RowStats = field(default_factory=RowStats)
+
+
+@dataclass
+class _Batch:
+    """The rows decoding together and their shared KV cache: `valid` [B, S] masks the cache slots per row,
+    `pending` [B] is each row's next token (emitted, not yet in the cache), `next_pos` [B] its position."""
+
+    rows: list[_DecodingRow]
+    cache: DynamicCache
+    valid: torch.Tensor
+    pending: torch.Tensor
+    next_pos: torch.Tensor
+
+    def keep(self, keep: list[int]) -> None:
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        sel = torch.tensor(keep, device=self.valid.device)
+        self.valid, self.pending, self.next_pos = self.valid[sel], self.pending[sel], self.next_pos[sel]
+        select_rows(self.cache, sel)
 
 
 class SpeculativeGenerator:
@@ -153,9 +159,7 @@ class SpeculativeGenerator:
         """`prefix_cache_min_tokens`: the shortest shared prompt prefix worth caching (0 turns the cache off)."""
         self.model, self.tokenizer, self.drafter = model, tokenizer, drafter
         self.max_batch_size, self.compact_waste = max_batch_size, compact_waste
-        self.prefix_cache_min_tokens = prefix_cache_min_tokens
-        self._prefix: _PrefixKV | None = None
-        self._last_prompt: list[int] | None = None  # lets single-prompt batches find a prefix shared across calls
+        self.prefix_cache = PrefixCache(prefix_cache_min_tokens)
         if drafter is not None and drafter.index is not None:
             drafter.index.check_tokenizer(tokenizer)
         eos = model.generation_config.eos_token_id
@@ -254,28 +258,48 @@ class SpeculativeGenerator:
         params: SamplingParams,
         generator: torch.Generator | None,
         stream: StreamCallback | None,
-    ) -> list[_Row]:
+    ) -> list[_DecodingRow]:
+        """Decode one batch until every row is done; finished rows leave the batch as they finish."""
         use_draft = params.speculative and self.drafter is not None
         rows = [
-            _Row(
+            _DecodingRow(
                 i,
                 len(p),
                 min(params.max_new_tokens, self.max_context - len(p)),
-                self.drafter.new_row(p) if use_draft else None,
+                self.drafter.new_row(p) if use_draft and self.drafter is not None else None,
             )
             for i, p in zip(indices, prompts)
         ]
-        warpers = self._warpers(params)
-        device = self.model.device
+        warpers = logits_warpers(params)
+        batch = self._prefill(rows, prompts, warpers, generator)
+        done = [self._emit(row, [int(t)], params, stream) for row, t in zip(rows, batch.pending.tolist())]
+        finished: list[_DecodingRow] = []
+        while True:
+            finished += [row for row, d in zip(batch.rows, done) if d]
+            keep = [i for i, d in enumerate(done) if not d]
+            if not keep:
+                return finished
+            batch.keep(keep)
+            waste = 1 - batch.valid.sum(-1).max().item() / batch.valid.shape[1]
+            if batch.valid.shape[1] > 16 and waste > self.compact_waste:
+                batch.valid = compact(batch.cache, batch.valid)
+            done = self._step(batch, use_draft, params, warpers, generator, stream)
 
-        # Prefill: the shared prefix's cached keys and values, then the left-padded rest of each prompt;
-        # the first new token comes from the last position's logits.
+    def _prefill(
+        self,
+        rows: list[_DecodingRow],
+        prompts: list[list[int]],
+        warpers: LogitsProcessorList | None,
+        generator: torch.Generator | None,
+    ) -> _Batch:
+        """The shared prefix's cached keys and values, then the left-padded rest of each prompt; each row's first
+        new token comes from its last position's logits."""
+        device = self.model.device
         cache = DynamicCache(config=self.model.config)
-        prefix = self._shared_prefix(prompts)
+        prefix = self.prefix_cache.lookup(prompts, self._prefill_prefix)
         n_prefix = len(prefix.tokens) if prefix is not None else 0
         if prefix is not None:
-            for layer, (keys, values) in enumerate(prefix.layers):
-                cache.update(keys.expand(len(prompts), -1, -1, -1), values.expand(len(prompts), -1, -1, -1), layer)
+            prefix.fill(cache, len(prompts))
         rests = [p[n_prefix:] for p in prompts]
         width = max(len(r) for r in rests)
         ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rests], device=device)
@@ -284,63 +308,78 @@ class SpeculativeGenerator:
         )
         positions = n_prefix + (valid[:, n_prefix:].long().cumsum(-1) - 1).clamp(min=0)
         logits = self._forward(ids, valid, positions, cache, last_only=True)
-        pending = self._choose(logits, warpers, generator)[:, 0]
-        next_pos = valid.sum(-1)
+        pending = target_tokens(logits, warpers, generator)[:, 0]
         self.timings.prompt_tokens += sum(len(p) for p in prompts)
         self.timings.cached_prompt_tokens += n_prefix * len(prompts)
-        done = [self._emit(row, [int(t)], params, stream) for row, t in zip(rows, pending.tolist())]
-        finished: list[_Row] = []
+        return _Batch(rows, cache, valid, pending, valid.sum(-1))
 
-        while True:
-            keep = [i for i, d in enumerate(done) if not d]
-            finished += [rows[i] for i, d in enumerate(done) if d]
-            if not keep:
-                return finished
-            if len(keep) < len(rows):
-                rows = [rows[i] for i in keep]
-                sel = torch.tensor(keep, device=device)
-                valid, pending, next_pos = valid[sel], pending[sel], next_pos[sel]
-                _select_rows(cache, sel)
-            if valid.shape[1] > 16 and 1 - valid.sum(-1).max().item() / valid.shape[1] > self.compact_waste:
-                valid = _compact(cache, valid)
+    def _prefill_prefix(self, tokens: list[int]) -> PrefixKV:
+        """Keys and values of a prompt prefix, computed at batch 1."""
+        device, n = self.model.device, len(tokens)
+        cache = DynamicCache(config=self.model.config)
+        ones = torch.ones(1, n, dtype=torch.bool, device=device)
+        self._forward(torch.tensor([tokens], device=device), ones, torch.arange(n, device=device)[None], cache, True)
+        return PrefixKV(tuple(tokens), [(layer.keys, layer.values) for layer in cache.layers])
 
-            t0 = time.perf_counter()
-            limits = [r.max_new - len(r.generated) - 1 for r in rows]  # the step also emits the target's own token
-            drafts = (
-                self.drafter.propose([r.draft_state for r in rows], limits, self.step_cost)
-                if use_draft
-                else [[] for _ in rows]
-            )
-            t1 = time.perf_counter()
-            k = max(len(d) for d in drafts)
-            step_ids = torch.tensor([d + [self.pad_id] * (k - len(d)) for d in drafts], device=device, dtype=torch.long)
-            step_ids = torch.cat([pending[:, None], step_ids], dim=1)
-            step_valid = torch.tensor(
-                [[1] * (len(d) + 1) + [0] * (k - len(d)) for d in drafts], device=device, dtype=torch.bool
-            )
-            step_pos = next_pos[:, None] + torch.arange(k + 1, device=device)
-            valid = torch.cat([valid, step_valid], dim=1)
-            logits = self._forward(step_ids, valid, step_pos, cache)
-            target = self._choose(logits, warpers, generator)  # [B, k+1]: the target's token at each position
-            # n_i = length of the longest draft prefix equal to the target's tokens
-            agree = (step_ids[:, 1:] == target[:, :-1]) & step_valid[:, 1:]
-            n_accepted = agree.long().cumprod(dim=1).sum(dim=1)
-            slot = torch.arange(k + 1, device=device)
-            valid[:, -(k + 1) :] &= slot[None, :] <= n_accepted[:, None]  # mask rejected draft slots
-            next_pos = next_pos + n_accepted + 1
-            pending = target.gather(1, n_accepted[:, None])[:, 0]
-            t2 = time.perf_counter()
-            self.timings.draft_s += t1 - t0
-            self.timings.verify_s += t2 - t1
-            self.timings.steps += 1
-            self.step_cost.observe(step_ids.numel(), t2 - t1)
+    def _step(
+        self,
+        batch: _Batch,
+        use_draft: bool,
+        params: SamplingParams,
+        warpers: LogitsProcessorList | None,
+        generator: torch.Generator | None,
+        stream: StreamCallback | None,
+    ) -> list[bool]:
+        """One pass: draft for every row, verify [pending token + draft] in one forward, emit what was accepted.
+        Returns which rows are done."""
+        t0 = time.perf_counter()
+        drafts = self._propose(batch.rows) if use_draft else [[] for _ in batch.rows]
+        t1 = time.perf_counter()
+        n_accepted = self._verify(batch, drafts, warpers, generator)
+        t2 = time.perf_counter()
+        self.timings.draft_s += t1 - t0
+        self.timings.verify_s += t2 - t1
+        self.timings.steps += 1
+        self.step_cost.observe(len(drafts) * (max(len(d) for d in drafts) + 1), t2 - t1)
+        done = []
+        for row, draft, n, bonus in zip(batch.rows, drafts, n_accepted.tolist(), batch.pending.tolist()):
+            row.stats.record(len(draft), n)
+            row.stats.draft_s += t1 - t0
+            row.stats.verify_s += t2 - t1
+            done.append(self._emit(row, draft[:n] + [bonus], params, stream))
+        return done
 
-            done = []
-            for row, draft, n, bonus in zip(rows, drafts, n_accepted.tolist(), pending.tolist()):
-                row.stats.record(len(draft), n)
-                row.stats.draft_s += t1 - t0
-                row.stats.verify_s += t2 - t1
-                done.append(self._emit(row, draft[:n] + [bonus], params, stream))
+    def _propose(self, rows: list[_DecodingRow]) -> list[list[int]]:
+        assert self.drafter is not None
+        limits = [r.max_new - len(r.generated) - 1 for r in rows]  # the step also emits the target's own token
+        contexts = [r.draft_context for r in rows if r.draft_context is not None]
+        return self.drafter.propose(contexts, limits, self.step_cost)
+
+    def _verify(
+        self,
+        batch: _Batch,
+        drafts: list[list[int]],
+        warpers: LogitsProcessorList | None,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """Run [pending token + draft] of every row (padded to the longest draft) through the model; keep the
+        accepted slots and set each row's next pending token to the target's own. Returns accepted lengths."""
+        device, k = self.model.device, max(len(d) for d in drafts)
+        draft_ids = torch.tensor([d + [self.pad_id] * (k - len(d)) for d in drafts], device=device, dtype=torch.long)
+        step_ids = torch.cat([batch.pending[:, None], draft_ids], dim=1)
+        step_valid = torch.tensor(
+            [[1] * (len(d) + 1) + [0] * (k - len(d)) for d in drafts], device=device, dtype=torch.bool
+        )
+        step_pos = batch.next_pos[:, None] + torch.arange(k + 1, device=device)
+        batch.valid = torch.cat([batch.valid, step_valid], dim=1)
+        logits = self._forward(step_ids, batch.valid, step_pos, batch.cache)
+        target = target_tokens(logits, warpers, generator)  # [B, k+1]: the target's token at each position
+        n_accepted = accepted_lengths(draft_ids, target, step_valid[:, 1:])
+        slot = torch.arange(k + 1, device=device)
+        batch.valid[:, -(k + 1) :] &= slot[None, :] <= n_accepted[:, None]  # mask rejected draft slots
+        batch.next_pos = batch.next_pos + n_accepted + 1
+        batch.pending = target.gather(1, n_accepted[:, None])[:, 0]
+        return n_accepted
 
     def _forward(
         self,
@@ -352,11 +391,7 @@ class SpeculativeGenerator:
     ) -> torch.Tensor:
         """Logits for `ids` (only the last position's with `last_only`), which occupy the last ids.shape[1] slots
         of `valid` (the mask over all cache slots)."""
-        q, s = ids.shape[1], valid.shape[1]
-        causal = torch.arange(s, device=ids.device)[None, :] <= torch.arange(s - q, s, device=ids.device)[:, None]
-        allowed = valid[:, None, None, :] & causal[None, None]
-        dtype = self.model.dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=ids.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        mask = attention_mask(valid, ids.shape[1], self.model.dtype)
         extra = {"logits_to_keep": 1} if last_only and self._can_keep_last else {}
         out = self.model(
             input_ids=ids,
@@ -368,135 +403,31 @@ class SpeculativeGenerator:
         )
         return out.logits[:, -1:].float() if last_only else out.logits.float()
 
-    def _shared_prefix(self, prompts: list[list[int]]) -> _PrefixKV | None:
-        """The cached keys and values of the longest prefix every prompt of the batch shares (each keeps at least
-        one token to prefill), reusing the last batch's prefix when it still applies; None when shorter than
-        `prefix_cache_min_tokens`. A batch of one prompt (an online request) is compared with the previous batch's
-        first prompt, so consecutive requests with one system prompt or template share its prefill."""
-        if self.prefix_cache_min_tokens <= 0:
-            return None
-        limit = min(len(p) for p in prompts) - 1
-        last, self._last_prompt = self._last_prompt, prompts[0]
-        kept = self._prefix
-        if kept is not None:
-            n = min(_common_prefix_length([list(kept.tokens), *prompts]), limit)
-            if n >= self.prefix_cache_min_tokens:
-                if n < len(kept.tokens):
-                    self._prefix = kept = kept.cut(n)
-                return kept
-        group = prompts if len(prompts) > 1 else [p for p in (last, prompts[0]) if p is not None]
-        if len(group) < 2:
-            return None
-        n = min(_common_prefix_length(group), limit)
-        if n < self.prefix_cache_min_tokens:
-            return None
-        tokens = prompts[0][:n]
-        cache = DynamicCache(config=self.model.config)
-        device = self.model.device
-        self._forward(
-            torch.tensor([tokens], device=device),
-            torch.ones(1, n, dtype=torch.bool, device=device),
-            torch.arange(n, device=device)[None],
-            cache,
-            last_only=True,
-        )
-        self._prefix = _PrefixKV(tuple(tokens), [(layer.keys, layer.values) for layer in cache.layers])
-        return self._prefix
-
-    def _warpers(self, params: SamplingParams) -> LogitsProcessorList | None:
-        if params.greedy:
-            return None
-        warpers = LogitsProcessorList([TemperatureLogitsWarper(params.temperature)])
-        if params.top_k > 0:
-            warpers.append(TopKLogitsWarper(params.top_k))
-        if params.top_p < 1.0:
-            warpers.append(TopPLogitsWarper(params.top_p))
-        return warpers
-
-    def _choose(
-        self, logits: torch.Tensor, warpers: LogitsProcessorList | None, generator: torch.Generator | None
-    ) -> torch.Tensor:
-        """The target's token at every position: argmax (greedy) or an independent sample from the warped p."""
-        if warpers is None:
-            return logits.argmax(dim=-1)
-        b, q, v = logits.shape
-        scores = warpers(None, logits.reshape(b * q, v))
-        probs = torch.softmax(scores, dim=-1)
-        return torch.multinomial(probs, 1, generator=generator).reshape(b, q)
-
-    def _emit(self, row: _Row, tokens: list[int], params: SamplingParams, stream: StreamCallback | None) -> bool:
+    def _emit(
+        self, row: _DecodingRow, tokens: list[int], params: SamplingParams, stream: StreamCallback | None
+    ) -> bool:
         """Append newly decoded tokens, cut at EOS, a stop string or max_new_tokens; return whether the row is done."""
-        room = row.max_new - len(row.generated)
-        tokens = tokens[:room]
-        for j, tok in enumerate(tokens):
-            if tok in self.eos_ids:
-                tokens = tokens[: j + 1]
-                row.finish_reason = "stop"
-                break
+        tokens, hit_eos = cut_at_eos(tokens[: row.max_new - len(row.generated)], self.eos_ids)
+        if hit_eos:
+            row.finish_reason = "stop"
         start = len(row.generated)
         row.generated.extend(tokens)
         if params.stop and row.finish_reason is None:
-            self._check_stop_strings(row, start, params.stop)
+            cut = find_stop(self.tokenizer, row.generated, params.stop, start)
+            if cut is not None:  # cut after the token completing the stop string; remember where the text ends
+                del row.generated[cut[0] :]
+                row.finish_reason, row.stop_text_end = "stop", cut[1]
         emitted = row.generated[start:]
-        if row.draft_state is not None:
-            row.draft_state.extend(emitted)
+        if row.draft_context is not None:
+            row.draft_context.extend(emitted)
         if stream is not None and emitted:
             stream(row.index, emitted)
         if row.finish_reason is None and len(row.generated) >= row.max_new:
             row.finish_reason = "length"
         return row.finish_reason is not None
 
-    def _check_stop_strings(self, row: _Row, start: int, stops: list[str]) -> None:
-        """Cut the row after the first token that completes a stop string; remember where the text ends."""
-        cut = find_stop(self.tokenizer, row.generated, stops, start)
-        if cut is not None:
-            del row.generated[cut[0] :]
-            row.finish_reason, row.stop_text_end = "stop", cut[1]
-
-    def _result(self, row: _Row) -> GenerationResult:
+    def _result(self, row: _DecodingRow) -> GenerationResult:
         text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
         if row.stop_text_end is not None:
             text = text[: row.stop_text_end]
         return GenerationResult(text, row.generated, row.prompt_len, row.finish_reason or "length", row.stats)
-
-
-def find_stop(
-    tokenizer: PreTrainedTokenizerBase, token_ids: Sequence[int], stops: Sequence[str], start: int = 0
-) -> tuple[int, int] | None:
-    """(tokens up to the one completing the first stop string, where that string starts in the text), or None.
-
-    Only cuts ending after token `start` are looked for (the earlier tokens were checked before)."""
-    for end in range(start + 1, len(token_ids) + 1):
-        text = tokenizer.decode(token_ids[:end], skip_special_tokens=True)
-        hits = [text.find(s) for s in stops if s and s in text]
-        if hits:
-            return end, min(hits)
-    return None
-
-
-def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
-    first, n = sequences[0], min(len(s) for s in sequences)
-    for i in range(n):
-        if any(s[i] != first[i] for s in sequences[1:]):
-            return i
-    return n
-
-
-def _select_rows(cache: DynamicCache, rows: torch.Tensor) -> None:
-    """Keep only the given batch rows of every cache layer."""
-    for layer in cache.layers:
-        layer.keys, layer.values = layer.keys[rows], layer.values[rows]
-
-
-def _compact(cache: DynamicCache, valid: torch.Tensor) -> torch.Tensor:
-    """Drop masked cache slots: gather each row's valid slots, left-aligned to the longest row. Returns the new mask."""
-    counts = valid.sum(-1)
-    width = int(counts.max())
-    # Sorting slot indices by (valid, index) puts each row's valid slots last, in order.
-    slots = torch.arange(valid.shape[1], device=valid.device).expand_as(valid)
-    order = torch.argsort(valid.long() * valid.shape[1] + slots, dim=-1)[:, -width:]
-    new_valid = torch.arange(width, device=valid.device)[None, :] >= (width - counts)[:, None]
-    for layer in cache.layers:
-        idx = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
-        layer.keys, layer.values = layer.keys.gather(2, idx), layer.values.gather(2, idx)
-    return new_valid

@@ -11,35 +11,47 @@ format version, the tokenizer's name and fingerprint, the orders, corpus statist
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasc_ray.spec.index_format import (
+    MANIFEST,
+    IndexWriter,
+    NgramIndexError,
+    read_index_files,
+    read_manifest,
+    tokenizer_fingerprint,
+    tokenizer_meta,
+)
+
+__all__ = [
+    "MANIFEST",
+    "Match",
+    "NgramCounts",
+    "NgramIndex",
+    "NgramIndexError",
+    "OrderTable",
+    "hash_windows",
+    "read_manifest",
+    "tokenize_texts",
+    "tokenizer_fingerprint",
+]
+
 logger = logging.getLogger(__name__)
 
-FORMAT_NAME = "tasc_ray.ngram_index"  # the on-disk format's name, kept across code moves
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 DEFAULT_MAX_ORDER = 4
 DEFAULT_TOP_K = 8
 
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
 _MIX = np.uint64(0x9E3779B97F4A7C15)
-
-
-class NgramIndexError(ValueError):
-    """An index that cannot be read or used: missing or corrupt files, wrong tokenizer, bad format."""
 
 
 def hash_windows(windows: np.ndarray) -> np.ndarray:
@@ -49,12 +61,6 @@ def hash_windows(windows: np.ndarray) -> np.ndarray:
     for j in range(m):
         h = (h ^ (windows[:, j].astype(np.uint64) * _MIX)) * _FNV_PRIME
     return h
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A stable digest of a tokenizer's vocabulary (token string -> id, added tokens included)."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:32]
 
 
 @dataclass
@@ -244,7 +250,7 @@ class NgramIndex:
             min_count,
             n_sequences=counts.n_sequences,
             n_tokens=counts.n_tokens,
-            **_tokenizer_meta(tokenizer),
+            **tokenizer_meta(tokenizer),
         )
 
     @classmethod
@@ -369,39 +375,32 @@ class NgramIndex:
     # ----- persistence -----
     def save(self, path: str, storage_options: dict[str, Any] | None = None) -> str:
         """Write the order files, then manifest.json last, to a local directory or s3:// prefix."""
-        fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
-        fs.makedirs(root, exist_ok=True)
-        if fs.exists(f"{root}/{MANIFEST}"):
-            fs.rm(f"{root}/{MANIFEST}")  # the old index stops looking complete before its files change
+        writer = IndexWriter(path, storage_options)
         files = {}
         for m, table in self.tables.items():
             buf = io.BytesIO()
             pq.write_table(table.to_arrow(), buf)
-            data = buf.getvalue()
-            name = f"order-{m}.parquet"
-            with fs.open(f"{root}/{name}", "wb") as f:
-                f.write(data)
-            files[name] = {
+            files[f"order-{m}.parquet"] = {
                 "order": m,
-                "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
+                **writer.write(f"order-{m}.parquet", buf.getvalue()),
                 "contexts": int(len(table.hashes)),
                 "continuations": int(len(table.next_tokens)),
             }
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "created_at": time.time(),
-            "tokenizer": {"name": self.tokenizer_name, "fingerprint": self.fingerprint, "vocab_size": self.vocab_size},
-            "max_order": self.max_order,
-            "orders": self.orders,
-            "top_k": self.top_k,
-            "min_count": self.min_count,
-            "corpus": {"sequences": self.n_sequences, "tokens": self.n_tokens},
-            "files": files,
-        }
-        with fs.open(f"{root}/{MANIFEST}", "w") as f:
-            f.write(json.dumps(manifest, indent=2))
+        writer.commit(
+            {
+                "tokenizer": {
+                    "name": self.tokenizer_name,
+                    "fingerprint": self.fingerprint,
+                    "vocab_size": self.vocab_size,
+                },
+                "max_order": self.max_order,
+                "orders": self.orders,
+                "top_k": self.top_k,
+                "min_count": self.min_count,
+                "corpus": {"sequences": self.n_sequences, "tokens": self.n_tokens},
+            },
+            files,
+        )
         logger.info("saved index (%d orders, %.1f MB in memory) to %s", len(self.tables), self.nbytes / 1e6, path)
         return path
 
@@ -409,17 +408,10 @@ class NgramIndex:
     def load(cls, path: str, storage_options: dict[str, Any] | None = None) -> NgramIndex:
         """Read an index, verifying the manifest and each file's checksum."""
         manifest = read_manifest(path, storage_options)
-        fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
-        tables = {}
-        for name, info in manifest["files"].items():
-            try:
-                with fs.open(f"{root}/{name}", "rb") as f:
-                    data = f.read()
-            except FileNotFoundError as exc:
-                raise NgramIndexError(f"index {path}: file {name} listed in the manifest is missing") from exc
-            if hashlib.sha256(data).hexdigest() != info["sha256"]:
-                raise NgramIndexError(f"index {path}: file {name} is corrupt (checksum mismatch)")
-            tables[int(info["order"])] = OrderTable.from_arrow(pq.read_table(io.BytesIO(data)))
+        tables = {
+            int(info["order"]): OrderTable.from_arrow(pq.read_table(io.BytesIO(data)))
+            for info, data in read_index_files(path, manifest, storage_options)
+        }
         missing = set(manifest["orders"]) - set(tables)
         if missing:
             raise NgramIndexError(f"index {path}: manifest lists no file for orders {sorted(missing)}")
@@ -437,26 +429,6 @@ class NgramIndex:
         )
 
 
-def read_manifest(path: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Read and validate an index's manifest.json."""
-    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
-    try:
-        with fs.open(f"{root}/{MANIFEST}", "r") as f:
-            manifest = json.loads(f.read())
-    except FileNotFoundError as exc:
-        raise NgramIndexError(f"{path} has no {MANIFEST}: not an index, or its build did not finish") from exc
-    except json.JSONDecodeError as exc:
-        raise NgramIndexError(f"{path}/{MANIFEST} is not valid JSON: {exc}") from exc
-    if manifest.get("format") != FORMAT_NAME:
-        raise NgramIndexError(f"{path}/{MANIFEST} is not a {FORMAT_NAME} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise NgramIndexError(
-            f"{path}: index format version {manifest.get('format_version')} is not supported "
-            f"(this tasc_ray reads version {FORMAT_VERSION})"
-        )
-    return manifest
-
-
 def tokenize_texts(texts: Iterable[str], tokenizer: Any, batch_size: int = 1024) -> list[np.ndarray]:
     """Token ids of each text, without special tokens."""
     texts = list(texts)
@@ -465,13 +437,3 @@ def tokenize_texts(texts: Iterable[str], tokenizer: Any, batch_size: int = 1024)
         enc = tokenizer(texts[i : i + batch_size], add_special_tokens=False)["input_ids"]
         out.extend(np.asarray(ids, dtype=np.int32) for ids in enc)
     return out
-
-
-def _tokenizer_meta(tokenizer: Any) -> dict[str, Any]:
-    if tokenizer is None:
-        return {}
-    return {
-        "tokenizer_name": str(getattr(tokenizer, "name_or_path", "")),
-        "fingerprint": tokenizer_fingerprint(tokenizer),
-        "vocab_size": len(tokenizer),
-    }

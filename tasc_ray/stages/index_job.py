@@ -1,9 +1,11 @@
-"""Corpus indexing on Ray Data: distributed n-gram counting from parquet (local disk or S3) into an NgramIndex.
+"""Corpus indexing on Ray Data: distributed n-gram counting of a text column (local disk or S3) into an NgramIndex.
 
-The pipeline, for a corpus of logged outputs in many parquet files:
+The pipeline, for a corpus of logged outputs in many files:
 
-1. `ray.data.read_parquet` of the one text column (column projection), local paths, directories and globs, or
-   `s3://` through s3fs (endpoint, region and credentials from the standard AWS environment or options);
+1. `tasc_ray.io` lists the input files, directories and globs, local or `s3://` (endpoint, region and credentials
+   from the standard AWS environment or `storage_options`), and checks every file has the column, with one type;
+   parquet files are then read by `ray.data.read_parquet` (column projection), other formats (jsonl, csv, text)
+   are read by `tasc_ray.io` on the driver and handed to Ray Data;
 2. per block, in an actor pool of `num_workers` actors with fractional CPUs: tokenise (the tokenizer is
    shipped once per actor) and count with `NgramCounts.from_sequences` (vectorised, pre-aggregated per block);
 3. a hash-partitioned shuffle by context hash: each count block goes to `num_reducers` reducer actors, each
@@ -17,7 +19,7 @@ The pipeline, for a corpus of logged outputs in many parquet files:
 The result is identical (every array of every order, fingerprint, corpus statistics) to the in-process
 `NgramIndex.from_texts` on the same rows. `append_to` merges new outputs into an existing index, exactly
 where the existing index did not truncate (see `index_truncation`). Null, empty and non-string rows are
-skipped and counted. Bad input (missing file, column or bucket, unreadable parquet) raises `IndexJobError`
+skipped and counted. Bad input (missing file, column or bucket, unreadable file) raises `IndexJobError`
 (a ValueError) or FileNotFoundError naming the file, column or bucket, before anything is written.
 """
 
@@ -29,15 +31,26 @@ import os
 import resource
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from tasc_ray.io import (
+    CorpusError,
+    CorpusNotFoundError,
+    FileInfo,
+    InputFiles,
+    check_bucket,
+    fsspec_filesystem,
+    inspect_files,
+    is_remote,
+    list_files,
+    read_file,
+    split_texts,
+    storage_options_for,
+)
 from tasc_ray.spec.index import (
     DEFAULT_MAX_ORDER,
     DEFAULT_TOP_K,
@@ -45,8 +58,9 @@ from tasc_ray.spec.index import (
     NgramIndex,
     OrderTable,
     _sum_by_key,
-    _tokenizer_meta,
 )
+from tasc_ray.spec.index_format import tokenizer_meta
+from tasc_ray.stages.datasets import read_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -69,197 +83,43 @@ class IndexJobError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Inputs: local paths, directories, globs and s3:// prefixes, validated before any work starts
+# Inputs and output, checked before any work starts
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
+def open_inputs(
+    inputs: str | Sequence[str], column: str, storage_options: dict[str, Any] | None = None
+) -> tuple[InputFiles, list[FileInfo]]:
+    """The input files (files, directories, globs; local or one remote store) and their inspection: every file
+    is readable and has `column`, of one type across files."""
+    try:
+        files = list_files(inputs, storage_options)
+        return files, inspect_files(files, [column])
+    except CorpusNotFoundError:
+        raise
+    except CorpusError as exc:
+        raise IndexJobError(str(exc)) from exc
 
 
-def storage_options_for(path: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """fsspec options for `path`: for s3://, endpoint, region and credentials from the standard AWS environment
-    (AWS_ENDPOINT_URL[_S3], AWS_REGION/AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID/SECRET/SESSION_TOKEN), overridden by
-    `storage_options`. They are resolved on the driver and travel with the job, so workers on other nodes (or a
-    local Ray started before the environment was set) read with the same endpoint and credentials."""
-    if not path.startswith(("s3://", "s3a://")):
-        return dict(storage_options or {})
-    opts: dict[str, Any] = {}
-    env = os.environ
-    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        opts["endpoint_url"] = endpoint
-    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
-    if region:
-        opts["client_kwargs"] = {"region_name": region}
-    for option, var in (
-        ("key", "AWS_ACCESS_KEY_ID"),
-        ("secret", "AWS_SECRET_ACCESS_KEY"),
-        ("token", "AWS_SESSION_TOKEN"),
-    ):
-        if env.get(var):
-            opts[option] = env[var]
-    opts.update(storage_options or {})
+def check_output(out: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The output's fsspec options, after checking its bucket exists (s3://)."""
+    opts = storage_options_for(out, overrides)
+    if is_remote(out):
+        try:
+            check_bucket(fsspec_filesystem(out, overrides)[0], out)
+        except CorpusError as exc:
+            raise IndexJobError(str(exc)) from exc
     return opts
 
 
-def _bucket(path: str) -> str:
-    return path.split("://", 1)[1].split("/", 1)[0]
-
-
-def _check_bucket(fs: Any, path: str) -> None:
-    """Fail with the bucket's name when it does not exist or cannot be reached with these credentials."""
-    bucket = _bucket(path)
-    try:
-        exists = fs.exists(bucket)
-    except PermissionError as exc:
-        raise IndexJobError(f"S3 bucket {bucket!r}: access denied (check AWS credentials): {exc}") from exc
-    except Exception as exc:  # botocore/aiohttp errors: endpoint unreachable, bad signature, ...
-        raise IndexJobError(f"S3 bucket {bucket!r} cannot be reached: {type(exc).__name__}: {exc}") from exc
-    if not exists:
-        raise IndexJobError(
-            f"S3 bucket {bucket!r} does not exist or is not visible with these credentials (path {path})"
-        )
-
-
-def resolve_inputs(
-    inputs: str | Sequence[str], storage_options: dict[str, Any] | None = None
-) -> tuple[list[str], Any, dict[str, Any]]:
-    """Expand files, directories (every *.parquet below) and globs, local or s3://, into a sorted file list.
-
-    Returns (files, fsspec filesystem, storage options). All inputs must live on one filesystem."""
-    if isinstance(inputs, str):
-        inputs = [inputs]
-    if not inputs:
-        raise IndexJobError("no input given")
-    protocols = {p.split("://", 1)[0] if is_remote(p) else "file" for p in inputs}
-    if len(protocols) > 1:
-        raise IndexJobError(f"inputs mix filesystems ({', '.join(sorted(protocols))}); index them separately")
-    opts = storage_options_for(inputs[0], storage_options)
-    fs, _ = fsspec.core.url_to_fs(inputs[0], **opts)
-    remote = is_remote(inputs[0])
-    files: list[str] = []
-    for raw in inputs:
-        path = raw[len("file://") :] if raw.startswith("file://") else raw
-        if remote:
-            _check_bucket(fs, path)
-        _, root = fsspec.core.url_to_fs(path, **opts)
+def _find_unreadable(files: InputFiles, column: str) -> str | None:
+    """After a failed job: the first file whose column cannot be fully read, with the reason (diagnosis only)."""
+    for path in files.paths:
         try:
-            if any(c in root for c in "*?["):
-                found = [f for f in fs.glob(root) if fs.isfile(f)]
-            elif fs.isdir(root):
-                found = [f for f in fs.find(root) if f.endswith(".parquet")]
-            elif fs.isfile(root):
-                found = [root]
-            else:
-                found = []
-        except PermissionError as exc:
-            raise IndexJobError(f"{raw}: access denied: {exc}") from exc
-        if not found:
-            raise FileNotFoundError(f"no parquet files found at {raw}")
-        files.extend(found)
-    files = sorted(set(files))
-    if remote:
-        protocol = inputs[0].split("://", 1)[0]
-        files = [f"{protocol}://{f}" if "://" not in f else f for f in files]
-    return files, fs, opts
-
-
-@dataclass
-class FileInfo:
-    path: str
-    rows: int
-    column_type: str
-
-
-def validate_inputs(files: Sequence[str], fs: Any, column: str, threads: int = 16) -> list[FileInfo]:
-    """Read every file's parquet footer (in parallel threads): the file must be readable parquet with `column`."""
-
-    def check(path: str) -> FileInfo:
-        try:
-            with fs.open(_strip_file_scheme(path), "rb") as f:
-                meta = pq.ParquetFile(f).metadata
-                schema = meta.schema.to_arrow_schema()
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"corpus file not found: {path}") from exc
-        except PermissionError as exc:
-            raise IndexJobError(f"{path}: access denied: {exc}") from exc
-        except Exception as exc:  # ArrowInvalid, OSError: not parquet, truncated footer
-            raise IndexJobError(f"{path} is not a readable parquet file: {exc}") from exc
-        if column not in schema.names:
-            raise IndexJobError(f"{path} has no column {column!r}; columns: {', '.join(schema.names)}")
-        return FileInfo(path, meta.num_rows, str(schema.field(column).type))
-
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(files)))) as pool:
-        infos = list(pool.map(check, files))
-    types = {info.column_type for info in infos}
-    if len(types) > 1:
-        examples = {t: next(i.path for i in infos if i.column_type == t) for t in types}
-        raise IndexJobError(
-            f"column {column!r} has different types across files: "
-            + "; ".join(f"{t} in {p}" for t, p in examples.items())
-        )
-    return infos
-
-
-def _strip_file_scheme(path: str) -> str:
-    return path[len("file://") :] if path.startswith("file://") else path
-
-
-def _is_text_type(t: pa.DataType) -> bool:
-    return (
-        pa.types.is_string(t)
-        or pa.types.is_large_string(t)
-        or (pa.types.is_dictionary(t) and _is_text_type(t.value_type))
-    )
-
-
-def split_texts(column: pa.ChunkedArray | pa.Array) -> tuple[list[str], dict[str, int]]:
-    """The usable texts of a column and how many rows were skipped as null, empty (or blank), or non-string."""
-    n = len(column)
-    stats = {"rows": n, "skipped_null": column.null_count, "skipped_empty": 0, "skipped_non_string": 0}
-    if not _is_text_type(column.type):
-        stats["skipped_non_string"] = n - column.null_count
-        return [], stats
-    texts = [v for v in column.to_pylist() if v is not None]
-    usable = [t for t in texts if t.strip()]
-    stats["skipped_empty"] = len(texts) - len(usable)
-    return usable, stats
-
-
-def read_text_column(
-    inputs: str | Sequence[str],
-    column: str,
-    storage_options: dict[str, Any] | None = None,
-    extra_columns: Sequence[str] = (),
-) -> tuple[list[str], dict[str, int], dict[str, list]]:
-    """In-process read of one text column (plus optional extra columns of the same rows) from parquet inputs.
-
-    Returns (usable texts, skip statistics, extra columns restricted to the usable rows)."""
-    files, fs, _ = resolve_inputs(inputs, storage_options)
-    validate_inputs(files, fs, column)
-    for extra in extra_columns:
-        validate_inputs(files, fs, extra)
-    texts: list[str] = []
-    extras: dict[str, list] = {c: [] for c in extra_columns}
-    totals = {"rows": 0, "skipped_null": 0, "skipped_empty": 0, "skipped_non_string": 0}
-    for path in files:
-        with fs.open(_strip_file_scheme(path), "rb") as f:
-            table = pq.read_table(f, columns=[column, *extra_columns])
-        values = table.column(column)
-        _, stats = split_texts(values)
-        for k in totals:
-            totals[k] += stats[k]
-        if not _is_text_type(values.type):
-            continue
-        py = values.to_pylist()
-        keep = [i for i, v in enumerate(py) if v is not None and v.strip()]
-        texts.extend(py[i] for i in keep)
-        for c in extra_columns:
-            col = table.column(c).to_pylist()
-            extras[c].extend(col[i] for i in keep)
-    totals["sequences"] = len(texts)
-    return texts, totals, extras
+            read_file(files.fs, path, [column])
+        except Exception as exc:  # noqa: BLE001 - any reason to fail is what we report
+            return f"{files.url(path)}: {type(exc).__name__}: {exc}"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -454,23 +314,122 @@ class IndexJobResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def _pyarrow_filesystem(fs: Any, remote: bool) -> Any:
-    if not remote:
-        return None
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
+@dataclass
+class _Reduced:
+    """What the reducers returned, and when: map (start-up, read, count, shuffle) and reduce (top-K) times."""
 
-    return PyFileSystem(FSSpecHandler(fs))
+    results: list[dict[str, Any]]
+    blocks: int
+    first_block_seconds: float | None
+    map_seconds: float
+    reduce_seconds: float
 
 
-def _find_unreadable(files: Sequence[str], fs: Any, column: str) -> str | None:
-    """After a failed job: the first file whose column cannot be fully read, with the reason (diagnosis only)."""
-    for path in files:
-        try:
-            with fs.open(_strip_file_scheme(path), "rb") as f:
-                pq.read_table(f, columns=[column])
-        except Exception as exc:  # noqa: BLE001 - any reason to fail is what we report
-            return f"{path}: {type(exc).__name__}: {exc}"
-    return None
+def _append_settings(
+    append_to: NgramIndex | None, tokenizer: Any, max_order: int, top_k: int, min_count: int
+) -> tuple[int, int, dict[int, int]]:
+    """(top_k, min_count, truncated contexts of the base index) for appending; the base must match."""
+    if append_to is None:
+        return top_k, min_count, {}
+    if append_to.max_order != max_order:
+        raise IndexJobError(f"cannot append: the index has max_order {append_to.max_order}, not {max_order}")
+    append_to.check_tokenizer(tokenizer)
+    return max(top_k, append_to.top_k), max(min_count, append_to.min_count), index_truncation(append_to)
+
+
+def count_dataset(
+    files: InputFiles,
+    infos: list[FileInfo],
+    tokenizer: Any,
+    column: str,
+    max_order: int,
+    num_workers: int,
+    batch_size: int,
+    cpus_per_worker: float | None,
+) -> Any:
+    """The Ray Dataset of count blocks: read the column, cut it into batch-sized blocks, tokenise and count."""
+    import ray
+
+    if cpus_per_worker is None:  # leave room for Ray Data's listing and read tasks, or the job can stall
+        cluster_cpus = float(ray.cluster_resources().get("CPU", 2.0))
+        cpus_per_worker = min(
+            DEFAULT_CPUS_PER_WORKER, max(0.05, (cluster_cpus - _LIST_FILES_CPUS - DEFAULT_READ_CPUS) / num_workers)
+        )
+    # Ray Data coalesces small files into few read blocks (one busy worker); a streaming repartition (no
+    # barrier, no shuffle) cuts them into batch-sized blocks that spread over the actor pool.
+    ds = read_dataset(files, [column], infos, num_cpus=DEFAULT_READ_CPUS)
+    ds = ds.repartition(target_num_rows_per_block=batch_size)
+    return ds.map_batches(
+        CountBatch,
+        fn_constructor_kwargs={"tokenizer": portable_tokenizer(tokenizer), "column": column, "max_order": max_order},
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=num_workers),
+        num_cpus=cpus_per_worker,
+    )
+
+
+def reduce_counts(
+    counted: Any,
+    num_reducers: int,
+    max_order: int,
+    top_k: int,
+    min_count: int,
+    append_to: NgramIndex | None,
+    cpus_per_reducer: float,
+    max_in_flight: int,
+) -> _Reduced:
+    """Stream the count blocks to `num_reducers` reducer actors (at most `max_in_flight` adds pending), then cut
+    each partition to its top-K (with the base index's rows when appending). Reducers are killed at the end."""
+    import ray
+
+    t0 = time.perf_counter()
+    reducer_cls = ray.remote(Reducer)
+    reducers = [
+        reducer_cls.options(num_cpus=cpus_per_reducer, max_restarts=0).remote(p, num_reducers, max_order)
+        for p in range(num_reducers)
+    ]
+    base = [None] * num_reducers
+    if append_to is not None:
+        split = {m: _partition_table(append_to.tables[m], num_reducers) for m in append_to.orders}
+        base = [{m: split[m][p] for m in split} for p in range(num_reducers)]
+    blocks, first_block_seconds, pending = 0, None, []
+    try:
+        for bundle in counted.iter_internal_ref_bundles():
+            if first_block_seconds is None:  # start-up: planning, listing, reading, starting the actors
+                first_block_seconds = time.perf_counter() - t0
+            for ref in bundle.block_refs:
+                pending.extend(r.add.remote(ref) for r in reducers)
+                blocks += 1
+            if len(pending) > max_in_flight:
+                done, pending = ray.wait(pending, num_returns=len(pending) - max_in_flight)
+                ray.get(done)
+        ray.get(pending)
+        map_seconds = time.perf_counter() - t0
+        results = ray.get([r.finish.remote(top_k, min_count, base[p]) for p, r in enumerate(reducers)])
+    finally:
+        for r in reducers:
+            ray.kill(r)
+    return _Reduced(results, blocks, first_block_seconds, map_seconds, time.perf_counter() - t0 - map_seconds)
+
+
+def _run_job(counted: Any, files: InputFiles, column: str, **reduce_args: Any) -> _Reduced:
+    """reduce_counts, with failures turned into one IndexJobError that says nothing was written and why."""
+    import ray
+
+    try:
+        return reduce_counts(counted, **reduce_args)
+    except ray.exceptions.RayActorError as exc:
+        raise IndexJobError(
+            f"a reducer died while indexing {len(files.paths)} files; nothing was written "
+            f"(rerun the job): {str(exc).splitlines()[0]}"
+        ) from exc
+    except Exception as exc:
+        if isinstance(exc, IndexJobError):
+            raise
+        culprit = _find_unreadable(files, column)
+        detail = f"unreadable input {culprit}" if culprit else f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        raise IndexJobError(f"indexing failed; nothing was written: {detail}") from exc
 
 
 def build_index_distributed(
@@ -489,7 +448,7 @@ def build_index_distributed(
     cpus_per_reducer: float = DEFAULT_CPUS_PER_REDUCER,
     max_in_flight: int | None = None,
 ) -> IndexJobResult:
-    """Count a parquet corpus's n-grams on Ray Data and build the top-K index (Ray must be initialised).
+    """Count a corpus's n-grams on Ray Data and build the top-K index (Ray must be initialised).
 
     `tokenizer` is a Hugging Face tokenizer object (shipped once to each worker). With `append_to`, the new
     counts are added to that index's (same tokenizer and max_order); the summary says whether that was exact."""
@@ -501,91 +460,59 @@ def build_index_distributed(
         raise IndexJobError("top_k, min_count and num_workers must be >= 1")
     if not ray.is_initialized():
         raise IndexJobError("Ray is not initialised; call ensure_ray() first")
-    meta = _tokenizer_meta(tokenizer)
-    base_truncated: dict[int, int] = {}
-    if append_to is not None:
-        if append_to.max_order != max_order:
-            raise IndexJobError(f"cannot append: the index has max_order {append_to.max_order}, not {max_order}")
-        append_to.check_tokenizer(tokenizer)
-        base_truncated = index_truncation(append_to)
-        top_k, min_count = max(top_k, append_to.top_k), max(min_count, append_to.min_count)
-
+    top_k, min_count, base_truncated = _append_settings(append_to, tokenizer, max_order, top_k, min_count)
     t0 = time.perf_counter()
-    files, fs, opts = resolve_inputs(inputs, storage_options)
-    infos = validate_inputs(files, fs, column)
-    total_rows = sum(i.rows for i in infos)
+    files, infos = open_inputs(inputs, column, storage_options)
     logger.info(
-        "indexing column %r of %d parquet files (%d rows) with %d workers", column, len(files), total_rows, num_workers
+        "indexing column %r of %d files (%d rows) with %d workers",
+        column,
+        len(files.paths),
+        sum(i.rows for i in infos),
+        num_workers,
     )
-    remote = is_remote(files[0])
-    read_paths = [_strip_file_scheme(f).split("://", 1)[-1] if remote else _strip_file_scheme(f) for f in files]
     num_reducers = num_reducers or num_workers
-    max_in_flight = max_in_flight or 4 * num_reducers
-
-    if cpus_per_worker is None:  # leave room for Ray Data's listing and read tasks, or the job can stall
-        cluster_cpus = float(ray.cluster_resources().get("CPU", 2.0))
-        cpus_per_worker = min(
-            DEFAULT_CPUS_PER_WORKER, max(0.05, (cluster_cpus - _LIST_FILES_CPUS - DEFAULT_READ_CPUS) / num_workers)
-        )
-    # Ray Data coalesces small files into few read blocks (one busy worker); a streaming repartition (no
-    # barrier, no shuffle) cuts them into batch-sized blocks that spread over the actor pool.
-    ds = ray.data.read_parquet(read_paths, filesystem=_pyarrow_filesystem(fs, remote), num_cpus=DEFAULT_READ_CPUS)
-    ds = ds.select_columns([column]).repartition(target_num_rows_per_block=batch_size)
-    udf_args = {"tokenizer": portable_tokenizer(tokenizer), "column": column, "max_order": max_order}
-    counted = ds.map_batches(
-        CountBatch,
-        fn_constructor_kwargs=udf_args,
-        batch_size=batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=num_workers),
-        num_cpus=cpus_per_worker,
+    counted = count_dataset(files, infos, tokenizer, column, max_order, num_workers, batch_size, cpus_per_worker)
+    reduced = _run_job(
+        counted,
+        files,
+        column,
+        num_reducers=num_reducers,
+        max_order=max_order,
+        top_k=top_k,
+        min_count=min_count,
+        append_to=append_to,
+        cpus_per_reducer=cpus_per_reducer,
+        max_in_flight=max_in_flight or 4 * num_reducers,
     )
-    reducer_cls = ray.remote(Reducer)
-    reducers = [
-        reducer_cls.options(num_cpus=cpus_per_reducer, max_restarts=0).remote(p, num_reducers, max_order)
-        for p in range(num_reducers)
-    ]
-    base_parts = None
+    index, stats = _assemble(reduced, files, column, tokenizer, max_order, top_k, min_count, append_to)
+    summary = _job_summary(stats, reduced, len(files.paths), num_workers, num_reducers, time.perf_counter() - t0)
     if append_to is not None:
-        split = {m: _partition_table(append_to.tables[m], num_reducers) for m in append_to.orders}
-        base_parts = [{m: split[m][p] for m in split} for p in range(num_reducers)]
-    blocks, first_block_seconds = 0, None
-    try:
-        pending: list[Any] = []
-        for bundle in counted.iter_internal_ref_bundles():
-            if first_block_seconds is None:  # start-up: planning, listing, reading, starting the actors
-                first_block_seconds = time.perf_counter() - t0
-            for ref in bundle.block_refs:
-                pending.extend(r.add.remote(ref) for r in reducers)
-                blocks += 1
-            if len(pending) > max_in_flight:
-                done, pending = ray.wait(pending, num_returns=len(pending) - max_in_flight)
-                ray.get(done)
-        ray.get(pending)
-        map_seconds = time.perf_counter() - t0
-        results = ray.get(
-            [r.finish.remote(top_k, min_count, base_parts[p] if base_parts else None) for p, r in enumerate(reducers)]
-        )
-    except ray.exceptions.RayActorError as exc:
-        raise IndexJobError(
-            f"a reducer died while indexing {len(files)} files; nothing was written "
-            f"(rerun the job): {str(exc).splitlines()[0]}"
-        ) from exc
-    except Exception as exc:
-        if isinstance(exc, IndexJobError):
-            raise
-        culprit = _find_unreadable(files, fs, column)
-        detail = f"unreadable input {culprit}" if culprit else f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
-        raise IndexJobError(f"indexing failed; nothing was written: {detail}") from exc
-    finally:
-        for r in reducers:
-            ray.kill(r)
-    reduce_seconds = time.perf_counter() - t0 - map_seconds
+        summary.update(appended=True, append_exact=not any(base_truncated.values()))
+        if not summary["append_exact"]:
+            logger.warning(
+                "the existing index had truncated contexts %s (top_k/min_count): the merged counts "
+                "of those contexts are lower bounds",
+                base_truncated,
+            )
+    return IndexJobResult(index, summary)
 
+
+def _assemble(
+    reduced: _Reduced,
+    files: InputFiles,
+    column: str,
+    tokenizer: Any,
+    max_order: int,
+    top_k: int,
+    min_count: int,
+    append_to: NgramIndex | None,
+) -> tuple[NgramIndex, dict[str, int]]:
+    """The index from the reducers' disjoint partitions, and the corpus statistics summed over them."""
+    results = reduced.results
     stats = {s: sum(res["stats"][s] for res in results) for s in _STATS}
     if stats["sequences"] == 0 and append_to is None:
         raise IndexJobError(
-            f"column {column!r} of {len(files)} files has no non-empty text rows "
+            f"column {column!r} of {len(files.paths)} files has no non-empty text rows "
             f"({stats['rows']} rows: {stats['skipped_null']} null, {stats['skipped_empty']} empty, "
             f"{stats['skipped_non_string']} non-string)"
         )
@@ -596,8 +523,8 @@ def build_index_distributed(
     if append_to is not None:
         n_sequences += append_to.n_sequences
         n_tokens += append_to.n_tokens
+    meta = tokenizer_meta(tokenizer)
     index = NgramIndex(tables, max_order, top_k, min_count, n_sequences=n_sequences, n_tokens=n_tokens, **meta)
-    elapsed = time.perf_counter() - t0
     skipped = stats["skipped_null"] + stats["skipped_empty"] + stats["skipped_non_string"]
     if skipped:
         logger.warning(
@@ -608,8 +535,15 @@ def build_index_distributed(
             stats["skipped_empty"],
             stats["skipped_non_string"],
         )
+    return index, stats
+
+
+def _job_summary(
+    stats: dict[str, int], reduced: _Reduced, n_files: int, num_workers: int, num_reducers: int, elapsed: float
+) -> dict[str, Any]:
+    skipped = stats["skipped_null"] + stats["skipped_empty"] + stats["skipped_non_string"]
     summary = {
-        "files": len(files),
+        "files": n_files,
         "rows": stats["rows"],
         "sequences": stats["sequences"],
         "tokens": stats["tokens"],
@@ -619,24 +553,15 @@ def build_index_distributed(
         "skipped_non_string": stats["skipped_non_string"],
         "num_workers": num_workers,
         "num_reducers": num_reducers,
-        "count_blocks": blocks,
+        "count_blocks": reduced.blocks,
         "seconds": elapsed,
-        "map_seconds": map_seconds,
-        "first_block_seconds": first_block_seconds,
-        "reduce_seconds": reduce_seconds,
+        "map_seconds": reduced.map_seconds,
+        "first_block_seconds": reduced.first_block_seconds,
+        "reduce_seconds": reduced.reduce_seconds,
         "tokens_per_s": stats["tokens"] / elapsed if elapsed else 0.0,
-        "full_count_rows": sum(res["full_rows"] for res in results),
-        "reducer_maxrss_bytes": [res["maxrss_bytes"] for res in results],
+        "full_count_rows": sum(res["full_rows"] for res in reduced.results),
+        "reducer_maxrss_bytes": [res["maxrss_bytes"] for res in reduced.results],
     }
-    if append_to is not None:
-        summary["appended"] = True
-        summary["append_exact"] = not any(base_truncated.values())
-        if not summary["append_exact"]:
-            logger.warning(
-                "the existing index had truncated contexts %s (top_k/min_count): the merged counts "
-                "of those contexts are lower bounds",
-                base_truncated,
-            )
     logger.info(
         "indexed %d sequences (%d tokens) in %.1f s (%.0f tokens/s)",
         stats["sequences"],
@@ -644,15 +569,7 @@ def build_index_distributed(
         elapsed,
         summary["tokens_per_s"],
     )
-    return IndexJobResult(index, summary)
-
-
-def _check_output(out: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
-    opts = storage_options_for(out, storage_options)
-    if is_remote(out):
-        fs, _ = fsspec.core.url_to_fs(out, **opts)
-        _check_bucket(fs, out)
-    return opts
+    return summary
 
 
 def index_corpus(
@@ -668,14 +585,14 @@ def index_corpus(
     storage_options: dict[str, Any] | None = None,
     **job_options: Any,
 ) -> dict[str, Any]:
-    """Build (or, with `append_to`, extend) an index from parquet on Ray Data and save it to `out`.
+    """Build (or, with `append_to`, extend) an index from a corpus on Ray Data and save it to `out`.
 
     The output location (and its bucket) is checked before the job runs; the index is written only after the
     job succeeded, manifest last. Returns a summary dict."""
-    out_opts = _check_output(out, storage_options)
+    out_opts = check_output(out, storage_options)
     base = None
     if append_to is not None:
-        base = NgramIndex.load(append_to, storage_options_for(append_to, storage_options))
+        base = NgramIndex.load(append_to, check_output(append_to, storage_options))
     result = build_index_distributed(
         inputs,
         tokenizer,
