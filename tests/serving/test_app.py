@@ -11,8 +11,9 @@ import httpx
 import pytest
 import yaml
 
-from serve_apps.openai_app import CONFIG_PATH, build_app, default_config, deploy_config
-from tasc_ray.serving.server import DEPLOYMENT_NAME, ServeConfig
+from serve_apps.openai_app import build_app as shell_build_app
+from tasc_ray.serving.app import CONFIG_PATH, build_app, default_config, deploy_config
+from tasc_ray.serving.config import DEPLOYMENT_NAME, ServeConfig
 from tasc_ray.spec.index import NgramIndex
 
 MODEL = "tiny"
@@ -95,6 +96,7 @@ def test_config_yaml_in_sync_with_builder():
     assert app["deployments"][0]["name"] == DEPLOYMENT_NAME
     built = build_app(parsed)  # the builder accepts them and binds the deployment the YAML names
     assert built._bound_deployment.name == DEPLOYMENT_NAME
+    assert shell_build_app is build_app  # `serve run serve_apps.openai_app:build_app` from the checkout
 
 
 def test_flat_args_and_resources():
@@ -107,7 +109,7 @@ def test_flat_args_and_resources():
             "autoscaling": {"min_replicas": 1, "max_replicas": 3},
         }
     )
-    assert cfg.engine.model == "m" and cfg.engine.index is None and cfg.max_batch_size == 8
+    assert cfg.engine.model == "m" and cfg.engine.index is None and cfg.engine.max_batch_size == 8
     opts = cfg.deployment_options()
     assert opts["ray_actor_options"]["num_gpus"] == 1.0
     assert opts["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in opts

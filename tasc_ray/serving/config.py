@@ -1,0 +1,164 @@
+"""What a TASC Serve application is configured with.
+
+`ServeConfig` is the application builder's argument (the YAML `args`, or `serve run ... key=value`): the engine's
+`EngineConfig` nested as `engine`, plus the HTTP and replica settings. `IndexUpdate` is the deployment's
+`user_config`, applied to running replicas without a restart. Both accept nested settings flat: EngineConfig's
+fields (and the drafter's) at ServeConfig's top level, DrafterConfig's fields at IndexUpdate's top level.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tasc_ray.spec.config import DrafterConfig, EngineConfig
+
+APP_NAME = "tasc"
+DEPLOYMENT_NAME = "TascOpenAI"
+# engine.max_batch_size when serving (EngineConfig's own default is 8): the @serve.batch size, which is also the
+# rows of one batched decode in a replica.
+SERVE_MAX_BATCH_SIZE = 16
+# Accepted at ServeConfig's top level and moved into `engine` (EngineConfig moves the drafter's on into `drafter`).
+ENGINE_FIELDS = frozenset(EngineConfig.model_fields) | frozenset(DrafterConfig.model_fields)
+_NULLS = ("none", "null", "")  # `serve run ... index=None` passes strings
+_NULLABLE_ENGINE = ("index", "device")
+_NULLABLE = ("num_replicas", "num_gpus", "num_threads", "api_key", "api_key_env", "model_name")
+
+
+def _nest(data: dict[str, Any], key: str, fields: Collection[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split `data` into (the rest, the dict at `key` with the `fields` given at the top level moved into it)."""
+    rest = dict(data)
+    inner = dict(rest.pop(key, None) or {})
+    for name in list(rest):
+        if name in fields:
+            inner[name] = rest.pop(name)
+    return rest, inner
+
+
+def _is_null(value: Any) -> bool:
+    return isinstance(value, str) and value.lower() in _NULLS
+
+
+class AutoscalingSettings(BaseModel):
+    """Serve autoscaling for the replicas (replaces a fixed num_replicas)."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(16, gt=0)
+
+    def to_serve(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+class IndexUpdate(BaseModel):
+    """The replica's `user_config`: applied by `reconfigure` without restarting the replica.
+
+    A field left out keeps its current value; `index: null` drops the index (prompt lookup only). Change
+    `index_version` to reload an index rebuilt in place under the same path. DrafterConfig's fields (mode, lam,
+    max_draft, ...) may be given at the top level; they are checked against DrafterConfig when applied.
+    `max_batch_size` and `batch_wait_timeout_s` change the @serve.batch queue.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    index: str | None = None
+    index_version: str | int | None = None
+    drafter: dict[str, Any] = Field(default_factory=dict, description="DrafterConfig fields to change")
+    max_batch_size: int | None = Field(None, ge=1)
+    batch_wait_timeout_s: float | None = Field(None, ge=0.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_drafter_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data, drafter = _nest(data, "drafter", DrafterConfig.model_fields)
+        if drafter:
+            data["drafter"] = drafter
+        return data
+
+    def drafter_config(self, current: DrafterConfig) -> DrafterConfig:
+        """`current` with this update's drafter fields applied (validated by DrafterConfig)."""
+        return DrafterConfig.model_validate({**current.model_dump(), **self.drafter})
+
+
+class ServeConfig(BaseModel):
+    """Everything a TASC Serve application needs; EngineConfig's fields may also be given at the top level.
+
+    `serve run serve_apps.openai_app:build_app model=smollm2-135m index=/path` passes flat strings; they are
+    moved into `engine` here and validated by pydantic. `engine.max_batch_size` (top-level `max_batch_size`,
+    16 unless given) is the @serve.batch size and the rows of one batched decode.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    engine: EngineConfig = Field(default_factory=lambda: EngineConfig(max_batch_size=SERVE_MAX_BATCH_SIZE))
+    model_name: str | None = Field(None, description="model id served on /v1/models (default: the model's name)")
+    batch_wait_timeout_s: float = Field(0.02, ge=0.0)
+    default_max_tokens: int = Field(128, ge=1)
+    max_tokens_limit: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
+    num_replicas: int | None = Field(1, ge=1)
+    autoscaling: AutoscalingSettings | None = None
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per replica (fractional is fine)")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs per replica; default 1 when engine.device is cuda")
+    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads per replica")
+    max_ongoing_requests: int = Field(64, ge=1)
+    api_key: str | None = Field(None, description="if set, /v1/* require 'Authorization: Bearer <key>'")
+    api_key_env: str | None = Field(None, description="environment variable holding the API key (e.g. a secret)")
+    user_config: IndexUpdate | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lift_engine_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data, engine = _nest(data, "engine", ENGINE_FIELDS)
+        engine.setdefault("max_batch_size", SERVE_MAX_BATCH_SIZE)
+        for key in _NULLABLE_ENGINE:
+            if _is_null(engine.get(key)):
+                engine[key] = None
+        data["engine"] = engine
+        for key in _NULLABLE:
+            if _is_null(data.get(key)):
+                data[key] = None
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeConfig:
+        if self.autoscaling is not None:
+            self.num_replicas = None
+        return self
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model_name or Path(self.engine.model.rstrip("/")).name
+
+    @property
+    def gpus(self) -> float:
+        if self.num_gpus is not None:
+            return self.num_gpus
+        return 1.0 if (self.engine.device or "").startswith("cuda") else 0.0
+
+    def deployment_options(self) -> dict[str, Any]:
+        """The `.options(...)` of the deployment: replicas or autoscaling, resources, queue bound, user_config."""
+        actor: dict[str, Any] = {"num_cpus": self.num_cpus}
+        if self.gpus:
+            actor["num_gpus"] = self.gpus
+        options: dict[str, Any] = {"ray_actor_options": actor, "max_ongoing_requests": self.max_ongoing_requests}
+        if self.autoscaling is not None:
+            options["autoscaling_config"] = self.autoscaling.to_serve()
+        else:
+            options["num_replicas"] = self.num_replicas or 1
+        if self.user_config is not None:
+            options["user_config"] = self.user_config.model_dump(exclude_unset=True)
+        return options
+
+    def resolved_api_key(self) -> str | None:
+        if self.api_key:
+            return self.api_key
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env) or None
+        return None

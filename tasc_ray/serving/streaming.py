@@ -1,0 +1,80 @@
+"""A streamed request: every prompt's decode joins the batch queue, its tokens come back as server-sent events.
+
+The engine's per-row token callback runs on the decode thread; it hands the tokens to the event loop through an
+asyncio queue, where `TextStream` turns them into text no later token can change. The stream ends with a usage
+chunk (when asked for) and `data: [DONE]`; a failed prompt sends an error event in its place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Literal
+
+from transformers import PreTrainedTokenizerBase
+
+from tasc_ray.serving.batching import Work
+from tasc_ray.serving.protocol import APIError, ChunkRenderer, TextStream, sse
+from tasc_ray.spec.generator import GenerationResult, SamplingParams
+
+Submit = Callable[[Work], Awaitable[GenerationResult]]  # queues a Work, returns its result or raises
+Event = tuple[Literal["tokens"], int, list[int]] | tuple[Literal["done"], int, GenerationResult | Exception]
+
+
+def _start(
+    submit: Submit, prompts: list[list[int]], params: SamplingParams, events: asyncio.Queue[Event]
+) -> list[asyncio.Future[None]]:
+    """Submit every prompt; its tokens and then its result (or exception) arrive in `events`."""
+    loop = asyncio.get_running_loop()
+
+    def on_tokens(i: int) -> Callable[[list[int]], None]:  # called on the decode thread
+        return lambda ids: loop.call_soon_threadsafe(events.put_nowait, ("tokens", i, list(ids)))
+
+    async def run(i: int, ids: list[int]) -> None:
+        try:
+            result: GenerationResult | Exception = await submit(Work(ids, params, on_tokens(i)))
+        except Exception as exc:  # reported in the stream
+            result = exc
+        events.put_nowait(("done", i, result))
+
+    return [asyncio.ensure_future(run(i, ids)) for i, ids in enumerate(prompts)]
+
+
+async def stream_events(
+    render: ChunkRenderer,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    submit: Submit,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    """Start every prompt's decode and yield OpenAI stream chunks as tokens arrive, then `data: [DONE]`."""
+    events: asyncio.Queue[Event] = asyncio.Queue()
+    tasks = _start(submit, prompts, params, events)
+    streams = [TextStream(tokenizer, params.stop) for _ in prompts]
+    if render.chat:
+        for i in range(len(prompts)):
+            yield sse(render.role(i))
+    pending, results = len(prompts), []
+    try:
+        while pending:
+            kind, i, payload = await events.get()
+            if kind == "tokens":
+                piece = streams[i].push(payload)
+                if piece:
+                    yield sse(render.text(i, piece))
+                continue
+            pending -= 1
+            if isinstance(payload, Exception):
+                err = payload if isinstance(payload, APIError) else APIError(500, str(payload), type="server_error")
+                yield sse(err.body())
+                continue
+            results.append(payload)
+            yield sse(render.final(i, streams[i].finish(payload.text), payload.finish_reason))
+        if include_usage and results:
+            yield sse(render.usage(results))
+        yield sse("[DONE]")
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()

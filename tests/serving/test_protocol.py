@@ -1,0 +1,237 @@
+"""The OpenAI wire format without Ray: parsing and validation, errors, response and stream bodies, TextStream."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tasc_ray.serving.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    ChunkRenderer,
+    CompletionRequest,
+    TextStream,
+    chat_body,
+    check_api_key,
+    completion_body,
+    parse_request,
+    sse,
+    usage,
+)
+from tasc_ray.spec.generator import GenerationResult, RowStats, SamplingParams
+
+
+def _parse_error(body: bytes | dict, cls=CompletionRequest) -> APIError:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    with pytest.raises(APIError) as info:
+        parse_request(raw, cls)
+    assert info.value.status == 400 and info.value.message
+    return info.value
+
+
+# ----- parse_request -----
+def test_bad_json_and_non_objects():
+    for raw in (b"{not json", b"\xff\xfe", b"[1, 2]", b"12"):
+        err = _parse_error(raw)
+        assert err.code == "invalid_json" and err.param is None
+
+
+@pytest.mark.parametrize(
+    "body,param,code",
+    [
+        ({"max_tokens": 4}, "prompt", "missing_required_parameter"),
+        ({"prompt": 12}, "prompt", None),
+        ({"prompt": "hi", "max_tokens": "ten"}, "max_tokens", "invalid_type"),
+        ({"prompt": "hi", "temperature": "hot"}, "temperature", "invalid_type"),
+        ({"prompt": "hi", "stream": "yes"}, "stream", "invalid_type"),
+        ({"prompt": "hi", "temperature": 3.0}, "temperature", "invalid_value"),
+        ({"prompt": "hi", "n": 2}, "n", "invalid_value"),
+        ({"prompt": "hi", "stream_options": {"include_usage": "yes"}}, "stream_options", "invalid_type"),
+    ],
+)
+def test_wrong_fields_name_their_parameter(body, param, code):
+    err = _parse_error(body)
+    assert err.param == param
+    if code is not None:
+        assert err.code == code
+    assert err.body() == {
+        "error": {"message": err.message, "type": "invalid_request_error", "param": param, "code": err.code}
+    }
+
+
+@pytest.mark.parametrize(
+    "body", [{"prompt": "hi"}, {"messages": []}, {"messages": [{"role": "user"}]}, {"messages": [{"role": "x"}]}]
+)
+def test_chat_errors_name_messages(body):
+    assert _parse_error(body, ChatCompletionRequest).param == "messages"
+
+
+def test_missing_nested_field_message():
+    err = _parse_error({"messages": [{"role": "user"}]}, ChatCompletionRequest)
+    assert err.code == "missing_required_parameter" and "'messages.0.content' is required" == err.message
+
+
+def test_valid_requests_and_prompts():
+    req = parse_request(b'{"prompt": "hi", "unknown": 1, "stream": true}', CompletionRequest)
+    assert req.prompts() == ["hi"] and req.stream and not req.include_usage
+    assert parse_request(b'{"prompt": [1, 2]}', CompletionRequest).prompts() == [[1, 2]]
+    assert parse_request(b'{"prompt": [[1], [2, 3]]}', CompletionRequest).prompts() == [[1], [2, 3]]
+    assert parse_request(b'{"prompt": ["a", "b"]}', CompletionRequest).prompts() == ["a", "b"]
+    with pytest.raises(APIError) as info:
+        parse_request(b'{"prompt": []}', CompletionRequest).prompts()
+    assert info.value.param == "prompt" and info.value.code == "invalid_value"
+    req = parse_request(b'{"prompt": "x", "stream_options": {"include_usage": true}}', CompletionRequest)
+    assert req.include_usage
+
+
+def test_chat_messages_and_content_parts():
+    body = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Blue "}, {"type": "text", "text": "Spice"}]},
+        ]
+    }
+    req = parse_request(json.dumps(body).encode(), ChatCompletionRequest)
+    assert req.chat() == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Blue Spice"}]
+    image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
+    with pytest.raises(APIError) as info:
+        parse_request(json.dumps(image).encode(), ChatCompletionRequest).chat()
+    assert info.value.param == "messages"
+
+
+# ----- sampling parameters -----
+def test_sampling_params_from_request():
+    body = {"prompt": "x", "temperature": 0.7, "top_p": 0.9, "top_k": 5, "seed": 3, "stop": "\n", "speculative": False}
+    params = parse_request(json.dumps(body).encode(), CompletionRequest).sampling_params(128, 1024)
+    assert params == SamplingParams(
+        max_new_tokens=128, temperature=0.7, top_p=0.9, top_k=5, seed=3, stop=["\n"], speculative=False
+    )
+    req = parse_request(b'{"prompt": "x", "max_tokens": 7, "stop": ["a", ""]}', CompletionRequest)
+    assert req.sampling_params(128, 1024).max_new_tokens == 7 and req.sampling_params(128, 1024).stop == ["a"]
+
+
+@pytest.mark.parametrize("max_tokens", [0, -3, 1025])
+def test_max_tokens_out_of_range(max_tokens):
+    req = parse_request(json.dumps({"prompt": "x", "max_tokens": max_tokens}).encode(), CompletionRequest)
+    with pytest.raises(APIError) as info:
+        req.sampling_params(128, 1024)
+    assert info.value.status == 400 and info.value.param == "max_tokens" and info.value.code == "invalid_value"
+
+
+def test_too_many_stop_sequences():
+    req = parse_request(json.dumps({"prompt": "x", "stop": list("abcde")}).encode(), CompletionRequest)
+    with pytest.raises(APIError) as info:
+        req.sampling_params(128, 1024)
+    assert info.value.param == "stop"
+
+
+# ----- auth -----
+def test_check_api_key():
+    check_api_key(None, None)  # no key configured: anything passes
+    check_api_key("sk-1", "Bearer sk-1")
+    check_api_key("sk-1", "bearer  sk-1 ")
+    for header in (None, "", "Bearer nope", "Basic sk-1", "sk-1"):
+        with pytest.raises(APIError) as info:
+            check_api_key("sk-1", header)
+        assert info.value.status == 401 and info.value.code == "invalid_api_key"
+        assert info.value.type == "authentication_error"
+
+
+# ----- responses -----
+def _result(text: str, ids: list[int], prompt_tokens: int, drafted: int, accepted: int, finish: str = "stop"):
+    stats = RowStats()
+    stats.record(drafted, accepted)
+    return GenerationResult(text, ids, prompt_tokens, finish, stats)
+
+
+def test_bodies_and_usage():
+    results = [_result("a b", [5, 6], 3, 4, 1), _result("c", [7], 2, 2, 2, "length")]
+    totals = usage(results)
+    assert totals == {
+        "prompt_tokens": 5,
+        "completion_tokens": 3,
+        "total_tokens": 8,
+        "drafted_tokens": 6,
+        "accepted_tokens": 3,
+        "forward_passes": 2,
+    }
+    body = completion_body("cmpl-1", "tiny", results)
+    assert body["object"] == "text_completion" and body["model"] == "tiny" and body["usage"] == totals
+    assert body["choices"][1] == {"index": 1, "text": "c", "logprobs": None, "finish_reason": "length"}
+    body = chat_body("chatcmpl-1", "tiny", results[:1])
+    assert body["object"] == "chat.completion" and body["id"] == "chatcmpl-1"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "a b"}
+
+
+def test_stream_chunks():
+    chat = ChunkRenderer("chatcmpl-1", "tiny", chat=True, created=5)
+    assert chat.role(0)["choices"] == [
+        {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+    ]
+    assert chat.text(1, "hi")["choices"][0]["delta"] == {"content": "hi"}
+    last = chat.final(0, "", "stop")
+    assert last["object"] == "chat.completion.chunk" and last["choices"][0]["delta"] == {}
+    assert last["choices"][0]["finish_reason"] == "stop"
+    text = ChunkRenderer("cmpl-1", "tiny", chat=False, created=5)
+    assert text.final(0, "", "length")["choices"] == [
+        {"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}
+    ]
+    tail = text.usage([_result("a", [5], 1, 0, 0)])
+    assert tail == {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 5,
+        "model": "tiny",
+        "choices": [],
+        "usage": usage([_result("a", [5], 1, 0, 0)]),
+    }
+    assert sse("[DONE]") == "data: [DONE]\n\n"
+    assert json.loads(sse({"a": 1})[len("data: ") :]) == {"a": 1}
+
+
+# ----- TextStream -----
+def _stream_pieces(tokenizer, text: str, stops: list[str]) -> list[str]:
+    stream = TextStream(tokenizer, stops)
+    return [stream.push([t]) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+def test_text_stream_without_stops_is_the_text(tiny_tokenizer, task_rows):
+    text = task_rows[0]["output"]
+    assert "".join(_stream_pieces(tiny_tokenizer, text, [])) == text
+
+
+def test_text_stream_holds_back_a_stop_split_across_tokens(tiny_tokenizer, task_rows):
+    text = task_rows[0]["output"]
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    ends = [len(tiny_tokenizer.decode(ids[: j + 1])) for j in range(len(ids))]  # where each token's text ends
+    # a two-character stop string made of one token's last character and the next token's first, first seen there
+    start = next(e - 1 for e in ends[:-1] if text.find(text[e - 1 : e + 1]) == e - 1 and len(text[e - 1 : e + 1]) == 2)
+    stop = text[start : start + 2]
+    stream = TextStream(tiny_tokenizer, [stop])
+    sent = ""
+    for t in ids:
+        sent += stream.push([t])
+        assert len(sent) <= text.find(stop)  # never a character of the stop string, nor anything after it
+    assert sent == text[: text.find(stop)]
+    assert stream.finish(text[: text.find(stop)]) == ""  # the engine's final text adds nothing more
+
+
+def test_text_stream_holds_back_incomplete_utf8(tiny_tokenizer):
+    text = "pub 🍺 ok"
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    stream = TextStream(tiny_tokenizer, [])
+    sent = [stream.push([t]) for t in ids]
+    assert "".join(sent) == text
+    assert all("\ufffd" not in piece for piece in sent)
+    beer = next(i for i, piece in enumerate(sent) if "🍺" in piece)
+    assert beer >= 1 and sent[beer - 1] == ""  # the emoji's first bytes were held back until it was complete
+
+
+def test_text_stream_finish_sends_the_rest(tiny_tokenizer):
+    stream = TextStream(tiny_tokenizer, ["zz"])
+    ids = tiny_tokenizer("near the z", add_special_tokens=False)["input_ids"]
+    sent = stream.push(ids)
+    assert sent == "near the "  # a trailing 'z' may begin the stop string
+    assert stream.finish("near the z") == "z"
+    assert stream.finish("near the z") == ""
