@@ -79,13 +79,13 @@ class Drafter:
         path_probs: list[list[float]] = [[] for _ in rows]  # estimated P(first j+1 draft tokens all accepted)
         path_prob = np.ones(len(rows))
         active = [i for i, lim in enumerate(limits) if lim > 0]
-        use_corpus = self.config.mode != DraftMode.CONTEXT
+        index = self.index if self.config.mode != DraftMode.CONTEXT else None
         use_context = self.config.mode != DraftMode.CORPUS
-        tail = (self.index.max_order - 1) if use_corpus else 0
+        tail = (index.max_order - 1) if index is not None else 0
         while active:
             corpus = (
-                self.index.longest_matches([rows[i].tokens[-tail:] + drafts[i] for i in active])
-                if use_corpus
+                index.longest_matches([rows[i].tokens[-tail:] + drafts[i] for i in active])
+                if index is not None
                 else [None] * len(active)
             )
             still_active = []
@@ -120,6 +120,7 @@ class Drafter:
                 mixed[t] = mixed.get(t, 0.0) + (1 - lam) * c / total
             token = max(mixed, key=mixed.__getitem__)
             return token, mixed[token]
+        assert corpus is not None
         return int(corpus.next_tokens[0]), float(corpus.probs[0])
 
 

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -185,7 +185,7 @@ class SpeculativeGenerator:
             out = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
             ids = list(out["input_ids"] if hasattr(out, "keys") else out)
         else:
-            ids = [int(t) for t in prompt]
+            ids = [int(t) for t in cast(Sequence[int], prompt)]
             vocab = len(self.tokenizer)
             if any(t < 0 or t >= vocab for t in ids):
                 raise PromptError(f"token ids must lie in [0, {vocab})")

@@ -152,6 +152,7 @@ class OrderTable:
         """Keep each context's top_k continuations with count >= min_count (ties broken by lower token id)."""
         if totals_keys is None:  # totals from the full counts themselves
             totals_keys, _, totals = _sum_by_key(keys, np.zeros(len(keys), np.int32), cnt)
+        assert totals is not None, "totals_keys comes with totals"
         keep = cnt >= min_count
         keys, nxt, cnt = keys[keep], nxt[keep], cnt[keep]
         order = np.lexsort((nxt, -cnt, keys))

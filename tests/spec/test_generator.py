@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tasc_ray.spec.config import DrafterConfig, DraftMode
-from tasc_ray.spec.drafter import Drafter, DraftContext
+from tasc_ray.spec.drafter import DraftContext, Drafter
 from tasc_ray.spec.generator import PromptTooLongError, SamplingParams, SpeculativeGenerator
 from tasc_ray.spec.index import NgramIndex
 

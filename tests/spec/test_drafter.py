@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tasc_ray.spec.config import DrafterConfig, DraftMode
-from tasc_ray.spec.draft_length import best_draft_length
 from tasc_ray.spec.drafter import Drafter
-from tasc_ray.spec.generator import StepCostModel
 from tasc_ray.spec.index import NgramIndex
 
 
@@ -48,21 +46,3 @@ def test_limits_respected():
     drafter = Drafter(None, DrafterConfig(mode=DraftMode.CONTEXT, max_draft=8, min_path_prob=0.0))
     rows = [drafter.new_row([1, 2, 3, 1, 2, 3, 1]) for _ in range(3)]
     assert [len(d) for d in drafter.propose(rows, [0, 2, 100])] == [0, 2, 8]
-
-
-def test_best_draft_length_trades_acceptance_for_cost():
-    probs = [[0.9, 0.8, 0.7, 0.1, 0.05]] * 8
-    assert best_draft_length(probs, lambda n: 1.0) == 5  # free verification: draft everything
-    assert best_draft_length(probs, lambda n: float(n)) == 0  # cost proportional to tokens: no draft
-    assert best_draft_length(probs, lambda n: 1.0 + n / 40) == 3
-    assert best_draft_length([[]], lambda n: 1.0) == 0
-
-
-def test_step_cost_model_fits_line_and_uses_prior():
-    model = StepCostModel(prior_tokens=20)
-    model.observe(8, 1.4)
-    assert model(8) == pytest.approx(1.4) and model(28) == pytest.approx(2.4)  # slope from the prior
-    model = StepCostModel(prior_tokens=20)
-    for n in (8, 16, 32, 64) * 4:
-        model.observe(n, 0.5 + 0.01 * n)
-    assert model.a == pytest.approx(0.5, rel=0.05) and model.b == pytest.approx(0.01, rel=0.05)
