@@ -357,7 +357,7 @@ def _start_serve(args: argparse.Namespace, index: str) -> str:
     from ray import serve
 
     from serve_apps.openai_app import build_app
-    from tasc_ray.serving.server import ServeConfig
+    from tasc_ray.serving.config import ServeConfig
 
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):

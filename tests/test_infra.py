@@ -139,7 +139,7 @@ def test_rayservice_serves_the_committed_serve_config():
         builder = getattr(importlib.import_module(module), attr)
         built = builder.__wrapped__ if hasattr(builder, "__wrapped__") else builder
         assert callable(built)
-        from tasc_ray.serving.server import ServeConfig
+        from tasc_ray.serving.config import ServeConfig
 
         config = ServeConfig.model_validate(app["args"])
         assert config.api_key_env == "TASC_API_KEY"

@@ -26,8 +26,9 @@ from tasc_ray.serving.config import IndexUpdate, ServeConfig
 from tasc_ray.serving.protocol import APIError, TextPrompt
 from tasc_ray.spec.drafter import build_drafter
 from tasc_ray.spec.engine import load_engine
-from tasc_ray.spec.generator import GenerationResult, Prompt, PromptError, SpeculativeGenerator
+from tasc_ray.spec.generator import GenerationResult, SpeculativeGenerator
 from tasc_ray.spec.index import NgramIndex
+from tasc_ray.spec.prompts import Prompt, PromptError, encode_prompt
 
 if TYPE_CHECKING:  # metrics import Ray Serve; this module stays importable without it
     from tasc_ray.serving.metrics import ServeMetrics
@@ -35,20 +36,6 @@ if TYPE_CHECKING:  # metrics import Ray Serve; this module stays importable with
 logger = logging.getLogger(__name__)
 
 RowResult = GenerationResult | Exception  # a failed row's exception stays in its place
-
-
-class PromptChecks:
-    """The generator's own `encode` and `check_prompt`, run with the request-side tokenizer.
-
-    Both methods read only `tokenizer`, `max_context` and `check_prompt`, so they are borrowed as they are: one
-    implementation of prompt encoding and its checks (PromptError / PromptTooLongError), used on another thread.
-    """
-
-    encode = SpeculativeGenerator.encode
-    check_prompt = SpeculativeGenerator.check_prompt
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_context: int) -> None:
-        self.tokenizer, self.max_context = tokenizer, max_context
 
 
 class Replica:
@@ -60,7 +47,6 @@ class Replica:
         t0 = time.perf_counter()
         self.generator: SpeculativeGenerator = load_engine(config.engine)
         self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(config.engine.model)  # the event loop's own
-        self.prompts = PromptChecks(self.tokenizer, self.generator.max_context)
         self.metrics = metrics
         self.model_name = config.served_model_name
         self.lock = threading.Lock()  # held by a decode; a drafter swap waits for it
@@ -83,7 +69,7 @@ class Replica:
     def encode(self, prompt: TextPrompt | list[dict[str, str]], param: str) -> list[int]:
         """Token ids of a request's prompt; one the engine would refuse is a 400 naming `param`."""
         try:
-            return self.prompts.encode(prompt)
+            return encode_prompt(self.tokenizer, prompt, self.generator.max_context)
         except PromptError as exc:
             raise APIError(400, str(exc), param=param, code=exc.code) from exc
 

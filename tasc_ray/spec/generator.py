@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -28,6 +28,7 @@ from transformers.generation.logits_process import LogitsProcessorList
 from tasc_ray.spec.draft_length import StepCostModel
 from tasc_ray.spec.drafter import DraftContext, Drafter
 from tasc_ray.spec.kv_cache import PrefixCache, PrefixKV, attention_mask, compact, select_rows
+from tasc_ray.spec.prompts import Prompt, PromptError, PromptTooLongError, encode_prompt
 from tasc_ray.spec.sampling import SamplingParams, accepted_lengths, logits_warpers, target_tokens
 from tasc_ray.spec.stopping import cut_at_eos, find_stop
 
@@ -43,20 +44,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Prompt = str | Sequence[int] | Sequence[dict[str, str]]
 StreamCallback = Callable[[int, list[int]], None]  # (prompt index, newly emitted token ids)
-
-
-class PromptError(ValueError):
-    """A prompt the engine cannot decode (empty, token ids outside the vocabulary, too long for the context)."""
-
-    code = "invalid_value"  # OpenAI's error code for it
-
-
-class PromptTooLongError(PromptError):
-    """A prompt that leaves no room for one new token in the model's context window."""
-
-    code = "context_length_exceeded"
 
 
 @dataclass
@@ -175,29 +163,8 @@ class SpeculativeGenerator:
 
     # ----- public API -----
     def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of a prompt: text as is, chat messages through the chat template, ids unchanged; raises
-        PromptError for a prompt the engine cannot decode (see check_prompt)."""
-        if isinstance(prompt, str):
-            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        elif len(prompt) and isinstance(prompt[0], dict):
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise PromptError("this model has no chat template; send a plain-text prompt")
-            out = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
-            ids = list(out["input_ids"] if hasattr(out, "keys") else out)
-        else:
-            ids = [int(t) for t in cast(Sequence[int], prompt)]
-            vocab = len(self.tokenizer)
-            if any(t < 0 or t >= vocab for t in ids):
-                raise PromptError(f"token ids must lie in [0, {vocab})")
-        self.check_prompt(ids)
-        return ids
-
-    def check_prompt(self, ids: Sequence[int]) -> None:
-        """Refuse an empty prompt and one that leaves no room for a new token in the model's context."""
-        if not ids:
-            raise PromptError("the prompt is empty")
-        if len(ids) >= self.max_context:
-            raise PromptTooLongError(f"the prompt has {len(ids)} tokens; the model's context holds {self.max_context}")
+        """Token ids of a prompt, checked (see tasc_ray.spec.prompts.encode_prompt)."""
+        return encode_prompt(self.tokenizer, prompt, self.max_context)
 
     def generate(
         self,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tasc_ray.serving.batching import Work, group, group_key, row_stream
-from tasc_ray.serving.replica import PromptChecks
-from tasc_ray.spec.generator import PromptError, PromptTooLongError, SamplingParams, SpeculativeGenerator
+from tasc_ray.spec.generator import SamplingParams, SpeculativeGenerator
+from tasc_ray.spec.prompts import PromptError, PromptTooLongError, encode_prompt
 
 
 # ----- batching -----
@@ -56,17 +56,17 @@ def engine(tiny_model, tiny_tokenizer) -> SpeculativeGenerator:
 
 
 @pytest.fixture(scope="module")
-def checks(engine, tiny_model_dir) -> PromptChecks:
+def request_tokenizer(tiny_model_dir):
     from tasc_ray.models import load_tokenizer
 
-    return PromptChecks(load_tokenizer(str(tiny_model_dir)), engine.max_context)  # a second tokenizer, as a replica
+    return load_tokenizer(str(tiny_model_dir))  # a second tokenizer, as a replica's event loop has
 
 
-def test_prompt_checks_encode_as_the_generator_does(checks, engine, task_rows):
-    assert checks.tokenizer is not engine.tokenizer
+def test_request_side_encoding_matches_the_generator(request_tokenizer, engine, task_rows):
+    assert request_tokenizer is not engine.tokenizer
     chat = [{"role": "user", "content": "Blue Spice is a pub."}]
     for prompt in (task_rows[0]["prompt"], chat, [5, 17, 42]):
-        assert checks.encode(prompt) == engine.encode(prompt)
+        assert encode_prompt(request_tokenizer, prompt, engine.max_context) == engine.encode(prompt)
 
 
 @pytest.mark.parametrize(
@@ -80,9 +80,9 @@ def test_prompt_checks_encode_as_the_generator_does(checks, engine, task_rows):
         ("Blue Spice " * 900, PromptTooLongError, "context_length_exceeded"),
     ],
 )
-def test_prompt_checks_refuse_what_the_generator_refuses(checks, engine, prompt, error, code):
+def test_request_side_encoding_refuses_what_the_generator_refuses(request_tokenizer, engine, prompt, error, code):
     with pytest.raises(error) as mine:
-        checks.encode(prompt)
+        encode_prompt(request_tokenizer, prompt, engine.max_context)
     with pytest.raises(error) as theirs:
         engine.encode(prompt)
     assert str(mine.value) == str(theirs.value) and mine.value.code == code
