@@ -337,7 +337,7 @@ def train_and_decode(
 ) -> dict[str, Any]:
     """Fine-tune the original and the enriched model alike (or reuse an earlier run's original one), then decode
     every split with each. Returns {name: {"train": summary, "decode": per split and mode}}."""
-    from tasc_ray.ft.train import finetune
+    from tasc_ray.stages.finetune import finetune
 
     reuse = getattr(args, "reuse_original", None)
     train_outputs = [r["output"] for r in train]

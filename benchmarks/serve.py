@@ -122,7 +122,8 @@ def _label_mode(args: argparse.Namespace, src: Path, engine: Any, work: Path, mo
     """One labeling job over the prompts parquet ("plain" or "tasc"): its summary and its outputs by row id."""
     import pyarrow.parquet as pq
 
-    from tasc_ray.stages.labeling import label_parquet, resolve_filesystem
+    from tasc_ray.io import arrow_filesystem
+    from tasc_ray.stages.labeling import label_parquet
 
     out = work / f"labels-{mode}-{int(time.time())}"
     summary = label_parquet(
@@ -139,7 +140,7 @@ def _label_mode(args: argparse.Namespace, src: Path, engine: Any, work: Path, mo
         num_cpus_per_replica=args.num_cpus,
         num_threads=args.threads,
     )
-    fs, root = resolve_filesystem(str(out))
+    fs, root = arrow_filesystem(str(out))
     table = pq.read_table(root, filesystem=fs)
     return summary, dict(zip(table.column("id").to_pylist(), table.column("output").to_pylist()))
 
