@@ -1,4 +1,5 @@
-"""`tasc-ray label`: batch labeling of a parquet dataset on a Ray Data actor pool (tasc_ray.stages.labeling)."""
+"""`tasc-ray label`: batch labeling of a dataset (parquet, jsonl or csv; local or s3://) on a Ray Data actor pool
+(tasc_ray.stages.labeling)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         subparsers,
         "label",
         run_label,
-        "label a parquet dataset (local or s3://) with TASC-spec on Ray Data; resumable",
+        "label a dataset (parquet, jsonl or csv; local or s3://) with TASC-spec on Ray Data; resumable",
         description="Read INPUT, format each row's prompt with TEMPLATE, generate with an actor "
         "pool of TASC generators and write OUTPUT (parts + _SUCCESS manifest). A rerun "
         "skips ids already written. Starts a local Ray unless RAY_ADDRESS is set.",
@@ -24,7 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def add_label_arguments(parser: argparse.ArgumentParser) -> None:
     """The label job's arguments (shared by `tasc-ray label` and jobs/batch_label.py)."""
-    parser.add_argument("--input", required=True, help="parquet file or directory, local or s3://")
+    parser.add_argument(
+        "--input", required=True, help="parquet (or jsonl, csv) file, directory or glob, local or s3://"
+    )
     parser.add_argument("--output", required=True, help="output directory, local or s3://")
     add_model_argument(parser)
     add_engine_arguments(parser)

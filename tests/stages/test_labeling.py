@@ -1,4 +1,5 @@
-"""Batch labeling on Ray Data: local and S3 parquet, error rows, the commit marker and resume after a stop."""
+"""Batch labeling on Ray Data: the Dataset -> Dataset stage, the job over local and S3 parquet (and jsonl), error
+rows, the commit marker and resume after a stop."""
 
 from __future__ import annotations
 
@@ -14,22 +15,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasc_ray.spec.engine import EngineConfig, load_engine
+from tasc_ray.io import arrow_filesystem
+from tasc_ray.spec.config import EngineConfig
+from tasc_ray.spec.engine import load_engine
 from tasc_ray.spec.generator import SamplingParams
 from tasc_ray.spec.index import NgramIndex
-from tasc_ray.stages.labeling import (
-    OUTPUT_COLUMNS,
-    SUCCESS,
-    LabelError,
-    is_complete,
-    label_parquet,
-    node_cpu_share,
-    resolve_filesystem,
-)
+from tasc_ray.stages.commit import SUCCESS, is_complete
+from tasc_ray.stages.labeling import OUTPUT_COLUMNS, LabelError, label_dataset, label_parquet, node_cpu_share
 
 MAX_NEW = 24
 STOP = ["]"]
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +59,7 @@ def reference(engine, task_rows):
 
 
 def _read(output: str) -> pa.Table:
-    fs, root = resolve_filesystem(output)
+    fs, root = arrow_filesystem(output)
     parts = [
         f.path
         for f in fs.get_file_info(__import__("pyarrow.fs").fs.FileSelector(root))
@@ -121,6 +117,30 @@ def test_label_errors_limit_and_resume(ray_cluster, tmp_path, task_rows, engine,
     assert third["rows_labeled"] == 0 and third["complete"] and len(_read(out)) == 42
 
 
+def test_label_dataset_is_a_dataset_stage(ray_cluster, task_rows, engine, reference):
+    """The stage alone: rows in, label rows out; the caller owns reading and writing (here: in memory)."""
+    rows = _rows(task_rows, 6)
+    ds = ray_cluster.data.from_items(rows)
+    labeled = label_dataset(ds, engine, "{prompt}", SamplingParams(max_new_tokens=MAX_NEW, stop=STOP), batch_size=4)
+    out = {r["id"]: r for r in labeled.take_all()}
+    assert sorted(out) == sorted(r["id"] for r in rows)
+    assert set(next(iter(out.values()))) == set(OUTPUT_COLUMNS)
+    for rid, text in reference.items():
+        if rid in out:
+            assert out[rid]["output"] == text and out[rid]["error"] is None
+    assert out["bad-empty"]["error"].startswith("PromptError") and out["bad-empty"]["output"] is None
+    assert out["bad-long"]["error"].startswith("PromptTooLongError")
+
+
+def test_jsonl_input(ray_cluster, tmp_path, task_rows, engine, reference):
+    rows = _rows(task_rows, 5, bad=False)
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = label_parquet(str(src), str(tmp_path / "labels"), engine, max_new_tokens=MAX_NEW, stop=STOP)
+    assert summary["complete"] and summary["rows_labeled"] == 5
+    _check_output(str(tmp_path / "labels"), rows, reference)
+
+
 def test_replicas_share_their_node_cpus(ray_cluster):
     """Inside the cluster (one node with 2 CPUs), each replica's torch threads are its share of its node's CPUs."""
     share = ray_cluster.remote(num_cpus=0)(node_cpu_share)
@@ -146,7 +166,7 @@ def test_s3_input_and_output_through_the_job_script(ray_cluster, s3_bucket, tmp_
     rows = _rows(task_rows, 12, bad=False)
     for r in rows:  # the template rebuilds the prompt from two columns
         r["intro"] = r["prompt"][: r["prompt"].rindex("Sentence: ")]
-    fs, _ = resolve_filesystem(f"s3://{s3_bucket}/in")
+    fs, _ = arrow_filesystem(f"s3://{s3_bucket}/in")
     with fs.open_output_stream(f"{s3_bucket}/in/prompts.parquet") as f:
         pq.write_table(pa.Table.from_pylist(rows), f)
     out = f"s3://{s3_bucket}/labels"
