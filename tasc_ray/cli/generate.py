@@ -16,7 +16,7 @@ from tasc_ray.cli.args import (
     sampling_params,
 )
 from tasc_ray.cli.main import add_command
-from tasc_ray.io import read_texts
+from tasc_ray.io import read_texts, storage_options_for
 from tasc_ray.models import load_tokenizer, resolve_model
 from tasc_ray.spec.engine import load_engine
 from tasc_ray.spec.index import DEFAULT_MAX_ORDER, DEFAULT_TOP_K, NgramIndex
@@ -38,10 +38,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         subparsers,
         "build-index",
         _build_index,
-        "build an n-gram index in-process from a corpus of outputs (parquet, jsonl or text)",
+        "build an n-gram index in-process from a corpus of outputs (parquet, jsonl, csv or text; local or s3://)",
     )
-    build.add_argument("--input", required=True, help="corpus file: .parquet, .jsonl, or text (one output a line)")
-    build.add_argument("--column", default="output", help="column (parquet) or field (jsonl) holding the outputs")
+    build.add_argument(
+        "--input",
+        required=True,
+        action="append",
+        help="corpus: .parquet, .jsonl, .csv or text (one output a line) file, directory, glob or s3:// (repeatable)",
+    )
+    build.add_argument("--column", default="output", help="column (parquet, csv) or field (jsonl) holding the outputs")
     add_model_argument(build)
     build.add_argument("--out", required=True, help="index directory or s3:// prefix")
     build.add_argument("--max-order", type=int, default=DEFAULT_MAX_ORDER, help="n-gram order N (contexts 1..N-1)")
@@ -69,7 +74,7 @@ def _build_index(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = load_tokenizer(args.model)
     t0 = time.perf_counter()
     index = NgramIndex.from_texts(corpus.texts, tokenizer, args.max_order, args.top_k, args.min_count)
-    index.save(args.out)
+    index.save(args.out, storage_options_for(args.out))
     elapsed = time.perf_counter() - t0
     logger.info(
         "indexed %d outputs (%d tokens, %d skipped) in %.1f s -> %s",

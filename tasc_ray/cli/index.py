@@ -1,5 +1,8 @@
 """CLI commands for corpus indexing: `index` (Ray Data job), `index-stats` and `simulate` (offline acceptance).
 
+Inputs are parquet, jsonl, csv or text files (one output a line), directories or globs, local or s3://
+(`tasc_ray.io`).
+
 `jobs/index_corpus.py` reuses `add_index_arguments` and `run_index`, so the job script and `tasc-ray index`
 take the same arguments.
 """
@@ -12,23 +15,16 @@ import logging
 import math
 from typing import Any
 
-import fsspec
 import numpy as np
 
 from tasc_ray.cli.args import add_config_arguments, config_from_args
 from tasc_ray.cli.main import add_command
+from tasc_ray.io import fsspec_filesystem, read_texts, storage_options_for
 from tasc_ray.models import DEFAULT_MODEL, load_tokenizer
 from tasc_ray.spec.config import DrafterConfig, DraftMode
 from tasc_ray.spec.index import DEFAULT_MAX_ORDER, DEFAULT_TOP_K, MANIFEST, NgramIndex, read_manifest
 from tasc_ray.spec.simulate import simulate_acceptance
-from tasc_ray.stages.index_job import (
-    DEFAULT_BATCH_SIZE,
-    index_corpus,
-    index_truncation,
-    is_remote,
-    read_text_column,
-    storage_options_for,
-)
+from tasc_ray.stages.index_job import DEFAULT_BATCH_SIZE, index_corpus, index_truncation
 from tasc_ray.stages.runtime import ensure_ray
 
 logger = logging.getLogger(__name__)
@@ -39,8 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         subparsers,
         "index",
         _index,
-        "index a corpus of outputs (parquet, local or s3://) with a Ray Data job",
-        "Tokenise and count the n-grams of one text column of parquet files on Ray Data (a local "
+        "index a corpus of outputs (parquet, jsonl, csv or text; local or s3://) with a Ray Data job",
+        "Tokenise and count the n-grams of one text column of the input files on Ray Data (a local "
         "Ray, or the cluster at RAY_ADDRESS), keep the top-K continuations per context and write "
         "the index (manifest last).",
     )
@@ -65,7 +61,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     sim.add_argument("--index", required=False, help="index directory or s3:// prefix (not needed in context mode)")
     sim.add_argument(
-        "--input", required=True, action="append", help="held-out parquet: file, directory, glob or s3:// (repeatable)"
+        "--input",
+        required=True,
+        action="append",
+        help="held-out outputs (parquet, jsonl, csv): file, directory, glob or s3:// (repeatable)",
     )
     sim.add_argument("--column", default="reference", help="column with the true outputs")
     sim.add_argument("--prompt-column", default=None, help="optional column of prompts that seed each row")
@@ -97,9 +96,10 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
         "--input",
         required=True,
         action="append",
-        help="parquet file, directory, glob, or s3:// path/prefix/glob (repeatable)",
+        help="parquet, jsonl, csv or text (one output a line) file, directory, glob, or s3:// path/prefix/glob "
+        "(repeatable)",
     )
-    parser.add_argument("--column", default="output", help="the column holding the outputs")
+    parser.add_argument("--column", default="output", help="the column (or jsonl field) holding the outputs")
     parser.add_argument(
         "--tokenizer",
         "--model",
@@ -196,7 +196,7 @@ def index_stats(path: str, storage_options: dict[str, Any] | None = None) -> dic
     opts = storage_options_for(path, storage_options)
     manifest = read_manifest(path, opts)
     index = NgramIndex.load(path, opts)
-    fs, root = fsspec.core.url_to_fs(path, **opts)
+    fs, root = fsspec_filesystem(path, storage_options)
     disk = sum(int(info["bytes"]) for info in manifest["files"].values())
     try:
         disk += int(fs.size(f"{root}/{MANIFEST}"))
@@ -273,10 +273,9 @@ def _simulate(args: argparse.Namespace) -> dict[str, Any]:
         index = NgramIndex.load(args.index, storage_options_for(args.index, args.storage_options))
         index.check_tokenizer(tokenizer)
     extra = [args.prompt_column] if args.prompt_column else []
-    texts, read_stats, extras = read_text_column(args.input, args.column, args.storage_options, extra)
-    if not texts:
-        raise ValueError(f"column {args.column!r} of {', '.join(args.input)} has no non-empty text rows")
-    prompts_text = extras.get(args.prompt_column) if args.prompt_column else None
+    corpus = read_texts(args.input, args.column, extra, args.storage_options)
+    texts = corpus.texts
+    prompts_text = corpus.extras.get(args.prompt_column) if args.prompt_column else None
     if args.limit is not None:
         texts = texts[: args.limit]
         prompts_text = prompts_text[: args.limit] if prompts_text is not None else None
@@ -291,7 +290,7 @@ def _simulate(args: argparse.Namespace) -> dict[str, Any]:
         index=args.index,
         input=args.input,
         column=args.column,
-        skipped_rows=read_stats["skipped_null"] + read_stats["skipped_empty"] + read_stats["skipped_non_string"],
+        skipped_rows=corpus.skipped,
     )
     if not args.json:
         print(
@@ -301,4 +300,4 @@ def _simulate(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-__all__ = ["add_index_arguments", "collision_entropy", "index_stats", "is_remote", "register", "run_index"]
+__all__ = ["add_index_arguments", "collision_entropy", "index_stats", "register", "run_index"]

@@ -134,3 +134,28 @@ def test_unknown_model_and_bad_index(tmp_path, tiny_model_dir, capsys):
     assert "no manifest.json" in capsys.readouterr().err
     assert main(["generate", "--model", str(tiny_model_dir), "--messages", "[{oops", "--prompt", "x"][:5]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_build_index_reads_csv_directories_and_s3(tmp_path, task_rows, tiny_model_dir, s3_bucket, capsys):
+    from tasc_ray.io import fsspec_filesystem, storage_options_for
+    from tasc_ray.models import load_tokenizer
+    from tasc_ray.spec.index import NgramIndex
+
+    outputs = [r["output"] for r in task_rows[:60]]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.csv").write_text("output\n" + "".join(f'"{o}"\n' for o in outputs[:30]))
+    (corpus / "b.txt").write_text("\n".join(outputs[30:]) + "\n")
+    out = f"s3://{s3_bucket}/idx"
+    assert main(["build-index", "--input", str(corpus), "--model", str(tiny_model_dir), "--out", out, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == 60
+    expected = NgramIndex.from_texts(outputs, load_tokenizer(str(tiny_model_dir)))
+    assert NgramIndex.load(out, storage_options_for(out)).stats() == expected.stats()
+
+    fs, _ = fsspec_filesystem(out)
+    with fs.open(f"{s3_bucket}/corpus/c.jsonl", "w") as f:
+        f.write("".join(json.dumps({"output": o}) + "\n" for o in outputs))
+    local = tmp_path / "idx"
+    args = ["build-index", "--input", f"s3://{s3_bucket}/corpus/*.jsonl", "--model", str(tiny_model_dir)]
+    assert main([*args, "--out", str(local), "--json"]) == 0
+    assert NgramIndex.load(str(local)).stats() == expected.stats()
