@@ -1,4 +1,6 @@
-"""CLI for TASC-ft: `enrich-vocab` (vocabulary enrichment) and `finetune` (Ray Train)."""
+"""CLI for TASC-ft: `enrich-vocab` (vocabulary enrichment, tasc_ray.ft.enrich) and `finetune` (Ray Train,
+tasc_ray.stages.finetune). Both read parquet, jsonl or csv (enrich-vocab also text, one output a line), local or
+s3://, files, directories or globs (tasc_ray.io)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,9 @@ from typing import Any
 from tasc_ray.cli.args import add_model_argument
 from tasc_ray.cli.main import add_command
 from tasc_ray.ft.enrich import EnrichConfig, VocabEnrichmentError, enrich_model
-from tasc_ray.ft.train import FinetuneConfig, FinetuneError, finetune
+from tasc_ray.ft.train import FinetuneConfig, FinetuneError
 from tasc_ray.io import read_texts
+from tasc_ray.stages.finetune import finetune
 
 logger = logging.getLogger(__name__)
 
@@ -22,8 +25,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         _enrich,
         "TASC-ft: add frequent output n-grams to the tokenizer and save a plain HF model directory",
     )
+    add_enrich_arguments(enrich)
+    ft = add_command(
+        subparsers,
+        "finetune",
+        _finetune,
+        "TASC-ft: fine-tune (LoRA or full) on Ray Train; loss on output tokens only; resumable",
+    )
+    add_finetune_arguments(ft)
+
+
+def add_enrich_arguments(enrich: argparse.ArgumentParser) -> None:
+    """The arguments of `tasc-ray enrich-vocab`."""
     add_model_argument(enrich)
-    enrich.add_argument("--corpus", required=True, help="outputs: .parquet, .jsonl, .csv or text (one per line)")
+    enrich.add_argument(
+        "--corpus",
+        required=True,
+        help="outputs: .parquet, .jsonl, .csv or text (one per line); file, directory, glob or s3://",
+    )
     enrich.add_argument("--column", default="output", help="column (parquet/csv) or field (jsonl) of the outputs")
     enrich.add_argument("--budget", type=int, default=500, help="most new tokens")
     enrich.add_argument("--max-n", type=int, default=8, help="longest token n-gram considered per iteration")
@@ -56,14 +75,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     enrich.add_argument("--seed", type=int, default=0)
     enrich.add_argument("--out", required=True, help="output model directory (must not exist or be empty)")
 
-    ft = add_command(
-        subparsers,
-        "finetune",
-        _finetune,
-        "TASC-ft: fine-tune (LoRA or full) on Ray Train; loss on output tokens only; resumable",
-    )
+
+def add_finetune_arguments(ft: argparse.ArgumentParser) -> None:
+    """The arguments of `tasc-ray finetune` and jobs/finetune.py."""
     ft.add_argument("--model", required=True, help="model directory (e.g. from enrich-vocab) or 'smollm2-135m'")
-    ft.add_argument("--train", required=True, help="training data: .parquet, .jsonl or .csv")
+    ft.add_argument(
+        "--train", required=True, help="training data: .parquet, .jsonl or .csv; file, directory, glob or s3://"
+    )
     ft.add_argument("--prompt-column", default="prompt")
     ft.add_argument("--output-column", default="output")
     ft.add_argument("--out", required=True, help="where the merged model is saved (must not exist or be empty)")

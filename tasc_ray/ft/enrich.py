@@ -43,8 +43,6 @@ import copy
 import json
 import logging
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -57,6 +55,7 @@ from tokenizers import AddedToken
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tasc_ray.io import atomic_directory, is_free_directory
 from tasc_ray.spec.index import hash_windows, tokenize_texts
 
 logger = logging.getLogger(__name__)
@@ -254,6 +253,158 @@ def _probe(tokenizer: PreTrainedTokenizerBase) -> tuple[list[str], str]:
     return tokenizer.convert_ids_to_tokens(ids), tokenizer.decode(ids, clean_up_tokenization_spaces=False)
 
 
+@dataclass
+class Candidate:
+    """A string the iteration may add as a token: its current tokenisation(s) merged, and how it scores."""
+
+    token: str
+    score: int  # count * (n - 1), summed over the tokenisations that decode to `token`
+    count: int  # aligned occurrences f(s)
+    ids: tuple[int, ...]  # its first-found tokenisation under the current vocabulary
+    conflict: float = 0.0  # prefix-conflict score m(s) / c(s), set by choose_candidates
+
+
+@dataclass
+class _Drops:
+    invalid: int = 0
+    crossing: int = 0
+    conflict: int = 0
+    overlap: int = 0
+
+
+def find_candidates(
+    tok: PreTrainedTokenizerBase,
+    seqs: list[np.ndarray],
+    config: EnrichConfig,
+    want: int,
+    vocab: set[str],
+    probe: tuple[list[str], str],
+    drops: _Drops,
+) -> tuple[list[Candidate], int]:
+    """The iteration's candidates, best first: the top n-grams decoded, those crossing a field separator, already
+    in the vocabulary or not round-tripping dropped, tokenisations of one string merged. Also the raw count."""
+    raw = _candidates(seqs, config.max_n, config.min_count, _special_ids(tok), config.candidate_pool * want)
+    by_string: dict[str, Candidate] = {}
+    for score, count, ids in raw:
+        s = tok.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if any(crosses(s, sep) for sep in config.no_cross):  # the cheap test first
+            drops.crossing += 1
+            continue
+        if s in vocab or not _round_trips(tok, s, probe):
+            drops.invalid += 1
+            continue
+        entry = by_string.setdefault(s, Candidate(s, 0, 0, ids))
+        entry.score += score
+        entry.count += count
+    return sorted(by_string.values(), key=lambda c: -c.score), len(raw)
+
+
+def choose_candidates(
+    ranked: list[Candidate], joined: str, config: EnrichConfig, want: int, drops: _Drops
+) -> list[Candidate]:
+    """Up to `want` candidates in rank order, leaving out prefix-conflicting ones (when the filter is on) and
+    those overlapping an already chosen one."""
+    chosen: list[Candidate] = []
+    for c in ranked:
+        if len(chosen) >= want:
+            break
+        occurrences = joined.count(c.token)
+        c.conflict = max(0, occurrences - c.count) / occurrences if occurrences else 1.0
+        if config.prefix_filter and c.conflict > config.max_conflict:
+            drops.conflict += 1
+            continue
+        if any(_overlaps(c.ids, other.ids) for other in chosen):
+            drops.overlap += 1
+            continue
+        chosen.append(c)
+    return chosen
+
+
+def _added(
+    tok: PreTrainedTokenizerBase, base: PreTrainedTokenizerBase, chosen: list[Candidate], iteration: int
+) -> list[NewToken]:
+    return [
+        NewToken(
+            token=c.token,
+            id=int(tok.convert_tokens_to_ids(c.token)),
+            iteration=iteration,
+            n=len(c.ids),
+            count=c.count,
+            score=c.score,
+            conflict=round(c.conflict, 4),
+            base_ids=base(c.token, add_special_tokens=False)["input_ids"],
+        )
+        for c in chosen
+    ]
+
+
+def _iteration_log(
+    iteration: int, added: int, before: int, after: int, candidates: int, drops: _Drops, t0: float
+) -> IterationLog:
+    gain = (before - after) / before
+    logger.info("iteration %d: +%d tokens, train tokens %d -> %d (%.2f%%)", iteration, added, before, after, 100 * gain)
+    return IterationLog(
+        iteration=iteration,
+        added=added,
+        train_tokens=after,
+        gain=round(gain, 5),
+        candidates=candidates,
+        dropped_invalid=drops.invalid,
+        dropped_conflict=drops.conflict,
+        dropped_overlap=drops.overlap,
+        seconds=round(time.perf_counter() - t0, 3),
+        dropped_crossing=drops.crossing,
+    )
+
+
+@dataclass
+class _LoopResult:
+    tokenizer: PreTrainedTokenizerBase
+    new_tokens: list[NewToken]
+    iterations: list[IterationLog]
+    stop_reason: str
+
+
+def enrichment_loop(
+    base: PreTrainedTokenizerBase, train: list[str], config: EnrichConfig, progress: bool = True
+) -> _LoopResult:
+    """Add tokens iteration by iteration until the budget is spent, no candidate is left, or the gain is too small."""
+    tok = copy.deepcopy(base)
+    joined, vocab, probe = "\x00".join(train), set(tok.get_vocab()), _probe(tok)
+    out = _LoopResult(tok, [], [], "budget")
+    current = count_tokens(tok, train)
+    bar = tqdm(total=config.budget, desc="enrich-vocab", unit="tok", disable=not progress)
+    iteration = 0
+    while len(out.new_tokens) < config.budget:
+        iteration += 1
+        t0, drops = time.perf_counter(), _Drops()
+        want = min(config.per_iteration, config.budget - len(out.new_tokens))
+        seqs = tokenize_texts(train, out.tokenizer)
+        ranked, n_raw = find_candidates(out.tokenizer, seqs, config, want, vocab, probe, drops)
+        chosen = choose_candidates(ranked, joined, config, want, drops)
+        if not chosen:
+            out.stop_reason = "no candidates"
+            break
+        trial = copy.deepcopy(out.tokenizer)
+        trial.add_tokens([AddedToken(c.token, normalized=False, special=False) for c in chosen])
+        after = count_tokens(trial, train)
+        if after >= current:
+            out.stop_reason = f"no gain (iteration {iteration} would change tokens {current} -> {after}; not added)"
+            break
+        gain = (current - after) / current
+        out.tokenizer = trial
+        vocab.update(c.token for c in chosen)
+        out.new_tokens += _added(trial, base, chosen, iteration)
+        out.iterations.append(_iteration_log(iteration, len(chosen), current, after, n_raw, drops, t0))
+        bar.update(len(chosen))
+        current = after
+        if gain < config.min_gain:
+            out.stop_reason = f"marginal gain {gain:.4f} < min_gain {config.min_gain}"
+            break
+    bar.close()
+    return out
+
+
 def enrich_tokenizer(
     tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], config: EnrichConfig | None = None, progress: bool = True
 ) -> EnrichResult:
@@ -265,116 +416,17 @@ def enrich_tokenizer(
         raise VocabEnrichmentError("the corpus has no non-empty outputs (empty corpus)")
     if not getattr(tokenizer, "is_fast", False):
         raise VocabEnrichmentError("vocabulary enrichment needs a fast (tokenizers-backed) tokenizer")
-    base = tokenizer
-    tok = copy.deepcopy(tokenizer)
     train, held = split_corpus(texts, config.holdout, config.seed)
-    joined = "\x00".join(train)
-    special = _special_ids(tok)
-    vocab = set(tok.get_vocab())
-    probe = _probe(tok)
-    new_tokens: list[NewToken] = []
-    iterations: list[IterationLog] = []
-    before_train = count_tokens(tok, train)
-    current = before_train
-    stop_reason = "budget"
-    bar = tqdm(total=config.budget, desc="enrich-vocab", unit="tok", disable=not progress)
-    iteration = 0
-    while len(new_tokens) < config.budget:
-        iteration += 1
-        t0 = time.perf_counter()
-        seqs = tokenize_texts(train, tok)
-        want = min(config.per_iteration, config.budget - len(new_tokens))
-        raw = _candidates(seqs, config.max_n, config.min_count, special, config.candidate_pool * want)
-        # Merge tokenisations that decode to the same string: all their occurrences would use the new token.
-        by_string: dict[str, list[Any]] = {}
-        dropped_invalid = dropped_crossing = 0
-        for score, count, ids in raw:
-            s = tok.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            if any(crosses(s, sep) for sep in config.no_cross):  # the cheap test first
-                dropped_crossing += 1
-                continue
-            if s in vocab or not _round_trips(tok, s, probe):
-                dropped_invalid += 1
-                continue
-            entry = by_string.setdefault(s, [0, 0, ids])
-            entry[0] += score
-            entry[1] += count
-        ranked = sorted(by_string.items(), key=lambda kv: -kv[1][0])
-        chosen: list[tuple[str, int, int, tuple[int, ...], float]] = []
-        dropped_conflict = dropped_overlap = 0
-        for s, (score, count, ids) in ranked:
-            if len(chosen) >= want:
-                break
-            occurrences = joined.count(s)
-            conflict = max(0, occurrences - count) / occurrences if occurrences else 1.0
-            if config.prefix_filter and conflict > config.max_conflict:
-                dropped_conflict += 1
-                continue
-            if any(_overlaps(ids, c[3]) for c in chosen):
-                dropped_overlap += 1
-                continue
-            chosen.append((s, score, count, ids, conflict))
-        if not chosen:
-            stop_reason = "no candidates"
-            break
-        trial = copy.deepcopy(tok)
-        trial.add_tokens([AddedToken(s, normalized=False, special=False) for s, *_ in chosen])
-        after = count_tokens(trial, train)
-        gain = (current - after) / current if current else 0.0
-        if after >= current:
-            stop_reason = f"no gain (iteration {iteration} would change tokens {current} -> {after}; not added)"
-            break
-        tok = trial
-        for s, score, count, ids, conflict in chosen:
-            vocab.add(s)
-            new_tokens.append(
-                NewToken(
-                    token=s,
-                    id=int(tok.convert_tokens_to_ids(s)),
-                    iteration=iteration,
-                    n=len(ids),
-                    count=count,
-                    score=score,
-                    conflict=round(conflict, 4),
-                    base_ids=base(s, add_special_tokens=False)["input_ids"],
-                )
-            )
-        bar.update(len(chosen))
-        iterations.append(
-            IterationLog(
-                iteration,
-                len(chosen),
-                after,
-                round(gain, 5),
-                len(raw),
-                dropped_invalid,
-                dropped_conflict,
-                dropped_overlap,
-                round(time.perf_counter() - t0, 3),
-                dropped_crossing,
-            )
-        )
-        logger.info(
-            "iteration %d: +%d tokens (%d in all), train tokens %d -> %d (%.2f%%)",
-            iteration,
-            len(chosen),
-            len(new_tokens),
-            current,
-            after,
-            100 * gain,
-        )
-        current = after
-        if gain < config.min_gain:
-            stop_reason = f"marginal gain {gain:.4f} < min_gain {config.min_gain}"
-            break
-    bar.close()
-    bad = roundtrip_failures(tok, texts)
+    loop = enrichment_loop(tokenizer, train, config, progress)
+    bad = roundtrip_failures(loop.tokenizer, texts)
     if bad:
         raise VocabEnrichmentError(f"decode(encode(s)) != s for {len(bad)}+ corpus texts, e.g. {bad[0]!r}")
-    result = EnrichResult(tok, new_tokens, iterations, stop_reason, config, len(train), len(held))
+    result = EnrichResult(
+        loop.tokenizer, loop.new_tokens, loop.iterations, loop.stop_reason, config, len(train), len(held)
+    )
     for name, split in (("train", train), ("heldout", held)):
         if split:
-            b, a = count_tokens(base, split) / len(split), count_tokens(tok, split) / len(split)
+            b, a = count_tokens(tokenizer, split) / len(split), count_tokens(loop.tokenizer, split) / len(split)
             result.tokens_per_output[name] = {
                 "before": round(b, 3),
                 "after": round(a, 3),
@@ -420,13 +472,13 @@ def enrich_model(
     model: str, texts: Sequence[str], out: str | Path, config: EnrichConfig | None = None, progress: bool = True
 ) -> dict[str, Any]:
     """Enrich `model`'s tokenizer on `texts`, init the new rows, save a plain HF directory to `out`, written
-    aside and renamed into place. Returns the report (also saved as `out/tasc_ft_vocab.json`)."""
+    aside and moved into place (`tasc_ray.io.atomic_directory`). Returns the report (also saved as
+    `out/tasc_ft_vocab.json`)."""
     config = config or EnrichConfig()
     config.validate()
     if not [t for t in texts if isinstance(t, str) and t]:
         raise VocabEnrichmentError("the corpus has no non-empty outputs (empty corpus)")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if not is_free_directory(out):
         raise VocabEnrichmentError(f"output directory {out} exists and is not empty")
     t0 = time.perf_counter()
     model_obj, tokenizer, source = _load_base(model)
@@ -443,17 +495,10 @@ def enrich_model(
             "seconds": round(time.perf_counter() - t0, 2),
         }
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out, last=REPORT_FILE) as tmp:
         model_obj.save_pretrained(tmp)
         result.tokenizer.save_pretrained(tmp)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False))
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     logger.info(
         "added %d tokens (%s); held-out tokens/output %s -> saved %s",
         len(result.new_tokens),

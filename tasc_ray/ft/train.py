@@ -1,45 +1,44 @@
-"""TASC-ft fine-tuning on Ray Train: teach a model (usually one with an enriched vocabulary) to emit its outputs.
+"""TASC-ft fine-tuning, the part that needs no Ray: the configs, the data, the model and the training loop.
 
-`finetune(FinetuneConfig(...))` runs a `TorchTrainer` with `ScalingConfig(num_workers, use_gpu)` (gloo on CPU,
-nccl on GPU). The loss covers output tokens only (prompt positions are labelled -100). Two recipes:
+The loss covers output tokens only (prompt positions are labelled -100). Two recipes:
 
 * LoRA (default, peft): adapters on every linear layer of the blocks, plus the embedding rows of the tokenizer's
   added (non-special) tokens trainable through peft's `trainable_token_indices` (tied LM heads follow).
-* Full fine-tuning (`full=True`): every parameter.
+* Full fine-tuning (`full=True`): every parameter; `NewRowBoost` gives the new rows their own learning rate.
 
-Each epoch ends with a checkpoint (the trainable state and the optimizer) reported to the run's `storage_path`
-(a local directory or `s3://...`). A run restarted with the same storage path and name resumes from the latest
-checkpoint: Ray Train v2 restores the run's checkpoint state from storage, and workers pick it up through
-`ray.train.get_checkpoint()`; `max_failures` retries worker failures the same way. The final weights are
-merged (`merge_and_unload` for LoRA) and saved as a plain Hugging Face directory, written aside and renamed
-into place, so a half-written output never looks complete.
-
-`trainer="local"` runs the same loop in-process (one worker, local checkpoints, same resume logic) for machines
-without Ray, e.g. a bare GPU box; the Ray path is the default and the one the CLI and jobs use.
+`run_training(LoopConfig, session)` is one worker's loop: resume from the session's latest checkpoint, train,
+report a checkpoint (trainable state + optimizer) after each epoch. The session is `LocalSession` here (one
+in-process worker, local checkpoints, for machines without Ray) or the Ray Train session of
+`tasc_ray.stages.finetune`, which also runs the whole job (`finetune`). `save_merged` rebuilds the model from the
+final state, merges LoRA and writes a plain Hugging Face directory atomically (`tasc_ray.io.atomic_directory`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import random
 import shutil
-import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
+
+from tasc_ray.io import CorpusError, atomic_directory, read_texts
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 SUMMARY_FILE = "finetune.json"
 LORA_TARGETS = "all-linear"
+
+# Called by every worker after each epoch's checkpoint with (epochs done, the epoch the run resumed from or None);
+# tests inject failures with it.
+EpochHook = Callable[[int, "int | None"], None]
 
 
 class FinetuneError(ValueError):
@@ -48,8 +47,10 @@ class FinetuneError(ValueError):
 
 @dataclass
 class FinetuneConfig:
+    """A fine-tuning job, as the CLI and the benchmarks describe it."""
+
     model: str
-    train: str  # .parquet, .jsonl or .csv with a prompt and an output column
+    train: str  # parquet, jsonl or csv (file, directory or glob, local or s3://) with a prompt and an output column
     out: str
     prompt_column: str = "prompt"
     output_column: str = "output"
@@ -71,47 +72,92 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     seed: int = 0
     max_failures: int = 0
-    fail_after_epoch: int | None = None  # fault injection for tests: raise once after this epoch's checkpoint
     trainer: str = "ray"  # "ray" (TorchTrainer) or "local" (one in-process worker, for machines without Ray)
     progress: bool = False  # tqdm over steps on rank 0
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else (5e-5 if self.full else 2e-4)
 
+    def validate(self) -> None:
+        if self.epochs <= 0:
+            raise FinetuneError(f"epochs must be positive, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise FinetuneError(f"max_steps must be positive, got {self.max_steps}")
+        if self.num_workers < 1 or self.batch_size < self.num_workers:
+            raise FinetuneError(
+                f"need num_workers >= 1 and batch_size >= num_workers "
+                f"(got {self.num_workers} workers, batch {self.batch_size})"
+            )
+        if self.trainer not in ("ray", "local"):
+            raise FinetuneError(f"trainer must be 'ray' or 'local', got {self.trainer!r}")
 
-def read_pairs(path: str | Path, prompt_column: str, output_column: str) -> list[dict[str, str]]:
-    """Rows of {"prompt", "output"} from a .parquet, .jsonl or .csv file, with clear errors on bad input."""
-    import pandas as pd
+    def storage(self) -> tuple[str, str]:
+        """(checkpoint storage: a local directory or s3:// URL, run name); default <out>.ray, finetune-<out name>."""
+        out = Path(self.out).expanduser().resolve()
+        storage = self.storage_path or str(out.parent / f"{out.name}.ray")
+        if "://" not in storage:
+            storage = str(Path(storage).expanduser().resolve())
+        return storage, self.name or f"finetune-{out.name}"
 
-    path = Path(path)
-    if not path.is_file():
-        raise FinetuneError(f"training file not found: {path}")
-    suffix = path.suffix.lower()
+
+@dataclass
+class LoopConfig:
+    """What each worker's loop needs: the resolved model directory, the rows, and the recipe."""
+
+    model_path: str
+    rows: list[dict[str, str]]
+    full: bool = False
+    lora_r: int = 16
+    lora_alpha: int | None = None
+    lr: float = 2e-4
+    new_token_lr_mult: float = 1.0
+    epochs: int = 3
+    max_steps: int | None = None
+    batch_size: int = 8
+    max_length: int = 512
+    weight_decay: float = 0.0
+    seed: int = 0
+    bf16: bool = False
+    progress: bool = False
+
+    @classmethod
+    def from_job(cls, cfg: FinetuneConfig, model_path: str, rows: list[dict[str, str]]) -> LoopConfig:
+        return cls(
+            model_path=model_path,
+            rows=rows,
+            full=cfg.full,
+            lora_r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lr=cfg.resolved_lr(),
+            new_token_lr_mult=cfg.new_token_lr_mult,
+            epochs=cfg.epochs,
+            max_steps=cfg.max_steps,
+            batch_size=cfg.batch_size,
+            max_length=cfg.max_length,
+            weight_decay=cfg.weight_decay,
+            seed=cfg.seed,
+            bf16=cfg.bf16,
+            progress=cfg.progress,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data and model
+# ----------------------------------------------------------------------------------------------------------------
+def read_pairs(
+    path: str | Path, prompt_column: str, output_column: str, storage_options: dict[str, Any] | None = None
+) -> list[dict[str, str]]:
+    """Rows of {"prompt", "output"} with a non-empty prompt and output, from any input `tasc_ray.io` reads."""
     try:
-        if suffix == ".parquet":
-            df = pd.read_parquet(path)
-        elif suffix in (".jsonl", ".ndjson"):
-            df = pd.read_json(path, lines=True)
-        elif suffix == ".csv":
-            df = pd.read_csv(path)
-        else:
-            raise FinetuneError(f"{path}: unsupported training file type {suffix!r} (use .parquet, .jsonl or .csv)")
-    except FinetuneError:
-        raise
-    except Exception as exc:
-        raise FinetuneError(f"{path} cannot be read: {exc}") from exc
-    for col in (prompt_column, output_column):
-        if col not in df.columns:
-            raise FinetuneError(f"{path} has no column {col!r}; columns: {', '.join(map(str, df.columns))}")
-    rows = [
-        {"prompt": p, "output": o}
-        for p, o in zip(df[prompt_column], df[output_column])
-        if isinstance(p, str) and isinstance(o, str) and p and o
-    ]
+        corpus = read_texts(str(path), output_column, [prompt_column], storage_options, what="training")
+    except CorpusError as exc:  # "training file not found: ...", "... has no column ...", "... (empty training ...)"
+        raise FinetuneError(str(exc)) from exc
+    pairs = zip(corpus.extras[prompt_column], corpus.texts)
+    rows = [{"prompt": p, "output": o} for p, o in pairs if isinstance(p, str) and p]
     if not rows:
         raise FinetuneError(f"{path}: no rows with a non-empty {prompt_column!r} and {output_column!r} (empty data)")
-    if len(rows) < len(df):
-        logger.warning("%s: skipped %d rows with an empty prompt or output", path, len(df) - len(rows))
+    if len(rows) < corpus.stats["rows"]:
+        logger.warning("%s: skipped %d rows with an empty prompt or output", path, corpus.stats["rows"] - len(rows))
     return rows
 
 
@@ -133,12 +179,12 @@ def new_token_ids(tokenizer: Any) -> list[int]:
     return sorted(int(i) for i, t in tokenizer.added_tokens_decoder.items() if not t.special)
 
 
-def _lora_config(cfg: dict[str, Any], new_ids: list[int]) -> Any:
+def _lora_config(cfg: LoopConfig, new_ids: list[int]) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(
-        r=cfg["lora_r"],
-        lora_alpha=cfg["lora_alpha"] or 2 * cfg["lora_r"],
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
         lora_dropout=0.0,
         target_modules=LORA_TARGETS,
         task_type="CAUSAL_LM",
@@ -146,13 +192,13 @@ def _lora_config(cfg: dict[str, Any], new_ids: list[int]) -> Any:
     )
 
 
-def build_model(cfg: dict[str, Any], device: torch.device | str = "cpu") -> tuple[Any, Any]:
+def build_model(cfg: LoopConfig, device: torch.device | str = "cpu") -> tuple[Any, Any]:
     """The model to train (base + LoRA, or the base itself for full fine-tuning) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg["model_path"])
-    model = AutoModelForCausalLM.from_pretrained(cfg["model_path"], dtype=torch.float32)
-    if not cfg["full"]:
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=torch.float32)
+    if not cfg.full:
         from peft import get_peft_model
 
         model = get_peft_model(model, _lora_config(cfg, new_token_ids(tokenizer)))
@@ -200,75 +246,6 @@ def load_trainable_state(model: Any, state: dict[str, torch.Tensor], full: bool)
         set_peft_model_state_dict(model, state)
 
 
-class _RaySession:
-    """The worker's view of a Ray Train run."""
-
-    def __init__(self) -> None:
-        import ray.train
-        import ray.train.torch
-
-        self._train, self._torch = ray.train, ray.train.torch
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
-
-    def latest_state(self) -> dict[str, Any] | None:
-        checkpoint = self._train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as d:
-            return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-
-    def prepare(self, model: Any) -> Any:
-        return self._torch.prepare_model(model)
-
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        from ray.train import Checkpoint
-
-        with tempfile.TemporaryDirectory() as d:
-            ckpt = None
-            if state is not None:
-                torch.save(state, Path(d) / STATE_FILE)
-                ckpt = Checkpoint.from_directory(d)
-            self._train.report(metrics, checkpoint=ckpt)
-
-
-class _LocalSession:
-    """One in-process worker, checkpointing to `<storage>/<name>/checkpoint_<epoch>/` on a local filesystem (for
-    machines without Ray; the Ray path is the default)."""
-
-    rank, world = 0, 1
-
-    def __init__(self, root: Path, use_gpu: bool) -> None:
-        self.root = root
-        self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.metrics: dict[str, Any] = {}
-
-    def checkpoints(self) -> list[Path]:
-        done = [p for p in self.root.glob("checkpoint_*") if (p / STATE_FILE).is_file()]
-        return sorted(done, key=lambda p: int(p.name.split("_")[1]))
-
-    def latest_state(self) -> dict[str, Any] | None:
-        done = self.checkpoints()
-        return torch.load(done[-1] / STATE_FILE, map_location="cpu", weights_only=False) if done else None
-
-    def prepare(self, model: Any) -> Any:
-        return model
-
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        self.metrics = metrics
-        if state is not None:
-            final = self.root / f"checkpoint_{state['epoch']:06d}"
-            tmp = self.root / f".tmp_{final.name}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            torch.save(state, tmp / STATE_FILE)
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            for old in self.checkpoints()[:-2]:
-                shutil.rmtree(old, ignore_errors=True)
-
-
 class NewRowBoost:
     """Full fine-tuning: a learning rate `mult` times higher for the new tokens' embedding rows (and untied LM-head
     rows). The AdamW step is linear in the learning rate, so scaling those rows' step by `mult` after the optimizer
@@ -295,263 +272,190 @@ class NewRowBoost:
             w[self.ids] = old + (w[self.ids] - old) * self.mult
 
 
-def train_loop(cfg: dict[str, Any]) -> None:
-    """The per-worker loop (Ray Train entry point)."""
-    run_training(cfg, _RaySession())
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------------
+class Session(Protocol):
+    """A worker's view of its run: rank, world size, device, the latest checkpoint, and where to report."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    def latest_state(self) -> dict[str, Any] | None: ...
+
+    def prepare(self, model: Any) -> Any: ...
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None: ...
 
 
-def run_training(cfg: dict[str, Any], session: Any) -> None:
-    """Resume from the latest checkpoint, train, checkpoint each epoch (and at max_steps)."""
-    rank, world, device = session.rank, session.world, session.device
-    torch.manual_seed(cfg["seed"])
-    model, tokenizer = build_model(cfg, device)
+class LocalSession:
+    """One in-process worker, checkpointing to `<storage>/<name>/checkpoint_<epoch>/` on a local filesystem (for
+    machines without Ray; the Ray path is the default)."""
+
+    rank, world = 0, 1
+
+    def __init__(self, root: Path, use_gpu: bool) -> None:
+        self.root = root
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.metrics: dict[str, Any] = {}
+
+    def checkpoints(self) -> list[Path]:
+        done = [p for p in self.root.glob("checkpoint_*") if (p / STATE_FILE).is_file()]
+        return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+    def latest_state(self) -> dict[str, Any] | None:
+        done = self.checkpoints()
+        return torch.load(done[-1] / STATE_FILE, map_location="cpu", weights_only=False) if done else None
+
+    def prepare(self, model: Any) -> Any:
+        return model
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        self.metrics = metrics
+        if state is not None:
+            with atomic_directory(self.root / f"checkpoint_{state['epoch']:06d}", if_exists="replace") as tmp:
+                torch.save(state, tmp / STATE_FILE)
+            for old in self.checkpoints()[:-2]:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class _Trainer:
+    """The model, optimizer and data of one worker, and where training stands."""
+
+    model: Any
+    optimizer: torch.optim.Optimizer
+    params: list[torch.Tensor]
+    boost: NewRowBoost
+    examples: list[tuple[list[int], list[int]]]
+    pad_id: int
+    epoch: int = 0
+    step: int = 0
+    resumed_from: int | None = None
+    losses: list[float] = field(default_factory=list)
+
+
+def _setup(cfg: LoopConfig, session: Session) -> _Trainer:
+    """Build the model and optimizer, resume from the session's latest checkpoint, encode the rows."""
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = build_model(cfg, session.device)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
     token_rows = [p for n, p in named if "trainable_tokens_delta" in n]
-    others = [p for n, p in named if "trainable_tokens_delta" not in n]
-    groups = [{"params": others, "lr": cfg["lr"]}]
+    groups = [{"params": [p for n, p in named if "trainable_tokens_delta" not in n], "lr": cfg.lr}]
     if token_rows:
-        groups.append({"params": token_rows, "lr": cfg["lr"] * cfg.get("new_token_lr_mult", 1.0)})
-    optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        groups.append({"params": token_rows, "lr": cfg.lr * cfg.new_token_lr_mult})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # LoRA gives the new rows their own parameter group above; full fine-tuning scales their step instead
-    boost = NewRowBoost(model, new_token_ids(tokenizer) if cfg["full"] else [], cfg.get("new_token_lr_mult", 1.0))
-    start_epoch, step = 0, 0
+    boost = NewRowBoost(model, new_token_ids(tokenizer) if cfg.full else [], cfg.new_token_lr_mult)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    examples = encode_rows(tokenizer, cfg.rows, cfg.max_length)
+    trainer = _Trainer(model, optimizer, [p for _, p in named], boost, examples, pad_id)
     state = session.latest_state()
     if state is not None:
-        load_trainable_state(model, state["model"], cfg["full"])
+        load_trainable_state(model, state["model"], cfg.full)
         optimizer.load_state_dict(state["optimizer"])
-        start_epoch, step = state["epoch"], state["step"]
-        logger.info("rank %d: resumed from checkpoint after epoch %d (step %d)", rank, start_epoch, step)
-    resumed_from = start_epoch if state is not None else None
-    del state
-    model = session.prepare(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    examples = encode_rows(tokenizer, cfg["rows"], cfg["max_length"])
-    global_bs = cfg["batch_size"]
-    steps_per_epoch = max(1, len(examples) // global_bs)
-    max_steps = cfg["max_steps"] or steps_per_epoch * cfg["epochs"]
-    use_bf16 = cfg["bf16"] and device.type == "cuda"
-    model.train()
-    for epoch in range(start_epoch, cfg["epochs"]):
-        if step >= max_steps:
+        trainer.epoch = trainer.resumed_from = state["epoch"]
+        trainer.step = state["step"]
+        logger.info(
+            "rank %d: resumed from checkpoint after epoch %d (step %d)", session.rank, state["epoch"], state["step"]
+        )
+    trainer.model = session.prepare(model)
+    return trainer
+
+
+def _train_epoch(t: _Trainer, cfg: LoopConfig, session: Session, max_steps: int) -> None:
+    """One pass over the shuffled rows (each worker takes its share of every global batch)."""
+    steps_per_epoch = max(1, len(t.examples) // cfg.batch_size)
+    order = list(range(len(t.examples)))
+    random.Random(cfg.seed * 1000 + t.epoch).shuffle(order)
+    use_bf16 = cfg.bf16 and session.device.type == "cuda"
+    t.losses = []
+    for i in tqdm(range(steps_per_epoch), desc=f"epoch {t.epoch + 1}", disable=session.rank != 0 or not cfg.progress):
+        if t.step >= max_steps:
             break
-        order = list(range(len(examples)))
-        random.Random(cfg["seed"] * 1000 + epoch).shuffle(order)
-        losses = []
+        batch_idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size][session.rank :: session.world]
+        batch = {k: v.to(session.device) for k, v in _collate([t.examples[j] for j in batch_idx], t.pad_id).items()}
+        with torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = t.model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(t.params, 1.0)
+        t.boost.before_step()
+        t.optimizer.step()
+        t.boost.after_step()
+        t.optimizer.zero_grad(set_to_none=True)
+        t.losses.append(loss.item())
+        t.step += 1
+    t.epoch += 1
+
+
+def run_training(cfg: LoopConfig, session: Session, after_epoch: EpochHook | None = None) -> None:
+    """Resume from the latest checkpoint, train, checkpoint each epoch (and at max_steps)."""
+    t = _setup(cfg, session)
+    max_steps = cfg.max_steps or max(1, len(t.examples) // cfg.batch_size) * cfg.epochs
+    t.model.train()
+    while t.epoch < cfg.epochs and t.step < max_steps:
         t0 = time.perf_counter()
-        for i in tqdm(
-            range(steps_per_epoch), desc=f"epoch {epoch + 1}", disable=rank != 0 or not cfg.get("progress", False)
-        ):
-            if step >= max_steps:
-                break
-            batch_idx = order[i * global_bs : (i + 1) * global_bs][rank::world]
-            batch = {k: v.to(device) for k, v in _collate([examples[j] for j in batch_idx], pad_id).items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            boost.before_step()
-            optimizer.step()
-            boost.after_step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            step += 1
+        _train_epoch(t, cfg, session, max_steps)
         metrics = {
-            "epoch": epoch + 1,
-            "step": step,
-            "loss": sum(losses) / max(1, len(losses)),
+            "epoch": t.epoch,
+            "step": t.step,
+            "loss": sum(t.losses) / max(1, len(t.losses)),
             "epoch_seconds": time.perf_counter() - t0,
-            "resumed_from_epoch": resumed_from,
+            "resumed_from_epoch": t.resumed_from,
         }
         state = None
-        if rank == 0:
-            inner = model.module if hasattr(model, "module") else model
+        if session.rank == 0:
+            inner = t.model.module if hasattr(t.model, "module") else t.model
             state = {
-                "model": trainable_state(inner, cfg["full"]),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch + 1,
-                "step": step,
+                "model": trainable_state(inner, cfg.full),
+                "optimizer": t.optimizer.state_dict(),
+                "epoch": t.epoch,
+                "step": t.step,
             }
         session.report(metrics, state)
-        logger.info("rank %d: epoch %d step %d loss %.4f", rank, epoch + 1, step, metrics["loss"])
-        if cfg["fail_after_epoch"] == epoch + 1 and resumed_from is None:
-            raise RuntimeError(f"injected failure after epoch {epoch + 1} (fail_after_epoch)")
+        logger.info("rank %d: epoch %d step %d loss %.4f", session.rank, t.epoch, t.step, metrics["loss"])
+        if after_epoch is not None:
+            after_epoch(t.epoch, t.resumed_from)
 
 
-def _storage(cfg: FinetuneConfig) -> tuple[str, str]:
-    out = Path(cfg.out).expanduser().resolve()
-    storage = cfg.storage_path or str(out.parent / f"{out.name}.ray")
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().resolve())
-    return storage, cfg.name or f"finetune-{out.name}"
+# ----------------------------------------------------------------------------------------------------------------
+# Training locally, and the result
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class TrainOutcome:
+    """What a finished training run leaves: its last metrics, the latest checkpoint and its state."""
+
+    metrics: dict[str, Any]
+    checkpoint: str
+    state: dict[str, Any]
+    use_gpu: bool
+    backend: str
 
 
-def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Fine-tune (Ray Train by default) and save the merged model to cfg.out. Returns a summary dict."""
-    from tasc_ray.models import ModelNotFoundError, load_tokenizer, resolve_model
-
-    if cfg.epochs <= 0:
-        raise FinetuneError(f"epochs must be positive, got {cfg.epochs}")
-    if cfg.max_steps is not None and cfg.max_steps <= 0:
-        raise FinetuneError(f"max_steps must be positive, got {cfg.max_steps}")
-    if cfg.num_workers < 1 or cfg.batch_size < cfg.num_workers:
-        raise FinetuneError(
-            f"need num_workers >= 1 and batch_size >= num_workers "
-            f"(got {cfg.num_workers} workers, batch {cfg.batch_size})"
-        )
-    if cfg.trainer not in ("ray", "local"):
-        raise FinetuneError(f"trainer must be 'ray' or 'local', got {cfg.trainer!r}")
-    out = Path(cfg.out).expanduser().resolve()
-    if out.exists() and any(out.iterdir()):
-        raise FinetuneError(f"output directory {out} exists and is not empty")
-    rows = read_pairs(cfg.train, cfg.prompt_column, cfg.output_column)
-    model_path = resolve_model(cfg.model)
-    try:
-        load_tokenizer(model_path)
-    except ModelNotFoundError as exc:
-        raise FinetuneError(f"{cfg.model}: cannot load a tokenizer ({exc})") from exc
-    storage, name = _storage(cfg)
-    loop_cfg = {
-        "model_path": model_path,
-        "rows": rows,
-        "full": cfg.full,
-        "lora_r": cfg.lora_r,
-        "lora_alpha": cfg.lora_alpha,
-        "lr": cfg.resolved_lr(),
-        "epochs": cfg.epochs,
-        "max_steps": cfg.max_steps,
-        "batch_size": cfg.batch_size,
-        "max_length": cfg.max_length,
-        "weight_decay": cfg.weight_decay,
-        "seed": cfg.seed,
-        "bf16": cfg.bf16,
-        "fail_after_epoch": cfg.fail_after_epoch,
-        "progress": cfg.progress,
-        "new_token_lr_mult": cfg.new_token_lr_mult,
-    }
-    logger.info(
-        "fine-tuning %s (%s) on %d rows with %d worker(s) (%s trainer); run %s in %s",
-        cfg.model,
-        "full" if cfg.full else f"LoRA r={cfg.lora_r}",
-        len(rows),
-        cfg.num_workers,
-        cfg.trainer,
-        name,
-        storage,
-    )
-    t0 = time.perf_counter()
-    if cfg.trainer == "local":
-        if "://" in storage:
-            raise FinetuneError("the local trainer checkpoints to a local storage path only; use the Ray trainer")
-        use_gpu, backend = select_gpu(cfg.use_gpu)
-        session = _LocalSession(Path(storage) / name, use_gpu)
-        run_training(loop_cfg, session)
-        metrics, checkpoint_path = session.metrics, str(session.checkpoints()[-1])
-        state = session.latest_state()
-    else:
-        metrics, checkpoint_path, state, use_gpu, backend = _fit_ray(cfg, loop_cfg, storage, name)
-    train_s = time.perf_counter() - t0
-    summary = {
-        "model": cfg.model,
-        "out": str(out),
-        "run_name": name,
-        "storage_path": storage,
-        "trainer": cfg.trainer,
-        "recipe": "full" if cfg.full else "lora",
-        "rows": len(rows),
-        "epochs_done": state["epoch"],
-        "steps": state["step"],
-        "final_loss": metrics.get("loss"),
-        "resumed_from_epoch": metrics.get("resumed_from_epoch"),
-        "train_seconds": round(train_s, 2),
-        "backend": backend,
-        "use_gpu": use_gpu,
-        "num_workers": cfg.num_workers,
-        "checkpoint": checkpoint_path,
-        "config": asdict(cfg),
-    }
-    save_merged(loop_cfg, state["model"], out, summary, "cuda" if use_gpu else "cpu")
-    return summary
-
-
-def _storage_filesystem(storage: str) -> tuple[Any, str]:
-    """(pyarrow filesystem or None, path) for RunConfig. For s3:// with AWS_ENDPOINT_URL set in this process (an S3
-    compatible store, e.g. MinIO), the endpoint and credentials are passed explicitly: Ray Train's controller
-    actor runs in the cluster's environment, which need not carry this process's variables."""
-    env = os.environ
-    if not storage.startswith("s3://") or not env.get("AWS_ENDPOINT_URL"):
-        return None, storage
-    import pyarrow.fs as pafs
-
-    kwargs: dict[str, Any] = {
-        "endpoint_override": env["AWS_ENDPOINT_URL"],
-        "region": env.get("AWS_DEFAULT_REGION", env.get("AWS_REGION", "us-east-1")),
-    }
-    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
-        kwargs.update(
-            access_key=env["AWS_ACCESS_KEY_ID"],
-            secret_key=env["AWS_SECRET_ACCESS_KEY"],
-            session_token=env.get("AWS_SESSION_TOKEN"),
-        )
-    if env["AWS_ENDPOINT_URL"].startswith("http://"):
-        kwargs["scheme"] = "http"
-    return pafs.S3FileSystem(**kwargs), storage[len("s3://") :]
-
-
-def _fit_ray(
-    cfg: FinetuneConfig, loop_cfg: dict[str, Any], storage: str, name: str
-) -> tuple[dict[str, Any], str, dict[str, Any], bool, str]:
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from tasc_ray.stages.runtime import ensure_ray
-
-    ensure_ray()
-    use_gpu, backend = select_gpu(cfg.use_gpu, ray.cluster_resources().get("GPU", 0.0) if cfg.use_gpu else None)
-    cpus = cfg.cpus_per_worker or max(1.0, math.floor(ray.available_resources().get("CPU", 1.0) / cfg.num_workers))
-    storage_fs, storage_path = _storage_filesystem(storage)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_cfg,
-        torch_config=TorchConfig(backend=backend),
-        scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=None if use_gpu else {"CPU": cpus}
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"run {name} finished without a checkpoint")
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-    return dict(result.metrics or {}), result.checkpoint.path, state, use_gpu, backend
+def train_local(
+    cfg: FinetuneConfig, loop: LoopConfig, storage: str, name: str, after_epoch: EpochHook | None = None
+) -> TrainOutcome:
+    """One in-process worker, checkpointing under `<storage>/<name>/` (local storage only)."""
+    if "://" in storage:
+        raise FinetuneError("the local trainer checkpoints to a local storage path only; use the Ray trainer")
+    use_gpu, backend = select_gpu(cfg.use_gpu)
+    session = LocalSession(Path(storage) / name, use_gpu)
+    run_training(loop, session, after_epoch)
+    return TrainOutcome(session.metrics, str(session.checkpoints()[-1]), session.latest_state(), use_gpu, backend)
 
 
 def save_merged(
-    loop_cfg: dict[str, Any], trained: dict[str, torch.Tensor], out: Path, summary: dict[str, Any], device: str = "cpu"
+    loop: LoopConfig, trained: dict[str, torch.Tensor], out: Path, summary: dict[str, Any], device: str = "cpu"
 ) -> None:
-    """Rebuild the model, load the trained state, merge LoRA, save a plain HF directory aside and rename it."""
-    model, tokenizer = build_model(loop_cfg, device)
-    load_trainable_state(model, trained, loop_cfg["full"])
-    if not loop_cfg["full"]:
+    """Rebuild the model, load the trained state, merge LoRA, save a plain HF directory aside and move it in."""
+    model, tokenizer = build_model(loop, device)
+    load_trainable_state(model, trained, loop.full)
+    if not loop.full:
         model = model.merge_and_unload()
     model = model.to("cpu")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out, last=SUMMARY_FILE) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("saved the fine-tuned model to %s", out)

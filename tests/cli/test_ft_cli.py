@@ -1,0 +1,126 @@
+"""The TASC-ft commands: enrich-vocab end to end (jsonl, and a corpus on S3), finetune's clear errors, the job
+entry point."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tasc_ray.cli.main import main
+from tasc_ray.ft.enrich import REPORT_FILE, EnrichConfig, enrich_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def outputs(task_rows) -> list[str]:
+    return [r["output"] for r in task_rows]
+
+
+@pytest.fixture(scope="module")
+def enriched_dir(tmp_path_factory, tiny_model_dir, outputs) -> Path:
+    out = tmp_path_factory.mktemp("enriched") / "model"
+    enrich_model(str(tiny_model_dir), outputs, out, EnrichConfig(budget=40, per_iteration=20), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory, task_rows) -> Path:
+    path = tmp_path_factory.mktemp("ft-data") / "train.parquet"
+    pd.DataFrame([{"prompt": r["text"] + "\nMR:\n", "output": r["output"]} for r in task_rows[:32]]).to_parquet(path)
+    return path
+
+
+def test_enrich_vocab_cli(tmp_path, tiny_model_dir, outputs, capsys):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"output": o}) + "\n" for o in outputs))
+    out = tmp_path / "enriched"
+    assert (
+        main(
+            [
+                "enrich-vocab",
+                "--model",
+                str(tiny_model_dir),
+                "--corpus",
+                str(corpus),
+                "--budget",
+                "20",
+                "--per-iteration",
+                "10",
+                "--out",
+                str(out),
+                "--json",
+            ]
+        )
+        == 0
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n_new_tokens"] == 20 and (out / REPORT_FILE).is_file() and (out / "config.json").is_file()
+
+
+def test_finetune_refuses_use_gpu_without_gpus(ray_cluster, tmp_path, enriched_dir, train_file, capsys):
+    if ray_cluster.cluster_resources().get("GPU", 0):
+        pytest.skip("this cluster has GPUs")
+    out = tmp_path / "ft"
+    capsys.readouterr()
+    assert (
+        main(["finetune", "--model", str(enriched_dir), "--train", str(train_file), "--out", str(out), "--use-gpu"])
+        == 2
+    )
+    assert "no GPU" in capsys.readouterr().err and not out.exists()
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                str(enriched_dir),
+                "--train",
+                str(train_file),
+                "--out",
+                str(out),
+                "--output-column",
+                "mr",
+            ]
+        )
+        == 2
+    )
+    assert "no column 'mr'" in capsys.readouterr().err and not out.exists()
+
+
+def test_job_entry_point(tmp_path, enriched_dir):
+    import subprocess
+    import sys
+
+    root = ROOT
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(root / "jobs" / "finetune.py"),
+            "--model",
+            str(enriched_dir),
+            "--train",
+            str(tmp_path / "missing.parquet"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2 and "training file not found" in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_enrich_vocab_reads_s3(tmp_path, tiny_model_dir, outputs, s3_bucket, capsys):
+    from tasc_ray.io import fsspec_filesystem
+
+    fs, _ = fsspec_filesystem(f"s3://{s3_bucket}")
+    with fs.open(f"{s3_bucket}/corpus/outputs.txt", "w") as f:
+        f.write("\n".join(outputs))
+    out = tmp_path / "enriched"
+    args = ["enrich-vocab", "--model", str(tiny_model_dir), "--corpus", f"s3://{s3_bucket}/corpus/"]
+    assert main([*args, "--budget", "10", "--per-iteration", "10", "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_new_tokens"] == 10 and (out / REPORT_FILE).is_file()

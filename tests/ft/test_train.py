@@ -1,0 +1,150 @@
+"""TASC-ft fine-tuning without Ray: reading the pairs (every format, clear errors), encoding with the prompt masked,
+the new rows' learning-rate boost, GPU selection, and the local trainer resuming after an injected failure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tasc_ray.ft.enrich import EnrichConfig, enrich_model
+from tasc_ray.ft.train import (
+    FinetuneConfig,
+    FinetuneError,
+    LoopConfig,
+    NewRowBoost,
+    _collate,
+    encode_rows,
+    new_token_ids,
+    read_pairs,
+    select_gpu,
+)
+from tasc_ray.stages.finetune import finetune
+
+
+def fail_once_after_epoch_1(epoch: int, resumed_from: int | None) -> None:
+    """The injected failure: after epoch 1's checkpoint, in a run that did not resume."""
+    if epoch == 1 and resumed_from is None:
+        raise RuntimeError(f"injected failure after epoch {epoch}")
+
+
+@pytest.fixture(scope="module")
+def outputs(task_rows) -> list[str]:
+    return [r["output"] for r in task_rows]
+
+
+@pytest.fixture(scope="module")
+def enriched_dir(tmp_path_factory, tiny_model_dir, outputs) -> Path:
+    out = tmp_path_factory.mktemp("enriched") / "model"
+    enrich_model(str(tiny_model_dir), outputs, out, EnrichConfig(budget=40, per_iteration=20), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory, task_rows) -> Path:
+    path = tmp_path_factory.mktemp("ft-data") / "train.parquet"
+    pd.DataFrame([{"prompt": r["text"] + "\nMR:\n", "output": r["output"]} for r in task_rows[:32]]).to_parquet(path)
+    return path
+
+
+def test_encode_rows_masks_the_prompt(enriched_dir):
+    tok = AutoTokenizer.from_pretrained(enriched_dir)
+    rows = [{"prompt": "Sentence: x\nMR:\n", "output": "name[The Eagle], area[riverside]"}]
+    ((ids, labels),) = encode_rows(tok, rows, 512)
+    n_prompt = len(tok(rows[0]["prompt"])["input_ids"])
+    out_ids = tok(rows[0]["output"], add_special_tokens=False)["input_ids"]
+    assert labels[:n_prompt] == [-100] * n_prompt and labels[n_prompt:] == out_ids + [tok.eos_token_id]
+    assert ids[n_prompt:] == labels[n_prompt:]
+
+
+def test_new_token_lr_mult_in_full_finetuning(enriched_dir, task_rows):
+    """The boost scales the new rows' AdamW step by `mult` and leaves every other row's step as it was."""
+    tok = AutoTokenizer.from_pretrained(enriched_dir)
+    new_ids = new_token_ids(tok)
+    batch = _collate(encode_rows(tok, task_rows[:4], 512), tok.pad_token_id or 0)
+    steps = {}
+    for mult in (1.0, 5.0):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(enriched_dir, dtype=torch.float32)
+        start = model.get_input_embeddings().weight.detach().clone()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        boost = NewRowBoost(model, new_ids, mult)
+        model(**batch).loss.backward()
+        boost.before_step()
+        optimizer.step()
+        boost.after_step()
+        steps[mult] = model.get_input_embeddings().weight.detach() - start
+    old = [i for i in range(len(tok)) if i not in set(new_ids)]
+    assert steps[1.0][new_ids].abs().sum() > 0
+    torch.testing.assert_close(steps[5.0][new_ids], 5 * steps[1.0][new_ids], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(steps[5.0][old], steps[1.0][old])
+
+
+def test_gpu_selection():
+    assert select_gpu(False) == (False, "gloo")
+    assert select_gpu(True, cluster_gpus=2) == (True, "nccl")
+    with pytest.raises(FinetuneError, match="no GPU"):
+        select_gpu(True, cluster_gpus=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(FinetuneError, match="no GPU"):
+            select_gpu(True)
+
+
+def test_read_pairs_errors(tmp_path):
+    path = tmp_path / "t.csv"
+    pd.DataFrame({"prompt": ["a"], "answer": ["b"]}).to_csv(path, index=False)
+    with pytest.raises(FinetuneError, match="no column 'output'"):
+        read_pairs(path, "prompt", "output")
+    pd.DataFrame({"prompt": [""], "output": [""]}).to_parquet(tmp_path / "e.parquet")
+    with pytest.raises(FinetuneError, match="empty"):
+        read_pairs(tmp_path / "e.parquet", "prompt", "output")
+
+
+def test_local_trainer_resumes_after_failure(tmp_path, enriched_dir, train_file):
+    cfg = dict(
+        model=str(enriched_dir),
+        train=str(train_file),
+        out=str(tmp_path / "ft"),
+        epochs=2,
+        batch_size=8,
+        trainer="local",
+        storage_path=str(tmp_path / "storage"),
+        name="run",
+    )
+    with pytest.raises(RuntimeError, match="injected failure"):
+        finetune(FinetuneConfig(**cfg), after_epoch=fail_once_after_epoch_1)
+    assert not (tmp_path / "ft").exists()
+    summary = finetune(FinetuneConfig(**cfg))
+    assert summary["resumed_from_epoch"] == 1 and summary["epochs_done"] == 2 and summary["steps"] == 8
+    assert (tmp_path / "ft" / "config.json").is_file()
+
+
+def test_read_pairs_every_format(tmp_path, task_rows, s3_bucket):
+    """parquet, jsonl and csv, a directory of them, and S3: the same rows; a row without a prompt is skipped."""
+    rows = [{"prompt": r["text"], "output": r["output"]} for r in task_rows[:6]]
+    pd.DataFrame(rows[:2]).to_parquet(tmp_path / "a.parquet")
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[2:4]))
+    pd.DataFrame(rows[4:] + [{"prompt": "", "output": "x"}]).to_csv(tmp_path / "c.csv", index=False)
+    assert read_pairs(tmp_path, "prompt", "output") == rows
+    assert read_pairs(tmp_path / "b.jsonl", "prompt", "output") == rows[2:4]
+    from tasc_ray.io import fsspec_filesystem
+
+    fs, _ = fsspec_filesystem(f"s3://{s3_bucket}")
+    with fs.open(f"{s3_bucket}/train/b.jsonl", "wb") as f:
+        f.write((tmp_path / "b.jsonl").read_bytes())
+    assert read_pairs(f"s3://{s3_bucket}/train/", "prompt", "output") == rows[2:4]
+    with pytest.raises(FinetuneError, match="training file not found"):
+        read_pairs(tmp_path / "missing.parquet", "prompt", "output")
+
+
+def test_loop_config_is_typed_and_the_public_config_has_no_test_hook():
+    cfg = FinetuneConfig(model="m", train="t.parquet", out="o", full=True, lr=None, new_token_lr_mult=4.0)
+    loop = LoopConfig.from_job(cfg, "/models/m", [{"prompt": "p", "output": "o"}])
+    assert (loop.model_path, loop.full, loop.lr, loop.new_token_lr_mult) == ("/models/m", True, 5e-5, 4.0)
+    assert not hasattr(cfg, "fail_after_epoch")
+    with pytest.raises(FinetuneError, match="trainer"):
+        FinetuneConfig(model="m", train="t", out="o", trainer="spark").validate()
