@@ -33,6 +33,10 @@ string back for the token alone (byte-level decoders map some non-ASCII added to
 e.g. ``"£20"`` is refused while ``" £20"`` is fine). Real compression is always measured by re-tokenising,
 and ``decode(encode(s)) == s`` is checked over the whole corpus before anything is written.
 
+The steps are separate functions: `find_candidates` (top n-grams decoded; crossing, in-vocabulary and
+non-round-tripping strings dropped), `choose_candidates` (prefix-conflict filter, batch overlap) and
+`enrichment_loop` (add, measure, stop); `enrich_tokenizer` runs them on a copy of the tokenizer.
+
 `enrich_model` resizes the model's embeddings; each new row (and LM-head row when untied) is the mean of the
 rows of its constituent *original* tokens, and the result is saved as a plain Hugging Face directory.
 """
@@ -265,7 +269,9 @@ class Candidate:
 
 
 @dataclass
-class _Drops:
+class Drops:
+    """Candidates left out in one iteration, by reason."""
+
     invalid: int = 0
     crossing: int = 0
     conflict: int = 0
@@ -279,7 +285,7 @@ def find_candidates(
     want: int,
     vocab: set[str],
     probe: tuple[list[str], str],
-    drops: _Drops,
+    drops: Drops,
 ) -> tuple[list[Candidate], int]:
     """The iteration's candidates, best first: the top n-grams decoded, those crossing a field separator, already
     in the vocabulary or not round-tripping dropped, tokenisations of one string merged. Also the raw count."""
@@ -300,7 +306,7 @@ def find_candidates(
 
 
 def choose_candidates(
-    ranked: list[Candidate], joined: str, config: EnrichConfig, want: int, drops: _Drops
+    ranked: list[Candidate], joined: str, config: EnrichConfig, want: int, drops: Drops
 ) -> list[Candidate]:
     """Up to `want` candidates in rank order, leaving out prefix-conflicting ones (when the filter is on) and
     those overlapping an already chosen one."""
@@ -339,7 +345,7 @@ def _added(
 
 
 def _iteration_log(
-    iteration: int, added: int, before: int, after: int, candidates: int, drops: _Drops, t0: float
+    iteration: int, added: int, before: int, after: int, candidates: int, drops: Drops, t0: float
 ) -> IterationLog:
     gain = (before - after) / before
     logger.info("iteration %d: +%d tokens, train tokens %d -> %d (%.2f%%)", iteration, added, before, after, 100 * gain)
@@ -358,7 +364,9 @@ def _iteration_log(
 
 
 @dataclass
-class _LoopResult:
+class EnrichLoopResult:
+    """The enlarged tokenizer, the tokens added in order, one log per iteration, and why the loop stopped."""
+
     tokenizer: PreTrainedTokenizerBase
     new_tokens: list[NewToken]
     iterations: list[IterationLog]
@@ -367,17 +375,17 @@ class _LoopResult:
 
 def enrichment_loop(
     base: PreTrainedTokenizerBase, train: list[str], config: EnrichConfig, progress: bool = True
-) -> _LoopResult:
+) -> EnrichLoopResult:
     """Add tokens iteration by iteration until the budget is spent, no candidate is left, or the gain is too small."""
     tok = copy.deepcopy(base)
     joined, vocab, probe = "\x00".join(train), set(tok.get_vocab()), _probe(tok)
-    out = _LoopResult(tok, [], [], "budget")
+    out = EnrichLoopResult(tok, [], [], "budget")
     current = count_tokens(tok, train)
     bar = tqdm(total=config.budget, desc="enrich-vocab", unit="tok", disable=not progress)
     iteration = 0
     while len(out.new_tokens) < config.budget:
         iteration += 1
-        t0, drops = time.perf_counter(), _Drops()
+        t0, drops = time.perf_counter(), Drops()
         want = min(config.per_iteration, config.budget - len(out.new_tokens))
         seqs = tokenize_texts(train, out.tokenizer)
         ranked, n_raw = find_candidates(out.tokenizer, seqs, config, want, vocab, probe, drops)

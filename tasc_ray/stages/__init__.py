@@ -1,1 +1,3 @@
-"""Ray stages: the corpus index job (Ray Data), batch labeling (Ray Data), fine-tuning (Ray Train), Ray start-up."""
+"""Ray stages: the corpus index job (Ray Data, `index_job`), batch labeling (a Ray Data stage and its resumable job,
+`labeling`, committing through `commit`), fine-tuning (Ray Train, `finetune`), Ray Datasets over `tasc_ray.io`
+inputs (`datasets`) and Ray start-up (`runtime`)."""
