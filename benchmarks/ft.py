@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common.metrics import parse_slots, share_identical, slot_scores, text_scores  # noqa: F401
+from benchmarks.common.metrics import share_identical, slot_scores, text_scores
 from benchmarks.common.report import provenance, write_report
 from benchmarks.common.tasks import load_e2e_splits, locate_datasets
 
@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 E2E_DIR = locate_datasets() / "e2e"
 DIRECTIONS = ("text2mr", "mr2text")
 SPLITS = ("heldout", "test")  # the target split first
-load_e2e = load_e2e_splits  # the name tests/test_tasc_ft.py imports (as it does parse_slots), until it moves
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

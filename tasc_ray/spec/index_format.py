@@ -3,7 +3,8 @@ version, the tokenizer (name, fingerprint, vocab size), the orders, corpus stati
 
 An index is complete exactly when its manifest exists: a writer removes the old manifest before it changes any
 file and writes the new one after all of them. A reader refuses a missing manifest, another format or version,
-a missing file, or a file whose checksum differs, with an error that names it.
+a missing file, or a file whose checksum differs, with an error that names it. `s3://` paths take their
+settings from the standard AWS environment (tasc_ray.io), updated with any `storage_options` given.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import fsspec
+
+from tasc_ray.io import storage_options_for
 
 FORMAT_NAME = "tasc_ray.ngram_index"  # the on-disk format's name, kept across code moves
 FORMAT_VERSION = 1
@@ -46,7 +49,7 @@ class IndexWriter:
     """Writes an index's files under a local directory or s3:// prefix, then `commit` writes the manifest."""
 
     def __init__(self, path: str, storage_options: dict[str, Any] | None = None) -> None:
-        self.fs, self.root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+        self.fs, self.root = fsspec.core.url_to_fs(path, **storage_options_for(path, storage_options))
         self.fs.makedirs(self.root, exist_ok=True)
         if self.fs.exists(f"{self.root}/{MANIFEST}"):
             self.fs.rm(f"{self.root}/{MANIFEST}")  # the old index stops looking complete before its files change
@@ -66,7 +69,7 @@ class IndexWriter:
 
 def read_manifest(path: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read and validate an index's manifest.json."""
-    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    fs, root = fsspec.core.url_to_fs(path, **storage_options_for(path, storage_options))
     try:
         with fs.open(f"{root}/{MANIFEST}", "r") as f:
             manifest = json.loads(f.read())
@@ -88,7 +91,7 @@ def read_index_files(
     path: str, manifest: dict[str, Any], storage_options: dict[str, Any] | None = None
 ) -> Iterator[tuple[dict[str, Any], bytes]]:
     """Each file the manifest lists, as (its manifest entry, its verified bytes)."""
-    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    fs, root = fsspec.core.url_to_fs(path, **storage_options_for(path, storage_options))
     for name, info in manifest["files"].items():
         try:
             with fs.open(f"{root}/{name}", "rb") as f:

@@ -1,5 +1,4 @@
-"""bench ft (benchmarks/ft.py): its quality metrics, reusing an original model, disjoint splits. Moved here from
-tests/test_tasc_ft.py unchanged; the benchmarks' owner keeps it in step with benchmarks/."""
+"""bench ft (benchmarks/ft.py): its quality metrics and targets, reusing an original model, disjoint splits."""
 
 from __future__ import annotations
 
@@ -8,7 +7,9 @@ import json
 import pandas as pd
 import pytest
 
-from benchmarks.ft import finalize, parse_slots, slot_scores, text_scores
+from benchmarks.common.metrics import parse_slots, slot_scores, text_scores
+from benchmarks.common.tasks import load_e2e_splits
+from benchmarks.ft import E2E_DIR, finalize
 from tasc_ray.ft.train import FinetuneConfig
 
 
@@ -63,12 +64,10 @@ def test_bench_reuses_an_original_model_only_for_the_same_rows_and_recipe(tmp_pa
 
 def test_bench_splits_are_disjoint():
     """The `heldout` split's MRs never appear among the training outputs; `test` comes from the test set."""
-    from benchmarks.ft import E2E_DIR, load_e2e
-
     if not (E2E_DIR / "devset.csv").is_file():
         pytest.skip("E2E data not present")
     for direction in ("text2mr", "mr2text"):
-        train, splits = load_e2e(E2E_DIR, direction, 200, 20, seed=0)
+        train, splits = load_e2e_splits(E2E_DIR, direction, 200, 20, seed=0)
         assert len(train) == 200 and all(len(v) == 20 for v in splits.values())
         key = "output" if direction == "text2mr" else "prompt"
         train_mrs = {r[key].removeprefix("MR: ").removesuffix("\nSentence:\n") for r in train}
