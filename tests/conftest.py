@@ -86,6 +86,27 @@ def tiny_model_dir(tmp_path_factory, tiny_model, tiny_tokenizer) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def enriched_dir(tmp_path_factory, tiny_model_dir, task_rows) -> Path:
+    """The tiny model with 40 new tokens from the task's outputs (TASC-ft's enrichment), saved as an HF directory."""
+    from tasc_ray.ft.enrich import EnrichConfig, enrich_model
+
+    out = tmp_path_factory.mktemp("enriched") / "model"
+    outputs = [r["output"] for r in task_rows]
+    enrich_model(str(tiny_model_dir), outputs, out, EnrichConfig(budget=40, per_iteration=20), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def train_file(tmp_path_factory, task_rows) -> Path:
+    """32 prompt/output pairs of the task as parquet, for fine-tuning."""
+    import pandas as pd
+
+    path = tmp_path_factory.mktemp("ft-data") / "train.parquet"
+    pd.DataFrame([{"prompt": r["text"] + "\nMR:\n", "output": r["output"]} for r in task_rows[:32]]).to_parquet(path)
+    return path
+
+
 @pytest.fixture
 def rng() -> random.Random:
     return random.Random(0)

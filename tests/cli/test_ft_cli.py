@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from tasc_ray.cli.main import main
-from tasc_ray.ft.enrich import REPORT_FILE, EnrichConfig, enrich_model
+from tasc_ray.ft.enrich import REPORT_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,20 +17,6 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def outputs(task_rows) -> list[str]:
     return [r["output"] for r in task_rows]
-
-
-@pytest.fixture(scope="module")
-def enriched_dir(tmp_path_factory, tiny_model_dir, outputs) -> Path:
-    out = tmp_path_factory.mktemp("enriched") / "model"
-    enrich_model(str(tiny_model_dir), outputs, out, EnrichConfig(budget=40, per_iteration=20), progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def train_file(tmp_path_factory, task_rows) -> Path:
-    path = tmp_path_factory.mktemp("ft-data") / "train.parquet"
-    pd.DataFrame([{"prompt": r["text"] + "\nMR:\n", "output": r["output"]} for r in task_rows[:32]]).to_parquet(path)
-    return path
 
 
 def test_enrich_vocab_cli(tmp_path, tiny_model_dir, outputs, capsys):

@@ -4,14 +4,12 @@ the new rows' learning-rate boost, GPU selection, and the local trainer resuming
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tasc_ray.ft.enrich import EnrichConfig, enrich_model
 from tasc_ray.ft.train import (
     FinetuneConfig,
     FinetuneError,
@@ -30,25 +28,6 @@ def fail_once_after_epoch_1(epoch: int, resumed_from: int | None) -> None:
     """The injected failure: after epoch 1's checkpoint, in a run that did not resume."""
     if epoch == 1 and resumed_from is None:
         raise RuntimeError(f"injected failure after epoch {epoch}")
-
-
-@pytest.fixture(scope="module")
-def outputs(task_rows) -> list[str]:
-    return [r["output"] for r in task_rows]
-
-
-@pytest.fixture(scope="module")
-def enriched_dir(tmp_path_factory, tiny_model_dir, outputs) -> Path:
-    out = tmp_path_factory.mktemp("enriched") / "model"
-    enrich_model(str(tiny_model_dir), outputs, out, EnrichConfig(budget=40, per_iteration=20), progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def train_file(tmp_path_factory, task_rows) -> Path:
-    path = tmp_path_factory.mktemp("ft-data") / "train.parquet"
-    pd.DataFrame([{"prompt": r["text"] + "\nMR:\n", "output": r["output"]} for r in task_rows[:32]]).to_parquet(path)
-    return path
 
 
 def test_encode_rows_masks_the_prompt(enriched_dir):

@@ -4,15 +4,12 @@ injected failure, full fine-tuning restarted by the failure config, checkpoints 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 from ray import cloudpickle
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tasc_ray.ft.enrich import EnrichConfig, enrich_model
 from tasc_ray.ft.train import FinetuneConfig, new_token_ids
 from tasc_ray.stages.finetune import finetune
 
@@ -23,25 +20,6 @@ def fail_once_after_epoch_1(epoch: int, resumed_from: int | None) -> None:
     """The injected failure: after epoch 1's checkpoint, in a run (or worker group) that did not resume."""
     if epoch == 1 and resumed_from is None:
         raise RuntimeError(f"injected failure after epoch {epoch}")
-
-
-@pytest.fixture(scope="module")
-def outputs(task_rows) -> list[str]:
-    return [r["output"] for r in task_rows]
-
-
-@pytest.fixture(scope="module")
-def enriched_dir(tmp_path_factory, tiny_model_dir, outputs) -> Path:
-    out = tmp_path_factory.mktemp("enriched") / "model"
-    enrich_model(str(tiny_model_dir), outputs, out, EnrichConfig(budget=40, per_iteration=20), progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def train_file(tmp_path_factory, task_rows) -> Path:
-    path = tmp_path_factory.mktemp("ft-data") / "train.parquet"
-    pd.DataFrame([{"prompt": r["text"] + "\nMR:\n", "output": r["output"]} for r in task_rows[:32]]).to_parquet(path)
-    return path
 
 
 def test_ray_train_two_workers_lora_resume(ray_cluster, tmp_path, enriched_dir, train_file):
