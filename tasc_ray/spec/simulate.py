@@ -14,13 +14,35 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from tasc_ray.spec.config import DrafterConfig
-from tasc_ray.spec.drafter import Drafter
+from tasc_ray.spec.drafter import DraftContext, Drafter
 from tasc_ray.spec.index import NgramIndex
+
+
+@dataclass
+class _Tally:
+    """Totals of a replay: drafted/accepted tokens, the accepted-length histogram, per-row passes, drafting time."""
+
+    max_draft: int
+    drafted: int = 0
+    accepted: int = 0
+    draft_seconds: float = 0.0
+    hist: np.ndarray = field(init=False)
+    row_passes: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.hist = np.zeros(self.max_draft + 1, dtype=np.int64)
+
+    def record(self, row: int, drafted: int, accepted: int) -> None:
+        self.row_passes[row] = self.row_passes.get(row, 0) + 1
+        self.drafted += drafted
+        self.accepted += accepted
+        self.hist[min(accepted, self.max_draft)] += 1
 
 
 def simulate_acceptance(
@@ -41,53 +63,48 @@ def simulate_acceptance(
         raise ValueError(f"got {len(prompts)} prompts for {len(sequences)} sequences")
     drafter = Drafter(index, config)
     seqs = [[int(t) for t in s] for s in sequences]
-    tokens = passes = drafted = accepted = 0
-    hist = np.zeros(config.max_draft + 1, dtype=np.int64)
-    per_seq: list[float] = []
-    draft_seconds = 0.0
+    tally = _Tally(config.max_draft)
     for start in range(0, len(seqs), batch_size):
-        chunk = list(range(start, min(start + batch_size, len(seqs))))
-        states = {i: drafter.new_row(list(prompts[i]) if prompts is not None else []) for i in chunk}
-        pos = dict.fromkeys(chunk, 0)
-        row_passes = dict.fromkeys(chunk, 0)
-        active = [i for i in chunk if seqs[i]]
-        while active:
-            t0 = time.perf_counter()
-            drafts = drafter.propose([states[i] for i in active], [len(seqs[i]) - pos[i] for i in active])
-            draft_seconds += time.perf_counter() - t0
-            still = []
-            for i, draft in zip(active, drafts):
-                seq, p = seqs[i], pos[i]
-                n = 0
-                while n < len(draft) and draft[n] == seq[p + n]:
-                    n += 1
-                advance = min(n + 1, len(seq) - p)  # the pass's own token; none past the end (that is EOS)
-                states[i].extend(seq[p : p + advance])
-                pos[i] = p + advance
-                row_passes[i] += 1
-                drafted += len(draft)
-                accepted += n
-                hist[min(n, config.max_draft)] += 1
-                if pos[i] < len(seq):
-                    still.append(i)
-            active = still
-        for i in chunk:
-            if seqs[i]:
-                tokens += len(seqs[i])
-                passes += row_passes[i]
-                per_seq.append(len(seqs[i]) / row_passes[i])
+        chunk = [i for i in range(start, min(start + batch_size, len(seqs))) if seqs[i]]
+        contexts = {i: drafter.new_row(list(prompts[i]) if prompts is not None else []) for i in chunk}
+        _replay(drafter, {i: seqs[i] for i in chunk}, contexts, tally)
+    done = [i for i, s in enumerate(seqs) if s]
+    tokens = sum(len(seqs[i]) for i in done)
+    passes = sum(tally.row_passes[i] for i in done)
+    per_seq = [len(seqs[i]) / tally.row_passes[i] for i in done]
     return {
         "sequences": len(per_seq),
         "tokens": tokens,
         "passes": passes,
         "tokens_per_pass": tokens / passes if passes else 0.0,
-        "mean_accepted_per_pass": accepted / passes if passes else 0.0,
-        "drafted": drafted,
-        "accepted": accepted,
-        "acceptance_rate": accepted / drafted if drafted else 0.0,
+        "mean_accepted_per_pass": tally.accepted / passes if passes else 0.0,
+        "drafted": tally.drafted,
+        "accepted": tally.accepted,
+        "acceptance_rate": tally.accepted / tally.drafted if tally.drafted else 0.0,
         "tokens_per_pass_per_sequence_mean": float(np.mean(per_seq)) if per_seq else 0.0,
-        "accepted_hist": hist.tolist(),
-        "draft_seconds": draft_seconds,
-        "draft_ms_per_pass": 1000 * draft_seconds / passes if passes else 0.0,
+        "accepted_hist": tally.hist.tolist(),
+        "draft_seconds": tally.draft_seconds,
+        "draft_ms_per_pass": 1000 * tally.draft_seconds / passes if passes else 0.0,
         "drafter": config.model_dump(mode="json"),
     }
+
+
+def _replay(drafter: Drafter, seqs: dict[int, list[int]], contexts: dict[int, DraftContext], tally: _Tally) -> None:
+    """Replay a batch of rows in lockstep: each pass accepts the draft's prefix that equals the true output, plus
+    the pass's own token, until every row has reached its end."""
+    pos = dict.fromkeys(seqs, 0)
+    active = list(seqs)
+    while active:
+        t0 = time.perf_counter()
+        drafts = drafter.propose([contexts[i] for i in active], [len(seqs[i]) - pos[i] for i in active])
+        tally.draft_seconds += time.perf_counter() - t0
+        for i, draft in zip(active, drafts):
+            seq, p = seqs[i], pos[i]
+            n = 0
+            while n < len(draft) and draft[n] == seq[p + n]:
+                n += 1
+            advance = min(n + 1, len(seq) - p)  # the pass's own token; none past the end (that is EOS)
+            contexts[i].extend(seq[p : p + advance])
+            pos[i] = p + advance
+            tally.record(i, len(draft), n)
+        active = [i for i in active if pos[i] < len(seqs[i])]
