@@ -7,6 +7,7 @@ COMMAND_MODULES; every handler returns a dict summary, printed as JSON with --js
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -92,8 +93,12 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     code = 0
+    as_json = getattr(args, "json", False)
+    # With --json, stdout carries the JSON summary alone: anything else printed meanwhile (Ray's own warnings
+    # from its background threads included) goes to stderr.
     try:
-        summary = args.handler(args)
+        with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+            summary = args.handler(args)
     except USER_ERRORS as exc:
         if args.verbose:
             raise
@@ -103,7 +108,7 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     except CommandIncomplete as exc:
         print(f"{parser.prog} {args.command}: incomplete: {exc}", file=sys.stderr)
         summary, code = exc.summary, 1
-    if getattr(args, "json", False):
+    if as_json:
         print(json.dumps(summary, indent=2, default=str))
     return code
 
