@@ -7,6 +7,8 @@ also the model's own greedy outputs on N prompts of that split (cached on disk),
 task's logs hold. Methods:
 
 - plain: greedy decoding through the same loop with no draft
+- hf_generate: transformers' `model.generate`, greedy, the same prompts, batch size (left-padded) and limits:
+  what users know, to place the engine's own plain decoding
 - prompt_lookup_hf: `model.generate(prompt_lookup_num_tokens=...)` (transformers; batch 1 only)
 - tasc_context / tasc_corpus / tasc_mixed: TASC-spec drafting from the context, the corpus index, or both
 """
@@ -14,6 +16,7 @@ task's logs hold. Methods:
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import logging
@@ -32,12 +35,13 @@ from tasc_ray.cli.args import add_config_arguments, add_model_argument, config_f
 from tasc_ray.models import load_model
 from tasc_ray.spec.config import DrafterConfig, DraftMode
 from tasc_ray.spec.drafter import Drafter
-from tasc_ray.spec.generator import GenerationResult, SamplingParams, SpeculativeGenerator, find_stop
+from tasc_ray.spec.generator import GenerationResult, SamplingParams, SpeculativeGenerator
 from tasc_ray.spec.index import DEFAULT_MAX_ORDER, NgramIndex, tokenizer_fingerprint
+from tasc_ray.spec.stopping import cut_at_eos, find_stop
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("plain", "prompt_lookup_hf", "tasc_context", "tasc_corpus", "tasc_mixed")
+METHODS = ("plain", "hf_generate", "prompt_lookup_hf", "tasc_context", "tasc_corpus", "tasc_mixed")
 MODES = {"tasc_context": DraftMode.CONTEXT, "tasc_corpus": DraftMode.CORPUS, "tasc_mixed": DraftMode.MIXED}
 HF_LOOKUP_TOKENS = 10
 
@@ -106,6 +110,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "config": {k: v for k, v in vars(args).items() if k not in ("handler", "json")},
         "runs": [],
         "simulated": [],
+        "cost_table": cost_table(model, tokenizer, max(batch_sizes)),
     }
     for task_name in tasks:
         task = (
@@ -141,6 +146,7 @@ def bench_task(
     for batch_size in batch_sizes:
         plain_gen = SpeculativeGenerator(model, tokenizer, None, max_batch_size=batch_size)
         plain_gen.generate(task.prompts[:batch_size], SamplingParams(max_new_tokens=4))  # warm-up
+        plain_gen.profile_step_costs()  # as load_engine does at start-up; every TASC generator starts from it
         plain = measure_engine(plain_gen, task.prompts, params)
         for method in methods:
             if method == "prompt_lookup_hf" and batch_size != 1:
@@ -150,6 +156,8 @@ def bench_task(
                 logger.info("%s: %s batch %d, corpus %s", task.name, method, batch_size, corpus_kind)
                 if method == "plain":
                     measured = plain
+                elif method == "hf_generate":
+                    measured = measure_hf_generate(model, tokenizer, task.prompts, params, batch_size)
                 elif method == "prompt_lookup_hf":
                     measured = measure_hf_lookup(model, tokenizer, task.prompts, params)
                 else:
@@ -157,9 +165,25 @@ def bench_task(
                     generator = SpeculativeGenerator(
                         model, tokenizer, Drafter(index, config), max_batch_size=batch_size
                     )
+                    generator.step_cost = copy.deepcopy(plain_gen.step_cost)
                     measured = measure_engine(generator, task.prompts, params)
                 runs.append(run_record(task, method, batch_size, corpus_kind, measured, plain))
     return runs
+
+
+COST_QUERIES = (1, 2, 4, 6, 9, 16, 32)
+COST_CONTEXT = 600
+
+
+def cost_table(model, tokenizer, max_batch: int) -> dict[str, Any]:
+    """Milliseconds of one forward pass by rows (1 and the largest batch) and query tokens per row, over a
+    600-token KV cache (median of 5): what a verification pass costs against a plain step (q = 1)."""
+    generator = SpeculativeGenerator(model, tokenizer, None, max_batch_size=max_batch)
+    table = generator.profile_step_costs(queries=COST_QUERIES, context=COST_CONTEXT, repeats=5)
+    return {
+        "context": COST_CONTEXT,
+        "ms": {rows: {q: round(1000 * sec, 2) for q, sec in cells.items()} for rows, cells in table.items()},
+    }
 
 
 def measure_engine(generator: SpeculativeGenerator, prompts: list[str], params: SamplingParams) -> Measured:
@@ -168,6 +192,40 @@ def measure_engine(generator: SpeculativeGenerator, prompts: list[str], params: 
     results = generator.generate(prompts, params)
     wall = time.perf_counter() - t0
     return Measured(results, [r.token_ids for r in results], wall, generator.timings.draft_s - draft_before)
+
+
+@torch.inference_mode()
+def measure_hf_generate(model, tokenizer, prompts: list[str], params: SamplingParams, batch_size: int) -> Measured:
+    """transformers' greedy `model.generate` over the prompts in batches of `batch_size` (left-padded), the output
+    cut where our engine cuts it (EOS or the stop string; the time spent past it still counts)."""
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    token_ids = []
+    t0 = time.perf_counter()
+    try:
+        for start in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(model.device)
+            out = model.generate(
+                **enc,
+                max_new_tokens=params.max_new_tokens,
+                do_sample=False,
+                stop_strings=params.stop or None,
+                tokenizer=tokenizer,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            for row in out[:, enc["input_ids"].shape[1] :].tolist():
+                token_ids.append(_cut_output(tokenizer, model, row, params))
+    finally:
+        tokenizer.padding_side = side
+    return Measured(None, token_ids, time.perf_counter() - t0)
+
+
+def _cut_output(tokenizer, model, ids: list[int], params: SamplingParams) -> list[int]:
+    """A `generate` row as our engine emits it: up to and including the first EOS, cut at the first stop string."""
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    ids, _ = cut_at_eos(ids, eos_ids)
+    cut = find_stop(tokenizer, ids, params.stop) if params.stop else None
+    return ids[: cut[0]] if cut else ids
 
 
 @torch.inference_mode()
@@ -188,9 +246,7 @@ def measure_hf_lookup(model, tokenizer, prompts: list[str], params: SamplingPara
             stop_strings=params.stop or None,
             tokenizer=tokenizer,
         )
-        ids = out[0, enc["input_ids"].shape[1] :].tolist()
-        cut = find_stop(tokenizer, ids, params.stop)
-        token_ids.append(ids[: cut[0]] if cut else ids)
+        token_ids.append(_cut_output(tokenizer, model, out[0, enc["input_ids"].shape[1] :].tolist(), params))
     return Measured(None, token_ids, time.perf_counter() - t0)
 
 
@@ -291,6 +347,8 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"{_fmt(r['mean_accepted_per_pass'])} | {_fmt(r['draft_time_share'])} | "
             f"{_fmt(r['match_rate_vs_plain'])} |"
         )
+    if report.get("cost_table"):
+        lines += ["", *cost_table_lines(report["cost_table"])]
     if report["simulated"]:
         lines += [
             "",
@@ -301,6 +359,22 @@ def markdown_table(report: dict[str, Any]) -> str:
         ]
         lines += [f"| {s['task']} | {s['corpus']} | {s.get('tokens_per_pass', '-')} |" for s in report["simulated"]]
     return "\n".join(lines)
+
+
+def cost_table_lines(cost: dict[str, Any]) -> list[str]:
+    ms = {int(rows): {int(q): v for q, v in cells.items()} for rows, cells in cost["ms"].items()}
+    queries = sorted({q for cells in ms.values() for q in cells})
+    lines = [
+        f"Cost of one forward pass (ms, median) by query tokens per row q, over a {cost['context']}-token KV cache;"
+        " in brackets, relative to q = 1 at the same rows:",
+        "",
+        "| rows | " + " | ".join(f"q={q}" for q in queries) + " |",
+        "|---|" + "---|" * len(queries),
+    ]
+    for rows, cells in sorted(ms.items()):
+        base = cells[queries[0]]
+        lines.append(f"| {rows} | " + " | ".join(f"{cells[q]:.1f} ({cells[q] / base:.2f})" for q in queries) + " |")
+    return lines
 
 
 def write_spec_report(report: dict[str, Any], path: Path) -> None:

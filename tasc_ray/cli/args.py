@@ -28,7 +28,9 @@ def add_config_arguments(
             continue
         kind = _scalar_type(field.annotation)
         kwargs: dict[str, Any] = {"default": field.default, "help": field.description or name}
-        if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(kind, type) and issubclass(kind, enum.Enum):
             kwargs.update(choices=[m.value for m in kind], default=field.default.value)
         elif isinstance(kind, tuple):
             kwargs["choices"] = list(kind)

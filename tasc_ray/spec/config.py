@@ -55,6 +55,11 @@ class EngineConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="model weights' dtype")
     device: str | None = Field(None, description="cpu or cuda; unset: cuda when present")
     max_batch_size: int = Field(8, ge=1, description="rows decoded together")
+    profile_step_costs: bool = Field(
+        True,
+        description="at start-up, time verification passes by rows and query tokens (a few seconds on a CPU), so "
+        "that draft lengths follow the measured cost of a pass",
+    )
     drafter: DrafterConfig = Field(default_factory=DrafterConfig)
 
     @model_validator(mode="before")

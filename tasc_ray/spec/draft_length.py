@@ -1,62 +1,85 @@
 """How many draft tokens to verify: the expected tokens per second of a pass, from the measured cost of passes.
 
-`StepCostModel` learns what a verification pass costs from the engine's own timings; `best_draft_length` cuts a
-batch's drafts to the length that maximises expected tokens emitted per second.
+`StepCostTable` holds what a verification pass costs by (rows, query tokens per row), measured at start-up and
+refined by the engine's own timings; `best_draft_length` cuts a batch's drafts to the length that maximises
+expected tokens emitted per second (zero, no draft, when no length beats a plain step).
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Sequence
 
-import numpy as np
-
-StepCost = Callable[[int], float]  # estimated seconds of one verification pass over n query tokens (whole batch)
+StepCost = Callable[[int, int], float]  # seconds of one verification pass over `rows` rows of `q` query tokens each
 
 
-class StepCostModel:
-    """Seconds of one verification pass as a function of its query tokens n (all rows): cost(n) = a + b * n.
+class StepCostTable:
+    """Seconds of one verification pass by (rows, query tokens per row q).
 
-    Fitted online by least squares over the latest passes. Until the observed n vary enough to fit a slope,
-    the slope comes from a prior: `prior_tokens` extra query tokens double a pass's cost (on 2 CPU cores a
-    pass over 8 new tokens costs ~1.4x one token; a GPU has far more room, which the fit then finds).
+    The cost is not linear in q: on 2 CPU cores a pass over 2 tokens costs ~1.6x one token and then grows slowly;
+    on a GPU it is nearly flat up to many tokens. So each measured (rows, q) cell is kept: filled by
+    `SpeculativeGenerator.profile_step_costs` at start-up and refined by every pass the engine times (a moving
+    average per cell). A cell never measured is read off its neighbours: piecewise linear in q within a measured
+    row count, linear in rows between two; outside the measured range, and with nothing measured at all, the
+    prior's shape (`prior_tokens` extra query tokens double a pass) scales the nearest measurement.
     """
 
-    def __init__(self, prior_tokens: float = 20.0, window: int = 128) -> None:
-        self.prior_tokens, self.window = prior_tokens, window
-        self.obs: list[tuple[int, float]] = []
-        self.a, self.b = 1.0, 1.0 / prior_tokens
+    def __init__(self, prior_tokens: float = 20.0, smoothing: float = 0.2) -> None:
+        self.prior_tokens, self.smoothing = prior_tokens, smoothing
+        self.cells: dict[int, dict[int, float]] = {}  # rows -> {q: seconds}
 
-    def observe(self, n_tokens: int, seconds: float) -> None:
-        self.obs.append((n_tokens, seconds))
-        if len(self.obs) > self.window:
-            del self.obs[0]
-        n = np.array([o[0] for o in self.obs], dtype=float)
-        s = np.array([o[1] for o in self.obs], dtype=float)
-        if len(self.obs) >= 8 and n.std() > 0.25 * n.mean():
-            b, a = np.polyfit(n, s, 1)
-            if a > 0 and b >= 0:
-                self.a, self.b = a, b
-                return
-        self.a = float(s.mean() / (1 + n.mean() / self.prior_tokens))
-        self.b = self.a / self.prior_tokens
+    def observe(self, rows: int, q: int, seconds: float) -> None:
+        row = self.cells.setdefault(rows, {})
+        old = row.get(q)
+        row[q] = seconds if old is None else old + self.smoothing * (seconds - old)
 
-    def __call__(self, n_tokens: int) -> float:
-        return self.a + self.b * n_tokens
+    def table(self) -> dict[int, dict[int, float]]:
+        """The measured cells, rows -> {q: seconds}, sorted."""
+        return {r: dict(sorted(self.cells[r].items())) for r in sorted(self.cells)}
+
+    def __call__(self, rows: int, q: int) -> float:
+        if not self.cells:
+            return self._prior(rows, q)
+        measured = sorted(self.cells)
+        k = bisect.bisect_left(measured, rows)
+        if k < len(measured) and measured[k] == rows:
+            return self._in_row(rows, q)
+        if 0 < k < len(measured):  # between two measured row counts
+            lo, hi = measured[k - 1], measured[k]
+            w = (rows - lo) / (hi - lo)
+            return (1 - w) * self._in_row(lo, q) + w * self._in_row(hi, q)
+        near = measured[min(k, len(measured) - 1)]
+        return self._in_row(near, q) * self._prior(rows, q) / self._prior(near, q)
+
+    def _in_row(self, rows: int, q: int) -> float:
+        cells = self.cells[rows]
+        if q in cells:
+            return cells[q]
+        qs = sorted(cells)
+        k = bisect.bisect_left(qs, q)
+        if 0 < k < len(qs):
+            lo, hi = qs[k - 1], qs[k]
+            return cells[lo] + (cells[hi] - cells[lo]) * (q - lo) / (hi - lo)
+        near = qs[min(k, len(qs) - 1)]
+        return cells[near] * self._prior(rows, q) / self._prior(rows, near)
+
+    def _prior(self, rows: int, q: int) -> float:
+        return 1.0 + rows * q / self.prior_tokens
 
 
 def best_draft_length(path_probs: Sequence[Sequence[float]], step_cost: StepCost) -> int:
     """The common draft length K maximising expected tokens per second of one batched pass.
 
-    A pass over B rows with drafts cut to K costs step_cost(B * (K + 1)) (every row is padded to K + 1 query
+    A pass over B rows with drafts cut to K costs step_cost(B, K + 1) (every row is padded to K + 1 query
     tokens) and yields, in expectation, sum_i (1 + sum_{j < K} q_ij) tokens, q_ij being the estimated
     probability that row i's first j + 1 draft tokens are all accepted.
     """
     batch = len(path_probs)
     expected = float(batch)  # each pass emits at least the target's own token per row
-    best_k, best_rate = 0, expected / step_cost(batch)
+    best_k, best_rate = 0, expected / step_cost(batch, 1)
     for k in range(1, max(len(p) for p in path_probs) + 1):
         expected += sum(p[k - 1] for p in path_probs if len(p) >= k)
-        rate = expected / step_cost(batch * (k + 1))
+        rate = expected / step_cost(batch, k + 1)
         if rate > best_rate:
             best_k, best_rate = k, rate
     return best_k

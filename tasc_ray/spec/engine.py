@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 from tasc_ray.models import load_model
 from tasc_ray.spec.config import EngineConfig
 from tasc_ray.spec.drafter import build_drafter
@@ -10,6 +13,8 @@ from tasc_ray.spec.index import NgramIndex
 
 __all__ = ["EngineConfig", "load_engine"]
 
+logger = logging.getLogger(__name__)
+
 
 def load_engine(config: EngineConfig, index: NgramIndex | None = None) -> SpeculativeGenerator:
     """Load the model (and the index, unless given) and build the generator; refuses a mismatched index."""
@@ -17,4 +22,13 @@ def load_engine(config: EngineConfig, index: NgramIndex | None = None) -> Specul
     if index is None and config.index:
         index = NgramIndex.load(config.index)
     drafter = build_drafter(index, config.drafter)
-    return SpeculativeGenerator(model, tokenizer, drafter, max_batch_size=config.max_batch_size)
+    generator = SpeculativeGenerator(model, tokenizer, drafter, max_batch_size=config.max_batch_size)
+    if config.profile_step_costs:
+        t0 = time.perf_counter()
+        table = generator.profile_step_costs()
+        logger.info(
+            "timed verification passes in %.1f s (ms by rows, then query tokens): %s",
+            time.perf_counter() - t0,
+            {rows: {q: round(1000 * s, 1) for q, s in cells.items()} for rows, cells in table.items()},
+        )
+    return generator

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation.logits_process import LogitsProcessorList
 
-from tasc_ray.spec.draft_length import StepCostModel
+from tasc_ray.spec.draft_length import StepCostTable
 from tasc_ray.spec.drafter import DraftContext, Drafter
 from tasc_ray.spec.kv_cache import PrefixCache, PrefixKV, attention_mask, compact, select_rows
 from tasc_ray.spec.prompts import Prompt, PromptError, PromptTooLongError, encode_prompt
@@ -156,7 +157,7 @@ class SpeculativeGenerator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
         self.timings = EngineTimings()
-        self.step_cost = StepCostModel()
+        self.step_cost = StepCostTable()
         forward_params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
         self._can_keep_last = "logits_to_keep" in forward_params
@@ -215,6 +216,40 @@ class SpeculativeGenerator:
             except Exception as exc:
                 out.append(exc)
         return out
+
+    @torch.inference_mode()
+    def profile_step_costs(
+        self,
+        rows: Sequence[int] | None = None,
+        queries: Sequence[int] = (1, 2, 3, 4, 6, 8, 12, 16),
+        context: int = 256,
+        repeats: int = 3,
+    ) -> dict[int, dict[int, float]]:
+        """Time a verification pass of q query tokens per row over a `context`-token cache for each (rows, q), put
+        the medians in the step-cost table that chooses draft lengths, and return the table (seconds)."""
+        device = self.model.device
+        context = max(1, min(context, self.max_context - max(queries) - 1))
+        vocab = min(len(self.tokenizer), int(getattr(self.model.config, "vocab_size", len(self.tokenizer))))
+        random = torch.Generator().manual_seed(0)
+        for b in rows or sorted({1, self.max_batch_size}):
+            cache = DynamicCache(config=self.model.config)
+            valid = torch.ones(b, context, dtype=torch.bool, device=device)
+            prompt = torch.randint(vocab, (b, context), generator=random).to(device)
+            self._forward(prompt, valid, torch.arange(context, device=device).expand(b, -1), cache, last_only=True)
+            for q in queries:
+                step = torch.randint(vocab, (b, q), generator=random).to(device)
+                step_valid = torch.ones(b, context + q, dtype=torch.bool, device=device)
+                positions = torch.arange(context, context + q, device=device).expand(b, -1)
+                times = []
+                for _ in range(repeats + 1):  # the first is a warm-up
+                    t0 = time.perf_counter()
+                    self._forward(step, step_valid, positions, cache)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t0)
+                    cache.crop(-q)
+                self.step_cost.cells.setdefault(b, {})[q] = statistics.median(times[1:])
+        return self.step_cost.table()
 
     # ----- the decoding loop -----
     @torch.inference_mode()
@@ -307,7 +342,7 @@ class SpeculativeGenerator:
         self.timings.draft_s += t1 - t0
         self.timings.verify_s += t2 - t1
         self.timings.steps += 1
-        self.step_cost.observe(len(drafts) * (max(len(d) for d in drafts) + 1), t2 - t1)
+        self.step_cost.observe(len(drafts), max(len(d) for d in drafts) + 1, t2 - t1)
         done = []
         for row, draft, n, bonus in zip(batch.rows, drafts, n_accepted.tolist(), batch.pending.tolist()):
             row.stats.record(len(draft), n)

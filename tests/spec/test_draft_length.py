@@ -1,25 +1,51 @@
-"""Draft length from the cost of a pass: the step-cost model and the expected-tokens-per-second cut."""
+"""Draft length from the cost of a pass: the step-cost table and the expected-tokens-per-second cut."""
 
 from __future__ import annotations
 
 import pytest
 
-from tasc_ray.spec.draft_length import StepCostModel, best_draft_length
+from tasc_ray.spec.draft_length import StepCostTable, best_draft_length
 
 
 def test_best_draft_length_trades_acceptance_for_cost():
     probs = [[0.9, 0.8, 0.7, 0.1, 0.05]] * 8
-    assert best_draft_length(probs, lambda n: 1.0) == 5  # free verification: draft everything
-    assert best_draft_length(probs, lambda n: float(n)) == 0  # cost proportional to tokens: no draft
-    assert best_draft_length(probs, lambda n: 1.0 + n / 40) == 3
-    assert best_draft_length([[]], lambda n: 1.0) == 0
+    assert best_draft_length(probs, lambda rows, q: 1.0) == 5  # free verification: draft everything
+    assert best_draft_length(probs, lambda rows, q: float(rows * q)) == 0  # cost proportional to tokens: no draft
+    assert best_draft_length(probs, lambda rows, q: 1.0 + rows * q / 40) == 3
+    assert best_draft_length([[]], lambda rows, q: 1.0) == 0
 
 
-def test_step_cost_model_fits_line_and_uses_prior():
-    model = StepCostModel(prior_tokens=20)
-    model.observe(8, 1.4)
-    assert model(8) == pytest.approx(1.4) and model(28) == pytest.approx(2.4)  # slope from the prior
-    model = StepCostModel(prior_tokens=20)
-    for n in (8, 16, 32, 64) * 4:
-        model.observe(n, 0.5 + 0.01 * n)
-    assert model.a == pytest.approx(0.5, rel=0.05) and model.b == pytest.approx(0.01, rel=0.05)
+def test_a_step_in_cost_from_one_to_two_tokens_stops_weak_drafts():
+    """CPU-like costs: q=2 costs 1.6x q=1, then nearly flat. A weak draft is not worth the step; a strong one is."""
+    table = StepCostTable()
+    for q, ms in ((1, 40.0), (2, 64.0), (4, 66.0), (8, 70.0), (16, 80.0)):
+        table.observe(1, q, ms / 1000)
+    assert best_draft_length([[0.4, 0.1]], table) == 0  # at most 1.5 tokens for 1.6x-1.65x the cost
+    assert best_draft_length([[0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5]], table) == 7
+
+
+def test_step_cost_table_interpolates_and_extrapolates():
+    table = StepCostTable(prior_tokens=20)
+    assert table(1, 1) == pytest.approx(1.05) and table(8, 2) == pytest.approx(1.8)  # the prior, before anything
+    table.observe(1, 1, 0.040)
+    assert table(1, 1) == pytest.approx(0.040)
+    assert table(1, 21) == pytest.approx(0.040 * 2.05 / 1.05)  # one measurement: the prior's shape scales it
+    table.observe(1, 4, 0.060)
+    assert table(1, 2) == pytest.approx(0.040 + 0.020 / 3)  # linear between measured q
+    assert table(1, 8) == pytest.approx(0.060 * 1.4 / 1.2)  # beyond the last q: the prior's shape
+    table.observe(8, 1, 0.080)
+    table.observe(8, 4, 0.160)
+    assert table(4, 4) == pytest.approx(0.060 + (0.160 - 0.060) * 3 / 7)  # linear in rows between measured rows
+    table.observe(1, 1, 0.050)  # online refinement: a moving average
+    assert 0.040 < table(1, 1) < 0.050
+    assert list(table.table()) == [1, 8] and list(table.table()[1]) == [1, 4]
+
+
+def test_profile_fills_the_table(tiny_model, tiny_tokenizer):
+    from tasc_ray.spec.generator import SpeculativeGenerator
+
+    generator = SpeculativeGenerator(tiny_model, tiny_tokenizer, None, max_batch_size=4)
+    table = generator.profile_step_costs(queries=(1, 2, 4), context=32, repeats=1)
+    assert list(table) == [1, 4] and all(list(cells) == [1, 2, 4] for cells in table.values())
+    assert all(s > 0 for cells in table.values() for s in cells.values())
+    assert generator.step_cost(4, 2) == table[4][2]
