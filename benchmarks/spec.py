@@ -37,6 +37,7 @@ from tasc_ray.spec.config import DrafterConfig, DraftMode
 from tasc_ray.spec.drafter import Drafter
 from tasc_ray.spec.generator import GenerationResult, SamplingParams, SpeculativeGenerator
 from tasc_ray.spec.index import DEFAULT_MAX_ORDER, NgramIndex, tokenizer_fingerprint
+from tasc_ray.spec.packed_linear import pack_linear_layers
 from tasc_ray.spec.stopping import cut_at_eos, find_stop
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_arguments(p, DrafterConfig, exclude={"mode"})  # each method sets the mode
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None)
+    p.add_argument(
+        "--packed-linear",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the engine's linear layers on oneDNN-packed weights, as load_engine does (transformers' methods run "
+        "a pristine copy of the model)",
+    )
     p.add_argument("--seed", type=int, default=0, help="which prompts are drawn")
     p.add_argument("--cache-dir", default="benchmarks/cache", help="where model-output corpora are cached")
     p.add_argument("--json", dest="json_path", metavar="FILE", help="write results JSON here (+ .md table, plots)")
@@ -100,6 +108,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    hf_model = model  # transformers' own methods run the model as loaded
+    if args.packed_linear:  # as load_engine does; transformers' methods keep a pristine copy
+        hf_model, _ = load_model(args.model, dtype=args.dtype, device=args.device)
+        pack_linear_layers(model)
     tasks = args.task or list(BUILTIN_TASKS)
     report: dict[str, Any] = {
         "model": args.model,
@@ -110,6 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "config": {k: v for k, v in vars(args).items() if k not in ("handler", "json")},
         "runs": [],
         "simulated": [],
+        "packed_linear": args.packed_linear,
         "cost_table": cost_table(model, tokenizer, max(batch_sizes)),
     }
     for task_name in tasks:
@@ -124,7 +137,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         indexes = {
             kind: NgramIndex.from_texts(texts, tokenizer, args.max_order) for kind, texts in corpora.items() if texts
         }
-        report["runs"] += bench_task(model, tokenizer, task, indexes, methods, batch_sizes, args)
+        report["runs"] += bench_task((model, hf_model), tokenizer, task, indexes, methods, batch_sizes, args)
         report["simulated"] += simulate_task(task, indexes, tokenizer, args)
     if args.json_path:
         write_spec_report(report, Path(args.json_path))
@@ -133,7 +146,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def bench_task(
-    model,
+    models: tuple[Any, Any],
     tokenizer,
     task: Task,
     indexes: dict[str, NgramIndex],
@@ -141,6 +154,8 @@ def bench_task(
     batch_sizes: list[int],
     args: argparse.Namespace,
 ) -> list[dict[str, Any]]:
+    """Every method on the task's prompts at every batch size; `models` is (the engine's, transformers' own)."""
+    model, hf_model = models
     params = SamplingParams(max_new_tokens=args.max_new_tokens, stop=task.stop)
     runs = []
     for batch_size in batch_sizes:
@@ -157,9 +172,9 @@ def bench_task(
                 if method == "plain":
                     measured = plain
                 elif method == "hf_generate":
-                    measured = measure_hf_generate(model, tokenizer, task.prompts, params, batch_size)
+                    measured = measure_hf_generate(hf_model, tokenizer, task.prompts, params, batch_size)
                 elif method == "prompt_lookup_hf":
-                    measured = measure_hf_lookup(model, tokenizer, task.prompts, params)
+                    measured = measure_hf_lookup(hf_model, tokenizer, task.prompts, params)
                 else:
                     config = config_from_args(DrafterConfig, args, mode=MODES[method])
                     generator = SpeculativeGenerator(

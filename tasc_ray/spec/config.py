@@ -55,6 +55,11 @@ class EngineConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="model weights' dtype")
     device: str | None = Field(None, description="cpu or cuda; unset: cuda when present")
     max_batch_size: int = Field(8, ge=1, description="rows decoded together")
+    packed_linear: bool = Field(
+        True,
+        description="run linear layers on oneDNN-packed weights (float32 on CPU; elsewhere a no-op): faster "
+        "small products, results within float rounding of eager",
+    )
     profile_step_costs: bool = Field(
         True,
         description="at start-up, time verification passes by rows and query tokens (a few seconds on a CPU), so "

@@ -10,6 +10,7 @@ from tasc_ray.spec.config import EngineConfig
 from tasc_ray.spec.drafter import build_drafter
 from tasc_ray.spec.generator import SpeculativeGenerator
 from tasc_ray.spec.index import NgramIndex
+from tasc_ray.spec.packed_linear import pack_linear_layers
 
 __all__ = ["EngineConfig", "load_engine"]
 
@@ -19,6 +20,8 @@ logger = logging.getLogger(__name__)
 def load_engine(config: EngineConfig, index: NgramIndex | None = None) -> SpeculativeGenerator:
     """Load the model (and the index, unless given) and build the generator; refuses a mismatched index."""
     model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    if config.packed_linear:
+        pack_linear_layers(model)
     if index is None and config.index:
         index = NgramIndex.load(config.index)
     drafter = build_drafter(index, config.drafter)
