@@ -322,7 +322,12 @@ class NgramIndex:
         return sum(t.nbytes for t in self.tables.values())
 
     def check_tokenizer(self, tokenizer: Any) -> None:
-        """Refuse a tokenizer other than the one the index was built with."""
+        """Refuse a tokenizer other than the one the index was built with (vocabulary size, then fingerprint)."""
+        if self.vocab_size and self.vocab_size != len(tokenizer):
+            raise NgramIndexError(
+                f"index was built for a vocabulary of {self.vocab_size} tokens ({self.tokenizer_name!r}), but the "
+                f"model's tokenizer has {len(tokenizer)}; rebuild the index with this model's tokenizer"
+            )
         fingerprint = tokenizer_fingerprint(tokenizer)
         if self.fingerprint and fingerprint != self.fingerprint:
             raise NgramIndexError(

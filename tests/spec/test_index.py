@@ -125,3 +125,14 @@ def test_fingerprint_mismatch_refused(tiny_tokenizer):
     with pytest.raises(NgramIndexError, match="rebuild the index"):
         index.check_tokenizer(other)
     index.check_tokenizer(tiny_tokenizer)
+
+
+def test_manifest_vocab_size_must_match_the_tokenizer(tiny_tokenizer, tmp_path):
+    """A manifest whose vocab_size disagrees with the tokenizer is refused, whatever its fingerprint says."""
+    path = tmp_path / "idx"
+    NgramIndex.build([[1, 2, 3]], tokenizer=tiny_tokenizer).save(str(path))
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["tokenizer"]["vocab_size"] = 32000
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(NgramIndexError, match=f"32000 tokens .* has {len(tiny_tokenizer)}"):
+        NgramIndex.load(str(path)).check_tokenizer(tiny_tokenizer)
