@@ -38,9 +38,15 @@ class StepCostTable:
         return {r: dict(sorted(self.cells[r].items())) for r in sorted(self.cells)}
 
     def __call__(self, rows: int, q: int) -> float:
+        if q in self.cells.get(rows, {}):
+            return self.cells[rows][q]
         if not self.cells:
             return self._prior(rows, q)
-        measured = sorted(self.cells)
+        # Prefer row counts measured around q (the start-up grid) over one seen only at a few other q online.
+        covering = sorted(r for r, cells in self.cells.items() if min(cells) <= q <= max(cells))
+        return self._across_rows(covering or sorted(self.cells), rows, q)
+
+    def _across_rows(self, measured: list[int], rows: int, q: int) -> float:
         k = bisect.bisect_left(measured, rows)
         if k < len(measured) and measured[k] == rows:
             return self._in_row(rows, q)

@@ -36,9 +36,11 @@ def test_step_cost_table_interpolates_and_extrapolates():
     table.observe(8, 1, 0.080)
     table.observe(8, 4, 0.160)
     assert table(4, 4) == pytest.approx(0.060 + (0.160 - 0.060) * 3 / 7)  # linear in rows between measured rows
+    table.observe(5, 2, 0.100)  # a row count seen online at one q only: other q come from the measured rows
+    assert table(5, 4) == pytest.approx(0.060 + (0.160 - 0.060) * 4 / 7) and table(5, 2) == 0.100
     table.observe(1, 1, 0.050)  # online refinement: a moving average
     assert 0.040 < table(1, 1) < 0.050
-    assert list(table.table()) == [1, 8] and list(table.table()[1]) == [1, 4]
+    assert list(table.table()) == [1, 5, 8] and list(table.table()[1]) == [1, 4]
 
 
 def test_profile_fills_the_table(tiny_model, tiny_tokenizer):
