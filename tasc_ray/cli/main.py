@@ -19,8 +19,6 @@ from tasc_ray.io import CorpusError
 from tasc_ray.models import ModelNotFoundError
 from tasc_ray.spec.index import NgramIndexError
 
-logger = logging.getLogger("tasc_ray")
-
 COMMAND_MODULES = [
     "tasc_ray.cli.generate",
     "tasc_ray.cli.demo",

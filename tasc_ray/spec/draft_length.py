@@ -28,7 +28,12 @@ class StepCostTable:
         self.prior_tokens, self.smoothing = prior_tokens, smoothing
         self.cells: dict[int, dict[int, float]] = {}  # rows -> {q: seconds}
 
+    def set(self, rows: int, q: int, seconds: float) -> None:
+        """Record a measured cost for (rows, q), replacing what the cell held."""
+        self.cells.setdefault(rows, {})[q] = seconds
+
     def observe(self, rows: int, q: int, seconds: float) -> None:
+        """Refine (rows, q) with one timed pass: a moving average, or the first value of a new cell."""
         row = self.cells.setdefault(rows, {})
         old = row.get(q)
         row[q] = seconds if old is None else old + self.smoothing * (seconds - old)

@@ -251,7 +251,7 @@ class SpeculativeGenerator:
                         torch.cuda.synchronize()
                     times.append(time.perf_counter() - t0)
                     cache.crop(-q)
-                self.step_cost.cells.setdefault(b, {})[q] = statistics.median(times[1:])
+                self.step_cost.set(b, q, statistics.median(times[1:]))
         return self.step_cost.table()
 
     # ----- the decoding loop -----
