@@ -100,6 +100,9 @@ class ServeConfig(BaseModel):
     batch_wait_timeout_s: float = Field(0.02, ge=0.0)
     default_max_tokens: int = Field(128, ge=1)
     max_tokens_limit: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
+    max_request_bytes: int = Field(
+        1_000_000, ge=1, description="largest request body in bytes; a larger one is refused with a 413"
+    )
     num_replicas: int | None = Field(1, ge=1)
     autoscaling: AutoscalingSettings | None = None
     num_cpus: float = Field(0.5, gt=0, description="CPUs per replica (fractional is fine)")

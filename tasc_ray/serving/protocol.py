@@ -3,14 +3,34 @@
 `parse_request` turns a JSON body into a `CompletionRequest` or `ChatCompletionRequest`, and every failure into
 an `APIError` (a 4xx with OpenAI's `{"error": {message, type, param, code}}` body) naming the parameter.
 `completion_body`/`chat_body` render results; `ChunkRenderer`, `TextStream` and `sse` render a stream.
+`read_body` (or `check_body_size`) refuses a body over the server's size limit with a 413 before it is parsed.
+
+What a request may carry:
+
+- Honoured: `model`, `prompt`/`messages`, `max_tokens`, `max_completion_tokens`, `temperature`, `top_p`,
+  `top_k`, `stop`, `seed`, `stream`, `stream_options`, `n` (1 only) and TASC's own `speculative`.
+  `max_completion_tokens` (what current OpenAI clients send for chat) is accepted by both routes and, when both
+  are given, takes precedence over `max_tokens` (the older name OpenAI deprecated in its favour).
+- Refused with a 400 (`code: "unsupported_parameter"`, `param` naming it) unless the value asks for nothing,
+  i.e. is null or the default (penalties and `top_logprobs` 0, `echo`/`logprobs` false, empty `tools`/
+  `functions`/`logit_bias`/`suffix`, `response_format: {"type": "text"}`, `modalities: ["text"]`,
+  `tool_choice`/`function_call` "none", `parallel_tool_calls: true`, `n`/`best_of` 1): every parameter in `UNSUPPORTED`
+  (tools and function calling, structured output, `best_of`, `logit_bias`, penalties, `echo`, `suffix`,
+  log probabilities, audio, `prediction`). The engine cannot honour them, and answering as if it had would
+  change the request's meaning.
+- Accepted without effect: metadata that changes nothing in the reply (`IGNORED`: `user`, `metadata`, `store`,
+  `service_tier`).
+- Anything else is an unknown field: ignored (logged at debug level), never refused, so that a client sending a
+  newer harmless field keeps working. A parameter found to change the reply belongs in `UNSUPPORTED`.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -18,6 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from transformers import PreTrainedTokenizerBase
 
 from tasc_ray.spec.generator import GenerationResult, SamplingParams
+
+logger = logging.getLogger(__name__)
 
 MAX_STOP_SEQUENCES = 4
 
@@ -57,7 +79,91 @@ def check_api_key(expected: str | None, authorization: str | None) -> None:
         )
 
 
+def check_body_size(size: int | str | bytes | None, limit: int) -> None:
+    """Refuse a body over `limit` bytes with a 413; `size` is a Content-Length header, the body, or a byte count.
+
+    None (no Content-Length header) passes; a Content-Length that is not a non-negative integer is a 400.
+    """
+    if size is None:
+        return
+    if isinstance(size, bytes):
+        length = len(size)
+    elif isinstance(size, str):
+        if not size.strip().isdigit():
+            raise APIError(400, f"invalid Content-Length header {size!r}", code="invalid_request")
+        length = int(size)
+    else:
+        length = size
+    if length > limit:
+        raise APIError(
+            413,
+            f"request body of {length} bytes exceeds this server's limit of {limit} bytes",
+            code="request_too_large",
+        )
+
+
+async def read_body(chunks: AsyncIterable[bytes], limit: int, content_length: str | None = None) -> bytes:
+    """Read a request body of at most `limit` bytes, refusing a larger one with a 413 before it is all read.
+
+    `content_length` (the header, if any) is checked first; the bytes are counted as they arrive too, since a
+    chunked body has no Content-Length. In the app: `read_body(request.stream(), limit, headers.get(...))`.
+    """
+    check_body_size(content_length, limit)
+    parts: list[bytes] = []
+    total = 0
+    async for chunk in chunks:
+        total += len(chunk)
+        check_body_size(total, limit)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 # ----- requests -----
+def _defaults(*values: Any) -> Callable[[Any], bool]:
+    """A check accepting null and exactly `values`, type included (false is not 0, 0 is not false)."""
+    return lambda value: value is None or any(type(value) is type(d) and value == d for d in values)
+
+
+def _at_most_one(value: Any) -> bool:
+    """`n` above 1 is unsupported; any other value is left to the model's own validation."""
+    return not (type(value) is int and value > 1)
+
+
+_NO_TOOLS = "tool and function calling are not supported"
+# name -> (accepts the value: it asks for nothing, or is left to validation; why another value is refused)
+UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "tools": (_defaults([]), _NO_TOOLS),
+    "tool_choice": (_defaults("none"), _NO_TOOLS),
+    "functions": (_defaults([]), _NO_TOOLS),
+    "function_call": (_defaults("none"), _NO_TOOLS),
+    "parallel_tool_calls": (_defaults(True), _NO_TOOLS),
+    "response_format": (_defaults({"type": "text"}), "only text output is supported (response_format type 'text')"),
+    "n": (_at_most_one, "one choice per prompt is generated (n must be 1)"),
+    "best_of": (_defaults(1), "only best_of 1 is supported"),
+    "logit_bias": (_defaults({}), "logit bias is not supported"),
+    "presence_penalty": (_defaults(0, 0.0), "penalties are not supported (only 0)"),
+    "frequency_penalty": (_defaults(0, 0.0), "penalties are not supported (only 0)"),
+    "echo": (_defaults(False), "echoing the prompt is not supported"),
+    "suffix": (_defaults(""), "a suffix (insertion) is not supported"),
+    "logprobs": (_defaults(False), "log probabilities are not returned"),
+    "top_logprobs": (_defaults(0), "log probabilities are not returned"),
+    "audio": (_defaults(), "audio output is not supported"),
+    "modalities": (_defaults(["text"]), "only text output is supported (modalities ['text'])"),
+    "prediction": (_defaults(), "predicted outputs are not supported"),
+}
+# Accepted and without effect on the reply.
+IGNORED = frozenset({"user", "metadata", "store", "service_tier"})
+
+
+def refuse_unsupported(data: dict[str, Any]) -> None:
+    """Refuse the first parameter of `UNSUPPORTED` whose value asks for something the engine cannot do."""
+    for name, (accepts, reason) in UNSUPPORTED.items():
+        if name in data and not accepts(data[name]):
+            raise APIError(
+                400, f"'{name}' is not supported by this server: {reason}", param=name, code="unsupported_parameter"
+            )
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: StrictBool = False
@@ -69,6 +175,7 @@ class RequestBase(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     model: StrictStr | None = None
     max_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = Field(None, description="takes precedence over max_tokens")
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: StrictInt = Field(0, ge=0)
@@ -76,7 +183,7 @@ class RequestBase(BaseModel):
     seed: StrictInt | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: StrictInt = Field(1, ge=1, le=1, description="one choice per prompt")
+    n: StrictInt | None = Field(1, ge=1, le=1, description="one choice per prompt")
     speculative: StrictBool = True
 
     @property
@@ -92,17 +199,20 @@ class RequestBase(BaseModel):
         return [s for s in stops if s]
 
     def sampling_params(self, default_max_tokens: int, max_tokens_limit: int) -> SamplingParams:
-        """The engine's SamplingParams; `max_tokens` must lie in [1, max_tokens_limit]."""
-        max_tokens = default_max_tokens if self.max_tokens is None else self.max_tokens
+        """The engine's SamplingParams; the token budget must lie in [1, max_tokens_limit].
+
+        The budget is `max_completion_tokens` if given, else `max_tokens`, else `default_max_tokens`.
+        """
+        param = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+        requested = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        max_tokens = default_max_tokens if requested is None else requested
         if max_tokens <= 0:
-            raise APIError(
-                400, f"max_tokens must be positive, got {max_tokens}", param="max_tokens", code="invalid_value"
-            )
+            raise APIError(400, f"{param} must be positive, got {max_tokens}", param=param, code="invalid_value")
         if max_tokens > max_tokens_limit:
             raise APIError(
                 400,
-                f"max_tokens {max_tokens} exceeds this server's limit {max_tokens_limit}",
-                param="max_tokens",
+                f"{param} {max_tokens} exceeds this server's limit {max_tokens_limit}",
+                param=param,
                 code="invalid_value",
             )
         return SamplingParams(
@@ -153,13 +263,22 @@ class ChatCompletionRequest(RequestBase):
 
 
 def parse_request(raw: bytes, model_cls: type[Request]) -> Request:
-    """Parse and validate a JSON body, turning every failure into a 400 APIError naming the parameter."""
+    """Parse and validate a JSON body, turning every failure into a 400 APIError naming the parameter.
+
+    For the completion requests, `UNSUPPORTED` parameters asking for something are refused and unknown fields
+    are logged at debug level and ignored (see the module docstring).
+    """
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    if issubclass(model_cls, RequestBase):
+        refuse_unsupported(data)
+        unknown = sorted(set(data) - set(model_cls.model_fields) - set(UNSUPPORTED) - IGNORED)
+        if unknown:
+            logger.debug("ignoring unknown request fields: %s", unknown)
     try:
         return model_cls.model_validate(data)
     except ValidationError as exc:

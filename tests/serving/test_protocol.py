@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 
 import pytest
 
@@ -14,8 +16,10 @@ from tasc_ray.serving.protocol import (
     TextStream,
     chat_body,
     check_api_key,
+    check_body_size,
     completion_body,
     parse_request,
+    read_body,
     sse,
     usage,
 )
@@ -46,7 +50,8 @@ def test_bad_json_and_non_objects():
         ({"prompt": "hi", "temperature": "hot"}, "temperature", "invalid_type"),
         ({"prompt": "hi", "stream": "yes"}, "stream", "invalid_type"),
         ({"prompt": "hi", "temperature": 3.0}, "temperature", "invalid_value"),
-        ({"prompt": "hi", "n": 2}, "n", "invalid_value"),
+        ({"prompt": "hi", "n": 0}, "n", "invalid_value"),
+        ({"prompt": "hi", "max_completion_tokens": "7"}, "max_completion_tokens", "invalid_type"),
         ({"prompt": "hi", "stream_options": {"include_usage": "yes"}}, "stream_options", "invalid_type"),
     ],
 )
@@ -100,6 +105,119 @@ def test_chat_messages_and_content_parts():
     assert info.value.param == "messages"
 
 
+# ----- unsupported, ignored and unknown parameters -----
+@pytest.mark.parametrize(
+    "param,value",
+    [
+        ("tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("tool_choice", "auto"),
+        ("tool_choice", "required"),
+        ("functions", [{"name": "f"}]),
+        ("function_call", "auto"),
+        ("parallel_tool_calls", False),
+        ("response_format", {"type": "json_object"}),
+        ("n", 2),
+        ("best_of", 2),
+        ("logit_bias", {"50256": -100}),
+        ("presence_penalty", 0.5),
+        ("frequency_penalty", -1),
+        ("echo", True),
+        ("suffix", "end"),
+        ("logprobs", True),
+        ("logprobs", 0),
+        ("logprobs", 5),
+        ("top_logprobs", 2),
+        ("audio", {"voice": "alloy", "format": "wav"}),
+        ("modalities", ["text", "audio"]),
+        ("prediction", {"type": "content", "content": "x"}),
+    ],
+)
+@pytest.mark.parametrize("cls,base", [(CompletionRequest, {"prompt": "hi"}), (ChatCompletionRequest, None)])
+def test_unsupported_parameters_are_refused(param, value, cls, base):
+    body = {**(base or {"messages": [{"role": "user", "content": "hi"}]}), param: value}
+    err = _parse_error(body, cls)
+    assert err.param == param and err.code == "unsupported_parameter" and err.type == "invalid_request_error"
+    assert f"'{param}' is not supported" in err.message
+    assert err.body()["error"]["param"] == param
+
+
+DEFAULTS = {
+    "tools": [],
+    "tool_choice": "none",
+    "functions": [],
+    "function_call": "none",
+    "parallel_tool_calls": True,
+    "response_format": {"type": "text"},
+    "n": 1,
+    "best_of": 1,
+    "logit_bias": {},
+    "presence_penalty": 0,
+    "frequency_penalty": 0.0,
+    "echo": False,
+    "suffix": "",
+    "logprobs": False,
+    "top_logprobs": 0,
+    "modalities": ["text"],
+    "user": "u-1",
+    "metadata": {"k": "v"},
+    "store": False,
+    "service_tier": "auto",
+    "seed": 4,
+    "stream_options": {"include_usage": True},
+}
+
+
+@pytest.mark.parametrize("cls,base", [(CompletionRequest, {"prompt": "hi"}), (ChatCompletionRequest, None)])
+def test_defaults_and_metadata_are_accepted(cls, base):
+    base = base or {"messages": [{"role": "user", "content": "hi"}]}
+    for params in (DEFAULTS, dict.fromkeys([*DEFAULTS, "audio", "prediction"])):  # the defaults, then all null
+        req = parse_request(json.dumps({**base, **params}).encode(), cls)
+        assert req.sampling_params(128, 1024).max_new_tokens == 128
+    assert parse_request(json.dumps({**base, **DEFAULTS}).encode(), cls).include_usage
+
+
+def test_unknown_fields_are_ignored_and_logged(caplog):
+    with caplog.at_level(logging.DEBUG, logger="tasc_ray.serving.protocol"):
+        req = parse_request(b'{"prompt": "hi", "zz_new_field": 1, "user": "u"}', CompletionRequest)
+    assert req.prompts() == ["hi"]
+    assert "zz_new_field" in caplog.text and "'user'" not in caplog.text  # known metadata is not reported
+
+
+# ----- request size -----
+def test_check_body_size():
+    check_body_size(None, 10)  # no Content-Length header
+    for size in (10, "10", b"x" * 10, " 3 "):
+        check_body_size(size, 10)
+    for size in (11, "11", b"x" * 11):
+        with pytest.raises(APIError) as info:
+            check_body_size(size, 10)
+        assert info.value.status == 413 and info.value.code == "request_too_large"
+        assert info.value.type == "invalid_request_error" and "limit of 10 bytes" in info.value.message
+    for header in ("ten", "-1", ""):
+        with pytest.raises(APIError) as info:
+            check_body_size(header, 10)
+        assert info.value.status == 400
+
+
+def test_read_body_stops_at_the_limit():
+    read: list[bytes] = []
+
+    async def chunks(*parts: bytes):
+        for part in parts:
+            read.append(part)
+            yield part
+
+    assert asyncio.run(read_body(chunks(b"ab", b"cd", b""), 4)) == b"abcd"
+    read.clear()
+    with pytest.raises(APIError) as info:  # chunked: no Content-Length, refused once the count passes the limit
+        asyncio.run(read_body(chunks(b"ab", b"cde", b"never read"), 4))
+    assert info.value.status == 413 and read == [b"ab", b"cde"]
+    read.clear()
+    with pytest.raises(APIError) as info:  # a Content-Length over the limit: refused before reading anything
+        asyncio.run(read_body(chunks(b"ab"), 4, content_length="5"))
+    assert info.value.status == 413 and read == []
+
+
 # ----- sampling parameters -----
 def test_sampling_params_from_request():
     body = {"prompt": "x", "temperature": 0.7, "top_p": 0.9, "top_k": 5, "seed": 3, "stop": "\n", "speculative": False}
@@ -109,6 +227,26 @@ def test_sampling_params_from_request():
     )
     req = parse_request(b'{"prompt": "x", "max_tokens": 7, "stop": ["a", ""]}', CompletionRequest)
     assert req.sampling_params(128, 1024).max_new_tokens == 7 and req.sampling_params(128, 1024).stop == ["a"]
+
+
+@pytest.mark.parametrize("cls,base", [(CompletionRequest, {"prompt": "x"}), (ChatCompletionRequest, None)])
+def test_max_completion_tokens(cls, base):
+    base = base or {"messages": [{"role": "user", "content": "x"}]}
+
+    def budget(**fields) -> int:
+        return parse_request(json.dumps({**base, **fields}).encode(), cls).sampling_params(128, 1024).max_new_tokens
+
+    assert budget(max_completion_tokens=7) == 7
+    assert budget(max_completion_tokens=7, max_tokens=50) == 7  # max_completion_tokens takes precedence
+    assert budget(max_completion_tokens=50, max_tokens=7) == 50
+    assert budget(max_completion_tokens=None, max_tokens=9) == 9
+    assert budget() == 128
+    for value in (0, 1025):
+        req = parse_request(json.dumps({**base, "max_completion_tokens": value, "max_tokens": 5}).encode(), cls)
+        with pytest.raises(APIError) as info:
+            req.sampling_params(128, 1024)
+        assert info.value.param == "max_completion_tokens" and info.value.code == "invalid_value"
+        assert info.value.message.startswith("max_completion_tokens ")
 
 
 @pytest.mark.parametrize("max_tokens", [0, -3, 1025])

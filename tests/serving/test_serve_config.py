@@ -55,6 +55,7 @@ def test_null_strings_from_serve_run():
         {"mode": "sideways"},
         {"autoscaling": {"max_replicas": 2, "extra": 1}},
         {"user_config": {"bogus": 1}},
+        {"max_request_bytes": 0},
     ],
 )
 def test_unknown_or_invalid_fields_are_refused(data):
@@ -107,3 +108,8 @@ def test_index_update_drafter_values_checked_when_applied():
         IndexUpdate.model_validate({"lam": 2.0}).drafter_config(DrafterConfig())
     with pytest.raises(ValidationError):
         IndexUpdate.model_validate({"drafter": {"bogus_knob": 1}}).drafter_config(DrafterConfig())
+
+
+def test_max_request_bytes():
+    assert ServeConfig().max_request_bytes == 1_000_000
+    assert ServeConfig.model_validate({"max_request_bytes": "2048"}).max_request_bytes == 2048  # from serve run
