@@ -69,12 +69,17 @@ class Drafter:
         return state
 
     def propose(
-        self, rows: Sequence[DraftContext], limits: Sequence[int] | None = None, step_cost: StepCost | None = None
+        self,
+        rows: Sequence[DraftContext | None],
+        limits: Sequence[int] | None = None,
+        step_cost: StepCost | None = None,
     ) -> list[list[int]]:
-        """Draft up to min(max_draft, limits[i]) tokens for each row; with `step_cost`, cut all drafts to the
-        common length that maximises expected tokens per second of the batched verification pass."""
+        """Draft up to min(max_draft, limits[i]) tokens for each row (none for a row without a context: it does
+        not speculate); with `step_cost`, cut all drafts to the common length that maximises expected tokens
+        per second of the batched verification pass."""
         k = self.config.max_draft
         limits = [k] * len(rows) if limits is None else [min(k, lim) for lim in limits]
+        limits = [lim if row is not None else 0 for row, lim in zip(rows, limits)]
         drafts: list[list[int]] = [[] for _ in rows]
         path_probs: list[list[float]] = [[] for _ in rows]  # estimated P(first j+1 draft tokens all accepted)
         path_prob = np.ones(len(rows))
@@ -82,15 +87,16 @@ class Drafter:
         index = self.index if self.config.mode != DraftMode.CONTEXT else None
         use_context = self.config.mode != DraftMode.CORPUS
         tail = (index.max_order - 1) if index is not None else 0
+        context_of = {i: row for i, row in enumerate(rows) if row is not None}
         while active:
             corpus = (
-                index.longest_matches([rows[i].tokens[-tail:] + drafts[i] for i in active])
+                index.longest_matches([context_of[i].tokens[-tail:] + drafts[i] for i in active])
                 if index is not None
                 else [None] * len(active)
             )
             still_active = []
             for i, corpus_match in zip(active, corpus):
-                context_counts = rows[i].longest_match(drafts[i]) if use_context else None
+                context_counts = context_of[i].longest_match(drafts[i]) if use_context else None
                 token, prob = self._mix(corpus_match, context_counts)
                 if token is None or path_prob[i] * prob < self.config.min_path_prob:
                     continue

@@ -3,9 +3,10 @@
 Each step runs one forward pass over every row's pending token plus its draft, with per-row position ids and
 an explicit 4D attention mask. A row accepts the longest draft prefix the target agrees with, plus the
 target's own next token; the cache slots of rejected draft tokens are masked out (never recomputed) and
-compacted away when they pile up. Finished rows leave the batch. A prompt prefix shared by the whole batch
-(a few-shot template, a system prompt) is prefilled once at batch 1, and its keys and values serve every row
-and later batches that share it (kv_cache.py).
+compacted away when they pile up. Which rows decode together is the scheduler's business (scheduler.py):
+rows join the running batch between steps and leave it as they finish. A prompt prefix shared by the rows
+admitted together, or by consecutive requests (a few-shot template, a system prompt), is prefilled once and
+its keys and values serve every row that shares it (kv_cache.py).
 
 Greedy decoding emits exactly what plain greedy decoding emits. Sampling is exact too: the draft is a point
 mass, so sampling x ~ p at each position and accepting the draft token iff x equals it (else emitting x and
@@ -19,24 +20,27 @@ import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.generation.logits_process import LogitsProcessorList
 
 from tasc_ray.spec.draft_length import StepCostTable
-from tasc_ray.spec.drafter import DraftContext, Drafter
+from tasc_ray.spec.drafter import Drafter
 from tasc_ray.spec.kv_cache import PrefixCache, PrefixKV, attention_mask, compact, select_rows
 from tasc_ray.spec.prompts import Prompt, PromptError, PromptTooLongError, encode_prompt
-from tasc_ray.spec.sampling import SamplingParams, accepted_lengths, logits_warpers, target_tokens
+from tasc_ray.spec.request import GenerationResult, Request, RowStats, TokenCallback
+from tasc_ray.spec.sampling import SamplingParams, accepted_lengths, row_sampler, target_tokens
+from tasc_ray.spec.scheduler import Scheduler
 from tasc_ray.spec.stopping import cut_at_eos, find_stop
 
 __all__ = [
     "GenerationResult",
     "PromptError",
     "PromptTooLongError",
+    "Request",
     "RowStats",
     "SamplingParams",
     "SpeculativeGenerator",
@@ -49,35 +53,13 @@ StreamCallback = Callable[[int, list[int]], None]  # (prompt index, newly emitte
 
 
 @dataclass
-class RowStats:
-    """What speculation did for one output: passes, drafted and accepted tokens, time."""
-
-    forward_passes: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    accepted_hist: list[int] = field(default_factory=list)  # accepted_hist[n]: passes that accepted n drafts
-    draft_s: float = 0.0  # time of the batch steps this row took part in
-    verify_s: float = 0.0
-
-    def record(self, drafted: int, accepted: int) -> None:
-        self.forward_passes += 1
-        self.drafted += drafted
-        self.accepted += accepted
-        if len(self.accepted_hist) <= accepted:
-            self.accepted_hist.extend([0] * (accepted + 1 - len(self.accepted_hist)))
-        self.accepted_hist[accepted] += 1
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
 class EngineTimings:
-    """Batch-level totals across generate() calls: wall time of drafting, verifying and the whole call."""
+    """Totals across the engine's life: wall time of drafting, verifying and generate() calls."""
 
     draft_s: float = 0.0
     verify_s: float = 0.0
     generate_s: float = 0.0
+    prefill_s: float = 0.0
     steps: int = 0  # batched forward passes after prefill
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0  # prompt tokens served from the shared-prefix cache instead of prefilled
@@ -87,38 +69,11 @@ class EngineTimings:
 
 
 @dataclass
-class GenerationResult:
-    text: str
-    token_ids: list[int]  # generated ids, EOS or the token completing a stop string included
-    prompt_tokens: int
-    finish_reason: str  # "stop" (EOS or stop string) or "length"
-    stats: RowStats
-
-    @property
-    def new_tokens(self) -> int:
-        return len(self.token_ids)
-
-
-@dataclass
-class _DecodingRow:
-    """One prompt while it decodes."""
-
-    index: int  # position in the caller's prompt list
-    prompt_len: int
-    max_new: int
-    draft_context: DraftContext | None  # what the drafter knows of this row (None: no speculation)
-    generated: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    stop_text_end: int | None = None
-    stats: RowStats = field(default_factory=RowStats)
-
-
-@dataclass
 class _Batch:
     """The rows decoding together and their shared KV cache: `valid` [B, S] masks the cache slots per row,
     `pending` [B] is each row's next token (emitted, not yet in the cache), `next_pos` [B] its position."""
 
-    rows: list[_DecodingRow]
+    rows: list[Request]
     cache: DynamicCache
     valid: torch.Tensor
     pending: torch.Tensor
@@ -128,9 +83,29 @@ class _Batch:
         if len(keep) == len(self.rows):
             return
         self.rows = [self.rows[i] for i in keep]
-        sel = torch.tensor(keep, device=self.valid.device)
+        sel = torch.tensor(keep, dtype=torch.long, device=self.valid.device)
         self.valid, self.pending, self.next_pos = self.valid[sel], self.pending[sel], self.next_pos[sel]
         select_rows(self.cache, sel)
+
+    def extend(self, other: _Batch) -> None:
+        """Append another batch's rows; the narrower cache is left-padded with masked slots (each row has its
+        own positions, so where its slots sit does not matter)."""
+        width = max(self.valid.shape[1], other.valid.shape[1])
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = width - t.shape[dim]
+            if not missing:
+                return t
+            pads = [0, 0] * (t.dim() - 1 - dim) + [missing, 0]
+            return F.pad(t, pads)
+
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([pad(mine.keys, 2), pad(theirs.keys, 2)])
+            mine.values = torch.cat([pad(mine.values, 2), pad(theirs.values, 2)])
+        self.valid = torch.cat([pad(self.valid, 1), pad(other.valid, 1)])
+        self.pending = torch.cat([self.pending, other.pending])
+        self.next_pos = torch.cat([self.next_pos, other.next_pos])
+        self.rows = self.rows + other.rows
 
 
 class SpeculativeGenerator:
@@ -167,34 +142,41 @@ class SpeculativeGenerator:
         """Token ids of a prompt, checked (see tasc_ray.spec.prompts.encode_prompt)."""
         return encode_prompt(self.tokenizer, prompt, self.max_context)
 
+    def request(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        row: int = 0,
+        on_tokens: TokenCallback | None = None,
+        on_finish: Callable[[Request], None] | None = None,
+    ) -> Request:
+        """A checked request for `prompt` (text, chat messages or token ids), ready for a Scheduler or an
+        EngineLoop. `row` tells apart the sampling seeds of several rows of one seeded call."""
+        params = params or SamplingParams()
+        if params.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {params.max_new_tokens}")
+        ids = self.encode(prompt)
+        request = Request(list(ids), params, on_tokens, on_finish)
+        request.sampler = row_sampler(params, row)
+        return request
+
+    def scheduler(self, max_rows: int | None = None, static: bool = False) -> Scheduler:
+        """A scheduler decoding with this generator (one per thread: the generator holds no batch itself)."""
+        return Scheduler(self, max_rows=max_rows, static=static)
+
     def generate(
         self,
         prompts: Sequence[Prompt],
         params: SamplingParams | None = None,
         stream: StreamCallback | None = None,
+        static: bool = False,
     ) -> list[GenerationResult]:
-        """Decode every prompt; batches of up to max_batch_size rows, grouped by prompt length."""
-        params = params or SamplingParams()
-        if params.max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be positive, got {params.max_new_tokens}")
-        encoded = []
-        for i, prompt in enumerate(prompts):
-            try:
-                encoded.append(self.encode(prompt))
-            except PromptError as exc:
-                raise type(exc)(f"prompt {i}: {exc}") from exc
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(self.model.device).manual_seed(params.seed)
-        results: list[GenerationResult | None] = [None] * len(encoded)
-        t0 = time.perf_counter()
-        for start in range(0, len(order), self.max_batch_size):
-            chunk = order[start : start + self.max_batch_size]
-            for row in self._generate_batch([encoded[i] for i in chunk], chunk, params, generator, stream):
-                results[row.index] = self._result(row)
-        self.timings.generate_s += time.perf_counter() - t0
-        return results  # type: ignore[return-value]
+        """Decode every prompt, up to max_batch_size rows at a time, a finished row's place taken by the next
+        prompt (shortest prompts first); raises the first row's error if any row fails. `static=True` decodes
+        fixed batches instead (each batch runs until its longest row ends)."""
+        requests = self._requests(prompts, params, stream)
+        self._run(requests, static)
+        return [r.outcome() for r in requests]
 
     def generate_each(
         self,
@@ -202,20 +184,27 @@ class SpeculativeGenerator:
         params: SamplingParams | None = None,
         stream: StreamCallback | None = None,
     ) -> list[GenerationResult | Exception]:
-        """generate(), but a failure stays in its own row: when the batch fails, the rows are decoded one at a
-        time and each failing row's exception takes the place of its result."""
-        try:
-            return list(self.generate(prompts, params, stream))
-        except Exception as exc:
-            logger.warning("batched decode of %d rows failed (%s); decoding them one by one", len(prompts), exc)
-        out: list[GenerationResult | Exception] = []
+        """generate(), but a failure stays in its own row: the rows that failed in a batch are decoded again one
+        at a time, and each row that still fails gets its exception in place of its result."""
+        out: list[GenerationResult | Exception | None] = [None] * len(prompts)
+        requests: list[Request] = []
         for i, prompt in enumerate(prompts):
-            row_stream = None if stream is None else (lambda _k, ids, i=i: stream(i, ids))
             try:
-                out.append(self.generate([prompt], params, row_stream)[0])
+                requests.append(self._requests([prompt], params, _one_row(stream, i), first_row=i)[0])
             except Exception as exc:
-                out.append(exc)
-        return out
+                out[i] = exc
+                requests.append(Request([], params or SamplingParams(), error=exc))
+        self._run([r for r in requests if r.error is None], static=False)
+        for i, r in enumerate(requests):
+            if out[i] is not None:
+                continue
+            if r.error is not None and not isinstance(r.error, PromptError):
+                logger.warning("row %d failed in a batch (%s); decoding it alone", i, r.error)
+                alone = self._requests([prompts[i]], params, _one_row(stream, i), first_row=i)[0]
+                self._run([alone], static=False)
+                r = alone
+            out[i] = r.error if r.error is not None else r.result
+        return out  # type: ignore[return-value]  # every position was filled
 
     @torch.inference_mode()
     def profile_step_costs(
@@ -254,52 +243,43 @@ class SpeculativeGenerator:
                 self.step_cost.set(b, q, statistics.median(times[1:]))
         return self.step_cost.table()
 
-    # ----- the decoding loop -----
-    @torch.inference_mode()
-    def _generate_batch(
+    # ----- the decoding loop (driven by a Scheduler) -----
+    def _requests(
         self,
-        prompts: list[list[int]],
-        indices: list[int],
-        params: SamplingParams,
-        generator: torch.Generator | None,
+        prompts: Sequence[Prompt],
+        params: SamplingParams | None,
         stream: StreamCallback | None,
-    ) -> list[_DecodingRow]:
-        """Decode one batch until every row is done; finished rows leave the batch as they finish."""
-        use_draft = params.speculative and self.drafter is not None
-        rows = [
-            _DecodingRow(
-                i,
-                len(p),
-                min(params.max_new_tokens, self.max_context - len(p)),
-                self.drafter.new_row(p) if use_draft and self.drafter is not None else None,
-            )
-            for i, p in zip(indices, prompts)
-        ]
-        warpers = logits_warpers(params)
-        batch = self._prefill(rows, prompts, warpers, generator)
-        done = [self._emit(row, [int(t)], params, stream) for row, t in zip(rows, batch.pending.tolist())]
-        finished: list[_DecodingRow] = []
-        while True:
-            finished += [row for row, d in zip(batch.rows, done) if d]
-            keep = [i for i, d in enumerate(done) if not d]
-            if not keep:
-                return finished
-            batch.keep(keep)
-            waste = 1 - batch.valid.sum(-1).max().item() / batch.valid.shape[1]
-            if batch.valid.shape[1] > 16 and waste > self.compact_waste:
-                batch.valid = compact(batch.cache, batch.valid)
-            done = self._step(batch, use_draft, params, warpers, generator, stream)
+        first_row: int = 0,
+    ) -> list[Request]:
+        requests = []
+        for i, prompt in enumerate(prompts):
+            on_tokens = None if stream is None else (lambda ids, i=i: stream(i, ids))
+            try:
+                requests.append(self.request(prompt, params, first_row + i, on_tokens))
+            except PromptError as exc:
+                raise type(exc)(f"prompt {first_row + i}: {exc}") from exc
+        return requests
 
-    def _prefill(
-        self,
-        rows: list[_DecodingRow],
-        prompts: list[list[int]],
-        warpers: LogitsProcessorList | None,
-        generator: torch.Generator | None,
-    ) -> _Batch:
-        """The shared prefix's cached keys and values, then the left-padded rest of each prompt; each row's first
-        new token comes from its last position's logits."""
+    def _run(self, requests: list[Request], static: bool) -> None:
+        t0 = time.perf_counter()
+        scheduler = self.scheduler(static=static)
+        for request in sorted(requests, key=lambda r: r.prompt_len):  # fewer pad slots among rows admitted together
+            scheduler.add(request)
+        scheduler.run()
+        self.timings.generate_s += time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def prefill(self, requests: list[Request]) -> tuple[_Batch, list[bool]]:
+        """Start the requests: the shared prefix's cached keys and values, then the left-padded rest of each
+        prompt in one forward; each row's first token comes from its last position's logits and is emitted.
+        Returns the new rows' batch and which rows are already done."""
+        t0 = time.perf_counter()
         device = self.model.device
+        prompts = [r.prompt_ids for r in requests]
+        for r in requests:
+            r.max_new = min(r.params.max_new_tokens, self.max_context - r.prompt_len)
+            use_draft = r.params.speculative and self.drafter is not None
+            r.draft_context = self.drafter.new_row(r.prompt_ids) if use_draft and self.drafter is not None else None
         cache = DynamicCache(config=self.model.config)
         prefix = self.prefix_cache.lookup(prompts, self._prefill_prefix)
         n_prefix = len(prefix.tokens) if prefix is not None else 0
@@ -313,10 +293,12 @@ class SpeculativeGenerator:
         )
         positions = n_prefix + (valid[:, n_prefix:].long().cumsum(-1) - 1).clamp(min=0)
         logits = self._forward(ids, valid, positions, cache, last_only=True)
-        pending = target_tokens(logits, warpers, generator)[:, 0]
+        pending = target_tokens(logits, [r.sampler for r in requests], [0] * len(requests))[:, 0]
         self.timings.prompt_tokens += sum(len(p) for p in prompts)
         self.timings.cached_prompt_tokens += n_prefix * len(prompts)
-        return _Batch(rows, cache, valid, pending, valid.sum(-1))
+        self.timings.prefill_s += time.perf_counter() - t0
+        done = [self._emit(r, [int(t)]) for r, t in zip(requests, pending.tolist())]
+        return _Batch(requests, cache, valid, pending, valid.sum(-1)), done
 
     def _prefill_prefix(self, tokens: list[int]) -> PrefixKV:
         """Keys and values of a prompt prefix, computed at batch 1."""
@@ -326,21 +308,17 @@ class SpeculativeGenerator:
         self._forward(torch.tensor([tokens], device=device), ones, torch.arange(n, device=device)[None], cache, True)
         return PrefixKV(tuple(tokens), [(layer.keys, layer.values) for layer in cache.layers])
 
-    def _step(
-        self,
-        batch: _Batch,
-        use_draft: bool,
-        params: SamplingParams,
-        warpers: LogitsProcessorList | None,
-        generator: torch.Generator | None,
-        stream: StreamCallback | None,
-    ) -> list[bool]:
-        """One pass: draft for every row, verify [pending token + draft] in one forward, emit what was accepted.
-        Returns which rows are done."""
+    @torch.inference_mode()
+    def step(self, batch: _Batch) -> list[bool]:
+        """One pass: draft for every speculating row, verify [pending token + draft] of every row in one forward,
+        emit what was accepted. Returns which rows are done."""
+        waste = 1 - batch.valid.sum(-1).max().item() / batch.valid.shape[1]
+        if batch.valid.shape[1] > 16 and waste > self.compact_waste:
+            batch.valid = compact(batch.cache, batch.valid)
         t0 = time.perf_counter()
-        drafts = self._propose(batch.rows) if use_draft else [[] for _ in batch.rows]
+        drafts = self._propose(batch.rows)
         t1 = time.perf_counter()
-        n_accepted = self._verify(batch, drafts, warpers, generator)
+        n_accepted = self._verify(batch, drafts)
         t2 = time.perf_counter()
         self.timings.draft_s += t1 - t0
         self.timings.verify_s += t2 - t1
@@ -351,22 +329,17 @@ class SpeculativeGenerator:
             row.stats.record(len(draft), n)
             row.stats.draft_s += t1 - t0
             row.stats.verify_s += t2 - t1
-            done.append(self._emit(row, draft[:n] + [bonus], params, stream))
+            done.append(self._emit(row, draft[:n] + [bonus]))
         return done
 
-    def _propose(self, rows: list[_DecodingRow]) -> list[list[int]]:
-        assert self.drafter is not None
+    def _propose(self, rows: list[Request]) -> list[list[int]]:
+        """Drafts of the speculating rows (the others draft nothing), cut to a length the step costs justify."""
+        if self.drafter is None or all(r.draft_context is None for r in rows):
+            return [[] for _ in rows]
         limits = [r.max_new - len(r.generated) - 1 for r in rows]  # the step also emits the target's own token
-        contexts = [r.draft_context for r in rows if r.draft_context is not None]
-        return self.drafter.propose(contexts, limits, self.step_cost)
+        return self.drafter.propose([r.draft_context for r in rows], limits, self.step_cost)
 
-    def _verify(
-        self,
-        batch: _Batch,
-        drafts: list[list[int]],
-        warpers: LogitsProcessorList | None,
-        generator: torch.Generator | None,
-    ) -> torch.Tensor:
+    def _verify(self, batch: _Batch, drafts: list[list[int]]) -> torch.Tensor:
         """Run [pending token + draft] of every row (padded to the longest draft) through the model; keep the
         accepted slots and set each row's next pending token to the target's own. Returns accepted lengths."""
         device, k = self.model.device, max(len(d) for d in drafts)
@@ -378,7 +351,8 @@ class SpeculativeGenerator:
         step_pos = batch.next_pos[:, None] + torch.arange(k + 1, device=device)
         batch.valid = torch.cat([batch.valid, step_valid], dim=1)
         logits = self._forward(step_ids, batch.valid, step_pos, batch.cache)
-        target = target_tokens(logits, warpers, generator)  # [B, k+1]: the target's token at each position
+        samplers = [r.sampler for r in batch.rows]
+        target = target_tokens(logits, samplers, [len(r.generated) for r in batch.rows])  # [B, k+1]
         n_accepted = accepted_lengths(draft_ids, target, step_valid[:, 1:])
         slot = torch.arange(k + 1, device=device)
         batch.valid[:, -(k + 1) :] &= slot[None, :] <= n_accepted[:, None]  # mask rejected draft slots
@@ -408,31 +382,43 @@ class SpeculativeGenerator:
         )
         return out.logits[:, -1:].float() if last_only else out.logits.float()
 
-    def _emit(
-        self, row: _DecodingRow, tokens: list[int], params: SamplingParams, stream: StreamCallback | None
-    ) -> bool:
+    def _emit(self, row: Request, tokens: list[int]) -> bool:
         """Append newly decoded tokens, cut at EOS, a stop string or max_new_tokens; return whether the row is done."""
         tokens, hit_eos = cut_at_eos(tokens[: row.max_new - len(row.generated)], self.eos_ids)
         if hit_eos:
             row.finish_reason = "stop"
         start = len(row.generated)
         row.generated.extend(tokens)
-        if params.stop and row.finish_reason is None:
-            cut = find_stop(self.tokenizer, row.generated, params.stop, start)
+        stop = row.params.stop
+        if stop and row.finish_reason is None:
+            cut = find_stop(self.tokenizer, row.generated, stop, start)
             if cut is not None:  # cut after the token completing the stop string; remember where the text ends
                 del row.generated[cut[0] :]
                 row.finish_reason, row.stop_text_end = "stop", cut[1]
         emitted = row.generated[start:]
         if row.draft_context is not None:
             row.draft_context.extend(emitted)
-        if stream is not None and emitted:
-            stream(row.index, emitted)
+        if emitted:
+            if row.stats.first_token_s is None:
+                row.stats.first_token_s = time.perf_counter() - row.submitted_at
+            if row.on_tokens is not None:
+                try:
+                    row.on_tokens(emitted)
+                except Exception:  # the row's consumer is broken: the row leaves, the others go on
+                    logger.exception("a row's token callback failed; cancelling the row")
+                    row.cancel()
         if row.finish_reason is None and len(row.generated) >= row.max_new:
             row.finish_reason = "length"
-        return row.finish_reason is not None
+        return row.finish_reason is not None or row.cancelled
 
-    def _result(self, row: _DecodingRow) -> GenerationResult:
+    def result(self, row: Request) -> GenerationResult:
+        """The finished row's text (cut where a stop string ended it) and its token ids, reason and statistics."""
         text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
         if row.stop_text_end is not None:
             text = text[: row.stop_text_end]
         return GenerationResult(text, row.generated, row.prompt_len, row.finish_reason or "length", row.stats)
+
+
+def _one_row(stream: StreamCallback | None, index: int) -> StreamCallback | None:
+    """A stream callback for a one-prompt call that reports its tokens under the caller's prompt index."""
+    return None if stream is None else (lambda _k, ids: stream(index, ids))

@@ -2,12 +2,18 @@
 draft tokens it accepts.
 
 The draft is a point mass, so verification is the same for greedy and sampled rows: take the target's token
-x_j at each position j (argmax, or an independent sample from the warped distribution) and accept the longest
-draft prefix with d_j == x_j. The emitted tokens are then exactly what decoding without drafts would emit.
+x_j at each position j (argmax, or a sample from the warped distribution) and accept the longest draft prefix
+with d_j == x_j. The emitted tokens are then exactly what decoding without drafts would emit.
+
+A sampled row draws the token at output position t with a generator seeded from (row seed, t), so its output
+depends only on its seed: not on the drafts, nor on which other rows share its batch. A seeded request gives
+the same text with or without speculation, alone or batched.
 """
 
 from __future__ import annotations
 
+import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -46,17 +52,46 @@ def logits_warpers(params: SamplingParams) -> LogitsProcessorList | None:
     return warpers
 
 
+def row_seed(seed: int | None, row: int = 0) -> int:
+    """The sampling seed of row `row` of a request seeded with `seed` (a random one when None)."""
+    if seed is None:
+        return random.getrandbits(63)
+    return hash((seed, row)) & (2**63 - 1)
+
+
+@dataclass
+class RowSampler:
+    """How one sampled row draws its tokens: its warpers and its seed."""
+
+    warpers: LogitsProcessorList
+    seed: int
+
+    def sample(self, logits: torch.Tensor, first_position: int) -> torch.Tensor:
+        """Tokens for [q, V] logits at output positions first_position .. first_position + q - 1."""
+        probs = torch.softmax(self.warpers(None, logits), dim=-1)
+        tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        for j in range(logits.shape[0]):
+            draw = torch.Generator(logits.device).manual_seed(hash((self.seed, first_position + j)) & (2**63 - 1))
+            tokens[j] = torch.multinomial(probs[j], 1, generator=draw)[0]
+        return tokens
+
+
+def row_sampler(params: SamplingParams, row: int = 0) -> RowSampler | None:
+    """The sampler of row `row` of a request with these parameters; None for greedy rows."""
+    warpers = logits_warpers(params)
+    return None if warpers is None else RowSampler(warpers, row_seed(params.seed, row))
+
+
 def target_tokens(
-    logits: torch.Tensor, warpers: LogitsProcessorList | None, generator: torch.Generator | None
+    logits: torch.Tensor, samplers: Sequence[RowSampler | None], positions: Sequence[int]
 ) -> torch.Tensor:
-    """The target's token at every position of [B, q, V] logits: argmax, or an independent sample from the
-    warped distribution."""
-    if warpers is None:
-        return logits.argmax(dim=-1)
-    b, q, v = logits.shape
-    scores = warpers(None, logits.reshape(b * q, v))
-    probs = torch.softmax(scores, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).reshape(b, q)
+    """The target's token at every position of [B, q, V] logits: argmax for greedy rows (sampler None), a draw
+    from the row's warped distribution for sampled rows; row i's first query is its output position positions[i]."""
+    tokens = logits.argmax(dim=-1)
+    for i, sampler in enumerate(samplers):
+        if sampler is not None:
+            tokens[i] = sampler.sample(logits[i], positions[i])
+    return tokens
 
 
 def accepted_lengths(drafts: torch.Tensor, target: torch.Tensor, draft_valid: torch.Tensor) -> torch.Tensor:
