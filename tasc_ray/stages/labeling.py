@@ -7,7 +7,8 @@
 writing): `map_batches` over an `ActorPoolStrategy` of `LabelActor`s, each loading the shared engine once
 (fractional CPUs, one GPU each when the cluster has GPUs), turns rows into (id, output, prompt_tokens,
 output_tokens, forward_passes, accepted_tokens, drafted_tokens, finish_reason, latency_s, error). A row that
-fails gets its `error` and the others go on (`SpeculativeGenerator.generate_each`).
+fails gets its `error` and the others go on (`SpeculativeGenerator.generate_each`); so does a row with a null in
+a column the template names.
 
 `label_parquet` is the job: it reads the input (parquet through Ray Data; jsonl and csv through `tasc_ray.io`),
 leaves out the ids an earlier run committed, runs the stage and writes parquet parts under the commit protocol
@@ -128,6 +129,7 @@ class LabelActor:
             torch.set_num_threads(num_threads)
         self.generator = load_engine(engine)
         self.template, self.id_column, self.params = template, id_column, sampling
+        self.template_columns = template_columns(template)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -136,7 +138,7 @@ class LabelActor:
         prompts: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
             try:  # encode() refuses an empty prompt and one too long for the model's context (PromptError)
-                prompts[i] = self.generator.encode(self.template.format(**row))
+                prompts[i] = self.generator.encode(self.prompt(row))
             except Exception as exc:
                 out["error"][i] = f"{type(exc).__name__}: {exc}"
         order = list(prompts)
@@ -150,6 +152,14 @@ class LabelActor:
         for i, result in zip(order, results):
             _fill_row(out, i, result, last[i] - start)
         return pa.Table.from_pydict(out, schema=output_schema(batch.schema.field(self.id_column).type))
+
+    def prompt(self, row: dict[str, Any]) -> str:
+        """The row's prompt; a null in a column the template names is the row's error (not the text "None")."""
+        nulls = [c for c in self.template_columns if row.get(c) is None]
+        if nulls:
+            names = ", ".join(repr(c) for c in nulls)
+            raise LabelError(f"null value in column {names} (the prompt template {self.template!r} needs it)")
+        return self.template.format(**row)
 
 
 def _fill_row(out: dict[str, list[Any]], i: int, result: GenerationResult | Exception, latency_s: float) -> None:

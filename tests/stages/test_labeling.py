@@ -21,7 +21,14 @@ from tasc_ray.spec.engine import load_engine
 from tasc_ray.spec.generator import SamplingParams
 from tasc_ray.spec.index import NgramIndex
 from tasc_ray.stages.commit import SUCCESS, is_complete
-from tasc_ray.stages.labeling import OUTPUT_COLUMNS, LabelError, label_dataset, label_parquet, node_cpu_share
+from tasc_ray.stages.labeling import (
+    OUTPUT_COLUMNS,
+    LabelActor,
+    LabelError,
+    label_dataset,
+    label_parquet,
+    node_cpu_share,
+)
 
 MAX_NEW = 24
 STOP = ["]"]
@@ -251,3 +258,24 @@ def test_killed_run_resumes_without_duplicates(ray_cluster, tmp_path, task_rows,
     assert summary["complete"] and summary["rows_already_done"] + summary["rows_labeled"] == 40
     assert summary["rows_already_done"] > 0  # the killed run's finished parts were kept
     _check_output(str(out), rows, reference)
+
+
+def test_null_in_a_template_column_is_a_row_error(engine, task_rows, reference):
+    """A null cell of a column the template names is that row's error (naming the column), not the prompt "None";
+    the other rows are labeled as usual. Runs the stage's actor in this process (no Ray)."""
+    rows = [{"id": r["id"], "question": r["prompt"], "prompt": r["prompt"]} for r in task_rows[300:302]]
+    rows += [
+        {"id": "null-question", "question": None, "prompt": "x"},
+        {"id": "null-prompt", "question": "x", "prompt": None},
+    ]
+    batch = pa.Table.from_pylist(rows)
+    sampling = SamplingParams(max_new_tokens=MAX_NEW, stop=STOP)
+    for template, null_id, column in (
+        ("{question}", "null-question", "question"),
+        ("{prompt}", "null-prompt", "prompt"),
+    ):
+        out = {r["id"]: r for r in LabelActor(engine, template, "id", sampling)(batch).to_pylist()}
+        assert out[null_id]["output"] is None and out[null_id]["output_tokens"] is None
+        assert out[null_id]["error"].startswith("LabelError") and repr(column) in out[null_id]["error"]
+        for r in rows[:2]:
+            assert out[r["id"]]["error"] is None and out[r["id"]]["output"] == reference[r["id"]]
