@@ -67,7 +67,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--requests", type=int, nargs="+", default=None, help="requests per level (default: max(12, 2 x concurrency))"
     )
     serve.add_argument("--max-batch-size", type=int, default=32)
-    serve.add_argument("--batch-wait-timeout-s", type=float, default=0.02)
     serve.set_defaults(handler=run_serve_bench)
 
 
@@ -349,7 +348,7 @@ def _merge(segments: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-SERVE_TITLE = "OpenAI endpoint (Ray Serve, @serve.batch): E2E text -> MR completions, with and without TASC-spec"
+SERVE_TITLE = "OpenAI endpoint (Ray Serve, continuous batching): E2E text -> MR completions, with and without TASC-spec"
 
 
 def _start_serve(args: argparse.Namespace, index: str) -> str:
@@ -378,7 +377,6 @@ def _start_serve(args: argparse.Namespace, index: str) -> str:
             "index": index,
             "model_name": "bench",
             "max_batch_size": args.max_batch_size,
-            "batch_wait_timeout_s": args.batch_wait_timeout_s,
             "num_cpus": args.num_cpus,
             "num_threads": args.threads,
             "max_ongoing_requests": max(64, 2 * max(args.concurrency)),
@@ -418,7 +416,6 @@ def _serve_setup(args: argparse.Namespace, n_corpus: int) -> dict[str, Any]:
         "max_tokens": args.max_new_tokens,
         "stop": "\\n",
         "max_batch_size": args.max_batch_size,
-        "batch_wait_timeout_s": args.batch_wait_timeout_s,
         "replicas": 1,
         "threads": args.threads,
         "num_cpus": args.num_cpus,

@@ -4,8 +4,9 @@
     serve deploy serve_apps/config.yaml          # the same application, from its YAML config
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health. A request is checked here
-(API key, JSON and types, model name, limits, prompt length) before it joins the `@serve.batch` queue, so a bad
-request gets an OpenAI-style 4xx body and never fails the other requests of its batch.
+(API key, body size, JSON and types, model name, limits, prompt length) before its rows join the replica's
+engine loop, so a bad request gets an OpenAI-style 4xx body and never touches the rows of other requests. A
+request whose client goes away (a closed stream, a timed-out call) has its rows cancelled.
 `python -m tasc_ray.serving.app --write-config` (or `python -m serve_apps.openai_app --write-config`)
 regenerates serve_apps/config.yaml from `default_config()`; a test keeps them in sync.
 """
@@ -19,6 +20,7 @@ import logging
 import sys
 import time
 import uuid
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
-from tasc_ray.serving.batching import Work
 from tasc_ray.serving.config import APP_NAME, DEPLOYMENT_NAME, IndexUpdate, ServeConfig
 from tasc_ray.serving.metrics import ServeMetrics
 from tasc_ray.serving.protocol import (
@@ -39,10 +40,12 @@ from tasc_ray.serving.protocol import (
     check_api_key,
     completion_body,
     parse_request,
+    read_body,
 )
-from tasc_ray.serving.replica import Replica, RowResult
+from tasc_ray.serving.replica import Replica
 from tasc_ray.serving.streaming import stream_events
 from tasc_ray.spec.generator import GenerationResult
+from tasc_ray.spec.request import TokenCallback
 
 logger = logging.getLogger(__name__)
 
@@ -69,30 +72,22 @@ class TascOpenAI:
         self.replica = Replica(self.config, self.metrics)
         self.api_key = self.config.resolved_api_key()
         self.created = int(time.time())
-        self._batched.set_max_batch_size(self.config.engine.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
 
     def reconfigure(self, user_config: dict) -> None:
-        """Serve calls this with the deployment's user_config: reload the index, change drafter or batch knobs."""
+        """Serve calls this with the deployment's user_config: reload the index, change drafter settings or the
+        rows decoding at once."""
         update = IndexUpdate.model_validate(user_config or {})
         if update.max_batch_size:
-            self._batched.set_max_batch_size(update.max_batch_size)
-        if update.batch_wait_timeout_s is not None:
-            self._batched.set_batch_wait_timeout_s(update.batch_wait_timeout_s)
+            self.replica.set_max_rows(update.max_batch_size)
         logger.info("reconfigure: %s", self.replica.apply(update))
 
     def check_health(self) -> None:
         self.replica.check_health()
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)  # both set from the config in __init__
-    async def _batched(self, works: list[Work]) -> list[RowResult]:
-        return await self.replica.decode(works)  # exceptions are values here, raised by _submit for their own request
-
-    async def _submit(self, work: Work) -> GenerationResult:
-        result = await self._batched(work)
-        if isinstance(result, Exception):
-            raise result
-        return result
+    def __del__(self) -> None:
+        replica = getattr(self, "replica", None)
+        if replica is not None:
+            replica.loop.stop(timeout=1.0)
 
     # ----- routes -----
     @api.get("/health")
@@ -137,7 +132,8 @@ class TascOpenAI:
 
     async def _complete(self, request: Request, chat: bool) -> Response:
         check_api_key(self.api_key, request.headers.get("authorization"))
-        req = parse_request(await request.body(), ChatCompletionRequest if chat else CompletionRequest)
+        body = await read_body(request.stream(), self.config.max_request_bytes, request.headers.get("content-length"))
+        req = parse_request(body, ChatCompletionRequest if chat else CompletionRequest)
         self._check_model(req.model)
         params = req.sampling_params(self.config.default_max_tokens, self.config.max_tokens_limit)
         if chat:
@@ -148,9 +144,13 @@ class TascOpenAI:
         model = self.replica.model_name
         if req.stream:
             render = ChunkRenderer(request_id, model, chat)
-            events = stream_events(render, self.replica.tokenizer, prompts, params, self._submit, req.include_usage)
+
+            def submit(row: int, ids: list[int], on_tokens: TokenCallback) -> Awaitable[GenerationResult]:
+                return self.replica.generate(ids, params, row, on_tokens)
+
+            events = stream_events(render, self.replica.tokenizer, prompts, params, submit, req.include_usage)
             return StreamingResponse(events, media_type="text/event-stream")
-        results = await asyncio.gather(*(self._submit(Work(ids, params)) for ids in prompts))
+        results = await asyncio.gather(*(self.replica.generate(ids, params, row) for row, ids in enumerate(prompts)))
         return JSONResponse((chat_body if chat else completion_body)(request_id, model, list(results)))
 
     def _check_model(self, model: str | None) -> None:

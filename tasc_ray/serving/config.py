@@ -19,8 +19,8 @@ from tasc_ray.spec.config import DrafterConfig, EngineConfig
 
 APP_NAME = "tasc"
 DEPLOYMENT_NAME = "TascOpenAI"
-# engine.max_batch_size when serving (EngineConfig's own default is 8): the @serve.batch size, which is also the
-# rows of one batched decode in a replica.
+# engine.max_batch_size when serving (EngineConfig's own default is 8): the rows a replica's engine loop decodes
+# at once; more requests wait in its queue and join as rows finish.
 SERVE_MAX_BATCH_SIZE = 16
 # Accepted at ServeConfig's top level and moved into `engine` (EngineConfig moves the drafter's on into `drafter`).
 ENGINE_FIELDS = frozenset(EngineConfig.model_fields) | frozenset(DrafterConfig.model_fields)
@@ -61,7 +61,7 @@ class IndexUpdate(BaseModel):
     A field left out keeps its current value; `index: null` drops the index (prompt lookup only). Change
     `index_version` to reload an index rebuilt in place under the same path. DrafterConfig's fields (mode, lam,
     max_draft, ...) may be given at the top level; they are checked against DrafterConfig when applied.
-    `max_batch_size` and `batch_wait_timeout_s` change the @serve.batch queue.
+    `max_batch_size` changes how many rows the replica's engine loop decodes at once.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -69,7 +69,6 @@ class IndexUpdate(BaseModel):
     index_version: str | int | None = None
     drafter: dict[str, Any] = Field(default_factory=dict, description="DrafterConfig fields to change")
     max_batch_size: int | None = Field(None, ge=1)
-    batch_wait_timeout_s: float | None = Field(None, ge=0.0)
 
     @model_validator(mode="before")
     @classmethod
@@ -91,13 +90,12 @@ class ServeConfig(BaseModel):
 
     `serve run serve_apps.openai_app:build_app model=smollm2-135m index=/path` passes flat strings; they are
     moved into `engine` here and validated by pydantic. `engine.max_batch_size` (top-level `max_batch_size`,
-    16 unless given) is the @serve.batch size and the rows of one batched decode.
+    16 unless given) is the rows its engine loop decodes at once.
     """
 
     model_config = ConfigDict(extra="forbid")
     engine: EngineConfig = Field(default_factory=lambda: EngineConfig(max_batch_size=SERVE_MAX_BATCH_SIZE))
     model_name: str | None = Field(None, description="model id served on /v1/models (default: the model's name)")
-    batch_wait_timeout_s: float = Field(0.02, ge=0.0)
     default_max_tokens: int = Field(128, ge=1)
     max_tokens_limit: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
     max_request_bytes: int = Field(

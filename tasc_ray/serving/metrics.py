@@ -2,7 +2,8 @@
 
 `tasc_requests{route,status}`, `tasc_request_errors{route,code}`, `tasc_request_latency_s{route}`; token totals
 (`tasc_prompt_tokens`, `tasc_generated_tokens`, `tasc_drafted_tokens`, `tasc_accepted_tokens`,
-`tasc_forward_passes`); `tasc_batch_rows` (rows per batched decode).
+`tasc_forward_passes`); the engine loop's `tasc_waiting_rows` and `tasc_running_rows` (gauges, updated as rows
+leave), `tasc_time_to_first_token_s` and `tasc_queue_time_s` (histograms), `tasc_rows_finished{reason}`.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from collections.abc import Sequence
 from ray.serve import metrics
 
 from tasc_ray.serving.protocol import usage
+from tasc_ray.spec.engine_loop import LoopStats
 from tasc_ray.spec.generator import GenerationResult
+from tasc_ray.spec.request import Request
 
 LATENCY_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64]
-BATCH_ROW_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
+FIRST_TOKEN_BUCKETS_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16]
 
 
 class ServeMetrics:
@@ -29,7 +32,15 @@ class ServeMetrics:
         self.latency = metrics.Histogram(
             "tasc_request_latency_s", "request latency (s)", boundaries=LATENCY_BUCKETS_S, tag_keys=("route",)
         )
-        self.batch_rows = metrics.Histogram("tasc_batch_rows", "rows per batched decode", boundaries=BATCH_ROW_BUCKETS)
+        self.waiting_rows = metrics.Gauge("tasc_waiting_rows", "rows queued for the engine loop")
+        self.running_rows = metrics.Gauge("tasc_running_rows", "rows in the running batch")
+        self.first_token = metrics.Histogram(
+            "tasc_time_to_first_token_s", "submission to first token (s)", boundaries=FIRST_TOKEN_BUCKETS_S
+        )
+        self.queue_time = metrics.Histogram(
+            "tasc_queue_time_s", "submission to admission (s)", boundaries=FIRST_TOKEN_BUCKETS_S
+        )
+        self.rows_finished = metrics.Counter("tasc_rows_finished", "rows that left the engine", tag_keys=("reason",))
         # usage() key -> its counter
         self.tokens = {
             "prompt_tokens": metrics.Counter("tasc_prompt_tokens", "prompt tokens processed"),
@@ -46,9 +57,17 @@ class ServeMetrics:
             self.errors.inc(1, tags={"route": route, "code": code or str(status)})
         self.latency.observe(latency_s, tags={"route": route})
 
-    def batch(self, rows: int) -> None:
-        """One batched decode of `rows` rows."""
-        self.batch_rows.observe(rows)
+    def finished(self, request: Request, loop: LoopStats) -> None:
+        """A row left the engine loop (called on the decode thread)."""
+        reason = "error" if request.error is not None else (request.finish_reason or "length")
+        self.rows_finished.inc(1, tags={"reason": reason})
+        self.queue_time.observe(request.stats.queued_s)
+        if request.stats.first_token_s is not None:
+            self.first_token.observe(request.stats.first_token_s)
+        if request.result is not None:
+            self.results([request.result])
+        self.waiting_rows.set(loop.waiting)
+        self.running_rows.set(loop.running)
 
     def results(self, results: Sequence[GenerationResult]) -> None:
         """Token totals of decoded rows."""

@@ -8,7 +8,8 @@ an `APIError` (a 4xx with OpenAI's `{"error": {message, type, param, code}}` bod
 What a request may carry:
 
 - Honoured: `model`, `prompt`/`messages`, `max_tokens`, `max_completion_tokens`, `temperature`, `top_p`,
-  `top_k`, `stop`, `seed`, `stream`, `stream_options`, `n` (1 only) and TASC's own `speculative`.
+  `top_k`, `stop`, `seed`, `stream`, `stream_options`, `n` (1 only), TASC's own `speculative`, and
+  `ignore_eos` (as vLLM's: decode to the token budget through end-of-sequence tokens).
   `max_completion_tokens` (what current OpenAI clients send for chat) is accepted by both routes and, when both
   are given, takes precedence over `max_tokens` (the older name OpenAI deprecated in its favour).
 - Refused with a 400 (`code: "unsupported_parameter"`, `param` naming it) unless the value asks for nothing,
@@ -185,6 +186,7 @@ class RequestBase(BaseModel):
     stream_options: StreamOptions | None = None
     n: StrictInt | None = Field(1, ge=1, le=1, description="one choice per prompt")
     speculative: StrictBool = True
+    ignore_eos: StrictBool = False
 
     @property
     def include_usage(self) -> bool:
@@ -223,6 +225,7 @@ class RequestBase(BaseModel):
             seed=self.seed,
             stop=self.stop_list(),
             speculative=self.speculative,
+            ignore_eos=self.ignore_eos,
         )
 
 

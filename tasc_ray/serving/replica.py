@@ -1,45 +1,43 @@
-"""One Serve replica's engine: the generator, its decode thread, prompt checks, index reloads, health.
+"""One Serve replica's engine: the generator and its engine loop, prompt checks, index reloads, health.
 
 The generator (`tasc_ray.spec.engine.load_engine`: model and index loaded once per replica) runs only on the
-replica's single decode thread, so the event loop keeps accepting requests while a batch decodes. Prompts are
-encoded on the event loop with a second tokenizer: a Rust tokenizer must not be used by two threads at once.
-A reload (`IndexUpdate`, the deployment's user_config) swaps the drafter between batches.
+replica's engine loop (`tasc_ray.spec.engine_loop.EngineLoop`): one decode thread that admits each request's
+rows at its next step (continuous batching), so the event loop keeps accepting requests while rows decode, a
+short request never waits for a long one, and a request whose client went away is cancelled and leaves at the
+next step. Prompts are encoded on the event loop with a second tokenizer: a Rust tokenizer must not be used by
+two threads at once. A reload (`IndexUpdate`, the deployment's user_config) swaps the drafter between steps.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 import time
 import uuid
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from tasc_ray.models import load_tokenizer
-from tasc_ray.serving.batching import Work, group, row_stream
 from tasc_ray.serving.config import IndexUpdate, ServeConfig
 from tasc_ray.serving.protocol import APIError, TextPrompt
 from tasc_ray.spec.drafter import build_drafter
 from tasc_ray.spec.engine import load_engine
+from tasc_ray.spec.engine_loop import EngineLoop
 from tasc_ray.spec.generator import GenerationResult, SpeculativeGenerator
 from tasc_ray.spec.index import NgramIndex
-from tasc_ray.spec.prompts import Prompt, PromptError, encode_prompt
+from tasc_ray.spec.prompts import PromptError, encode_prompt
+from tasc_ray.spec.request import Request, TokenCallback
+from tasc_ray.spec.sampling import SamplingParams
 
 if TYPE_CHECKING:  # metrics import Ray Serve; this module stays importable without it
     from tasc_ray.serving.metrics import ServeMetrics
 
 logger = logging.getLogger(__name__)
 
-RowResult = GenerationResult | Exception  # a failed row's exception stays in its place
-
 
 class Replica:
-    """The replica's state: the generator and its decode thread, the request-side tokenizer, the batch counters."""
+    """The replica's state: the generator and its engine loop, the request-side tokenizer, the index in use."""
 
     def __init__(self, config: ServeConfig, metrics: ServeMetrics) -> None:
         if config.num_threads:
@@ -49,14 +47,11 @@ class Replica:
         self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(config.engine.model)  # the event loop's own
         self.metrics = metrics
         self.model_name = config.served_model_name
-        self.lock = threading.Lock()  # held by a decode; a drafter swap waits for it
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tasc-decode")
+        self.loop = EngineLoop(self.generator, max_rows=config.engine.max_batch_size)
         self.index_path = config.engine.index
         self.index_version: str | int | None = None
         self.drafter_config = config.engine.drafter
         self.replica_id = uuid.uuid4().hex[:12]
-        self.batches = 0
-        self.batched_rows = 0
         logger.info(
             "replica %s: model %s (index %s) loaded in %.1f s",
             self.replica_id,
@@ -79,31 +74,26 @@ class Replica:
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
         return self.encode(messages, "messages")
 
-    # ----- decoding (on the decode thread) -----
-    async def decode(self, works: list[Work]) -> list[RowResult]:
-        """run_batch on the decode thread, awaited without blocking the event loop."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self.run_batch, works)
+    # ----- decoding (on the engine loop) -----
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, row: int = 0, on_tokens: TokenCallback | None = None
+    ) -> GenerationResult:
+        """Decode one prompt on the engine loop; cancelled (freed at the next step) if the caller is cancelled.
+        `on_tokens` runs on the decode thread."""
+        request = Request.new(prompt_ids, params, row, on_tokens, on_finish=self._finished)
+        return await self.loop.submit_async(request)
 
-    def run_batch(self, works: Sequence[Work]) -> list[RowResult]:
-        """Decode a batch: one generate call per group of compatible parameters; a failure stays in its rows."""
-        results: list[RowResult | None] = [None] * len(works)
-        self.batches += 1
-        self.batched_rows += len(works)
-        with self.lock:
-            for members in group(works):
-                self.metrics.batch(len(members))
-                rows = [works[i] for i in members]
-                prompts: list[Prompt] = [w.prompt_ids for w in rows]
-                out = self.generator.generate_each(prompts, rows[0].params, row_stream(rows))
-                for i, result in zip(members, out):
-                    results[i] = result
-        self.metrics.results([r for r in results if isinstance(r, GenerationResult)])
-        return results  # type: ignore[return-value]  # every position was filled
+    def _finished(self, request: Request) -> None:  # decode thread
+        self.metrics.finished(request, self.loop.stats)
+
+    def set_max_rows(self, rows: int) -> None:
+        """Rows decoding at once on this replica (applied between steps)."""
+        self.loop.call_soon(lambda: setattr(self.loop.scheduler, "max_rows", rows)).result()
 
     # ----- index reloads (Serve's reconfigure) -----
     def apply(self, update: IndexUpdate) -> dict[str, Any]:
-        """Swap the drafter (a new index, or new drafter settings) between batches, without a restart."""
+        """Swap the drafter (a new index, or new drafter settings) between steps, without a restart; rows already
+        decoding keep their own context and draft with the new drafter from then on."""
         given = update.model_fields_set
         settings = update.drafter_config(self.drafter_config)
         path = update.index if "index" in given else self.index_path
@@ -114,8 +104,7 @@ class Replica:
         if changed:
             index = self._load_index(path) if reload_index else self._index()
             drafter = build_drafter(index, settings)
-            with self.lock:  # between batches: a running decode keeps its drafter until it ends
-                self.generator.drafter = drafter
+            self.loop.call_soon(lambda: setattr(self.generator, "drafter", drafter)).result()  # between steps
             self.index_path, self.drafter_config = path, settings
         if "index_version" in given:
             self.index_version = update.index_version
@@ -137,8 +126,8 @@ class Replica:
 
     # ----- health -----
     def check_health(self) -> None:
-        if self.executor._shutdown or self.generator is None:
-            raise RuntimeError("the decode thread is not running")
+        if not self.loop.alive:
+            raise RuntimeError("the engine loop is not running")
 
     def info(self) -> dict[str, Any]:
         drafter = self.generator.drafter
@@ -152,6 +141,6 @@ class Replica:
             "index_sequences": index.n_sequences if index is not None else 0,
             "draft_mode": drafter.config.mode.value if drafter is not None else None,
             "max_context": self.generator.max_context,
-            "batches": self.batches,
-            "batched_rows": self.batched_rows,
+            "max_rows": self.loop.scheduler.max_rows,
+            "engine": self.loop.stats.to_dict(),
         }

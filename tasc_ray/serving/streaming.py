@@ -1,8 +1,9 @@
-"""A streamed request: every prompt's decode joins the batch queue, its tokens come back as server-sent events.
+"""A streamed request: every prompt's row joins the engine loop, its tokens come back as server-sent events.
 
 The engine's per-row token callback runs on the decode thread; it hands the tokens to the event loop through an
 asyncio queue, where `TextStream` turns them into text no later token can change. The stream ends with a usage
-chunk (when asked for) and `data: [DONE]`; a failed prompt sends an error event in its place.
+chunk (when asked for) and `data: [DONE]`; a failed prompt sends an error event in its place. When the client
+goes away the generator is closed, and its rows are cancelled: they leave the engine at its next step.
 """
 
 from __future__ import annotations
@@ -13,17 +14,16 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
-from tasc_ray.serving.batching import Work
 from tasc_ray.serving.protocol import APIError, ChunkRenderer, TextStream, sse
 from tasc_ray.spec.generator import GenerationResult, SamplingParams
+from tasc_ray.spec.request import TokenCallback
 
-Submit = Callable[[Work], Awaitable[GenerationResult]]  # queues a Work, returns its result or raises
+# (row index, prompt ids, token callback) -> the row's result; decodes one row of the request or raises
+Submit = Callable[[int, list[int], TokenCallback], Awaitable[GenerationResult]]
 Event = tuple[Literal["tokens"], int, list[int]] | tuple[Literal["done"], int, GenerationResult | Exception]
 
 
-def _start(
-    submit: Submit, prompts: list[list[int]], params: SamplingParams, events: asyncio.Queue[Event]
-) -> list[asyncio.Future[None]]:
+def _start(submit: Submit, prompts: list[list[int]], events: asyncio.Queue[Event]) -> list[asyncio.Future[None]]:
     """Submit every prompt; its tokens and then its result (or exception) arrive in `events`."""
     loop = asyncio.get_running_loop()
 
@@ -32,7 +32,7 @@ def _start(
 
     async def run(i: int, ids: list[int]) -> None:
         try:
-            result: GenerationResult | Exception = await submit(Work(ids, params, on_tokens(i)))
+            result: GenerationResult | Exception = await submit(i, ids, on_tokens(i))
         except Exception as exc:  # reported in the stream
             result = exc
         events.put_nowait(("done", i, result))
@@ -50,7 +50,7 @@ async def stream_events(
 ) -> AsyncIterator[str]:
     """Start every prompt's decode and yield OpenAI stream chunks as tokens arrive, then `data: [DONE]`."""
     events: asyncio.Queue[Event] = asyncio.Queue()
-    tasks = _start(submit, prompts, params, events)
+    tasks = _start(submit, prompts, events)
     streams = [TextStream(tokenizer, params.stop) for _ in prompts]
     if render.chat:
         for i in range(len(prompts)):

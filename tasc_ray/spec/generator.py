@@ -19,7 +19,7 @@ import inspect
 import logging
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -32,7 +32,7 @@ from tasc_ray.spec.drafter import Drafter
 from tasc_ray.spec.kv_cache import PrefixCache, PrefixKV, attention_mask, compact, select_rows
 from tasc_ray.spec.prompts import Prompt, PromptError, PromptTooLongError, encode_prompt
 from tasc_ray.spec.request import GenerationResult, Request, RowStats, TokenCallback
-from tasc_ray.spec.sampling import SamplingParams, accepted_lengths, row_sampler, target_tokens
+from tasc_ray.spec.sampling import SamplingParams, accepted_lengths, target_tokens
 from tasc_ray.spec.scheduler import Scheduler
 from tasc_ray.spec.stopping import cut_at_eos, find_stop
 
@@ -155,10 +155,7 @@ class SpeculativeGenerator:
         params = params or SamplingParams()
         if params.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be positive, got {params.max_new_tokens}")
-        ids = self.encode(prompt)
-        request = Request(list(ids), params, on_tokens, on_finish)
-        request.sampler = row_sampler(params, row)
-        return request
+        return Request.new(self.encode(prompt), params, row, on_tokens, on_finish)
 
     def scheduler(self, max_rows: int | None = None, static: bool = False) -> Scheduler:
         """A scheduler decoding with this generator (one per thread: the generator holds no batch itself)."""
@@ -384,7 +381,8 @@ class SpeculativeGenerator:
 
     def _emit(self, row: Request, tokens: list[int]) -> bool:
         """Append newly decoded tokens, cut at EOS, a stop string or max_new_tokens; return whether the row is done."""
-        tokens, hit_eos = cut_at_eos(tokens[: row.max_new - len(row.generated)], self.eos_ids)
+        eos_ids: Collection[int] = () if row.params.ignore_eos else self.eos_ids
+        tokens, hit_eos = cut_at_eos(tokens[: row.max_new - len(row.generated)], eos_ids)
         if hit_eos:
             row.finish_reason = "stop"
         start = len(row.generated)

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tasc_ray.spec.drafter import DraftContext
-from tasc_ray.spec.sampling import RowSampler, SamplingParams
+from tasc_ray.spec.sampling import RowSampler, SamplingParams, row_sampler
 
 TokenCallback = Callable[[list[int]], None]  # newly emitted token ids of one row (called on the decode thread)
 
@@ -80,6 +80,22 @@ class Request:
     error: Exception | None = None
     cancelled: bool = False
     submitted_at: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def new(
+        cls,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        row: int = 0,
+        on_tokens: TokenCallback | None = None,
+        on_finish: Callable[[Request], None] | None = None,
+    ) -> Request:
+        """A request for already checked token ids; `row` tells apart the sampling seeds of a call's rows."""
+        if params.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {params.max_new_tokens}")
+        request = cls(list(prompt_ids), params, on_tokens, on_finish)
+        request.sampler = row_sampler(params, row)
+        return request
 
     def cancel(self) -> None:
         """Ask the engine to drop this row at its next step (thread-safe: a flag the decode thread reads)."""

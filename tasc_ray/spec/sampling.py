@@ -34,6 +34,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     speculative: bool = True
+    ignore_eos: bool = False  # decode through end-of-sequence tokens up to max_new_tokens (benchmarks, tests)
 
     @property
     def greedy(self) -> bool:

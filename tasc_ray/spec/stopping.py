@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
 
-def cut_at_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
+def cut_at_eos(tokens: list[int], eos_ids: Collection[int]) -> tuple[list[int], bool]:
     """The tokens up to and including the first EOS, and whether one was found."""
     for j, tok in enumerate(tokens):
         if tok in eos_ids:

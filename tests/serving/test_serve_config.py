@@ -97,7 +97,7 @@ def test_index_update_nests_drafter_fields():
     assert IndexUpdate().drafter_config(current) == current
 
 
-@pytest.mark.parametrize("data", [{"bogus": 1}, {"max_batch_size": 0}, {"batch_wait_timeout_s": -1}])
+@pytest.mark.parametrize("data", [{"bogus": 1}, {"max_batch_size": 0}, {"batch_wait_timeout_s": 0.1}])
 def test_index_update_refuses(data):
     with pytest.raises(ValidationError):
         IndexUpdate.model_validate(data)
