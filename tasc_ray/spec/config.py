@@ -55,6 +55,11 @@ class EngineConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="model weights' dtype")
     device: str | None = Field(None, description="cpu or cuda; unset: cuda when present")
     max_batch_size: int = Field(8, ge=1, description="rows decoded together")
+    scheduling: Literal["continuous", "static"] = Field(
+        "continuous",
+        description="continuous: waiting rows join the running batch between steps; static: fixed batches that "
+        "each run to their longest row (the engine before continuous batching, kept for comparison)",
+    )
     packed_linear: bool = Field(
         True,
         description="run linear layers on oneDNN-packed weights (float32 on CPU; elsewhere a no-op): faster "

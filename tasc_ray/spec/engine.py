@@ -25,7 +25,9 @@ def load_engine(config: EngineConfig, index: NgramIndex | None = None) -> Specul
     if index is None and config.index:
         index = NgramIndex.load(config.index)
     drafter = build_drafter(index, config.drafter)
-    generator = SpeculativeGenerator(model, tokenizer, drafter, max_batch_size=config.max_batch_size)
+    generator = SpeculativeGenerator(
+        model, tokenizer, drafter, max_batch_size=config.max_batch_size, static_batches=config.scheduling == "static"
+    )
     if config.profile_step_costs:
         t0 = time.perf_counter()
         table = generator.profile_step_costs()

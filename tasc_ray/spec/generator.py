@@ -119,10 +119,13 @@ class SpeculativeGenerator:
         max_batch_size: int = 8,
         compact_waste: float = 0.5,
         prefix_cache_min_tokens: int = 16,
+        static_batches: bool = False,
     ) -> None:
-        """`prefix_cache_min_tokens`: the shortest shared prompt prefix worth caching (0 turns the cache off)."""
+        """`prefix_cache_min_tokens`: the shortest shared prompt prefix worth caching (0 turns the cache off);
+        `static_batches`: schedulers default to fixed batches (see Scheduler)."""
         self.model, self.tokenizer, self.drafter = model, tokenizer, drafter
         self.max_batch_size, self.compact_waste = max_batch_size, compact_waste
+        self.static_batches = static_batches
         self.prefix_cache = PrefixCache(prefix_cache_min_tokens)
         if drafter is not None and drafter.index is not None:
             drafter.index.check_tokenizer(tokenizer)
@@ -157,16 +160,17 @@ class SpeculativeGenerator:
             raise ValueError(f"max_new_tokens must be positive, got {params.max_new_tokens}")
         return Request.new(self.encode(prompt), params, row, on_tokens, on_finish)
 
-    def scheduler(self, max_rows: int | None = None, static: bool = False) -> Scheduler:
-        """A scheduler decoding with this generator (one per thread: the generator holds no batch itself)."""
-        return Scheduler(self, max_rows=max_rows, static=static)
+    def scheduler(self, max_rows: int | None = None, static: bool | None = None) -> Scheduler:
+        """A scheduler decoding with this generator (one per thread: the generator holds no batch itself);
+        `static` defaults to the generator's `static_batches`."""
+        return Scheduler(self, max_rows=max_rows, static=self.static_batches if static is None else static)
 
     def generate(
         self,
         prompts: Sequence[Prompt],
         params: SamplingParams | None = None,
         stream: StreamCallback | None = None,
-        static: bool = False,
+        static: bool | None = None,
     ) -> list[GenerationResult]:
         """Decode every prompt, up to max_batch_size rows at a time, a finished row's place taken by the next
         prompt (shortest prompts first); raises the first row's error if any row fails. `static=True` decodes
@@ -191,14 +195,14 @@ class SpeculativeGenerator:
             except Exception as exc:
                 out[i] = exc
                 requests.append(Request([], params or SamplingParams(), error=exc))
-        self._run([r for r in requests if r.error is None], static=False)
+        self._run([r for r in requests if r.error is None], static=None)
         for i, r in enumerate(requests):
             if out[i] is not None:
                 continue
             if r.error is not None and not isinstance(r.error, PromptError):
                 logger.warning("row %d failed in a batch (%s); decoding it alone", i, r.error)
                 alone = self._requests([prompts[i]], params, _one_row(stream, i), first_row=i)[0]
-                self._run([alone], static=False)
+                self._run([alone], static=None)
                 r = alone
             out[i] = r.error if r.error is not None else r.result
         return out  # type: ignore[return-value]  # every position was filled
@@ -257,7 +261,7 @@ class SpeculativeGenerator:
                 raise type(exc)(f"prompt {first_row + i}: {exc}") from exc
         return requests
 
-    def _run(self, requests: list[Request], static: bool) -> None:
+    def _run(self, requests: list[Request], static: bool | None) -> None:
         t0 = time.perf_counter()
         scheduler = self.scheduler(static=static)
         for request in sorted(requests, key=lambda r: r.prompt_len):  # fewer pad slots among rows admitted together
