@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from tasc_ray.io import CorpusError
+from tasc_ray.io import CorpusError, StorageError
 from tasc_ray.models import ModelNotFoundError
 from tasc_ray.spec.index import NgramIndexError
 
@@ -30,6 +30,7 @@ COMMAND_MODULES = [
 # Errors that are the user's input, reported as one line and exit code 2 (tracebacks only with --verbose).
 USER_ERRORS: tuple[type[BaseException], ...] = (
     CorpusError,
+    StorageError,  # a location that cannot be read or written: missing bucket or key, access denied, parent a file
     ModelNotFoundError,
     NgramIndexError,
     FileNotFoundError,

@@ -24,11 +24,16 @@ from tasc_ray.io.readers import (
 from tasc_ray.io.storage import (
     DEFAULT_REGION,
     S3Settings,
+    StorageError,
     arrow_filesystem,
+    bucket_and_key,
+    check_output_location,
+    describe_storage_error,
     fsspec_filesystem,
     is_remote,
     is_s3,
     local_path,
+    storage_errors,
     storage_options_for,
 )
 
@@ -40,9 +45,13 @@ __all__ = [
     "FileInfo",
     "InputFiles",
     "S3Settings",
+    "StorageError",
     "arrow_filesystem",
     "atomic_directory",
+    "bucket_and_key",
     "check_bucket",
+    "check_output_location",
+    "describe_storage_error",
     "file_format",
     "fsspec_filesystem",
     "inspect_files",
@@ -56,6 +65,7 @@ __all__ = [
     "read_file",
     "read_texts",
     "split_texts",
+    "storage_errors",
     "storage_options_for",
     "text_rows",
 ]

@@ -6,7 +6,8 @@
 
 Locally the files are written to a hidden sibling (`.NAME.tmp-*`) and renamed onto the output in one step.
 S3 has no rename: the files are written to a local temporary directory and uploaded with the file named by
-`last` uploaded last (readers treat the output as complete once it exists); a failed upload is removed again.
+`last` uploaded last (readers treat the output as complete once it exists); a failed upload is removed again,
+and raises a `StorageError` naming the bucket, the key and the reason.
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from tasc_ray.io.storage import fsspec_filesystem, is_remote, local_path
+from tasc_ray.io.storage import (
+    StorageError,
+    bucket_problem,
+    fsspec_filesystem,
+    is_remote,
+    local_path,
+    storage_errors,
+    url_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -27,12 +36,17 @@ IfExists = Literal["error", "keep", "replace"]
 
 
 def is_free_directory(out: str | Path, storage_options: Mapping[str, Any] | None = None) -> bool:
-    """Whether `out` can take a new directory: it does not exist or is empty (a local path or a remote prefix)."""
+    """Whether `out` can take a new directory: it does not exist or is empty (a local path or a remote prefix).
+    A remote prefix whose bucket is missing or denied raises StorageError (naming the bucket and the reason)."""
     if not is_remote(str(out)):
         path = Path(local_path(out))
         return not path.exists() or (path.is_dir() and not any(path.iterdir()))
     fs, root = fsspec_filesystem(str(out), storage_options)
-    return not fs.exists(root) or not fs.find(root)
+    problem = bucket_problem(fs, str(out))
+    if problem:
+        raise StorageError(problem)
+    with storage_errors(str(out)):
+        return not fs.exists(root) or not fs.find(root)
 
 
 @contextmanager
@@ -96,7 +110,8 @@ def _upload(tmp: Path, out: str, if_exists: IfExists, last: str | None, storage_
     try:
         for path in files:
             remote = f"{root}/{path.relative_to(tmp).as_posix()}"
-            fs.put_file(str(path), remote)
+            with storage_errors(url_of(fs, remote)):  # names the bucket, the key and the reason
+                fs.put_file(str(path), remote)
             written.append(remote)
     except BaseException:
         for remote in written:

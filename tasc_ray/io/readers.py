@@ -24,7 +24,16 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasc_ray.io.storage import arrow_filesystem, fsspec_filesystem, is_remote
+from tasc_ray.io.storage import (
+    arrow_filesystem,
+    bucket_problem,
+    describe_storage_error,
+    error_code,
+    fsspec_filesystem,
+    is_remote,
+    is_storage_error,
+    url_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +109,15 @@ def _expand(fs: Any, raw: str, storage_options: dict[str, Any] | None, what: str
             found = [f for f in fs.find(root) if _is_data_file(f[len(root.rstrip("/")) + 1 :])]
         else:
             found = [root] if fs.isfile(root) else []
-    except PermissionError as exc:
-        raise CorpusError(f"{raw}: access denied: {exc}") from exc
+    except Exception as exc:
+        if not is_storage_error(exc):
+            raise
+        raise _unreadable(fs, root, exc, what) from exc
     if not found:
         if glob or fs.isdir(root):
             raise CorpusNotFoundError(f"no {what} files found at {raw}")
+        if is_remote(raw):  # "s3://b/k: no such key 'k' in bucket 'b'"
+            raise CorpusNotFoundError(describe_storage_error(raw, FileNotFoundError(root)))
         raise CorpusNotFoundError(f"{what} file not found: {raw}")
     return found
 
@@ -115,16 +128,26 @@ def _is_data_file(relative: str) -> bool:
 
 
 def check_bucket(fs: Any, url: str) -> None:
-    """Fail with the bucket's name when it does not exist or cannot be reached with these credentials."""
-    bucket = url.split("://", 1)[1].split("/", 1)[0]
-    try:
-        exists = fs.exists(bucket)
-    except PermissionError as exc:
-        raise CorpusError(f"S3 bucket {bucket!r}: access denied (check AWS credentials): {exc}") from exc
-    except Exception as exc:  # botocore/aiohttp errors: endpoint unreachable, bad signature, ...
-        raise CorpusError(f"S3 bucket {bucket!r} cannot be reached: {type(exc).__name__}: {exc}") from exc
-    if not exists:
-        raise CorpusError(f"S3 bucket {bucket!r} does not exist or is not visible with these credentials (path {url})")
+    """Fail with the URL, the bucket's name and the reason when the bucket does not exist or cannot be reached
+    with these credentials ("s3://b/in: bucket 'b' does not exist (NoSuchBucket)")."""
+    problem = bucket_problem(fs, url)
+    if problem:
+        raise CorpusError(problem)
+
+
+def _unreadable(fs: Any, path: str, exc: BaseException, what: str) -> CorpusError:
+    """The error for a file that cannot be reached (missing, forbidden, no connection): remotely it names the
+    bucket, the key and the store's reason; CorpusNotFoundError when the file (or bucket) is missing."""
+    url = url_of(fs, path)
+    code = (error_code(exc) or ("", ""))[0]
+    missing = isinstance(exc, FileNotFoundError) or code in ("NoSuchKey", "NoSuchBucket", "404")
+    if is_remote(url):
+        message = describe_storage_error(url, exc)
+    elif missing:
+        message = f"{what} file not found: {url}"
+    else:
+        message = f"{url}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
+    return CorpusNotFoundError(message) if missing else CorpusError(message)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -154,15 +177,15 @@ def inspect_file(fs: Any, path: str, columns: Sequence[str], what: str = "corpus
             info = FileInfo(path, fmt, len(table), table.schema, table)
     except CorpusError:
         raise
-    except FileNotFoundError as exc:
-        raise CorpusNotFoundError(f"{what} file not found: {path}") from exc
-    except PermissionError as exc:
-        raise CorpusError(f"{path}: access denied: {exc}") from exc
-    except Exception as exc:  # ArrowInvalid, OSError, UnicodeDecodeError: not this format, truncated
-        raise CorpusError(f"{path} is not a readable {_FORMAT_NAMES[fmt]} file: {exc}") from exc
+    except Exception as exc:
+        if is_storage_error(exc):  # missing, forbidden, unreachable
+            raise _unreadable(fs, path, exc, what) from exc
+        # ArrowInvalid, OSError, UnicodeDecodeError: not this format, truncated
+        raise CorpusError(f"{url_of(fs, path)} is not a readable {_FORMAT_NAMES[fmt]} file: {exc}") from exc
     missing = [c for c in columns if c not in info.schema.names]
     if missing:
-        raise CorpusError(f"{path} has no column {missing[0]!r}; columns: {', '.join(info.schema.names)}")
+        columns_found = ", ".join(info.schema.names)
+        raise CorpusError(f"{url_of(fs, path)} has no column {missing[0]!r}; columns: {columns_found}")
     return info
 
 
@@ -178,7 +201,9 @@ def read_file(fs: Any, path: str, columns: Sequence[str], what: str = "corpus") 
         with fs.open(path, "rb") as f:
             return pq.read_table(f, columns=list(columns))
     except Exception as exc:
-        raise CorpusError(f"{path} is not a readable parquet file: {exc}") from exc
+        if is_storage_error(exc):
+            raise _unreadable(fs, path, exc, what) from exc
+        raise CorpusError(f"{url_of(fs, path)} is not a readable parquet file: {exc}") from exc
 
 
 def _read_other(fs: Any, path: str, fmt: str, columns: Sequence[str], what: str) -> pa.Table:
@@ -190,9 +215,9 @@ def _read_other(fs: Any, path: str, fmt: str, columns: Sequence[str], what: str)
     with fs.open(path, "rb") as f:
         text = f.read().decode("utf-8")
     if fmt == "jsonl":
-        return _parse_jsonl(text, path, columns)
+        return _parse_jsonl(text, url_of(fs, path), columns)
     if len(columns) > 1:
-        raise CorpusError(f"{path} is a text file (one {what} a line): it has no column {columns[1]!r}")
+        raise CorpusError(f"{url_of(fs, path)} is a text file (one {what} a line): it has no column {columns[1]!r}")
     return pa.table({columns[0] if columns else "text": pa.array(text.splitlines(), pa.string())})
 
 
