@@ -11,7 +11,8 @@ fails gets its `error` and the others go on (`SpeculativeGenerator.generate_each
 a column the template names.
 
 `label_parquet` is the job: it reads the input (parquet through Ray Data; jsonl and csv through `tasc_ray.io`),
-leaves out the ids an earlier run committed, runs the stage and writes parquet parts under the commit protocol
+checks up front that the output can be written (not under a file, writable, its bucket exists), leaves out the
+ids an earlier run committed, runs the stage and writes parquet parts under the commit protocol
 of `tasc_ray.stages.commit` (staging, then parts, then the `_SUCCESS` manifest once every id has a row): a rerun
 resumes without duplicating or losing a row. Ids must be unique and non-null.
 """
@@ -28,7 +29,16 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasc_ray.io import CorpusError, FileInfo, InputFiles, inspect_files, list_files, read_columns
+from tasc_ray.io import (
+    CorpusError,
+    FileInfo,
+    InputFiles,
+    StorageError,
+    check_output_location,
+    inspect_files,
+    list_files,
+    read_columns,
+)
 from tasc_ray.spec.config import EngineConfig
 from tasc_ray.spec.generator import GenerationResult, SamplingParams
 from tasc_ray.stages.commit import SUCCESS, PartsOutput, is_complete, new_run_id
@@ -281,8 +291,8 @@ def open_input(input: str, id_column: str, template_cols: list[str]) -> LabelInp
         files = list_files(input, what="input")
         infos = inspect_files(files, columns, what="input")
         ids = read_columns(files, [id_column], what="input", infos=infos).column(0).combine_chunks()
-    except CorpusError as exc:
-        raise LabelError(f"cannot read input {input}: {exc}") from exc
+    except CorpusError as exc:  # its message names the file, bucket or key
+        raise LabelError(f"cannot read input: {exc}") from exc
     if ids.null_count:
         raise LabelError(f"id column {id_column!r} has {ids.null_count} null values")
     if len(pc.unique(ids)) != len(ids):
@@ -321,6 +331,10 @@ def label_parquet(
         raise LabelError(f"max_new_tokens must be positive, got {max_new_tokens}")
     if batch_size <= 0 or num_replicas <= 0:
         raise LabelError("batch_size and num_replicas must be positive")
+    try:  # before reading the input, loading a model or decoding a row
+        check_output_location(output)
+    except StorageError as exc:
+        raise LabelError(f"cannot write output: {exc}") from exc
     source = open_input(input, id_column, template_columns(prompt_template))
     out = PartsOutput(output, OUTPUT_COLUMNS)
     plan = plan_run(source, out, limit)
