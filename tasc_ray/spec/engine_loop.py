@@ -35,7 +35,8 @@ class LoopStats:
     finished: int = 0
     failed: int = 0
     cancelled: int = 0
-    steps: int = 0  # decoding passes over the running batch
+    steps: int = 0  # scheduler steps (admission and one decoding pass)
+    busy_s: float = 0.0  # time spent in steps: busy_s / steps is the mean step time
     generated_tokens: int = 0  # tokens of the rows that left
     forward_passes: int = 0  # their decoding passes (after the prefill's first token)
     waiting: int = 0
@@ -128,7 +129,9 @@ class EngineLoop:
                 self._count(scheduler.cancel_all())
                 return
             try:
+                t0 = time.perf_counter()
                 self._count(scheduler.step())
+                self.stats.busy_s += time.perf_counter() - t0
                 self.stats.steps += 1
             except Exception:  # the scheduler isolates row failures; this is a bug, keep the thread alive
                 logger.exception("engine loop step failed")
