@@ -159,8 +159,9 @@ class LabelActor:
             last[order[k]] = time.perf_counter()
 
         results = self.generator.generate_each([prompts[i] for i in order], self.params, stream=stream)
-        for i, result in zip(order, results):
-            _fill_row(out, i, result, last[i] - start)
+        for i, result in zip(order, results):  # a row's latency runs from its admission to its last token
+            queued = result.stats.queued_s if isinstance(result, GenerationResult) else 0.0
+            _fill_row(out, i, result, last[i] - start - queued)
         return pa.Table.from_pydict(out, schema=output_schema(batch.schema.field(self.id_column).type))
 
     def prompt(self, row: dict[str, Any]) -> str:
@@ -232,16 +233,19 @@ def label_dataset(
     num_cpus_per_replica: float | None = None,
     num_gpus_per_replica: float | None = None,
     num_threads: int | None = None,
+    rows_per_call: int | None = None,
 ) -> Any:
     """The labeling stage: a Ray Dataset of input rows -> a Dataset of OUTPUT_COLUMNS rows (Ray must be running).
 
-    Each row's prompt is `template.format(**row)`; `batch_size` rows are decoded together by one actor."""
+    Each row's prompt is `template.format(**row)`. Each actor decodes `batch_size` rows at a time out of calls of
+    `rows_per_call` rows (default 4 x batch_size): a finished row's place is taken by the call's next row at the
+    next step (continuous batching), so short outputs never wait for long ones."""
     from ray.data import ActorPoolStrategy
 
     resources = replica_resources(engine, num_replicas, num_cpus_per_replica, num_gpus_per_replica, num_threads)
     return ds.map_batches(
         LabelActor,
-        batch_size=batch_size,
+        batch_size=rows_per_call or 4 * batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=num_replicas),
         num_cpus=resources.num_cpus,
