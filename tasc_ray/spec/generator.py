@@ -32,7 +32,14 @@ from tasc_ray.spec.drafter import Drafter
 from tasc_ray.spec.kv_cache import PrefixCache, PrefixKV, attention_mask, compact, select_rows
 from tasc_ray.spec.prompts import Prompt, PromptError, PromptTooLongError, encode_prompt
 from tasc_ray.spec.request import GenerationResult, Request, RowStats, TokenCallback
-from tasc_ray.spec.sampling import SamplingParams, accepted_lengths, target_tokens
+from tasc_ray.spec.sampling import (
+    SamplingParams,
+    TokenLogprob,
+    accepted_lengths,
+    adjust_logits,
+    target_tokens,
+    token_logprobs,
+)
 from tasc_ray.spec.scheduler import Scheduler
 from tasc_ray.spec.stopping import cut_at_eos, find_stop
 
@@ -294,11 +301,12 @@ class SpeculativeGenerator:
         )
         positions = n_prefix + (valid[:, n_prefix:].long().cumsum(-1) - 1).clamp(min=0)
         logits = self._forward(ids, valid, positions, cache, last_only=True)
-        pending = target_tokens(logits, [r.sampler for r in requests], [0] * len(requests))[:, 0]
+        target, logprobs = self._targets(logits, requests, [[] for _ in requests])
+        pending = target[:, 0]
         self.timings.prompt_tokens += sum(len(p) for p in prompts)
         self.timings.cached_prompt_tokens += n_prefix * len(prompts)
         self.timings.prefill_s += time.perf_counter() - t0
-        done = [self._emit(r, [int(t)]) for r, t in zip(requests, pending.tolist())]
+        done = [self._emit(r, [int(t)], logprobs.get(i)) for i, (r, t) in enumerate(zip(requests, pending.tolist()))]
         return _Batch(requests, cache, valid, pending, valid.sum(-1)), done
 
     def _prefill_prefix(self, tokens: list[int]) -> PrefixKV:
@@ -319,18 +327,20 @@ class SpeculativeGenerator:
         t0 = time.perf_counter()
         drafts = self._propose(batch.rows)
         t1 = time.perf_counter()
-        n_accepted = self._verify(batch, drafts)
+        n_accepted, logprobs = self._verify(batch, drafts)
         t2 = time.perf_counter()
         self.timings.draft_s += t1 - t0
         self.timings.verify_s += t2 - t1
         self.timings.steps += 1
         self.step_cost.observe(len(drafts), max(len(d) for d in drafts) + 1, t2 - t1)
         done = []
-        for row, draft, n, bonus in zip(batch.rows, drafts, n_accepted.tolist(), batch.pending.tolist()):
+        bonuses = batch.pending.tolist()  # the target's own token after each row's accepted draft
+        for i, (row, draft, n, bonus) in enumerate(zip(batch.rows, drafts, n_accepted.tolist(), bonuses)):
             row.stats.record(len(draft), n)
             row.stats.draft_s += t1 - t0
             row.stats.verify_s += t2 - t1
-            done.append(self._emit(row, draft[:n] + [bonus]))
+            row_logprobs = logprobs.get(i)
+            done.append(self._emit(row, draft[:n] + [bonus], row_logprobs[: n + 1] if row_logprobs else None))
         return done
 
     def _propose(self, rows: list[Request]) -> list[list[int]]:
@@ -340,9 +350,10 @@ class SpeculativeGenerator:
         limits = [r.max_new - len(r.generated) - 1 for r in rows]  # the step also emits the target's own token
         return self.drafter.propose([r.draft_context for r in rows], limits, self.step_cost)
 
-    def _verify(self, batch: _Batch, drafts: list[list[int]]) -> torch.Tensor:
+    def _verify(self, batch: _Batch, drafts: list[list[int]]) -> tuple[torch.Tensor, dict[int, list[TokenLogprob]]]:
         """Run [pending token + draft] of every row (padded to the longest draft) through the model; keep the
-        accepted slots and set each row's next pending token to the target's own. Returns accepted lengths."""
+        accepted slots and set each row's next pending token to the target's own. Returns accepted lengths and
+        the log-probabilities of the rows that asked for them (by row, one per query position)."""
         device, k = self.model.device, max(len(d) for d in drafts)
         draft_ids = torch.tensor([d + [self.pad_id] * (k - len(d)) for d in drafts], device=device, dtype=torch.long)
         step_ids = torch.cat([batch.pending[:, None], draft_ids], dim=1)
@@ -352,14 +363,26 @@ class SpeculativeGenerator:
         step_pos = batch.next_pos[:, None] + torch.arange(k + 1, device=device)
         batch.valid = torch.cat([batch.valid, step_valid], dim=1)
         logits = self._forward(step_ids, batch.valid, step_pos, batch.cache)
-        samplers = [r.sampler for r in batch.rows]
-        target = target_tokens(logits, samplers, [len(r.generated) for r in batch.rows])  # [B, k+1]
+        target, logprobs = self._targets(logits, batch.rows, drafts)  # [B, k+1]: the target's token at each position
         n_accepted = accepted_lengths(draft_ids, target, step_valid[:, 1:])
         slot = torch.arange(k + 1, device=device)
         batch.valid[:, -(k + 1) :] &= slot[None, :] <= n_accepted[:, None]  # mask rejected draft slots
         batch.next_pos = batch.next_pos + n_accepted + 1
         batch.pending = target.gather(1, n_accepted[:, None])[:, 0]
-        return n_accepted
+        return n_accepted, logprobs
+
+    def _targets(
+        self, logits: torch.Tensor, rows: list[Request], drafts: list[list[int]]
+    ) -> tuple[torch.Tensor, dict[int, list[TokenLogprob]]]:
+        """The target's token at every position of [B, q, V] logits, after each row's logit bias and penalties,
+        and the model's log-probabilities of those tokens for the rows that asked for them."""
+        raw = {i: logits[i].clone() for i, r in enumerate(rows) if r.params.logprobs is not None}
+        for i, row in enumerate(rows):
+            if row.params.adjusts_logits:
+                adjust_logits(logits[i], row.params, row.generated, drafts[i])
+        target = target_tokens(logits, [r.sampler for r in rows], [len(r.generated) for r in rows])
+        logprobs = {i: token_logprobs(raw_i, target[i], rows[i].params.logprobs or 0) for i, raw_i in raw.items()}
+        return target, logprobs
 
     def _forward(
         self,
@@ -383,8 +406,9 @@ class SpeculativeGenerator:
         )
         return out.logits[:, -1:].float() if last_only else out.logits.float()
 
-    def _emit(self, row: Request, tokens: list[int]) -> bool:
-        """Append newly decoded tokens, cut at EOS, a stop string or max_new_tokens; return whether the row is done."""
+    def _emit(self, row: Request, tokens: list[int], logprobs: list[TokenLogprob] | None = None) -> bool:
+        """Append newly decoded tokens (and their log-probabilities), cut at EOS, a stop string or max_new_tokens;
+        return whether the row is done."""
         eos_ids: Collection[int] = () if row.params.ignore_eos else self.eos_ids
         tokens, hit_eos = cut_at_eos(tokens[: row.max_new - len(row.generated)], eos_ids)
         if hit_eos:
@@ -398,6 +422,8 @@ class SpeculativeGenerator:
                 del row.generated[cut[0] :]
                 row.finish_reason, row.stop_text_end = "stop", cut[1]
         emitted = row.generated[start:]
+        if logprobs is not None:
+            row.logprobs = (row.logprobs or []) + logprobs[: len(emitted)]
         if row.draft_context is not None:
             row.draft_context.extend(emitted)
         if emitted:
@@ -418,7 +444,8 @@ class SpeculativeGenerator:
         text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
         if row.stop_text_end is not None:
             text = text[: row.stop_text_end]
-        return GenerationResult(text, row.generated, row.prompt_len, row.finish_reason or "length", row.stats)
+        reason = row.finish_reason or "length"
+        return GenerationResult(text, row.generated, row.prompt_len, reason, row.stats, row.logprobs)
 
 
 def _one_row(stream: StreamCallback | None, index: int) -> StreamCallback | None:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tasc_ray.spec.drafter import DraftContext
-from tasc_ray.spec.sampling import RowSampler, SamplingParams, row_sampler
+from tasc_ray.spec.sampling import RowSampler, SamplingParams, TokenLogprob, row_sampler
 
 TokenCallback = Callable[[list[int]], None]  # newly emitted token ids of one row (called on the decode thread)
 
@@ -51,6 +51,7 @@ class GenerationResult:
     prompt_tokens: int
     finish_reason: str  # "stop" (EOS or stop string), "length" or "cancelled"
     stats: RowStats
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for (SamplingParams.logprobs)
 
     @property
     def new_tokens(self) -> int:
@@ -75,6 +76,7 @@ class Request:
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_text_end: int | None = None  # where the text ends when a stop string cut it
+    logprobs: list[TokenLogprob] | None = None
     stats: RowStats = field(default_factory=RowStats)
     result: GenerationResult | None = None
     error: Exception | None = None

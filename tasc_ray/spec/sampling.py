@@ -8,6 +8,11 @@ with d_j == x_j. The emitted tokens are then exactly what decoding without draft
 A sampled row draws the token at output position t with a generator seeded from (row seed, t), so its output
 depends only on its seed: not on the drafts, nor on which other rows share its batch. A seeded request gives
 the same text with or without speculation, alone or batched.
+
+`logit_bias` and presence/frequency penalties change the target distribution itself (`adjust_logits`); they are
+applied at every verified position as if the draft tokens before it had been emitted, so speculation stays
+lossless under them too. `logprobs` reports the model's own log-probabilities (before any adjustment) of each
+emitted token and its top alternatives.
 """
 
 from __future__ import annotations
@@ -35,10 +40,51 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     speculative: bool = True
     ignore_eos: bool = False  # decode through end-of-sequence tokens up to max_new_tokens (benchmarks, tests)
+    logprobs: int | None = None  # report each emitted token's log-probability and this many top alternatives
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    presence_penalty: float = 0.0  # subtracted from a token's logit once it appears in the output
+    frequency_penalty: float = 0.0  # subtracted once per time a token appears in the output
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.logit_bias) or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def adjust_logits(logits: torch.Tensor, params: SamplingParams, output: Sequence[int], draft: Sequence[int]) -> None:
+    """Apply logit_bias and the presence/frequency penalties in place to [q, V] logits: position j follows the
+    row's output so far and the first j draft tokens (what the output is if the draft is accepted up to j)."""
+    vocab = logits.shape[-1]
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=logits.device)
+        bias = torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+        logits[:, ids] += bias
+    if params.presence_penalty == 0.0 and params.frequency_penalty == 0.0:
+        return
+    counts = torch.zeros(logits.shape[0], vocab, dtype=logits.dtype, device=logits.device)
+    if output:
+        counts += torch.bincount(torch.tensor(output, device=logits.device), minlength=vocab)[:vocab].to(logits.dtype)
+    for j, token in enumerate(draft[: logits.shape[0] - 1]):
+        counts[j + 1 :, token] += 1
+    logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+TokenLogprob = tuple[int, float, list[tuple[int, float]]]  # (token, log-probability, top (token, log-probability))
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """(token, its log-probability, the `top` most probable (token, log-probability)) at each of [q, V] logits."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, tokens[:, None])[:, 0].tolist()
+    if top > 0:
+        values, ids = logp.topk(top, dim=-1)
+        alternatives = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        alternatives = [[] for _ in chosen]
+    return [(t, lp, alt) for t, lp, alt in zip(tokens.tolist(), chosen, alternatives)]
 
 
 def logits_warpers(params: SamplingParams) -> LogitsProcessorList | None:
