@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tasc_ray.io import atomic_directory
 from tasc_ray.spec.config import DEFAULT_MODEL
@@ -90,6 +90,16 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     if isinstance(tokenizer, bool) or not hasattr(tokenizer, "get_vocab"):  # a directory without tokenizer files
         raise ModelNotFoundError(f"{name_or_path}: no usable tokenizer in {source}")
     return tokenizer
+
+
+def model_context_length(name_or_path: str) -> int:
+    """The model's context window (max_position_embeddings) from its config, without loading its weights."""
+    source = resolve_model(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(_unknown_model_message(name_or_path, exc)) from exc
+    return int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
 
 
 def load_model(

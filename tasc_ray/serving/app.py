@@ -1,12 +1,15 @@
-"""The Serve application: the FastAPI ingress, the `@serve.deployment` class, `build_app` and its YAML config.
+"""The Serve application: the OpenAI ingress (FastAPI), its engine deployment, `build_app` and its YAML config.
 
     serve run tasc_ray.serving.app:build_app model=smollm2-135m index=/path/to/index
     serve deploy serve_apps/config.yaml          # the same application, from its YAML config
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health. A request is checked here
-(API key, body size, JSON and types, model name, limits, prompt length) before its rows join the replica's
-engine loop, so a bad request gets an OpenAI-style 4xx body and never touches the rows of other requests. A
-request whose client goes away (a closed stream, a timed-out call) has its rows cancelled.
+Two deployments: `OpenAIIngress` (HTTP, light: auth, body size, JSON and types, model name, limits, prompt
+tokenization, rendering) and `TascEngine` (engine_deployment.py: the model, the index and the engine loop;
+replicas and autoscaling as configured). A request is checked here before its rows reach the engine, so a bad
+request gets an OpenAI-style 4xx body and never touches other requests' rows. A client that goes away (a closed
+stream, a timed-out call) cancels its handle calls and so its rows. An engine replica that dies mid-request gives
+its clients a 503 with an OpenAI error body (streams: an error event, then `data: [DONE]`); `/health` is
+answered here, never by a process busy decoding.
 `python -m tasc_ray.serving.app --write-config` (or `python -m serve_apps.openai_app --write-config`)
 regenerates serve_apps/config.yaml from `default_config()`; a test keeps them in sync.
 """
@@ -20,7 +23,6 @@ import logging
 import sys
 import time
 import uuid
-from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -28,29 +30,45 @@ import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.handle import DeploymentHandle
 
-from tasc_ray.serving.config import APP_NAME, DEPLOYMENT_NAME, IndexUpdate, ServeConfig
+from tasc_ray.models import load_tokenizer, model_context_length
+from tasc_ray.serving.config import APP_NAME, ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, ServeConfig
+from tasc_ray.serving.engine_deployment import TascEngine
 from tasc_ray.serving.metrics import ServeMetrics
 from tasc_ray.serving.protocol import (
     APIError,
     ChatCompletionRequest,
     ChunkRenderer,
     CompletionRequest,
+    TextPrompt,
     chat_body,
     check_api_key,
     completion_body,
     parse_request,
     read_body,
 )
-from tasc_ray.serving.replica import Replica
 from tasc_ray.serving.streaming import stream_events
 from tasc_ray.spec.generator import GenerationResult
+from tasc_ray.spec.prompts import PromptError, encode_prompt
 from tasc_ray.spec.request import TokenCallback
+from tasc_ray.spec.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 CONFIG_PATH = Path(__file__).resolve().parents[2] / "serve_apps" / "config.yaml"  # in the repository checkout
 IMPORT_PATH = "tasc_ray.serving.app:build_app"
+# An engine replica that died, is restarting, or cannot take more requests: the client may retry.
+UNAVAILABLE = (
+    RayActorError,
+    ActorUnavailableError,
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
+HEALTH_TIMEOUT_S = 5.0
 
 api = FastAPI(title="tasc_ray OpenAI-compatible endpoint")
 
@@ -60,39 +78,45 @@ async def _api_error(request: Request, exc: APIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
-@serve.deployment(name=DEPLOYMENT_NAME)
-@serve.ingress(api)
-class TascOpenAI:
-    """One replica behind HTTP: auth, validation and metrics per request; decoding in the `Replica`."""
+def engine_error(exc: BaseException) -> APIError:
+    """The OpenAI error for a failed engine call: 503 when the engine replica is gone or busy, else 500."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, UNAVAILABLE):
+        return APIError(
+            503,
+            f"the engine replica is unavailable ({type(exc).__name__}); retry the request",
+            type="server_error",
+            code="engine_unavailable",
+        )
+    return APIError(500, f"generation failed: {exc}", type="server_error", code="server_error")
 
-    def __init__(self, config: dict) -> None:
+
+@serve.deployment(name=INGRESS_DEPLOYMENT)
+@serve.ingress(api)
+class OpenAIIngress:
+    """HTTP in front of the engine: auth, validation, tokenization, metrics and rendering per request."""
+
+    def __init__(self, config: dict, engine: DeploymentHandle) -> None:
         logging.basicConfig(level=logging.INFO)
         self.config = ServeConfig.model_validate(config)
+        self.engine = engine
+        self.tokenizer = load_tokenizer(self.config.engine.model)
+        self.max_context = model_context_length(self.config.engine.model)
+        self.model_name = self.config.served_model_name
         self.metrics = ServeMetrics()
-        self.replica = Replica(self.config, self.metrics)
         self.api_key = self.config.resolved_api_key()
         self.created = int(time.time())
 
-    def reconfigure(self, user_config: dict) -> None:
-        """Serve calls this with the deployment's user_config: reload the index, change drafter settings or the
-        rows decoding at once."""
-        update = IndexUpdate.model_validate(user_config or {})
-        if update.max_batch_size:
-            self.replica.set_max_rows(update.max_batch_size)
-        logger.info("reconfigure: %s", self.replica.apply(update))
-
-    def check_health(self) -> None:
-        self.replica.check_health()
-
-    def __del__(self) -> None:
-        replica = getattr(self, "replica", None)
-        if replica is not None:
-            replica.loop.stop(timeout=1.0)
-
     # ----- routes -----
     @api.get("/health")
-    async def health(self) -> dict:
-        return self.replica.info()
+    async def health(self) -> JSONResponse:
+        """This ingress is up; the engine's state from one of its replicas, or 503 when none answers in time."""
+        try:
+            info = await asyncio.wait_for(self.engine.info.remote(), HEALTH_TIMEOUT_S)
+        except Exception as exc:
+            return JSONResponse({"status": "unavailable", "model": self.model_name, "error": repr(exc)}, 503)
+        return JSONResponse({**info, "status": "ok", "model": self.model_name})
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
@@ -102,7 +126,7 @@ class TascOpenAI:
         except APIError as exc:
             self.metrics.request("/v1/models", exc.status, time.perf_counter() - start, exc.code)
             raise
-        card = {"id": self.replica.model_name, "object": "model", "created": self.created, "owned_by": "tasc_ray"}
+        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "tasc_ray"}
         self.metrics.request("/v1/models", 200, time.perf_counter() - start)
         return JSONResponse({"object": "list", "data": [card]})
 
@@ -115,18 +139,17 @@ class TascOpenAI:
         return await self._handle(request, chat=True)
 
     async def _handle(self, request: Request, chat: bool) -> Response:
-        """Answer a completion request, recording its status and latency; an engine failure is a 500."""
+        """Answer a completion request, recording its status and latency; an engine failure is a 503 or 500."""
         route = "/v1/chat/completions" if chat else "/v1/completions"
         start = time.perf_counter()
         try:
             response = await self._complete(request, chat)
-        except APIError as exc:
-            self.metrics.request(route, exc.status, time.perf_counter() - start, exc.code)
-            raise
-        except Exception as exc:  # an engine failure: a 500 for this request only
-            logger.exception("request failed")
-            self.metrics.request(route, 500, time.perf_counter() - start, "server_error")
-            raise APIError(500, f"generation failed: {exc}", type="server_error") from exc
+        except Exception as exc:
+            error = engine_error(exc)
+            if error.status >= 500:
+                logger.warning("request failed: %r", exc)
+            self.metrics.request(route, error.status, time.perf_counter() - start, error.code)
+            raise error from exc
         self.metrics.request(route, 200, time.perf_counter() - start)
         return response
 
@@ -135,30 +158,67 @@ class TascOpenAI:
         body = await read_body(request.stream(), self.config.max_request_bytes, request.headers.get("content-length"))
         req = parse_request(body, ChatCompletionRequest if chat else CompletionRequest)
         self._check_model(req.model)
-        params = req.sampling_params(self.config.default_max_tokens, self.config.max_tokens_limit)
-        if chat:
-            prompts = [self.replica.encode_chat(req.chat())]
+        tokenizer = self.tokenizer
+        params = req.sampling_params(self.config.default_max_tokens, self.config.max_tokens_limit, len(tokenizer))
+        if isinstance(req, ChatCompletionRequest):
+            texts: list[TextPrompt] = []
+            prompts = [self._encode_chat(req.chat())]
         else:
-            prompts = [self.replica.encode(p, "prompt") for p in req.prompts()]
+            texts = req.prompts()
+            prompts = [self._encode(p, "prompt") for p in texts]
+        prompts = [ids for ids in prompts for _ in range(req.choices)]  # n choices per prompt, one row each
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        model = self.replica.model_name
         if req.stream:
-            render = ChunkRenderer(request_id, model, chat)
+            render = ChunkRenderer(request_id, self.model_name, chat)
 
-            def submit(row: int, ids: list[int], on_tokens: TokenCallback) -> Awaitable[GenerationResult]:
-                return self.replica.generate(ids, params, row, on_tokens)
+            async def submit(row: int, ids: list[int], on_tokens: TokenCallback) -> GenerationResult:
+                return await self._stream_row(ids, params, row, request_id, on_tokens)
 
-            events = stream_events(render, self.replica.tokenizer, prompts, params, submit, req.include_usage)
+            events = stream_events(render, tokenizer, prompts, params, submit, req.include_usage, engine_error)
             return StreamingResponse(events, media_type="text/event-stream")
-        results = await asyncio.gather(*(self.replica.generate(ids, params, row) for row, ids in enumerate(prompts)))
-        return JSONResponse((chat_body if chat else completion_body)(request_id, model, list(results)))
+        calls = [self.engine.generate.remote(ids, params, row, request_id) for row, ids in enumerate(prompts)]
+        try:
+            results = list(await asyncio.gather(*calls))
+        except BaseException:
+            for call in calls:  # one row failed or the client left: the others need not go on
+                call.cancel()
+            raise
+        if chat:
+            return JSONResponse(chat_body(request_id, self.model_name, results, tokenizer))
+        echoed = None
+        if isinstance(req, CompletionRequest) and req.echo:
+            echoed = [p if isinstance(p, str) else tokenizer.decode(p) for p in texts for _ in range(req.choices)]
+        return JSONResponse(completion_body(request_id, self.model_name, results, tokenizer, echoed))
+
+    async def _stream_row(
+        self, ids: list[int], params: SamplingParams, row: int, request_id: str, on_tokens: TokenCallback
+    ) -> GenerationResult:
+        """One row through the engine's stream: token ids to `on_tokens` as they come; returns the result."""
+        async for item in self.engine.options(stream=True).stream.remote(ids, params, row, request_id):
+            if isinstance(item, GenerationResult):
+                return item
+            on_tokens(item)
+        raise RuntimeError("the engine's stream ended without a result")
+
+    # ----- prompts -----
+    def _encode(self, prompt: TextPrompt | list[dict[str, str]], param: str) -> list[int]:
+        """Token ids of a request's prompt; one the engine would refuse is a 400 naming `param`."""
+        try:
+            return encode_prompt(self.tokenizer, prompt, self.max_context)
+        except PromptError as exc:
+            raise APIError(400, str(exc), param=param, code=exc.code) from exc
+
+    def _encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of chat messages through the model's chat template."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+        return self._encode(messages, "messages")
 
     def _check_model(self, model: str | None) -> None:
-        served = self.replica.model_name
-        if model is not None and model != served:
+        if model is not None and model != self.model_name:
             raise APIError(
                 404,
-                f"the model '{model}' does not exist; this server serves '{served}'",
+                f"the model '{model}' does not exist; this server serves '{self.model_name}'",
                 param="model",
                 code="model_not_found",
             )
@@ -169,7 +229,8 @@ def build_app(args: ServeConfig) -> serve.Application:
     config = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(args or {})
     # user_config goes to options only: changing it must reconfigure the replicas, not restart them.
     init_args = config.model_dump(mode="json", exclude={"user_config"})
-    return TascOpenAI.options(**config.deployment_options()).bind(init_args)
+    engine = TascEngine.options(**config.deployment_options()).bind(init_args)
+    return OpenAIIngress.options(**config.ingress_options()).bind(init_args, engine)
 
 
 # ----- the committed `serve deploy` config -----
@@ -184,7 +245,10 @@ def deploy_config(
     # user_config lives in the deployment's options only (changing it reconfigures replicas, never restarts them)
     args = config.model_dump(mode="json", exclude_defaults=True, exclude={"user_config"})
     args["engine"] = config.engine.model_dump(mode="json", exclude_defaults=False)
-    deployment = {"name": DEPLOYMENT_NAME, **config.deployment_options()}
+    deployments = [
+        {"name": INGRESS_DEPLOYMENT, **config.ingress_options()},
+        {"name": ENGINE_DEPLOYMENT, **config.deployment_options()},
+    ]
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": http_host, "port": http_port},
@@ -194,7 +258,7 @@ def deploy_config(
                 "route_prefix": route_prefix,
                 "import_path": IMPORT_PATH,
                 "args": args,
-                "deployments": [deployment],
+                "deployments": deployments,
             }
         ],
     }

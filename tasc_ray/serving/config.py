@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tasc_ray.spec.config import DrafterConfig, EngineConfig
 
 APP_NAME = "tasc"
-DEPLOYMENT_NAME = "TascOpenAI"
+INGRESS_DEPLOYMENT = "OpenAIIngress"  # HTTP, validation, tokenization (app.py)
+ENGINE_DEPLOYMENT = "TascEngine"  # the model, the index, the engine loop; takes user_config (engine_deployment.py)
 # engine.max_batch_size when serving (EngineConfig's own default is 8): the rows a replica's engine loop decodes
 # at once; more requests wait in its queue and join as rows finish.
 SERVE_MAX_BATCH_SIZE = 16
@@ -26,7 +27,7 @@ SERVE_MAX_BATCH_SIZE = 16
 ENGINE_FIELDS = frozenset(EngineConfig.model_fields) | frozenset(DrafterConfig.model_fields)
 _NULLS = ("none", "null", "")  # `serve run ... index=None` passes strings
 _NULLABLE_ENGINE = ("index", "device")
-_NULLABLE = ("num_replicas", "num_gpus", "num_threads", "api_key", "api_key_env", "model_name")
+_NULLABLE = ("num_replicas", "num_gpus", "num_threads", "api_key", "api_key_env", "model_name", "log_dir")
 
 
 def _nest(data: dict[str, Any], key: str, fields: Collection[str]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -106,9 +107,18 @@ class ServeConfig(BaseModel):
     num_cpus: float = Field(0.5, gt=0, description="CPUs per replica (fractional is fine)")
     num_gpus: float | None = Field(None, ge=0, description="GPUs per replica; default 1 when engine.device is cuda")
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads per replica")
-    max_ongoing_requests: int = Field(64, ge=1)
+    max_ongoing_requests: int = Field(64, ge=1, description="requests an engine replica takes at once")
+    ingress_replicas: int = Field(1, ge=1, description="replicas of the HTTP ingress (OpenAIIngress)")
+    ingress_num_cpus: float = Field(0.1, gt=0, description="CPUs per ingress replica")
     api_key: str | None = Field(None, description="if set, /v1/* require 'Authorization: Bearer <key>'")
     api_key_env: str | None = Field(None, description="environment variable holding the API key (e.g. a secret)")
+    log_dir: str | None = Field(
+        None,
+        description="log each finished completion to parquet files here (a directory or s3:// prefix), the corpus "
+        "of the next index (tasc_ray/serving/request_log.py)",
+    )
+    log_max_rows: int = Field(1000, ge=1, description="rows per logged parquet file")
+    log_max_seconds: float = Field(300.0, gt=0, description="longest a logged row waits before its file is written")
     user_config: IndexUpdate | None = None
 
     @model_validator(mode="before")
@@ -143,8 +153,17 @@ class ServeConfig(BaseModel):
             return self.num_gpus
         return 1.0 if (self.engine.device or "").startswith("cuda") else 0.0
 
+    def ingress_options(self) -> dict[str, Any]:
+        """The `.options(...)` of the HTTP ingress: light replicas that never decode."""
+        return {
+            "num_replicas": self.ingress_replicas,
+            "ray_actor_options": {"num_cpus": self.ingress_num_cpus},
+            "max_ongoing_requests": 4 * self.max_ongoing_requests,
+        }
+
     def deployment_options(self) -> dict[str, Any]:
-        """The `.options(...)` of the deployment: replicas or autoscaling, resources, queue bound, user_config."""
+        """The `.options(...)` of the engine deployment: replicas or autoscaling, resources, queue bound,
+        user_config."""
         actor: dict[str, Any] = {"num_cpus": self.num_cpus}
         if self.gpus:
             actor["num_gpus"] = self.gpus

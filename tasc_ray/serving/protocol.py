@@ -8,17 +8,19 @@ an `APIError` (a 4xx with OpenAI's `{"error": {message, type, param, code}}` bod
 What a request may carry:
 
 - Honoured: `model`, `prompt`/`messages`, `max_tokens`, `max_completion_tokens`, `temperature`, `top_p`,
-  `top_k`, `stop`, `seed`, `stream`, `stream_options`, `n` (1 only), TASC's own `speculative`, and
-  `ignore_eos` (as vLLM's: decode to the token budget through end-of-sequence tokens).
+  `top_k`, `stop`, `seed`, `stream`, `stream_options`, `n` (up to MAX_CHOICES choices per prompt, each its own
+  sampling seed), `logit_bias`, `presence_penalty`, `frequency_penalty` (applied in verification too, so
+  speculation stays lossless), `logprobs` (completions: the top-N alternatives; chat: `logprobs` +
+  `top_logprobs`; the model's own log-probabilities; not with `stream`), `echo` (completions, without `stream`
+  or `logprobs`), TASC's own `speculative`, and `ignore_eos` (as vLLM's: decode to the token budget through
+  end-of-sequence tokens).
   `max_completion_tokens` (what current OpenAI clients send for chat) is accepted by both routes and, when both
   are given, takes precedence over `max_tokens` (the older name OpenAI deprecated in its favour).
 - Refused with a 400 (`code: "unsupported_parameter"`, `param` naming it) unless the value asks for nothing,
-  i.e. is null or the default (penalties and `top_logprobs` 0, `echo`/`logprobs` false, empty `tools`/
-  `functions`/`logit_bias`/`suffix`, `response_format: {"type": "text"}`, `modalities: ["text"]`,
-  `tool_choice`/`function_call` "none", `parallel_tool_calls: true`, `n`/`best_of` 1): every parameter in `UNSUPPORTED`
-  (tools and function calling, structured output, `best_of`, `logit_bias`, penalties, `echo`, `suffix`,
-  log probabilities, audio, `prediction`). The engine cannot honour them, and answering as if it had would
-  change the request's meaning.
+  i.e. is null or the default (empty `tools`/`functions`/`suffix`, `response_format: {"type": "text"}`,
+  `modalities: ["text"]`, `tool_choice`/`function_call` "none", `parallel_tool_calls: true`, `best_of` 1):
+  every parameter in `UNSUPPORTED` (tools and function calling, structured output, `best_of`, `suffix`, audio,
+  `prediction`). The engine cannot honour them, and answering as if it had would change the request's meaning.
 - Accepted without effect: metadata that changes nothing in the reply (`IGNORED`: `user`, `metadata`, `store`,
   `service_tier`).
 - Anything else is an unknown field: ignored (logged at debug level), never refused, so that a client sending a
@@ -35,7 +37,16 @@ from collections.abc import AsyncIterable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
 from transformers import PreTrainedTokenizerBase
 
 from tasc_ray.spec.generator import GenerationResult, SamplingParams
@@ -43,6 +54,9 @@ from tasc_ray.spec.generator import GenerationResult, SamplingParams
 logger = logging.getLogger(__name__)
 
 MAX_STOP_SEQUENCES = 4
+MAX_CHOICES = 16  # n
+MAX_COMPLETION_LOGPROBS = 5  # /v1/completions logprobs
+MAX_CHAT_TOP_LOGPROBS = 20  # /v1/chat/completions top_logprobs
 
 Request = TypeVar("Request", bound=BaseModel)
 TextPrompt = str | list[int]  # one prompt of /v1/completions: text or token ids
@@ -125,11 +139,6 @@ def _defaults(*values: Any) -> Callable[[Any], bool]:
     return lambda value: value is None or any(type(value) is type(d) and value == d for d in values)
 
 
-def _at_most_one(value: Any) -> bool:
-    """`n` above 1 is unsupported; any other value is left to the model's own validation."""
-    return not (type(value) is int and value > 1)
-
-
 _NO_TOOLS = "tool and function calling are not supported"
 # name -> (accepts the value: it asks for nothing, or is left to validation; why another value is refused)
 UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -139,15 +148,8 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "function_call": (_defaults("none"), _NO_TOOLS),
     "parallel_tool_calls": (_defaults(True), _NO_TOOLS),
     "response_format": (_defaults({"type": "text"}), "only text output is supported (response_format type 'text')"),
-    "n": (_at_most_one, "one choice per prompt is generated (n must be 1)"),
-    "best_of": (_defaults(1), "only best_of 1 is supported"),
-    "logit_bias": (_defaults({}), "logit bias is not supported"),
-    "presence_penalty": (_defaults(0, 0.0), "penalties are not supported (only 0)"),
-    "frequency_penalty": (_defaults(0, 0.0), "penalties are not supported (only 0)"),
-    "echo": (_defaults(False), "echoing the prompt is not supported"),
+    "best_of": (_defaults(1), "only best_of 1 is supported (n choices are returned as sampled)"),
     "suffix": (_defaults(""), "a suffix (insertion) is not supported"),
-    "logprobs": (_defaults(False), "log probabilities are not returned"),
-    "top_logprobs": (_defaults(0), "log probabilities are not returned"),
     "audio": (_defaults(), "audio output is not supported"),
     "modalities": (_defaults(["text"]), "only text output is supported (modalities ['text'])"),
     "prediction": (_defaults(), "predicted outputs are not supported"),
@@ -184,9 +186,33 @@ class RequestBase(BaseModel):
     seed: StrictInt | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: StrictInt | None = Field(1, ge=1, le=1, description="one choice per prompt")
+    n: StrictInt | None = Field(1, ge=1, le=MAX_CHOICES, description="choices per prompt")
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0, strict=False)
+    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0, strict=False)
     speculative: StrictBool = True
     ignore_eos: StrictBool = False
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
+
+    def logprobs_count(self) -> int | None:
+        """How many top alternatives to report with each token's log-probability (None: no log-probabilities)."""
+        return None
+
+    def token_bias(self, vocab_size: int) -> dict[int, float]:
+        """logit_bias with its keys as token ids, each checked against the vocabulary, values in [-100, 100]."""
+        bias: dict[int, float] = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab_size:
+                raise APIError(
+                    400, f"logit_bias key {key!r} is not a token id in [0, {vocab_size})", param="logit_bias"
+                )
+            if not -100.0 <= value <= 100.0:
+                raise APIError(400, f"logit_bias value {value} for {key} is outside [-100, 100]", param="logit_bias")
+            bias[int(key)] = float(value)
+        return bias
 
     @property
     def include_usage(self) -> bool:
@@ -200,8 +226,11 @@ class RequestBase(BaseModel):
             raise APIError(400, f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed", param="stop")
         return [s for s in stops if s]
 
-    def sampling_params(self, default_max_tokens: int, max_tokens_limit: int) -> SamplingParams:
-        """The engine's SamplingParams; the token budget must lie in [1, max_tokens_limit].
+    def sampling_params(
+        self, default_max_tokens: int, max_tokens_limit: int, vocab_size: int = 1 << 30
+    ) -> SamplingParams:
+        """The engine's SamplingParams; the token budget must lie in [1, max_tokens_limit], logit_bias keys in
+        [0, vocab_size).
 
         The budget is `max_completion_tokens` if given, else `max_tokens`, else `default_max_tokens`.
         """
@@ -226,11 +255,33 @@ class RequestBase(BaseModel):
             stop=self.stop_list(),
             speculative=self.speculative,
             ignore_eos=self.ignore_eos,
+            logprobs=self.logprobs_count(),
+            logit_bias=self.token_bias(vocab_size),
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
         )
 
 
 class CompletionRequest(RequestBase):
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    echo: StrictBool | None = False
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _false_is_none(cls, value: Any) -> Any:
+        return None if value is False else value  # some clients send false for "no log-probabilities"
+
+    def logprobs_count(self) -> int | None:
+        if self.logprobs is not None and self.stream:
+            raise APIError(
+                400, "logprobs are not supported with stream", param="logprobs", code="unsupported_parameter"
+            )
+        if self.echo and (self.stream or self.logprobs is not None):
+            raise APIError(
+                400, "echo is supported without stream and logprobs only", param="echo", code="unsupported_parameter"
+            )
+        return self.logprobs
 
     def prompts(self) -> list[TextPrompt]:
         """The request's prompts: one text, one token list, or a list of either; refuses an empty list."""
@@ -259,6 +310,17 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(RequestBase):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: StrictBool | None = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
+
+    def logprobs_count(self) -> int | None:
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if self.logprobs and self.stream:
+            raise APIError(
+                400, "logprobs are not supported with stream", param="logprobs", code="unsupported_parameter"
+            )
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def chat(self) -> list[dict[str, str]]:
         """The messages as the chat template takes them: [{"role", "content"}] with text content."""
@@ -312,21 +374,33 @@ def usage(results: Sequence[GenerationResult]) -> dict[str, int]:
     }
 
 
-def completion_body(request_id: str, model: str, results: Sequence[GenerationResult]) -> dict[str, Any]:
+def completion_body(
+    request_id: str,
+    model: str,
+    results: Sequence[GenerationResult],
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    echoed: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """A /v1/completions reply; `echoed[i]` is prepended to choice i's text (echo). Results with logprobs need
+    the tokenizer to render their tokens."""
+    choices = []
+    for i, r in enumerate(results):
+        prefix = echoed[i] if echoed is not None else ""
+        logprobs = completion_logprobs(r, tokenizer, len(prefix)) if r.logprobs is not None and tokenizer else None
+        choices.append({"index": i, "text": prefix + r.text, "logprobs": logprobs, "finish_reason": r.finish_reason})
     return {
         "id": request_id,
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [
-            {"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
-            for i, r in enumerate(results)
-        ],
+        "choices": choices,
         "usage": usage(results),
     }
 
 
-def chat_body(request_id: str, model: str, results: Sequence[GenerationResult]) -> dict[str, Any]:
+def chat_body(
+    request_id: str, model: str, results: Sequence[GenerationResult], tokenizer: PreTrainedTokenizerBase | None = None
+) -> dict[str, Any]:
     return {
         "id": request_id,
         "object": "chat.completion",
@@ -336,13 +410,42 @@ def chat_body(request_id: str, model: str, results: Sequence[GenerationResult]) 
             {
                 "index": i,
                 "message": {"role": "assistant", "content": r.text},
-                "logprobs": None,
+                "logprobs": chat_logprobs(r, tokenizer) if r.logprobs is not None and tokenizer else None,
                 "finish_reason": r.finish_reason,
             }
             for i, r in enumerate(results)
         ],
         "usage": usage(results),
     }
+
+
+def completion_logprobs(result: GenerationResult, tokenizer: PreTrainedTokenizerBase, offset: int = 0) -> dict:
+    """The legacy completions shape: tokens, token_logprobs, top_logprobs (token text -> log-probability), and
+    each token's text_offset in the choice's text."""
+    assert result.logprobs is not None
+    tokens, offsets = [], []
+    for token, _, _ in result.logprobs:
+        offsets.append(offset)
+        tokens.append(tokenizer.decode([token]))
+        offset += len(tokens[-1])
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp for _, lp, _ in result.logprobs],
+        "top_logprobs": [{tokenizer.decode([t]): lp for t, lp in top} for _, _, top in result.logprobs],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(result: GenerationResult, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """The chat shape: content = [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]."""
+    assert result.logprobs is not None
+
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        text = tokenizer.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    content = [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in top]} for t, lp, top in result.logprobs]
+    return {"content": content, "refusal": None}
 
 
 # ----- streams -----

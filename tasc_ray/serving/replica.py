@@ -1,16 +1,18 @@
-"""One Serve replica's engine: the generator and its engine loop, prompt checks, index reloads, health.
+"""One engine replica's state: the generator and its engine loop, the request log, index reloads, health.
 
 The generator (`tasc_ray.spec.engine.load_engine`: model and index loaded once per replica) runs only on the
 replica's engine loop (`tasc_ray.spec.engine_loop.EngineLoop`): one decode thread that admits each request's
 rows at its next step (continuous batching), so the event loop keeps accepting requests while rows decode, a
 short request never waits for a long one, and a request whose client went away is cancelled and leaves at the
-next step. Prompts are encoded on the event loop with a second tokenizer: a Rust tokenizer must not be used by
-two threads at once. A reload (`IndexUpdate`, the deployment's user_config) swaps the drafter between steps.
+next step. Prompts arrive as token ids (the ingress tokenizes them); the request log decodes them with a second
+tokenizer, as a Rust tokenizer must not be used by two threads at once. A reload (`IndexUpdate`, the deployment's
+user_config) swaps the drafter between steps.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -20,13 +22,12 @@ from transformers import PreTrainedTokenizerBase
 
 from tasc_ray.models import load_tokenizer
 from tasc_ray.serving.config import IndexUpdate, ServeConfig
-from tasc_ray.serving.protocol import APIError, TextPrompt
+from tasc_ray.serving.request_log import LoggedRequest, RequestLog
 from tasc_ray.spec.drafter import build_drafter
 from tasc_ray.spec.engine import load_engine
 from tasc_ray.spec.engine_loop import EngineLoop
 from tasc_ray.spec.generator import GenerationResult, SpeculativeGenerator
 from tasc_ray.spec.index import NgramIndex
-from tasc_ray.spec.prompts import PromptError, encode_prompt
 from tasc_ray.spec.request import Request, TokenCallback
 from tasc_ray.spec.sampling import SamplingParams
 
@@ -52,6 +53,9 @@ class Replica:
         self.index_version: str | int | None = None
         self.drafter_config = config.engine.drafter
         self.replica_id = uuid.uuid4().hex[:12]
+        self.request_log: RequestLog | None = None
+        if config.log_dir:
+            self.request_log = RequestLog(config.log_dir, self.replica_id, config.log_max_rows, config.log_max_seconds)
         logger.info(
             "replica %s: model %s (index %s) loaded in %.1f s",
             self.replica_id,
@@ -60,28 +64,44 @@ class Replica:
             time.perf_counter() - t0,
         )
 
-    # ----- prompts (on the event loop) -----
-    def encode(self, prompt: TextPrompt | list[dict[str, str]], param: str) -> list[int]:
-        """Token ids of a request's prompt; one the engine would refuse is a 400 naming `param`."""
-        try:
-            return encode_prompt(self.tokenizer, prompt, self.generator.max_context)
-        except PromptError as exc:
-            raise APIError(400, str(exc), param=param, code=exc.code) from exc
-
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of chat messages through the model's chat template."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
-        return self.encode(messages, "messages")
-
     # ----- decoding (on the engine loop) -----
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, row: int = 0, on_tokens: TokenCallback | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        row: int = 0,
+        on_tokens: TokenCallback | None = None,
+        request_id: str = "",
     ) -> GenerationResult:
         """Decode one prompt on the engine loop; cancelled (freed at the next step) if the caller is cancelled.
-        `on_tokens` runs on the decode thread."""
+        `on_tokens` runs on the decode thread. A finished row goes to the request log, if there is one."""
         request = Request.new(prompt_ids, params, row, on_tokens, on_finish=self._finished)
-        return await self.loop.submit_async(request)
+        result = await self.loop.submit_async(request)
+        if self.request_log is not None and result.finish_reason != "cancelled":
+            self.request_log.record(
+                LoggedRequest(
+                    request_id=request_id,
+                    row=row,
+                    created=time.time(),
+                    model=self.model_name,
+                    prompt=self.tokenizer.decode(prompt_ids),
+                    output=result.text,
+                    finish_reason=result.finish_reason,
+                    prompt_tokens=result.prompt_tokens,
+                    output_tokens=result.new_tokens,
+                    forward_passes=result.stats.forward_passes,
+                    accepted_tokens=result.stats.accepted,
+                    latency_s=time.perf_counter() - request.submitted_at,
+                    params=LoggedRequest.params_json(params),
+                )
+            )
+        return result
+
+    def shutdown(self) -> None:
+        """Stop the engine loop (failing what is left) and write the request log's last file."""
+        self.loop.stop(timeout=5.0)
+        if self.request_log is not None:
+            self.request_log.close()
 
     def _finished(self, request: Request) -> None:  # decode thread
         self.metrics.finished(request, self.loop.stats)
@@ -136,6 +156,7 @@ class Replica:
             "status": "ok",
             "model": self.model_name,
             "replica": self.replica_id,
+            "pid": os.getpid(),
             "index": self.index_path,
             "index_version": self.index_version,
             "index_sequences": index.n_sequences if index is not None else 0,
@@ -143,4 +164,5 @@ class Replica:
             "max_context": self.generator.max_context,
             "max_rows": self.loop.scheduler.max_rows,
             "engine": self.loop.stats.to_dict(),
+            "request_log": self.request_log.stats() if self.request_log is not None else None,
         }

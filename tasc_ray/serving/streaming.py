@@ -47,8 +47,10 @@ async def stream_events(
     params: SamplingParams,
     submit: Submit,
     include_usage: bool,
+    to_error: Callable[[BaseException], APIError] | None = None,
 ) -> AsyncIterator[str]:
-    """Start every prompt's decode and yield OpenAI stream chunks as tokens arrive, then `data: [DONE]`."""
+    """Start every prompt's decode and yield OpenAI stream chunks as tokens arrive, then `data: [DONE]`; a row
+    that fails sends an error event in its place (`to_error` turns its exception into the OpenAI error)."""
     events: asyncio.Queue[Event] = asyncio.Queue()
     tasks = _start(submit, prompts, events)
     streams = [TextStream(tokenizer, params.stop) for _ in prompts]
@@ -66,7 +68,10 @@ async def stream_events(
                 continue
             pending -= 1
             if isinstance(payload, Exception):
-                err = payload if isinstance(payload, APIError) else APIError(500, str(payload), type="server_error")
+                if to_error is not None:
+                    err = to_error(payload)
+                else:
+                    err = payload if isinstance(payload, APIError) else APIError(500, str(payload), type="server_error")
                 yield sse(err.body())
                 continue
             results.append(payload)

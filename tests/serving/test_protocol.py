@@ -116,17 +116,8 @@ def test_chat_messages_and_content_parts():
         ("function_call", "auto"),
         ("parallel_tool_calls", False),
         ("response_format", {"type": "json_object"}),
-        ("n", 2),
         ("best_of", 2),
-        ("logit_bias", {"50256": -100}),
-        ("presence_penalty", 0.5),
-        ("frequency_penalty", -1),
-        ("echo", True),
         ("suffix", "end"),
-        ("logprobs", True),
-        ("logprobs", 0),
-        ("logprobs", 5),
-        ("top_logprobs", 2),
         ("audio", {"voice": "alloy", "format": "wav"}),
         ("modalities", ["text", "audio"]),
         ("prediction", {"type": "content", "content": "x"}),
@@ -181,6 +172,72 @@ def test_unknown_fields_are_ignored_and_logged(caplog):
         req = parse_request(b'{"prompt": "hi", "zz_new_field": 1, "user": "u"}', CompletionRequest)
     assert req.prompts() == ["hi"]
     assert "zz_new_field" in caplog.text and "'user'" not in caplog.text  # known metadata is not reported
+
+
+# ----- n, logit_bias, penalties, logprobs, echo -----
+def test_choices_bias_and_penalties_reach_the_sampling_params():
+    body = {
+        "prompt": "hi",
+        "n": 3,
+        "logit_bias": {"7": 5, "9": -100},
+        "presence_penalty": 0.5,
+        "frequency_penalty": -1.0,
+    }
+    req = parse_request(json.dumps(body).encode(), CompletionRequest)
+    params = req.sampling_params(16, 64, vocab_size=100)
+    assert req.choices == 3 and params.logit_bias == {7: 5.0, 9: -100.0}
+    assert params.presence_penalty == 0.5 and params.frequency_penalty == -1.0 and params.logprobs is None
+    for bias in ({"100": 1}, {"x": 1}, {"-1": 1}, {"7": 101}):
+        with pytest.raises(APIError) as info:
+            parse_request(json.dumps({**body, "logit_bias": bias}).encode(), CompletionRequest).sampling_params(
+                16, 64, vocab_size=100
+            )
+        assert info.value.param == "logit_bias"
+    for field, value in (("n", 17), ("presence_penalty", 2.5), ("frequency_penalty", -3)):
+        assert _parse_error({**body, field: value}, CompletionRequest).param == field
+
+
+def test_logprobs_and_echo_options():
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    params = lambda body, cls: parse_request(json.dumps(body).encode(), cls).sampling_params(16, 64)  # noqa: E731
+    assert params({"prompt": "hi", "logprobs": 2}, CompletionRequest).logprobs == 2
+    assert params({"prompt": "hi", "logprobs": 0}, CompletionRequest).logprobs == 0
+    assert params({"prompt": "hi", "logprobs": False}, CompletionRequest).logprobs is None
+    assert params({**chat, "logprobs": True, "top_logprobs": 3}, ChatCompletionRequest).logprobs == 3
+    assert params({**chat, "logprobs": True}, ChatCompletionRequest).logprobs == 0
+    assert params(chat, ChatCompletionRequest).logprobs is None
+    refused = [
+        ({"prompt": "hi", "logprobs": 6}, CompletionRequest, "logprobs"),
+        ({"prompt": "hi", "logprobs": 1, "stream": True}, CompletionRequest, "logprobs"),
+        ({"prompt": "hi", "echo": True, "stream": True}, CompletionRequest, "echo"),
+        ({"prompt": "hi", "echo": True, "logprobs": 1}, CompletionRequest, "echo"),
+        ({**chat, "top_logprobs": 2}, ChatCompletionRequest, "top_logprobs"),
+        ({**chat, "logprobs": True, "top_logprobs": 21}, ChatCompletionRequest, "top_logprobs"),
+        ({**chat, "logprobs": True, "stream": True}, ChatCompletionRequest, "logprobs"),
+    ]
+    for body, cls, param in refused:
+        with pytest.raises(APIError) as info:
+            params(body, cls)
+        assert info.value.param == param and info.value.status == 400, body
+
+
+def test_logprobs_and_echo_in_bodies(tiny_tokenizer):
+    ids = tiny_tokenizer("Blue Spice", add_special_tokens=False)["input_ids"][:2]
+    result = _result("".join(tiny_tokenizer.decode([t]) for t in ids), ids, 3, 0, 0)
+    result.logprobs = [(ids[0], -0.5, [(ids[0], -0.5), (ids[1], -2.0)]), (ids[1], -0.25, [(ids[1], -0.25), (5, -3.0)])]
+    pieces = [tiny_tokenizer.decode([t]) for t in ids]
+    body = completion_body("cmpl-1", "tiny", [result], tiny_tokenizer, echoed=["Say: "])
+    choice = body["choices"][0]
+    assert choice["text"] == "Say: " + result.text
+    assert choice["logprobs"] == {
+        "tokens": pieces,
+        "token_logprobs": [-0.5, -0.25],
+        "top_logprobs": [{pieces[0]: -0.5, pieces[1]: -2.0}, {pieces[1]: -0.25, tiny_tokenizer.decode([5]): -3.0}],
+        "text_offset": [5, 5 + len(pieces[0])],
+    }
+    content = chat_body("chatcmpl-1", "tiny", [result], tiny_tokenizer)["choices"][0]["logprobs"]["content"]
+    assert [c["token"] for c in content] == pieces and content[1]["logprob"] == -0.25
+    assert content[0]["bytes"] == list(pieces[0].encode()) and len(content[0]["top_logprobs"]) == 2
 
 
 # ----- request size -----

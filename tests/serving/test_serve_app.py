@@ -13,7 +13,7 @@ import yaml
 
 from serve_apps.openai_app import build_app as shell_build_app
 from tasc_ray.serving.app import CONFIG_PATH, build_app, default_config, deploy_config
-from tasc_ray.serving.config import DEPLOYMENT_NAME, ServeConfig
+from tasc_ray.serving.config import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, ServeConfig
 from tasc_ray.spec.index import NgramIndex
 
 MODEL = "tiny"
@@ -42,6 +42,7 @@ def _config(tiny_model_dir, index, **extra) -> ServeConfig:
             "model_name": MODEL,
             "max_batch_size": 16,
             "num_cpus": 0.25,
+            "ingress_num_cpus": 0.05,
             "max_tokens_limit": 256,
             **extra,
         }
@@ -92,9 +93,9 @@ def test_config_yaml_in_sync_with_builder():
     app = committed["applications"][0]
     parsed = ServeConfig.model_validate(app["args"])  # the YAML args validate into the builder's config
     assert deploy_config(parsed) == committed
-    assert app["deployments"][0]["name"] == DEPLOYMENT_NAME
+    assert [d["name"] for d in app["deployments"]] == [INGRESS_DEPLOYMENT, ENGINE_DEPLOYMENT]
     built = build_app(parsed)  # the builder accepts them and binds the deployment the YAML names
-    assert built._bound_deployment.name == DEPLOYMENT_NAME
+    assert built._bound_deployment.name == INGRESS_DEPLOYMENT
     assert shell_build_app is build_app  # `serve run serve_apps.openai_app:build_app` from the checkout
 
 
@@ -337,6 +338,8 @@ def _deploy(server, cfg: ServeConfig, name: str, prefix: str) -> None:
 
 
 def test_deploy_config_and_reconfigure_without_restart(server, tiny_model_dir, indexes, task_rows):
+    from ray import serve
+
     base = server["base"] + "/live"
     _deploy(server, _config(tiny_model_dir, indexes["full"]), "tasc-live", "/live")
     before = httpx.get(base + "/health").json()
@@ -359,6 +362,7 @@ def test_deploy_config_and_reconfigure_without_restart(server, tiny_model_dir, i
     _deploy(server, _config(tiny_model_dir, indexes["full"], user_config={"index": None}), "tasc-live", "/live")
     after = httpx.get(base + "/health").json()
     assert after["replica"] == before["replica"] and after["index"] is None and after["draft_mode"] == "context"
+    serve.delete("tasc-live")  # its CPUs go back to the cluster (2 CPUs here, shared with later Ray Data jobs)
 
 
 def test_metrics_exported(server):
@@ -377,3 +381,69 @@ def test_metrics_exported(server):
             break
         time.sleep(2)
     assert "tasc_requests" in text and "tasc_generated_tokens" in text and "tasc_request_latency_s" in text
+
+
+def _logged_rows(directory, expected: int, timeout: float = 60.0) -> list[dict]:
+    from tasc_ray.io import read_columns
+
+    deadline = time.time() + timeout
+    rows: list[dict] = []
+    while time.time() < deadline:
+        if any(directory.glob("*.parquet")):
+            columns = ["request_id", "prompt", "output", "params", "finish_reason"]
+            rows = read_columns(str(directory), columns).to_pylist()
+            if len(rows) >= expected:
+                break
+        time.sleep(0.2)
+    return rows
+
+
+def test_logged_outputs_become_the_next_index(server, tiny_model_dir, indexes, task_rows, tmp_path):
+    """serve -> log -> index (appended to the current one) -> reload through user_config, without a restart; the
+    last buffered rows are written when the replica shuts down."""
+    from ray import serve
+
+    from tasc_ray.io import read_texts
+    from tasc_ray.models import load_tokenizer
+
+    logs = tmp_path / "logs"
+    logged = {"log_dir": str(logs), "log_max_rows": 4, "log_max_seconds": 0.5}
+    _deploy(server, _config(tiny_model_dir, indexes["half"], **logged), "tasc-logged", "/logged")
+    base = server["base"] + "/logged"
+    before = httpx.get(base + "/health").json()
+    texts = []
+    for row in task_rows[60:65]:
+        r = httpx.post(base + "/v1/completions", json={"prompt": row["prompt"], "max_tokens": 12}, timeout=60)
+        texts.append(r.json()["choices"][0]["text"])
+    stream = {"prompt": task_rows[65]["prompt"], "max_tokens": 12, "stream": True}
+    chunks, _ = _sse(httpx.post(base + "/v1/completions", json=stream, timeout=60))
+    texts.append("".join(c["choices"][0]["text"] for c in chunks))
+    rows = _logged_rows(logs, 6)
+    assert sorted(r["output"] for r in rows) == sorted(texts)
+    assert all(json.loads(r["params"])["max_new_tokens"] == 12 and r["request_id"].startswith("cmpl-") for r in rows)
+    assert {r["prompt"] for r in rows} >= {task_rows[60]["prompt"]}
+
+    # `tasc-ray index --input logs --column output --append-to half`, built in process: the Ray Data job (equal to
+    # it, tests/stages) needs more free CPUs than this 2-CPU cluster has left beside three Serve apps
+    out = tmp_path / "index-v2"
+    logged_outputs = read_texts(str(logs), "output").texts
+    assert len(logged_outputs) == 6
+    new = NgramIndex.from_texts(logged_outputs, load_tokenizer(str(tiny_model_dir)))
+    NgramIndex.load(indexes["half"]).merge(new).save(str(out))
+    reload = {**logged, "user_config": {"index": str(out)}}
+    _deploy(server, _config(tiny_model_dir, indexes["half"], **reload), "tasc-logged", "/logged")
+    after = httpx.get(base + "/health").json()
+    assert after["replica"] == before["replica"] and after["index"] == str(out)
+    assert after["index_sequences"] == 100 + 6
+
+    # a row still buffered when the replica stops is written on shutdown
+    quiet = tmp_path / "quiet-logs"
+    _deploy(
+        server,
+        _config(tiny_model_dir, None, log_dir=str(quiet), log_max_rows=1000, log_max_seconds=3600),
+        "tasc-logged",
+        "/logged",
+    )
+    assert httpx.post(base + "/v1/completions", json={"prompt": "Zizzi is", "max_tokens": 4}, timeout=60).is_success
+    serve.delete("tasc-logged")
+    assert len(_logged_rows(quiet, 1, timeout=30)) == 1
