@@ -11,7 +11,8 @@ Two parts, each comparing the engine's two schedulers (`EngineConfig.scheduling`
   at a time over loopback HTTP (ABBA order): (1) 8 long requests (--long-tokens with `ignore_eos`) and, a second
   later, a 4-token request: its latency against the long ones'; (2) --concurrency E2E text -> MR requests in
   flight: requests/s, p50/p99 latency, identical outputs; (3) a streaming client that leaves after 5 chunks: the
-  time until the replica reports its row cancelled, against its mean step time.
+  time until the replica reports its row cancelled, against its mean step time; (4) 64 concurrent 8-token
+  requests, a third streaming and a tenth of those leaving early: failures, p50/p99, rows left behind.
 
 Writes `<out-dir>/<name>.json` and `.md` (the command first, the commit and the machine).
 """
@@ -214,6 +215,47 @@ async def stream_disconnect(base: str, max_tokens: int) -> dict[str, Any]:
     return {"freed_after_s": freed_s, "cancelled": engine["cancelled"] - before["cancelled"]}
 
 
+async def mixed_crowd(base: str, prompts: list[str], n: int = 64) -> dict[str, Any]:
+    """n concurrent 8-token requests at once: a third streaming, a tenth of the streams' clients leaving after
+    the first chunk. Every other request must succeed; no row may stay behind."""
+    import httpx
+
+    latencies: list[float] = []
+    statuses: list[int] = []
+    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
+    async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as client:
+
+        async def one(i: int) -> None:
+            body = {"prompt": prompts[i % len(prompts)], "max_tokens": 8, "stop": ["\n"]}
+            t0 = time.perf_counter()
+            if i % 3 == 0:
+                leave = i % 10 == 0
+                async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                    statuses.append(r.status_code)
+                    async for line in r.aiter_lines():
+                        if leave and line.startswith("data: "):
+                            return  # the client goes away
+                if not leave:
+                    latencies.append(time.perf_counter() - t0)
+                return
+            r = await client.post("/v1/completions", json=body)
+            statuses.append(r.status_code)
+            latencies.append(time.perf_counter() - t0)
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+        await asyncio.sleep(1.0)
+        engine = (await client.get("/health")).json()["engine"]
+    lat = sorted(latencies)
+    return {
+        "requests": n,
+        "non_200": sum(s != 200 for s in statuses),
+        "completed": len(lat),
+        "p50_s": lat[len(lat) // 2],
+        "p99_s": lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))],
+        "rows_left_running": engine["running"] + engine["waiting"],
+    }
+
+
 def serve_part(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import httpx
     from ray import serve
@@ -245,7 +287,9 @@ def serve_part(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 "load": merged,
                 "texts": texts,
             }
+        crowd = {s: asyncio.run(mixed_crowd(f"{base}/{s}", prompts)) for s in SCHEDULERS}
         for s in SCHEDULERS:
+            out["schedulers"][s]["crowd"] = crowd[s]
             tokens = max(args.long_tokens, args.max_new_tokens)
             out["schedulers"][s]["disconnect"] = asyncio.run(stream_disconnect(f"{base}/{s}", tokens))
             health = httpx.get(f"{base}/{s}/health", timeout=60).json()
@@ -257,8 +301,12 @@ def serve_part(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     out["identical_outputs"] = f"{same}/{len(prompts)}"
     out["throughput_ratio"] = cont["load"]["requests_per_s"] / static["load"]["requests_per_s"]
     out["p99_ratio"] = cont["load"]["p99_s"] / static["load"]["p99_s"]
+    crowd = cont["crowd"]
     out["targets"] = {
         "short request <= 25% of the long ones' latency (continuous)": cont["short_over_long"] <= 0.25,
+        "64 mixed requests: all 200, no row left behind, p99 of 8-token requests < 5 s (continuous)": (
+            crowd["non_200"] == 0 and crowd["rows_left_running"] == 0 and crowd["p99_s"] < 5.0
+        ),
         f"concurrency {args.concurrency}: >= 1.3x static throughput, lower p99, identical outputs": (
             out["throughput_ratio"] >= 1.3 and out["p99_ratio"] < 1.0 and same == len(prompts)
         ),
@@ -325,6 +373,19 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {s} | {short:.2f} | {long:.2f} | {v['short_over_long']:.2f} | {load['requests_per_s']:.2f} | "
                 f"{load['p50_s']:.2f} | {load['p99_s']:.2f} | {v['disconnect']['freed_after_s']:.3f} | "
                 f"{_mean_step(v['health']):.3f} |"
+            )
+        lines += [
+            "",
+            "64 concurrent 8-token requests (a third streaming, a tenth of those clients leaving after one chunk):",
+            "",
+            "| scheduling | non-200 | completed | p50 s | p99 s | rows left running |",
+            "|---|---|---|---|---|---|",
+        ]
+        for s, v in serve["schedulers"].items():
+            cr = v["crowd"]
+            lines.append(
+                f"| {s} | {cr['non_200']} | {cr['completed']} | {cr['p50_s']:.2f} | {cr['p99_s']:.2f} | "
+                f"{cr['rows_left_running']} |"
             )
         lines += [
             "",
