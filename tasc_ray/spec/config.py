@@ -36,6 +36,11 @@ class DrafterConfig(BaseModel):
         0.1, ge=0.0, le=1.0, description="stop drafting when the drafted path's estimated probability falls below this"
     )
     context_order: int = Field(4, ge=2, description="n-gram order of the row's own context model")
+    calibrate: bool = Field(
+        True,
+        description="choose how many draft tokens to verify on acceptance probabilities learned from the "
+        "engine's own verification passes, not on raw n-gram frequencies",
+    )
 
     def for_index(self, has_index: bool) -> DrafterConfig:
         """The settings to use with or without a corpus index: no index means drafting from the context only."""

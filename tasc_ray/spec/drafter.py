@@ -5,7 +5,9 @@ The interface is small, after Hugging Face's `CandidateGenerator`: `new_row(prom
 follows the longest context match in the row's own tokens (prompt + output so far, an incremental hash map
 as in prompt lookup) and the longest match in the corpus index (backoff over orders), mixes their next-token
 distributions as p = lambda * p_corpus + (1 - lambda) * p_context, extends greedily, and stops when the
-estimated probability of the drafted path falls below a threshold. A bad draft only costs speed.
+estimated probability of the drafted path falls below a threshold. How many of the drafted tokens are verified
+is chosen on calibrated probabilities (calibration.py): `observe(accepted)` after each verification pass teaches
+the drafter what its raw scores are worth. A bad draft only costs speed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tasc_ray.spec.calibration import AcceptanceCalibration
 from tasc_ray.spec.config import DrafterConfig, DraftMode
 from tasc_ray.spec.draft_length import StepCost, best_draft_length
 from tasc_ray.spec.index import Match, NgramIndex
@@ -62,6 +65,8 @@ class Drafter:
         self.index = index
         if self.config.mode != DraftMode.CONTEXT and index is None:
             raise ValueError(f"draft mode {self.config.mode.value!r} needs an n-gram index")
+        self.calibration = AcceptanceCalibration()
+        self._proposed: list[list[float]] | None = None  # raw path probabilities of the last drafts, until observed
 
     def new_row(self, prompt_ids: Sequence[int]) -> DraftContext:
         state = DraftContext(self.config.context_order)
@@ -106,10 +111,20 @@ class Drafter:
                 if len(drafts[i]) < limits[i]:
                     still_active.append(i)
             active = still_active
+        scores = [self.calibration.path(p) for p in path_probs] if self.config.calibrate else path_probs
         if step_cost is not None and drafts:
-            length = best_draft_length(path_probs, step_cost)
+            length = best_draft_length(scores, step_cost)
             drafts = [d[:length] for d in drafts]
+        self._proposed = [p[: len(d)] for p, d in zip(path_probs, drafts)]
         return drafts
+
+    def observe(self, accepted: Sequence[int]) -> None:
+        """Learn from the verification of the last proposed drafts: accepted[i] draft tokens of row i were taken."""
+        proposed, self._proposed = self._proposed, None
+        if proposed is None or len(proposed) != len(accepted):
+            return
+        for raw, n in zip(proposed, accepted):
+            self.calibration.observe(raw, n)
 
     def _mix(self, corpus: Match | None, context: dict[int, int] | None) -> tuple[int | None, float]:
         """Most probable next token under lambda * p_corpus + (1 - lambda) * p_context, and its probability."""

@@ -329,6 +329,8 @@ class SpeculativeGenerator:
         t1 = time.perf_counter()
         n_accepted, logprobs = self._verify(batch, drafts)
         t2 = time.perf_counter()
+        if self.drafter is not None:
+            self.drafter.observe(n_accepted.tolist())
         self.timings.draft_s += t1 - t0
         self.timings.verify_s += t2 - t1
         self.timings.steps += 1

@@ -98,6 +98,7 @@ def _replay(drafter: Drafter, seqs: dict[int, list[int]], contexts: dict[int, Dr
         t0 = time.perf_counter()
         drafts = drafter.propose([contexts[i] for i in active], [len(seqs[i]) - pos[i] for i in active])
         tally.draft_seconds += time.perf_counter() - t0
+        taken = []
         for i, draft in zip(active, drafts):
             seq, p = seqs[i], pos[i]
             n = 0
@@ -107,4 +108,6 @@ def _replay(drafter: Drafter, seqs: dict[int, list[int]], contexts: dict[int, Dr
             contexts[i].extend(seq[p : p + advance])
             pos[i] = p + advance
             tally.record(i, len(draft), n)
+            taken.append(n)
+        drafter.observe(taken)  # as the engine does after each verification pass
         active = [i for i in active if pos[i] < len(seqs[i])]

@@ -1,0 +1,56 @@
+"""AcceptanceCalibration and the drafter's use of it: raw scores corrected by what verification accepted."""
+
+from __future__ import annotations
+
+from tasc_ray.spec.calibration import AcceptanceCalibration
+from tasc_ray.spec.config import DrafterConfig, DraftMode
+from tasc_ray.spec.draft_length import StepCostTable
+from tasc_ray.spec.drafter import Drafter
+from tasc_ray.spec.generator import SamplingParams, SpeculativeGenerator
+
+
+def test_calibration_moves_from_the_raw_factor_to_the_measured_share():
+    cal = AcceptanceCalibration(bins=10, prior=8.0)
+    assert cal(0.85) == 0.85 and cal.path([0.9, 0.45]) == [0.9, 0.45]  # no evidence: the raw scores
+    for _ in range(200):
+        cal.observe([0.85, 0.425], 0)  # first factor 0.85, always rejected; the second token is never tried
+    assert cal(0.85) < 0.05 and cal(0.5) == 0.5  # the untried factor's bin is untouched
+    for _ in range(200):
+        cal.observe([0.35, 0.35 * 0.55], 2)  # factors 0.35 and 0.55, both accepted
+    assert cal(0.35) > 0.95 and cal(0.55) > 0.95
+    path = cal.path([0.35, 0.35 * 0.85])  # a likely first token, then an unlikely second one
+    assert path[0] > 0.95 and path[1] == path[0] * cal(0.85) < 0.05
+    assert cal.table()[8]["trials"] == 200 and cal.table()[8]["accepted_share"] == 0.0
+
+
+class ConfidentlyWrongDrafter(Drafter):
+    """Claims 0.9 for every draft token and is always wrong: calibration must learn to stop verifying drafts."""
+
+    def __init__(self, calibrate: bool) -> None:
+        super().__init__(None, DrafterConfig(mode=DraftMode.CONTEXT, calibrate=calibrate))
+
+    def _mix(self, corpus, context):
+        return 3, 0.97  # token 3, claimed almost sure
+
+
+class FixedCosts(StepCostTable):
+    """A CPU-like cost table that the tiny model's own (nearly flat) timings do not overwrite."""
+
+    def observe(self, rows, q, seconds):
+        pass
+
+
+def test_a_drafter_whose_drafts_fail_stops_drafting(tiny_model, tiny_tokenizer):
+    costs = FixedCosts()
+    for q in (1, 2, 4, 8):  # a CPU-like cost: a second query token costs 40% more
+        costs.set(1, q, 1.0 + 0.4 * (q > 1) + 0.02 * q)
+    results = {}
+    for calibrate in (False, True):
+        gen = SpeculativeGenerator(tiny_model, tiny_tokenizer, ConfidentlyWrongDrafter(calibrate))
+        gen.step_cost = costs
+        gen.eos_ids = set()
+        results[calibrate] = gen.generate([[5, 6, 7]], SamplingParams(max_new_tokens=80))[0]
+    assert results[True].token_ids == results[False].token_ids  # lossless either way
+    raw, calibrated = results[False].stats.drafted, results[True].stats.drafted
+    assert raw > 300  # raw scores keep paying for rejected drafts, pass after pass
+    assert calibrated < raw / 3  # calibrated: a dozen passes to learn, then plain steps
