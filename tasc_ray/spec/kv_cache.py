@@ -1,5 +1,5 @@
 """The KV cache around the generator's batch: the attention mask over its slots, dropping rows, compacting masked
-slots away, and the shared prompt-prefix cache.
+slots away, and the prompt-prefix cache (a few prefixes, least recently used evicted).
 
 Rows of a batch share one DynamicCache whose slots are masked per row (`valid` [B, S]): left padding of the
 prompts and the slots of rejected draft tokens are masked out, never recomputed.
@@ -7,6 +7,7 @@ prompts and the slots of rejected draft tokens are masked out, never recomputed.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -68,34 +69,51 @@ class PrefixKV:
 
 
 class PrefixCache:
-    """The longest prompt prefix a batch shares (a few-shot template, a system prompt), prefilled once and kept
-    for later batches while they share it. A batch of one prompt (an online request) is compared with the
-    previous batch's first prompt, so consecutive requests with one system prompt share its prefill."""
+    """Prompt prefixes worth sharing (a few-shot template, a system prompt), each prefilled once and kept, up to
+    `capacity` of them, least recently used evicted first. A prefix is found as the longest one shared by the rows
+    admitted together, or, for a row admitted alone (an online request), shared with one of the last prompts."""
 
-    def __init__(self, min_tokens: int) -> None:
-        """`min_tokens`: the shortest prefix worth caching (0 turns the cache off)."""
-        self.min_tokens = min_tokens
-        self.kept: PrefixKV | None = None
-        self.last_prompt: list[int] | None = None
+    def __init__(self, min_tokens: int, capacity: int = 4) -> None:
+        """`min_tokens`: the shortest prefix worth caching (0 turns the cache off); `capacity`: prefixes kept."""
+        self.min_tokens, self.capacity = min_tokens, capacity
+        self.entries: list[PrefixKV] = []  # most recently used first
+        self.recent: deque[list[int]] = deque(maxlen=max(1, capacity))
 
     def lookup(self, prompts: list[list[int]], prefill: Callable[[list[int]], PrefixKV]) -> PrefixKV | None:
-        """The prefix every prompt shares (each keeps at least one token to prefill), reusing the kept one when
-        it still applies and calling `prefill(tokens)` otherwise; None when shorter than `min_tokens`."""
+        """The longest kept prefix every prompt starts with (each keeps at least one token to prefill), or a new
+        one found among the prompts and recent prompts and prefilled with `prefill(tokens)`; None when no
+        prefix of at least `min_tokens` tokens is shared."""
         if self.min_tokens <= 0:
             return None
         limit = min(len(p) for p in prompts) - 1
-        last, self.last_prompt = self.last_prompt, prompts[0]
-        if self.kept is not None:
-            n = min(common_prefix_length([list(self.kept.tokens), *prompts]), limit)
-            if n >= self.min_tokens:
-                if n < len(self.kept.tokens):
-                    self.kept = self.kept.cut(n)
-                return self.kept
-        group = prompts if len(prompts) > 1 else [p for p in (last, prompts[0]) if p is not None]
-        if len(group) < 2:
+        found = self._kept(prompts, limit)
+        if found is None:
+            found = self._discover(prompts, limit, prefill)
+        self.recent.appendleft(prompts[0])
+        return found
+
+    def _kept(self, prompts: list[list[int]], limit: int) -> PrefixKV | None:
+        best, best_n = None, 0
+        for entry in self.entries:
+            n = min(common_prefix_length([list(entry.tokens), *prompts]), limit)
+            if n >= self.min_tokens and n > best_n:
+                best, best_n = entry, n
+        if best is None:
             return None
-        n = min(common_prefix_length(group), limit)
+        self.entries.remove(best)
+        self.entries.insert(0, best)
+        return best if best_n == len(best.tokens) else best.cut(best_n)
+
+    def _discover(
+        self, prompts: list[list[int]], limit: int, prefill: Callable[[list[int]], PrefixKV]
+    ) -> PrefixKV | None:
+        if len(prompts) > 1:
+            n = min(common_prefix_length(prompts), limit)
+        else:
+            n = max((min(common_prefix_length([prompts[0], r]), limit) for r in self.recent), default=0)
         if n < self.min_tokens:
             return None
-        self.kept = prefill(prompts[0][:n])
-        return self.kept
+        entry = prefill(prompts[0][:n])
+        self.entries.insert(0, entry)
+        del self.entries[self.capacity :]
+        return entry

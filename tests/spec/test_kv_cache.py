@@ -72,3 +72,22 @@ def test_prefix_cache_single_prompts_compare_with_the_previous_call_and_respect_
     assert found is not None and found.tokens == (1, 2, 3, 4)
     assert PrefixCache(min_tokens=3).lookup([[1, 2, 9], [1, 2, 8]], _prefill_counter(calls)) is None  # too short
     assert PrefixCache(min_tokens=0).lookup([[1] * 20, [1] * 20], _prefill_counter(calls)) is None  # turned off
+
+
+def test_prefix_cache_keeps_several_prefixes_and_evicts_the_least_recently_used():
+    """Rows of two tasks admitted in turn (continuous batching mixes them): each task's template is prefilled
+    once, not every time the other task's rows come in between."""
+    calls: list[list[int]] = []
+    cache = PrefixCache(min_tokens=3, capacity=2)
+    a, b, c = [1] * 6, [2] * 6, [3] * 6
+    prefill = _prefill_counter(calls)
+    for _ in range(3):
+        for header in (a, b):
+            cache.lookup([header + [5], header + [6]], prefill)
+    assert calls == [a, b]
+    single = cache.lookup([a + [4]], prefill)  # one row alone finds its template among the kept ones
+    assert single is not None and single.tokens == tuple(a) and len(calls) == 2
+    cache.lookup([c + [5], c + [6]], prefill)  # a third template evicts the least recently used (b)
+    assert [e.tokens for e in cache.entries] == [tuple(c), tuple(a)]
+    cache.lookup([b + [7], b + [8]], prefill)
+    assert calls == [a, b, c, b]
