@@ -279,3 +279,44 @@ def test_null_in_a_template_column_is_a_row_error(engine, task_rows, reference):
         assert out[null_id]["error"].startswith("LabelError") and repr(column) in out[null_id]["error"]
         for r in rows[:2]:
             assert out[r["id"]]["error"] is None and out[r["id"]]["output"] == reference[r["id"]]
+
+
+def test_a_label_actor_killed_mid_run_loses_and_duplicates_nothing(ray_cluster, tmp_path, task_rows, engine, reference):
+    """kill -9 of a label actor while the job runs: Ray Data restarts it and retries its batch; the job ends
+    complete with every row exactly once and each output the engine's own."""
+    import threading
+
+    import ray
+
+    def label_actor_pids() -> list[int]:  # Ray Data runs the stage's actors as its map workers
+        actors = ray._private.state.actors().values()
+        names = ("LabelActor", "MapWorker")
+        return [a["Pid"] for a in actors if a["State"] == "ALIVE" and any(n in a["ActorClassName"] for n in names)]
+
+    rows = _rows(task_rows, 40, bad=False)
+    src = tmp_path / "prompts.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), src)
+    out = tmp_path / "labels"
+    summary: dict = {}
+
+    def run() -> None:
+        kwargs = dict(max_new_tokens=MAX_NEW, stop=STOP, batch_size=2, rows_per_part=4)
+        summary.update(label_parquet(str(src), str(out), engine, **kwargs))
+
+    job = threading.Thread(target=run)
+    job.start()
+    killed = None
+    deadline = time.time() + 180
+    while killed is None and job.is_alive() and time.time() < deadline:
+        staged = out / "_staging"
+        started = staged.exists() and any(p.suffix == ".parquet" for p in staged.rglob("*"))
+        pids = label_actor_pids()
+        if started and pids:
+            killed = pids[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    job.join(timeout=300)
+    assert killed is not None, "the job ended before an actor could be killed"
+    assert summary["complete"] and summary["rows_labeled"] == 40 and summary["errors"] == 0, summary
+    table = _check_output(str(out), rows, reference)
+    assert sorted(table.column("id").to_pylist()) == sorted(r["id"] for r in rows)  # each row exactly once
