@@ -298,25 +298,34 @@ def test_a_label_actor_killed_mid_run_loses_and_duplicates_nothing(ray_cluster, 
     pq.write_table(pa.Table.from_pylist(rows), src)
     out = tmp_path / "labels"
     summary: dict = {}
+    failures: list[BaseException] = []
 
     def run() -> None:
-        kwargs = dict(max_new_tokens=MAX_NEW, stop=STOP, batch_size=2, rows_per_part=4)
-        summary.update(label_parquet(str(src), str(out), engine, **kwargs))
+        kwargs = dict(max_new_tokens=MAX_NEW, stop=STOP, batch_size=1, rows_per_part=2)  # 10 calls of 4 rows
+        try:
+            summary.update(label_parquet(str(src), str(out), engine, **kwargs))
+        except BaseException as exc:  # reported below
+            failures.append(exc)
 
     job = threading.Thread(target=run)
     job.start()
     killed = None
+    first_seen: float | None = None
     deadline = time.time() + 180
     while killed is None and job.is_alive() and time.time() < deadline:
         staged = out / "_staging"
         started = staged.exists() and any(p.suffix == ".parquet" for p in staged.rglob("*"))
         pids = label_actor_pids()
-        if started and pids:
+        if pids and first_seen is None:
+            first_seen = time.time()
+        # kill once the actor has written a part, or has been up long enough to be decoding its first batch
+        if pids and (started or time.time() - first_seen > 2.0):
             killed = pids[0]
             os.kill(killed, signal.SIGKILL)
-        time.sleep(0.05)
+        time.sleep(0.02)
     job.join(timeout=300)
-    assert killed is not None, "the job ended before an actor could be killed"
+    assert not failures, failures
+    assert killed is not None, f"the job ended before an actor could be killed: {summary}"
     assert summary["complete"] and summary["rows_labeled"] == 40 and summary["errors"] == 0, summary
     table = _check_output(str(out), rows, reference)
     assert sorted(table.column("id").to_pylist()) == sorted(r["id"] for r in rows)  # each row exactly once
