@@ -5,22 +5,12 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
+from test_generator import reference_greedy  # tests/spec is on sys.path under pytest
 
 from tasc_ray.spec.config import DrafterConfig, DraftMode
 from tasc_ray.spec.drafter import Drafter
 from tasc_ray.spec.generator import SamplingParams, SpeculativeGenerator
 from tasc_ray.spec.request import Request
-
-
-def reference_greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:
-    out = model.generate(
-        torch.tensor([ids]),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-    )
-    return out[0, len(ids) :].tolist()
 
 
 class RepeatDrafter(Drafter):
