@@ -38,14 +38,13 @@ logger = logging.getLogger(__name__)
 
 
 class Replica:
-    """The replica's state: the generator and its engine loop, the request-side tokenizer, the index in use."""
+    """The replica's state: the generator and its engine loop, the request log, the index in use."""
 
     def __init__(self, config: ServeConfig, metrics: ServeMetrics) -> None:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         t0 = time.perf_counter()
         self.generator: SpeculativeGenerator = load_engine(config.engine)
-        self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(config.engine.model)  # the event loop's own
         self.metrics = metrics
         self.model_name = config.served_model_name
         self.loop = EngineLoop(self.generator, max_rows=config.engine.max_batch_size)
@@ -54,7 +53,9 @@ class Replica:
         self.drafter_config = config.engine.drafter
         self.replica_id = uuid.uuid4().hex[:12]
         self.request_log: RequestLog | None = None
+        self.log_tokenizer: PreTrainedTokenizerBase | None = None  # the event loop's own, for logged prompts
         if config.log_dir:
+            self.log_tokenizer = load_tokenizer(config.engine.model)
             self.request_log = RequestLog(config.log_dir, self.replica_id, config.log_max_rows, config.log_max_seconds)
         logger.info(
             "replica %s: model %s (index %s) loaded in %.1f s",
@@ -77,14 +78,14 @@ class Replica:
         `on_tokens` runs on the decode thread. A finished row goes to the request log, if there is one."""
         request = Request.new(prompt_ids, params, row, on_tokens, on_finish=self._finished)
         result = await self.loop.submit_async(request)
-        if self.request_log is not None and result.finish_reason != "cancelled":
+        if self.request_log is not None and self.log_tokenizer is not None and result.finish_reason != "cancelled":
             self.request_log.record(
                 LoggedRequest(
                     request_id=request_id,
                     row=row,
                     created=time.time(),
                     model=self.model_name,
-                    prompt=self.tokenizer.decode(prompt_ids),
+                    prompt=self.log_tokenizer.decode(prompt_ids),
                     output=result.text,
                     finish_reason=result.finish_reason,
                     prompt_tokens=result.prompt_tokens,

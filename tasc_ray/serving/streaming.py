@@ -1,6 +1,6 @@
 """A streamed request: every prompt's row joins the engine loop, its tokens come back as server-sent events.
 
-The engine's per-row token callback runs on the decode thread; it hands the tokens to the event loop through an
+Each row's token callback (fed by the engine deployment's stream) hands the tokens to the event loop through an
 asyncio queue, where `TextStream` turns them into text no later token can change. The stream ends with a usage
 chunk (when asked for) and `data: [DONE]`; a failed prompt sends an error event in its place. When the client
 goes away the generator is closed, and its rows are cancelled: they leave the engine at its next step.
@@ -27,7 +27,7 @@ def _start(submit: Submit, prompts: list[list[int]], events: asyncio.Queue[Event
     """Submit every prompt; its tokens and then its result (or exception) arrive in `events`."""
     loop = asyncio.get_running_loop()
 
-    def on_tokens(i: int) -> Callable[[list[int]], None]:  # called on the decode thread
+    def on_tokens(i: int) -> Callable[[list[int]], None]:  # may be called from another thread
         return lambda ids: loop.call_soon_threadsafe(events.put_nowait, ("tokens", i, list(ids)))
 
     async def run(i: int, ids: list[int]) -> None:
@@ -47,7 +47,7 @@ async def stream_events(
     params: SamplingParams,
     submit: Submit,
     include_usage: bool,
-    to_error: Callable[[BaseException], APIError] | None = None,
+    to_error: Callable[[BaseException], APIError],
 ) -> AsyncIterator[str]:
     """Start every prompt's decode and yield OpenAI stream chunks as tokens arrive, then `data: [DONE]`; a row
     that fails sends an error event in its place (`to_error` turns its exception into the OpenAI error)."""
@@ -68,11 +68,7 @@ async def stream_events(
                 continue
             pending -= 1
             if isinstance(payload, Exception):
-                if to_error is not None:
-                    err = to_error(payload)
-                else:
-                    err = payload if isinstance(payload, APIError) else APIError(500, str(payload), type="server_error")
-                yield sse(err.body())
+                yield sse(to_error(payload).body())
                 continue
             results.append(payload)
             yield sse(render.final(i, streams[i].finish(payload.text), payload.finish_reason))

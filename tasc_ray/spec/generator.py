@@ -162,10 +162,7 @@ class SpeculativeGenerator:
     ) -> Request:
         """A checked request for `prompt` (text, chat messages or token ids), ready for a Scheduler or an
         EngineLoop. `row` tells apart the sampling seeds of several rows of one seeded call."""
-        params = params or SamplingParams()
-        if params.max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be positive, got {params.max_new_tokens}")
-        return Request.new(self.encode(prompt), params, row, on_tokens, on_finish)
+        return Request.new(self.encode(prompt), params or SamplingParams(), row, on_tokens, on_finish)
 
     def scheduler(self, max_rows: int | None = None, static: bool | None = None) -> Scheduler:
         """A scheduler decoding with this generator (one per thread: the generator holds no batch itself);

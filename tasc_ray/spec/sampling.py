@@ -103,7 +103,12 @@ def row_seed(seed: int | None, row: int = 0) -> int:
     """The sampling seed of row `row` of a request seeded with `seed` (a random one when None)."""
     if seed is None:
         return random.getrandbits(63)
-    return hash((seed, row)) & (2**63 - 1)
+    return _derived_seed(seed, row)
+
+
+def _derived_seed(seed: int, n: int) -> int:
+    """A 63-bit seed determined by (seed, n) (integer tuples hash the same in every process)."""
+    return hash((seed, n)) & (2**63 - 1)
 
 
 @dataclass
@@ -118,7 +123,7 @@ class RowSampler:
         probs = torch.softmax(self.warpers(None, logits), dim=-1)
         tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
         for j in range(logits.shape[0]):
-            draw = torch.Generator(logits.device).manual_seed(hash((self.seed, first_position + j)) & (2**63 - 1))
+            draw = torch.Generator(logits.device).manual_seed(_derived_seed(self.seed, first_position + j))
             tokens[j] = torch.multinomial(probs[j], 1, generator=draw)[0]
         return tokens
 
