@@ -65,10 +65,16 @@ class EngineConfig(BaseModel):
         description="continuous: waiting rows join the running batch between steps; static: fixed batches that "
         "each run to their longest row (the engine before continuous batching, kept for comparison)",
     )
+    fast_forward: bool = Field(
+        True,
+        description="decode Llama-family models (Llama, Mistral, Qwen2) with the engine's lean forward: fused "
+        "products on packed weights, padding skipped, keys and values appended in place; checked against the "
+        "model's own forward at start-up, which other models (and a failed check) keep",
+    )
     packed_linear: bool = Field(
         True,
-        description="run linear layers on oneDNN-packed weights (float32 on CPU; elsewhere a no-op): faster "
-        "small products, results within float rounding of eager",
+        description="where the fast forward does not apply, run linear layers on oneDNN-packed weights (float32 "
+        "on CPU; elsewhere a no-op): faster small products, results within float rounding of eager",
     )
     profile_step_costs: bool = Field(
         True,

@@ -1,8 +1,11 @@
 """How many draft tokens to verify: the expected tokens per second of a pass, from the measured cost of passes.
 
 `StepCostTable` holds what a verification pass costs by (rows, query tokens per row), measured at start-up and
-refined by the engine's own timings; `best_draft_length` cuts a batch's drafts to the length that maximises
-expected tokens emitted per second (zero, no draft, when no length beats a plain step).
+refined by the engine's own timings. Two ways to cut a batch's drafts so that the expected tokens emitted per
+second is highest (zero, no draft, where nothing beats a plain step): `best_draft_length`, one length for every
+row, where the verifier pads each row to the longest draft (the model's own forward); and `ragged_draft_lengths`,
+a length per row, where padding costs nothing (the fast forward runs only real tokens through its products) and a
+pass costs what its total of query tokens costs.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Sequence
 
-StepCost = Callable[[int, int], float]  # seconds of one verification pass over `rows` rows of `q` query tokens each
+StepCost = Callable[[int, float], float]  # seconds of one verification pass over `rows` rows of `q` query tokens each
 
 
 class StepCostTable:
@@ -42,16 +45,16 @@ class StepCostTable:
         """The measured cells, rows -> {q: seconds}, sorted."""
         return {r: dict(sorted(self.cells[r].items())) for r in sorted(self.cells)}
 
-    def __call__(self, rows: int, q: int) -> float:
-        if q in self.cells.get(rows, {}):
-            return self.cells[rows][q]
+    def __call__(self, rows: int, q: float) -> float:
+        if q == int(q) and int(q) in self.cells.get(rows, {}):
+            return self.cells[rows][int(q)]
         if not self.cells:
             return self._prior(rows, q)
         # Prefer row counts measured around q (the start-up grid) over one seen only at a few other q online.
         covering = sorted(r for r, cells in self.cells.items() if min(cells) <= q <= max(cells))
         return self._across_rows(covering or sorted(self.cells), rows, q)
 
-    def _across_rows(self, measured: list[int], rows: int, q: int) -> float:
+    def _across_rows(self, measured: list[int], rows: int, q: float) -> float:
         k = bisect.bisect_left(measured, rows)
         if k < len(measured) and measured[k] == rows:
             return self._in_row(rows, q)
@@ -62,10 +65,10 @@ class StepCostTable:
         near = measured[min(k, len(measured) - 1)]
         return self._in_row(near, q) * self._prior(rows, q) / self._prior(near, q)
 
-    def _in_row(self, rows: int, q: int) -> float:
+    def _in_row(self, rows: int, q: float) -> float:
         cells = self.cells[rows]
-        if q in cells:
-            return cells[q]
+        if q == int(q) and int(q) in cells:
+            return cells[int(q)]
         qs = sorted(cells)
         k = bisect.bisect_left(qs, q)
         if 0 < k < len(qs):
@@ -74,7 +77,7 @@ class StepCostTable:
         near = qs[min(k, len(qs) - 1)]
         return cells[near] * self._prior(rows, q) / self._prior(rows, near)
 
-    def _prior(self, rows: int, q: int) -> float:
+    def _prior(self, rows: int, q: float) -> float:
         return 1.0 + rows * q / self.prior_tokens
 
 
@@ -94,3 +97,32 @@ def best_draft_length(path_probs: Sequence[Sequence[float]], step_cost: StepCost
         if rate > best_rate:
             best_k, best_rate = k, rate
     return best_k
+
+
+def ragged_draft_lengths(path_probs: Sequence[Sequence[float]], step_cost: StepCost) -> list[int]:
+    """Per-row draft lengths maximising expected tokens per second of one pass whose cost follows its total query
+    tokens: a pass over B rows verifying n draft tokens in all costs step_cost(B, (B + n) / B).
+
+    Every draft slot (row i, depth j) yields q_ij expected tokens, q_ij being the estimated probability that row
+    i's first j + 1 draft tokens are all accepted, and q_ij does not grow with j; so the best n slots are the n most
+    probable ones (each row's slots taken in order), and only n is left to choose, as vLLM's adaptive
+    verification admits slots by survival probability against one budget.
+    """
+    batch = len(path_probs)
+    slots = []
+    for i, probs in enumerate(path_probs):
+        running = 1.0
+        for j, p in enumerate(probs):
+            running = min(running, p)  # survival cannot grow with depth; guards a non-monotone estimate
+            slots.append((-running, j, i))
+    slots.sort()
+    expected, best_n, best_rate = float(batch), 0, batch / step_cost(batch, 1)
+    for n, (neg_p, _, _) in enumerate(slots, start=1):
+        expected -= neg_p
+        rate = expected / step_cost(batch, (batch + n) / batch)
+        if rate > best_rate:
+            best_n, best_rate = n, rate
+    lengths = [0] * batch
+    for _, _, i in slots[:best_n]:
+        lengths[i] += 1
+    return lengths

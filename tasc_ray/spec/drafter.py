@@ -21,7 +21,7 @@ import numpy as np
 
 from tasc_ray.spec.calibration import AcceptanceCalibration
 from tasc_ray.spec.config import DrafterConfig, DraftMode
-from tasc_ray.spec.draft_length import StepCost, best_draft_length
+from tasc_ray.spec.draft_length import StepCost, best_draft_length, ragged_draft_lengths
 from tasc_ray.spec.index import Match, NgramIndex
 
 logger = logging.getLogger(__name__)
@@ -78,10 +78,12 @@ class Drafter:
         rows: Sequence[DraftContext | None],
         limits: Sequence[int] | None = None,
         step_cost: StepCost | None = None,
+        ragged: bool = False,
     ) -> list[list[int]]:
         """Draft up to min(max_draft, limits[i]) tokens for each row (none for a row without a context: it does
-        not speculate); with `step_cost`, cut all drafts to the common length that maximises expected tokens
-        per second of the batched verification pass."""
+        not speculate); with `step_cost`, cut the drafts where expected tokens per second of the batched
+        verification pass is highest: each row to its own length where the verifier does not pad rows to the
+        longest draft (`ragged`), else all to one length."""
         k = self.config.max_draft
         limits = [k] * len(rows) if limits is None else [min(k, lim) for lim in limits]
         limits = [lim if row is not None else 0 for row, lim in zip(rows, limits)]
@@ -113,8 +115,11 @@ class Drafter:
             active = still_active
         scores = [self.calibration.path(p) for p in path_probs] if self.config.calibrate else path_probs
         if step_cost is not None and drafts:
-            length = best_draft_length(scores, step_cost)
-            drafts = [d[:length] for d in drafts]
+            if ragged:
+                drafts = [d[:n] for d, n in zip(drafts, ragged_draft_lengths(scores, step_cost))]
+            else:
+                length = best_draft_length(scores, step_cost)
+                drafts = [d[:length] for d in drafts]
         self._proposed = [p[: len(d)] for p, d in zip(path_probs, drafts)]
         return drafts
 

@@ -8,6 +8,7 @@ import time
 from tasc_ray.models import load_model
 from tasc_ray.spec.config import EngineConfig
 from tasc_ray.spec.drafter import build_drafter
+from tasc_ray.spec.fast_forward import unsupported_reason
 from tasc_ray.spec.generator import SpeculativeGenerator
 from tasc_ray.spec.index import NgramIndex
 from tasc_ray.spec.packed_linear import pack_linear_layers
@@ -20,13 +21,19 @@ logger = logging.getLogger(__name__)
 def load_engine(config: EngineConfig, index: NgramIndex | None = None) -> SpeculativeGenerator:
     """Load the model (and the index, unless given) and build the generator; refuses a mismatched index."""
     model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
-    if config.packed_linear:
+    fast = config.fast_forward and unsupported_reason(model) is None
+    if config.packed_linear and not fast:
         pack_linear_layers(model)
     if index is None and config.index:
         index = NgramIndex.load(config.index)
     drafter = build_drafter(index, config.drafter)
     generator = SpeculativeGenerator(
-        model, tokenizer, drafter, max_batch_size=config.max_batch_size, static_batches=config.scheduling == "static"
+        model,
+        tokenizer,
+        drafter,
+        max_batch_size=config.max_batch_size,
+        static_batches=config.scheduling == "static",
+        fast_forward=config.fast_forward,
     )
     if config.profile_step_costs:
         t0 = time.perf_counter()

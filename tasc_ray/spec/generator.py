@@ -29,6 +29,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from tasc_ray.spec.draft_length import StepCostTable
 from tasc_ray.spec.drafter import Drafter
+from tasc_ray.spec.fast_forward import build_fast_forward
 from tasc_ray.spec.kv_cache import PrefixCache, PrefixKV, attention_mask, compact, select_rows
 from tasc_ray.spec.prompts import Prompt, PromptError, PromptTooLongError, encode_prompt
 from tasc_ray.spec.request import GenerationResult, Request, RowStats, TokenCallback
@@ -127,9 +128,11 @@ class SpeculativeGenerator:
         compact_waste: float = 0.5,
         prefix_cache_min_tokens: int = 16,
         static_batches: bool = False,
+        fast_forward: bool = True,
     ) -> None:
         """`prefix_cache_min_tokens`: the shortest shared prompt prefix worth caching (0 turns the cache off);
-        `static_batches`: schedulers default to fixed batches (see Scheduler)."""
+        `static_batches`: schedulers default to fixed batches (see Scheduler); `fast_forward`: run the lean
+        forward of fast_forward.py where it applies to the model (else, and without it, the model's own)."""
         self.model, self.tokenizer, self.drafter = model, tokenizer, drafter
         self.max_batch_size, self.compact_waste = max_batch_size, compact_waste
         self.static_batches = static_batches
@@ -146,6 +149,7 @@ class SpeculativeGenerator:
         forward_params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
         self._can_keep_last = "logits_to_keep" in forward_params
+        self.fast_forward = build_fast_forward(model) if fast_forward else None
 
     # ----- public API -----
     def encode(self, prompt: Prompt) -> list[int]:
@@ -331,7 +335,7 @@ class SpeculativeGenerator:
         self.timings.draft_s += t1 - t0
         self.timings.verify_s += t2 - t1
         self.timings.steps += 1
-        self.step_cost.observe(len(drafts), max(len(d) for d in drafts) + 1, t2 - t1)
+        self.step_cost.observe(len(drafts), self._query_tokens(drafts), t2 - t1)
         done = []
         bonuses = batch.pending.tolist()  # the target's own token after each row's accepted draft
         for i, (row, draft, n, bonus) in enumerate(zip(batch.rows, drafts, n_accepted.tolist(), bonuses)):
@@ -342,12 +346,20 @@ class SpeculativeGenerator:
             done.append(self._emit(row, draft[:n] + [bonus], row_logprobs[: n + 1] if row_logprobs else None))
         return done
 
+    def _query_tokens(self, drafts: list[list[int]]) -> int:
+        """The q of the step-cost cell a verification pass over these drafts measures: the padded width, or, where
+        the fast forward skips padding, the mean query tokens per row (rounded)."""
+        if self.fast_forward is None:
+            return max(len(d) for d in drafts) + 1
+        return max(1, round(sum(len(d) + 1 for d in drafts) / len(drafts)))
+
     def _propose(self, rows: list[Request]) -> list[list[int]]:
         """Drafts of the speculating rows (the others draft nothing), cut to a length the step costs justify."""
         if self.drafter is None or all(r.draft_context is None for r in rows):
             return [[] for _ in rows]
         limits = [r.max_new - len(r.generated) - 1 for r in rows]  # the step also emits the target's own token
-        return self.drafter.propose([r.draft_context for r in rows], limits, self.step_cost)
+        ragged = self.fast_forward is not None  # its products skip padding: rows may draft different lengths
+        return self.drafter.propose([r.draft_context for r in rows], limits, self.step_cost, ragged)
 
     def _verify(self, batch: _Batch, drafts: list[list[int]]) -> tuple[torch.Tensor, dict[int, list[TokenLogprob]]]:
         """Run [pending token + draft] of every row (padded to the longest draft) through the model; keep the
@@ -393,6 +405,8 @@ class SpeculativeGenerator:
     ) -> torch.Tensor:
         """Logits for `ids` (only the last position's with `last_only`), which occupy the last ids.shape[1] slots
         of `valid` (the mask over all cache slots)."""
+        if self.fast_forward is not None:
+            return self.fast_forward(ids, valid, positions, cache, last_only)
         mask = attention_mask(valid, ids.shape[1], self.model.dtype)
         extra = {"logits_to_keep": 1} if last_only and self._can_keep_last else {}
         out = self.model(

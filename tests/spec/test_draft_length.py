@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasc_ray.spec.draft_length import StepCostTable, best_draft_length
+from tasc_ray.spec.draft_length import StepCostTable, best_draft_length, ragged_draft_lengths
 
 
 def test_best_draft_length_trades_acceptance_for_cost():
@@ -51,3 +51,18 @@ def test_profile_fills_the_table(tiny_model, tiny_tokenizer):
     assert list(table) == [1, 4] and all(list(cells) == [1, 2, 4] for cells in table.values())
     assert all(s > 0 for cells in table.values() for s in cells.values())
     assert generator.step_cost(4, 2) == table[4][2]
+
+
+def test_ragged_lengths_give_each_row_its_own_draft():
+    strong, weak = [0.95, 0.9, 0.85, 0.8, 0.75], [0.1, 0.05]
+    per_token = lambda rows, q: 1.0 + rows * q / 40  # noqa: E731  (cost follows total query tokens)
+    lengths = ragged_draft_lengths([strong, weak, strong, []], per_token)
+    assert lengths == [5, 0, 5, 0]
+    assert ragged_draft_lengths([strong, weak], lambda rows, q: 1.0) == [5, 2]  # free verification: everything
+    assert ragged_draft_lengths([strong, weak], lambda rows, q: rows * q) == [0, 0]  # per-token cost: nothing
+
+
+def test_ragged_lengths_take_the_most_probable_slots_in_row_order():
+    # A non-monotone estimate is read as its running minimum: a row's later slot never outranks an earlier one.
+    lengths = ragged_draft_lengths([[0.5, 0.9], [0.6]], lambda rows, q: 1.0 + 0.27 * (q - 1) * rows)
+    assert lengths == [0, 1]

@@ -28,7 +28,7 @@ class OracleDrafter(Drafter):
         state.extend(prompt_ids)
         return state
 
-    def propose(self, rows, limits=None, step_cost=None):
+    def propose(self, rows, limits=None, step_cost=None, ragged=False):
         drafts = []
         for row, limit in zip(rows, limits):
             truth = self.truths[row.prompt]

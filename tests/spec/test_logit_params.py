@@ -14,7 +14,7 @@ from tasc_ray.spec.sampling import adjust_logits
 class RepeatDrafter(Drafter):
     """Drafts the row's last three tokens again: often wrong, never empty."""
 
-    def propose(self, rows, limits=None, step_cost=None):
+    def propose(self, rows, limits=None, step_cost=None, ragged=False):
         return [[] if row is None else row.tokens[-3:][: max(0, lim)] for row, lim in zip(rows, limits)]
 
 
@@ -26,7 +26,7 @@ class OracleDrafter(Drafter):
         super().__init__(None, DrafterConfig(mode=DraftMode.CONTEXT))
         self.truths = truths
 
-    def propose(self, rows, limits=None, step_cost=None):
+    def propose(self, rows, limits=None, step_cost=None, ragged=False):
         drafts = []
         for row, lim in zip(rows, limits):
             truth = next(t for p, t in self.truths.items() if tuple(row.tokens[: len(p)]) == p)
