@@ -35,6 +35,7 @@ from tasc_ray.cli.args import add_config_arguments, add_model_argument, config_f
 from tasc_ray.models import load_model
 from tasc_ray.spec.config import DrafterConfig, DraftMode
 from tasc_ray.spec.drafter import Drafter
+from tasc_ray.spec.fast_forward import FastForward, build_fast_forward
 from tasc_ray.spec.generator import GenerationResult, SamplingParams, SpeculativeGenerator
 from tasc_ray.spec.index import DEFAULT_MAX_ORDER, NgramIndex, tokenizer_fingerprint
 from tasc_ray.spec.packed_linear import pack_linear_layers
@@ -81,11 +82,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None)
     p.add_argument(
-        "--packed-linear",
+        "--fast-forward",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="the engine's linear layers on oneDNN-packed weights, as load_engine does (transformers' methods run "
-        "a pristine copy of the model)",
+        help="the engine's lean forward (fast_forward.py), as load_engine does; without it, the model's own "
+        "forward on oneDNN-packed linear layers (transformers' methods always run a pristine copy of the model)",
     )
     p.add_argument("--seed", type=int, default=0, help="which prompts are drawn")
     p.add_argument("--cache-dir", default="benchmarks/cache", help="where model-output corpora are cached")
@@ -109,9 +110,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     hf_model = model  # transformers' own methods run the model as loaded
-    if args.packed_linear:  # as load_engine does; transformers' methods keep a pristine copy
+    fast = build_fast_forward(model) if args.fast_forward else None
+    if fast is None:  # as load_engine does; transformers' methods keep a pristine copy
         hf_model, _ = load_model(args.model, dtype=args.dtype, device=args.device)
         pack_linear_layers(model)
+    engine_forward: FastForward | bool = fast if fast is not None else False
     tasks = args.task or list(BUILTIN_TASKS)
     report: dict[str, Any] = {
         "model": args.model,
@@ -122,8 +125,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "config": {k: v for k, v in vars(args).items() if k not in ("handler", "json")},
         "runs": [],
         "simulated": [],
-        "packed_linear": args.packed_linear,
-        "cost_table": cost_table(model, tokenizer, max(batch_sizes)),
+        "forward": f"fast ({fast.mode} products)" if fast is not None else "model's own, oneDNN-packed linear layers",
+        "cost_table": cost_table(model, tokenizer, max(batch_sizes), engine_forward),
     }
     for task_name in tasks:
         task = (
@@ -133,11 +136,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         corpora = {"reference": task.corpus}
         if args.corpus_from_model:
-            corpora["model"] = model_outputs(model, tokenizer, task, args)
+            corpora["model"] = model_outputs(model, tokenizer, task, args, engine_forward)
         indexes = {
             kind: NgramIndex.from_texts(texts, tokenizer, args.max_order) for kind, texts in corpora.items() if texts
         }
-        report["runs"] += bench_task((model, hf_model), tokenizer, task, indexes, methods, batch_sizes, args)
+        models = (model, hf_model, engine_forward)
+        report["runs"] += bench_task(models, tokenizer, task, indexes, methods, batch_sizes, args)
         report["simulated"] += simulate_task(task, indexes, tokenizer, args)
     if args.json_path:
         write_spec_report(report, Path(args.json_path))
@@ -146,7 +150,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def bench_task(
-    models: tuple[Any, Any],
+    models: tuple[Any, Any, FastForward | bool],
     tokenizer,
     task: Task,
     indexes: dict[str, NgramIndex],
@@ -154,12 +158,13 @@ def bench_task(
     batch_sizes: list[int],
     args: argparse.Namespace,
 ) -> list[dict[str, Any]]:
-    """Every method on the task's prompts at every batch size; `models` is (the engine's, transformers' own)."""
-    model, hf_model = models
+    """Every method on the task's prompts at every batch size; `models` is (the engine's model, transformers'
+    own, the engine's fast forward or False)."""
+    model, hf_model, forward = models
     params = SamplingParams(max_new_tokens=args.max_new_tokens, stop=task.stop)
     runs = []
     for batch_size in batch_sizes:
-        plain_gen = SpeculativeGenerator(model, tokenizer, None, max_batch_size=batch_size)
+        plain_gen = SpeculativeGenerator(model, tokenizer, None, max_batch_size=batch_size, fast_forward=forward)
         plain_gen.generate(task.prompts[:batch_size], SamplingParams(max_new_tokens=4))  # warm-up
         plain_gen.profile_step_costs()  # as load_engine does at start-up; every TASC generator starts from it
         plain = measure_engine(plain_gen, task.prompts, params)
@@ -177,8 +182,9 @@ def bench_task(
                     measured = measure_hf_lookup(hf_model, tokenizer, task.prompts, params)
                 else:
                     config = config_from_args(DrafterConfig, args, mode=MODES[method])
+                    drafter = Drafter(index, config)
                     generator = SpeculativeGenerator(
-                        model, tokenizer, Drafter(index, config), max_batch_size=batch_size
+                        model, tokenizer, drafter, max_batch_size=batch_size, fast_forward=forward
                     )
                     generator.step_cost = copy.deepcopy(plain_gen.step_cost)
                     measured = measure_engine(generator, task.prompts, params)
@@ -190,10 +196,10 @@ COST_QUERIES = (1, 2, 4, 6, 9, 16, 32)
 COST_CONTEXT = 600
 
 
-def cost_table(model, tokenizer, max_batch: int) -> dict[str, Any]:
+def cost_table(model, tokenizer, max_batch: int, forward: FastForward | bool) -> dict[str, Any]:
     """Milliseconds of one forward pass by rows (1 and the largest batch) and query tokens per row, over a
     600-token KV cache (median of 5): what a verification pass costs against a plain step (q = 1)."""
-    generator = SpeculativeGenerator(model, tokenizer, None, max_batch_size=max_batch)
+    generator = SpeculativeGenerator(model, tokenizer, None, max_batch_size=max_batch, fast_forward=forward)
     table = generator.profile_step_costs(queries=COST_QUERIES, context=COST_CONTEXT, repeats=5)
     return {
         "context": COST_CONTEXT,
@@ -318,7 +324,9 @@ def simulate_task(
     return out
 
 
-def model_outputs(model, tokenizer, task: Task, args: argparse.Namespace) -> list[str]:
+def model_outputs(
+    model, tokenizer, task: Task, args: argparse.Namespace, forward: FastForward | bool = False
+) -> list[str]:
     """The model's own greedy outputs on N prompts of the disjoint split, cached on disk."""
     prompts = task.corpus_prompts[: args.corpus_from_model]
     key = hashlib.sha256(
@@ -330,7 +338,8 @@ def model_outputs(model, tokenizer, task: Task, args: argparse.Namespace) -> lis
     if path.exists():
         return json.loads(path.read_text())
     # Greedy output is identical with or without drafts, so prompt lookup just makes logging faster.
-    generator = SpeculativeGenerator(model, tokenizer, Drafter(None, DrafterConfig(mode=DraftMode.CONTEXT)))
+    drafter = Drafter(None, DrafterConfig(mode=DraftMode.CONTEXT))
+    generator = SpeculativeGenerator(model, tokenizer, drafter, fast_forward=forward)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, stop=task.stop)
     texts = []
     for i in tqdm(range(0, len(prompts), 64), desc=f"{task.name}: logging model outputs"):

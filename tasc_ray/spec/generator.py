@@ -29,7 +29,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from tasc_ray.spec.draft_length import StepCostTable
 from tasc_ray.spec.drafter import Drafter
-from tasc_ray.spec.fast_forward import build_fast_forward
+from tasc_ray.spec.fast_forward import FastForward, build_fast_forward
 from tasc_ray.spec.kv_cache import PrefixCache, PrefixKV, attention_mask, compact, select_rows
 from tasc_ray.spec.prompts import Prompt, PromptError, PromptTooLongError, encode_prompt
 from tasc_ray.spec.request import GenerationResult, Request, RowStats, TokenCallback
@@ -128,11 +128,13 @@ class SpeculativeGenerator:
         compact_waste: float = 0.5,
         prefix_cache_min_tokens: int = 16,
         static_batches: bool = False,
-        fast_forward: bool = True,
+        fast_forward: bool | FastForward = True,
     ) -> None:
         """`prefix_cache_min_tokens`: the shortest shared prompt prefix worth caching (0 turns the cache off);
         `static_batches`: schedulers default to fixed batches (see Scheduler); `fast_forward`: run the lean
-        forward of fast_forward.py where it applies to the model (else, and without it, the model's own)."""
+        forward of fast_forward.py where it applies to the model (else, and without it, the model's own), or
+        this one (built for the same model: generators can share its weights); it reads the weights once, so
+        a model whose weights change afterwards needs a new generator."""
         self.model, self.tokenizer, self.drafter = model, tokenizer, drafter
         self.max_batch_size, self.compact_waste = max_batch_size, compact_waste
         self.static_batches = static_batches
@@ -149,7 +151,10 @@ class SpeculativeGenerator:
         forward_params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
         self._can_keep_last = "logits_to_keep" in forward_params
-        self.fast_forward = build_fast_forward(model) if fast_forward else None
+        if isinstance(fast_forward, FastForward):
+            self.fast_forward: FastForward | None = fast_forward
+        else:
+            self.fast_forward = build_fast_forward(model) if fast_forward else None
 
     # ----- public API -----
     def encode(self, prompt: Prompt) -> list[int]:

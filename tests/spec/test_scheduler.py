@@ -16,7 +16,7 @@ from tasc_ray.spec.request import Request
 class RepeatDrafter(Drafter):
     """Drafts the row's last three tokens again: often wrong, never empty (the verification path always runs)."""
 
-    def propose(self, rows, limits=None, step_cost=None):
+    def propose(self, rows, limits=None, step_cost=None, ragged=False):
         return [[] if row is None else row.tokens[-3:][: max(0, lim)] for row, lim in zip(rows, limits)]
 
 
