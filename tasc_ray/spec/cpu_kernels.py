@@ -1,11 +1,14 @@
-"""The CPU kernel for decoding's few-row products (kernels/gemv.c): built once per machine, loaded with ctypes.
+"""The CPU kernel for decoding's matrix products (kernels/gemm.c): built once per machine, loaded with ctypes.
 
 The C source ships with the package. The first process that needs it compiles it with the system C compiler
 (`$CC`, else `cc`; -O3 -march=native -fopenmp, about a second) into the cache directory, keyed by the source,
 the compiler and the CPU, so later starts only load it. The library links the same OpenMP runtime as torch
 (libgomp.so.1, already loaded by torch), so its threads are torch's threads. Where there is no compiler, the
-build fails, or the loaded kernel disagrees with torch on a check product, `load_gemv()` returns None, the
+build fails, or the loaded kernel disagrees with torch on a check product, `load_gemm()` returns None, the
 reason is logged once, and callers keep torch's own products.
+
+Weights are packed once (`Gemm.pack`) into the kernel's panel layout: a copy of the weight, like oneDNN's packed
+weights; the model's own parameters are left as they are.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -25,27 +29,47 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels") / "gemv.c"
+SOURCE = Path(__file__).with_name("kernels") / "gemm.c"
+PANEL = 16  # output rows per panel (one AVX-512 register of float32)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 
-class Gemv:
-    """y[M, N] = x[M, K] @ w[N, K]^T + bias for contiguous float32 CPU tensors, on torch's thread count."""
+@dataclass
+class PanelWeight:
+    """A [N, K] weight (and its bias) packed as panels[ceil(N / 16)][K][16], zero-padded to whole panels."""
+
+    panels: torch.Tensor
+    bias: torch.Tensor | None
+    out_features: int
+    in_features: int
+
+
+class Gemm:
+    """y[M, N] = x[M, K] @ W^T + b for float32 CPU tensors, W packed by `pack`, on torch's thread count."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        self._fn = library.tasc_gemv_f32
+        self._fn = library.tasc_gemm_f32
         self._fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
         self._fn.restype = None
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    @staticmethod
+    def pack(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PanelWeight:
+        n, k = weight.shape
+        padded = -n % PANEL
+        w = torch.cat([weight, weight.new_zeros(padded, k)]) if padded else weight
+        panels = w.detach().float().reshape(-1, PANEL, k).transpose(1, 2).contiguous()
+        b = None if bias is None else torch.cat([bias.detach().float(), bias.new_zeros(padded)]).contiguous()
+        return PanelWeight(panels, b, n, k)
+
+    def __call__(self, x: torch.Tensor, weight: PanelWeight) -> torch.Tensor:
         x = x.contiguous()
         m, k = x.shape
-        n = weight.shape[0]
-        if weight.shape[1] != k or not weight.is_contiguous():
-            raise ValueError(f"gemv: weight {tuple(weight.shape)} (contiguous) does not fit x {tuple(x.shape)}")
-        y = torch.empty(m, n, dtype=torch.float32)
-        bias_ptr = bias.data_ptr() if bias is not None else None
-        self._fn(x.data_ptr(), weight.data_ptr(), bias_ptr, y.data_ptr(), m, n, k, torch.get_num_threads())
+        if k != weight.in_features:
+            raise ValueError(f"gemm: x {tuple(x.shape)} does not fit a [{weight.out_features}, {k}] weight")
+        y = torch.empty(m, weight.out_features, dtype=torch.float32)
+        bias = weight.bias.data_ptr() if weight.bias is not None else None
+        n, threads = weight.out_features, torch.get_num_threads()
+        self._fn(x.data_ptr(), weight.panels.data_ptr(), bias, y.data_ptr(), m, n, k, threads)
         return y
 
 
@@ -68,7 +92,7 @@ def _cpu_key() -> str:
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS), _cpu_key()]).encode()).hexdigest()
-    target = _cache_dir() / f"libtasc_gemv-{key[:16]}.so"
+    target = _cache_dir() / f"libtasc_gemm-{key[:16]}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -82,22 +106,22 @@ def _build(compiler: str) -> Path:
     return target
 
 
-def _agrees_with_torch(gemv: Gemv) -> bool:
+def _agrees_with_torch(gemm: Gemm) -> bool:
     random = torch.Generator().manual_seed(0)
-    for m, n, k in ((1, 37, 35), (6, 130, 96), (9, 8, 16)):
+    for m, n, k in ((1, 37, 35), (3, 200, 64), (6, 130, 96), (27, 8, 16)):
         x, w, b = torch.randn(m, k, generator=random), torch.randn(n, k, generator=random), torch.randn(n)
-        if not torch.allclose(gemv(x, w, b), x @ w.T + b, atol=1e-4, rtol=1e-4):
+        if not torch.allclose(gemm(x, gemm.pack(w, b)), x @ w.T + b, atol=1e-4, rtol=1e-4):
             return False
     return True
 
 
 @cache
-def load_gemv() -> Gemv | None:
+def load_gemm() -> Gemm | None:
     """The built and checked kernel, or None (the reason logged) where it cannot be had; once per process."""
-    return build_gemv()
+    return build_gemm()
 
 
-def build_gemv() -> Gemv | None:
+def build_gemm() -> Gemm | None:
     """Build (or find in the cache), load and check the kernel; None, with the reason logged, where it fails."""
     if os.environ.get("TASC_RAY_NO_CPU_KERNEL"):
         logger.info("CPU decoding kernel off (TASC_RAY_NO_CPU_KERNEL is set)")
@@ -107,11 +131,11 @@ def build_gemv() -> Gemv | None:
         logger.info("CPU decoding kernel not used: no C compiler (cc/gcc) on PATH")
         return None
     try:
-        gemv = Gemv(ctypes.CDLL(str(_build(compiler))))
+        gemm = Gemm(ctypes.CDLL(str(_build(compiler))))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         logger.warning("CPU decoding kernel not used: %s", exc)
         return None
-    if not _agrees_with_torch(gemv):
+    if not _agrees_with_torch(gemm):
         logger.warning("CPU decoding kernel not used: its products disagree with torch's on this machine")
         return None
-    return gemv
+    return gemm

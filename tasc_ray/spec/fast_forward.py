@@ -5,8 +5,9 @@ as much time around the matrix products as in them: seven separate projections p
 `torch.cat` of the whole cache per layer and step, `repeat_kv` copies of the cache for every multi-token query,
 and per-call bookkeeping. This forward computes the same function from the same weights with:
 
-- fused products: one [q; k; v] and one [gate; up] product per layer, on oneDNN-packed weights for float32 on
-  CPU (the layout Inductor's weight freezing uses; far faster for the few-row products of decoding);
+- fused products: one [q; k; v] and one [gate; up] product per layer; for float32 on CPU, on the engine's own
+  kernel (cpu_kernels.py: weights packed in panels, streamed at the memory's speed for one or two rows and
+  register-blocked for the tens of rows of a verification pass), else on oneDNN-packed weights;
 - only real tokens through the products: the padding of rows with shorter drafts (or prompts) is dropped before
   every product and restored only around attention, so a pass costs what its tokens cost, not rows x longest;
 - keys and values appended in place to a per-layer buffer with headroom, instead of a copy per step;
@@ -30,22 +31,21 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
-from tasc_ray.spec.cpu_kernels import load_gemv
+from tasc_ray.spec.cpu_kernels import PanelWeight, load_gemm
 from tasc_ray.spec.kv_cache import attention_mask
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-KERNEL_MAX_ROWS = 12  # products of more rows run faster on oneDNN's packed weights (measured on 2 EPYC cores)
 _HEADROOM = 64  # cache slots allocated beyond need, so a buffer is reallocated every ~64 tokens, not every step
 
 
 class FusedLinear:
     """x @ [W_1; W_2; ...]^T + b for several nn.Linear layers that read the same input, as one product.
 
-    How the product runs: `kernel` (float32 on CPU with the built kernel) takes products of up to KERNEL_MAX_ROWS
-    rows on the row-major weight and larger ones on a oneDNN-packed copy; `packed` runs all of them on the packed
-    copy; `dense` (other devices and dtypes) is F.linear."""
+    How the product runs: `kernel` (float32 on CPU, the built kernel of cpu_kernels.py) on the weight packed in
+    its panels; `packed` on a oneDNN-packed copy (float32 on CPU without the kernel); `dense` (other devices and
+    dtypes) is F.linear on the concatenated weight."""
 
     def __init__(self, layers: list[nn.Linear], mode: str) -> None:
         weight = torch.cat([m.weight.detach() for m in layers]) if len(layers) > 1 else layers[0].weight.detach()
@@ -56,17 +56,21 @@ class FusedLinear:
             zeros = [weight.new_zeros(m.out_features) for m in layers]
             self.bias = torch.cat([b if b is not None else z for b, z in zip(biases, zeros)])
         self.sizes = [m.out_features for m in layers]
+        self.kernel = load_gemm() if mode == "kernel" else None
+        if self.kernel is not None:
+            self.weight: torch.Tensor | PanelWeight = self.kernel.pack(weight, self.bias)
+        elif mode == "packed":
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        else:
+            self.weight = weight
         self.mode = mode
-        self.weight = weight.contiguous()
-        self.kernel = load_gemv() if mode == "kernel" else None
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if mode in ("kernel", "packed") else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None and x.shape[0] <= KERNEL_MAX_ROWS:
-            return self.kernel(x, self.weight, self.bias)
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        if self.kernel is not None:
+            return self.kernel(x, self.weight)  # type: ignore[arg-type]
+        if self.mode == "packed":
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)  # type: ignore[arg-type]
 
 
 class _Layer:
@@ -144,7 +148,7 @@ class FastForward:
         first = next(model.parameters())
         self.mode = "dense"
         if first.device.type == "cpu" and first.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-            self.mode = "kernel" if use_kernel and load_gemv() is not None else "packed"
+            self.mode = "kernel" if use_kernel and load_gemm() is not None else "packed"
 
         self.model = model
         self.embed = model.get_input_embeddings()
@@ -297,7 +301,7 @@ def build_fast_forward(model: PreTrainedModel) -> FastForward | None:
         fast = FastForward(model)
         reason = check_against_model(fast, model)
         if reason is None:
-            products = {"kernel": "the CPU decoding kernel and oneDNN", "packed": "oneDNN", "dense": "F.linear"}
+            products = {"kernel": "the CPU decoding kernel", "packed": "oneDNN", "dense": "F.linear"}
             logger.info("fast forward on: fused products on %s, in-place key/value buffers", products[fast.mode])
             return fast
     logger.info("fast forward not used (%s); decoding runs the model's own forward", reason)
