@@ -10,6 +10,10 @@ task's logs hold. Methods:
 - hf_generate: transformers' `model.generate`, greedy, the same prompts, batch size (left-padded) and limits:
   what users know, to place the engine's own plain decoding
 - prompt_lookup_hf: `model.generate(prompt_lookup_num_tokens=...)` (transformers; batch 1 only)
+- llama_cpp: llama.cpp (llama-cpp-python, the optional `bench` extra, built from source) decoding the bundled GGUF
+  (SmolLM2-135M-Instruct Q4_1, the file the engine's fp32 model is dequantised from) greedily from the same prompt
+  tokens, one prompt at a time, reusing its KV cache for the prefix a prompt shares with the previous one (its
+  prompt cache); batch 1 only; --model smollm2-135m only; what a CPU user would run instead
 - tasc_context / tasc_corpus / tasc_mixed: TASC-spec drafting from the context, the corpus index, or both
 """
 
@@ -43,7 +47,8 @@ from tasc_ray.spec.stopping import cut_at_eos, find_stop
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("plain", "hf_generate", "prompt_lookup_hf", "tasc_context", "tasc_corpus", "tasc_mixed")
+METHODS = ("plain", "hf_generate", "prompt_lookup_hf", "llama_cpp", "tasc_context", "tasc_corpus", "tasc_mixed")
+BATCH_1_ONLY = ("prompt_lookup_hf", "llama_cpp")
 MODES = {"tasc_context": DraftMode.CONTEXT, "tasc_corpus": DraftMode.CORPUS, "tasc_mixed": DraftMode.MIXED}
 HF_LOOKUP_TOKENS = 10
 
@@ -169,7 +174,7 @@ def bench_task(
         plain_gen.profile_step_costs()  # as load_engine does at start-up; every TASC generator starts from it
         plain = measure_engine(plain_gen, task.prompts, params)
         for method in methods:
-            if method == "prompt_lookup_hf" and batch_size != 1:
+            if method in BATCH_1_ONLY and batch_size != 1:
                 continue
             corpus_choices = indexes.items() if method in ("tasc_corpus", "tasc_mixed") else [(None, None)]
             for corpus_kind, index in corpus_choices:
@@ -180,6 +185,8 @@ def bench_task(
                     measured = measure_hf_generate(hf_model, tokenizer, task.prompts, params, batch_size)
                 elif method == "prompt_lookup_hf":
                     measured = measure_hf_lookup(hf_model, tokenizer, task.prompts, params)
+                elif method == "llama_cpp":
+                    measured = measure_llama_cpp(args.model, tokenizer, model, task.prompts, params)
                 else:
                     config = config_from_args(DrafterConfig, args, mode=MODES[method])
                     drafter = Drafter(index, config)
@@ -268,6 +275,43 @@ def measure_hf_lookup(model, tokenizer, prompts: list[str], params: SamplingPara
             tokenizer=tokenizer,
         )
         token_ids.append(_cut_output(tokenizer, model, out[0, enc["input_ids"].shape[1] :].tolist(), params))
+    return Measured(None, token_ids, time.perf_counter() - t0)
+
+
+def measure_llama_cpp(model_name: str, tokenizer, model, prompts: list[str], params: SamplingParams) -> Measured:
+    """llama.cpp decoding the bundled GGUF greedily (top-k 1), one prompt at a time from the same prompt tokens as
+    the engine, cut where the engine cuts (EOS, stop string, max_new_tokens)."""
+    try:
+        from llama_cpp import Llama
+    except ImportError as exc:
+        raise RuntimeError(
+            "method llama_cpp needs llama-cpp-python: pip install -e '.[bench]' (builds llama.cpp from source)"
+        ) from exc
+    from tasc_ray.models import EMBEDDED_MODELS, _embedded_gguf
+
+    if model_name not in EMBEDDED_MODELS:
+        raise ValueError(f"method llama_cpp runs the bundled GGUF of {', '.join(EMBEDDED_MODELS)}, not {model_name!r}")
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    llm = Llama(
+        model_path=str(_embedded_gguf(model_name)),
+        n_ctx=max(len(ids) for ids in encoded) + params.max_new_tokens + 8,
+        n_threads=torch.get_num_threads(),
+        n_batch=512,
+        verbose=False,
+    )
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    token_ids = []
+    t0 = time.perf_counter()
+    for ids in encoded:
+        out: list[int] = []
+        for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+            out.append(int(token))
+            if token in eos_ids or len(out) >= params.max_new_tokens:
+                break
+            if params.stop and find_stop(tokenizer, out, params.stop, max(0, len(out) - 1)):
+                break
+        token_ids.append(_cut_output(tokenizer, model, out, params))
     return Measured(None, token_ids, time.perf_counter() - t0)
 
 

@@ -25,10 +25,15 @@ class StepCostTable:
     average per cell). A cell never measured is read off its neighbours: piecewise linear in q within a measured
     row count, linear in rows between two; outside the measured range, and with nothing measured at all, the
     prior's shape (`prior_tokens` extra query tokens double a pass) scales the nearest measurement.
+
+    A ragged pass (rows with drafts of different lengths, verified by the fast forward) costs between the cell
+    of its mean query tokens per row (its products see only real tokens) and the cell of its longest row (its
+    attention pads every row to the longest): `padding_share` says where, measured at start-up and refined by
+    every ragged pass (`observe_ragged`).
     """
 
-    def __init__(self, prior_tokens: float = 20.0, smoothing: float = 0.2) -> None:
-        self.prior_tokens, self.smoothing = prior_tokens, smoothing
+    def __init__(self, prior_tokens: float = 20.0, smoothing: float = 0.2, padding_share: float = 0.5) -> None:
+        self.prior_tokens, self.smoothing, self.padding_share = prior_tokens, smoothing, padding_share
         self.cells: dict[int, dict[int, float]] = {}  # rows -> {q: seconds}
 
     def set(self, rows: int, q: int, seconds: float) -> None:
@@ -40,6 +45,19 @@ class StepCostTable:
         row = self.cells.setdefault(rows, {})
         old = row.get(q)
         row[q] = seconds if old is None else old + self.smoothing * (seconds - old)
+
+    def ragged(self, rows: int, mean_q: float, longest: int) -> float:
+        """Seconds of a pass over `rows` rows with `mean_q` query tokens per row on average, the longest `longest`."""
+        low, high = self(rows, mean_q), self(rows, longest)
+        return low + self.padding_share * max(0.0, high - low)
+
+    def observe_ragged(self, rows: int, mean_q: float, longest: int, seconds: float, replace: bool = False) -> None:
+        """Refine `padding_share` with one timed ragged pass, or set it from this pass (`replace`); a pass whose
+        rows all had one length refines its cell with `observe` instead."""
+        low, high = self(rows, mean_q), self(rows, longest)
+        if high - low > 0.05 * low:  # else too close to tell the two apart
+            share = min(1.0, max(0.0, (seconds - low) / (high - low)))
+            self.padding_share += (1.0 if replace else self.smoothing) * (share - self.padding_share)
 
     def table(self) -> dict[int, dict[int, float]]:
         """The measured cells, rows -> {q: seconds}, sorted."""
@@ -99,14 +117,17 @@ def best_draft_length(path_probs: Sequence[Sequence[float]], step_cost: StepCost
     return best_k
 
 
-def ragged_draft_lengths(path_probs: Sequence[Sequence[float]], step_cost: StepCost) -> list[int]:
-    """Per-row draft lengths maximising expected tokens per second of one pass whose cost follows its total query
-    tokens: a pass over B rows verifying n draft tokens in all costs step_cost(B, (B + n) / B).
+def ragged_draft_lengths(
+    path_probs: Sequence[Sequence[float]], step_cost: StepCost, padding_share: float = 0.0
+) -> list[int]:
+    """Per-row draft lengths maximising expected tokens per second of one pass where rows may draft different
+    lengths: over B rows verifying n draft tokens in all, the longest row L query tokens, a pass costs
+    c(m) + padding_share * (c(L) - c(m)), c(q) = step_cost(B, q), m = (B + n) / B the mean query tokens per row.
 
     Every draft slot (row i, depth j) yields q_ij expected tokens, q_ij being the estimated probability that row
-    i's first j + 1 draft tokens are all accepted, and q_ij does not grow with j; so the best n slots are the n most
-    probable ones (each row's slots taken in order), and only n is left to choose, as vLLM's adaptive
-    verification admits slots by survival probability against one budget.
+    i's first j + 1 draft tokens are all accepted, and q_ij does not grow with j; so the n slots worth most are
+    the n most probable ones (each row's slots taken in order), as vLLM's adaptive verification admits slots by
+    survival probability against one budget, and only n is left to choose.
     """
     batch = len(path_probs)
     slots = []
@@ -116,13 +137,16 @@ def ragged_draft_lengths(path_probs: Sequence[Sequence[float]], step_cost: StepC
             running = min(running, p)  # survival cannot grow with depth; guards a non-monotone estimate
             slots.append((-running, j, i))
     slots.sort()
-    expected, best_n, best_rate = float(batch), 0, batch / step_cost(batch, 1)
-    for n, (neg_p, _, _) in enumerate(slots, start=1):
-        expected -= neg_p
-        rate = expected / step_cost(batch, (batch + n) / batch)
-        if rate > best_rate:
-            best_n, best_rate = n, rate
     lengths = [0] * batch
+    expected, longest, best_n, best_rate = float(batch), 1, 0, batch / step_cost(batch, 1)
+    for n, (neg_p, j, _) in enumerate(slots, start=1):
+        expected -= neg_p
+        longest = max(longest, j + 2)
+        mean = (batch + n) / batch
+        low = step_cost(batch, mean)
+        cost = low + padding_share * max(0.0, step_cost(batch, longest) - low)
+        if expected / cost > best_rate:
+            best_n, best_rate = n, expected / cost
     for _, _, i in slots[:best_n]:
         lengths[i] += 1
     return lengths

@@ -116,7 +116,8 @@ class Drafter:
         scores = [self.calibration.path(p) for p in path_probs] if self.config.calibrate else path_probs
         if step_cost is not None and drafts:
             if ragged:
-                drafts = [d[:n] for d, n in zip(drafts, ragged_draft_lengths(scores, step_cost))]
+                share = getattr(step_cost, "padding_share", 0.0)  # a StepCostTable's measured share
+                drafts = [d[:n] for d, n in zip(drafts, ragged_draft_lengths(scores, step_cost, share))]
             else:
                 length = best_draft_length(scores, step_cost)
                 drafts = [d[:length] for d in drafts]

@@ -244,18 +244,33 @@ class SpeculativeGenerator:
             self._forward(prompt, valid, torch.arange(context, device=device).expand(b, -1), cache, last_only=True)
             for q in queries:
                 step = torch.randint(vocab, (b, q), generator=random).to(device)
-                step_valid = torch.ones(b, context + q, dtype=torch.bool, device=device)
-                positions = torch.arange(context, context + q, device=device).expand(b, -1)
-                times = []
-                for _ in range(repeats + 1):  # the first is a warm-up
-                    t0 = time.perf_counter()
-                    self._forward(step, step_valid, positions, cache)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    times.append(time.perf_counter() - t0)
-                    cache.crop(-q)
-                self.step_cost.set(b, q, statistics.median(times[1:]))
+                self.step_cost.set(b, q, self._time_pass(step, context, cache, repeats))
+            if b > 1 and self.fast_forward is not None:  # one row drafting q - 1 tokens, the others none
+                q = max(queries)
+                step = torch.randint(vocab, (b, q), generator=random).to(device)
+                seconds = self._time_pass(step, context, cache, repeats, longest_row_only=True)
+                self.step_cost.observe_ragged(b, (b - 1 + q) / b, q, seconds, replace=True)
         return self.step_cost.table()
+
+    def _time_pass(
+        self, step: torch.Tensor, context: int, cache: DynamicCache, repeats: int, longest_row_only: bool = False
+    ) -> float:
+        """Median seconds of a pass over `step` [B, q] after a `context`-token cache (the first pass is a warm-up);
+        `longest_row_only`: every row but the first verifies only its first token, the rest is padding."""
+        (b, q), device = step.shape, step.device
+        step_valid = torch.ones(b, context + q, dtype=torch.bool, device=device)
+        if longest_row_only:
+            step_valid[1:, context + 1 :] = False
+        positions = torch.arange(context, context + q, device=device).expand(b, -1)
+        times = []
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            self._forward(step, step_valid, positions, cache)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            cache.crop(-q)
+        return statistics.median(times[1:])
 
     # ----- the decoding loop (driven by a Scheduler) -----
     def _requests(
@@ -340,7 +355,7 @@ class SpeculativeGenerator:
         self.timings.draft_s += t1 - t0
         self.timings.verify_s += t2 - t1
         self.timings.steps += 1
-        self.step_cost.observe(len(drafts), self._query_tokens(drafts), t2 - t1)
+        self._observe_cost(drafts, t2 - t1)
         done = []
         bonuses = batch.pending.tolist()  # the target's own token after each row's accepted draft
         for i, (row, draft, n, bonus) in enumerate(zip(batch.rows, drafts, n_accepted.tolist(), bonuses)):
@@ -351,12 +366,15 @@ class SpeculativeGenerator:
             done.append(self._emit(row, draft[:n] + [bonus], row_logprobs[: n + 1] if row_logprobs else None))
         return done
 
-    def _query_tokens(self, drafts: list[list[int]]) -> int:
-        """The q of the step-cost cell a verification pass over these drafts measures: the padded width, or, where
-        the fast forward skips padding, the mean query tokens per row (rounded)."""
-        if self.fast_forward is None:
-            return max(len(d) for d in drafts) + 1
-        return max(1, round(sum(len(d) + 1 for d in drafts) / len(drafts)))
+    def _observe_cost(self, drafts: list[list[int]], seconds: float) -> None:
+        """Refine the step-cost table with a timed verification pass: its cell where every row had the same query
+        length (or the verifier pads rows to the longest), else the share of padding a ragged pass pays."""
+        longest = max(len(d) for d in drafts) + 1
+        mean = sum(len(d) + 1 for d in drafts) / len(drafts)
+        if self.fast_forward is None or longest == mean:
+            self.step_cost.observe(len(drafts), longest, seconds)
+        else:
+            self.step_cost.observe_ragged(len(drafts), mean, longest, seconds)
 
     def _propose(self, rows: list[Request]) -> list[list[int]]:
         """Drafts of the speculating rows (the others draft nothing), cut to a length the step costs justify."""

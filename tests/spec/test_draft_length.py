@@ -51,6 +51,7 @@ def test_profile_fills_the_table(tiny_model, tiny_tokenizer):
     assert list(table) == [1, 4] and all(list(cells) == [1, 2, 4] for cells in table.values())
     assert all(s > 0 for cells in table.values() for s in cells.values())
     assert generator.step_cost(4, 2) == table[4][2]
+    assert 0.0 <= generator.step_cost.padding_share <= 1.0  # the fast forward's ragged pass was timed too
 
 
 def test_ragged_lengths_give_each_row_its_own_draft():
@@ -66,3 +67,29 @@ def test_ragged_lengths_take_the_most_probable_slots_in_row_order():
     # A non-monotone estimate is read as its running minimum: a row's later slot never outranks an earlier one.
     lengths = ragged_draft_lengths([[0.5, 0.9], [0.6]], lambda rows, q: 1.0 + 0.27 * (q - 1) * rows)
     assert lengths == [0, 1]
+
+
+def test_padding_share_prices_the_longest_row():
+    """Attention pads every row to the longest draft: with a share of that padding priced in, one row's long
+    draft is cut where the mean-only cost would let it run."""
+    table = StepCostTable()
+    for q, ms in ((1, 40.0), (2, 56.0), (4, 86.0), (8, 150.0)):
+        table.set(8, q, ms / 1000)
+    one_strong = [[0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6]] + [[]] * 7
+    free_padding = ragged_draft_lengths(one_strong, table, padding_share=0.0)
+    priced = ragged_draft_lengths(one_strong, table, padding_share=1.0)
+    assert free_padding[0] == 7 and priced[0] < free_padding[0] and sum(priced[1:]) == 0
+
+
+def test_ragged_passes_refine_the_padding_share():
+    table = StepCostTable(smoothing=0.5, padding_share=0.5)
+    table.set(8, 1, 0.040)
+    table.set(8, 8, 0.120)
+    low, high = table(8, 15 / 8), 0.120
+    table.observe_ragged(8, 15 / 8, 8, low + 0.2 * (high - low), replace=True)
+    assert table.padding_share == pytest.approx(0.2)
+    table.observe_ragged(8, 15 / 8, 8, high)  # paid all of its padding: the share moves halfway to 1
+    assert table.padding_share == pytest.approx(0.6)
+    assert table.ragged(8, 15 / 8, 8) == pytest.approx(low + 0.6 * (high - low))
+    table.observe_ragged(8, 8.0, 8, 1.0)  # not ragged: nothing to learn
+    assert table.padding_share == pytest.approx(0.6)
