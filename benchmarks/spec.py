@@ -170,7 +170,7 @@ def bench_task(
     runs = []
     for batch_size in batch_sizes:
         plain_gen = SpeculativeGenerator(model, tokenizer, None, max_batch_size=batch_size, fast_forward=forward)
-        plain_gen.generate(task.prompts[:batch_size], SamplingParams(max_new_tokens=4))  # warm-up
+        plain_gen.generate(task.prompts[:batch_size], params)  # warm-up: the allocator's buffers at this batch size
         plain_gen.profile_step_costs()  # as load_engine does at start-up; every TASC generator starts from it
         plain = measure_engine(plain_gen, task.prompts, params)
         for method in methods:

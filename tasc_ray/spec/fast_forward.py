@@ -89,9 +89,10 @@ def _norm_params(norm: Any) -> tuple[torch.Tensor, float]:
 
 
 def _rms_norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
-    # The same operations, in the same order, as transformers' LlamaRMSNorm.
     weight, eps = norm
-    h = x.to(torch.float32)
+    if x.dtype == torch.float32:  # one op instead of five; measured bit-identical to LlamaRMSNorm in float32
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    h = x.to(torch.float32)  # LlamaRMSNorm: normalise in float32, scale in the model's dtype
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
 

@@ -225,14 +225,15 @@ class SpeculativeGenerator:
         self,
         rows: Sequence[int] | None = None,
         queries: Sequence[int] = (1, 2, 4, 8),
-        context: int = 64,
+        context: int = 256,
         repeats: int = 1,
     ) -> dict[int, dict[int, float]]:
         """Time a verification pass of q query tokens per row over a `context`-token cache for each (rows, q), put
         the medians in the step-cost table that chooses draft lengths, and return the table (seconds).
 
-        The default grid is small (16 forwards, ~2 s for SmolLM2-135M on one CPU thread): a start-up cost every
-        replica and label actor pays; the engine's own passes refine the cells they use."""
+        The default grid is small (17 forwards over a 256-token cache, the length of a typical few-shot prompt; ~2 s
+        for SmolLM2-135M on 2 CPU threads): a start-up cost every replica and label actor pays; the engine's own
+        passes refine the cells they use."""
         device = self.model.device
         context = max(1, min(context, self.max_context - max(queries) - 1))
         vocab = min(len(self.tokenizer), int(getattr(self.model.config, "vocab_size", len(self.tokenizer))))
