@@ -190,8 +190,13 @@ def bench_task(
                 else:
                     config = config_from_args(DrafterConfig, args, mode=MODES[method])
                     drafter = Drafter(index, config)
-                    generator = SpeculativeGenerator(
-                        model, tokenizer, drafter, max_batch_size=batch_size, fast_forward=forward
+                    generator = SpeculativeGenerator(  # as load_engine builds it
+                        model,
+                        tokenizer,
+                        drafter,
+                        max_batch_size=batch_size,
+                        fast_forward=forward,
+                        speculation_gate=True,
                     )
                     generator.step_cost = copy.deepcopy(plain_gen.step_cost)
                     measured = measure_engine(generator, task.prompts, params)

@@ -36,6 +36,12 @@ class DrafterConfig(BaseModel):
         0.1, ge=0.0, le=1.0, description="stop drafting when the drafted path's estimated probability falls below this"
     )
     context_order: int = Field(4, ge=2, description="n-gram order of the row's own context model")
+    live_outputs: int = Field(
+        1000,
+        ge=0,
+        description="learn online: add the n-grams of each finished output to an in-memory overlay of the corpus "
+        "index, keeping this many recent outputs (0: off); with no index it is the corpus",
+    )
     calibrate: bool = Field(
         True,
         description="choose how many draft tokens to verify on acceptance probabilities learned from the "
@@ -43,8 +49,9 @@ class DrafterConfig(BaseModel):
     )
 
     def for_index(self, has_index: bool) -> DrafterConfig:
-        """The settings to use with or without a corpus index: no index means drafting from the context only."""
-        if has_index or self.mode == DraftMode.CONTEXT:
+        """The settings to use with or without a corpus index: no index (and no live overlay) means drafting from
+        the context only."""
+        if has_index or self.live_outputs > 0 or self.mode == DraftMode.CONTEXT:
             return self
         return self.model_copy(update={"mode": DraftMode.CONTEXT})
 
@@ -75,6 +82,11 @@ class EngineConfig(BaseModel):
         True,
         description="where the fast forward does not apply, run linear layers on oneDNN-packed weights (float32 "
         "on CPU; elsewhere a no-op): faster small products, results within float rounding of eager",
+    )
+    speculation_gate: bool = Field(
+        True,
+        description="switch drafting off for a batch size where the engine's own passes with drafts emit fewer "
+        "tokens per second than its passes without (retried now and then)",
     )
     profile_step_costs: bool = Field(
         True,

@@ -150,3 +150,44 @@ def ragged_draft_lengths(
     for _, _, i in slots[:best_n]:
         lengths[i] += 1
     return lengths
+
+
+class SpeculationGate:
+    """Whether drafting pays, measured: tokens per second of passes with drafts against passes without, per row
+    count, as moving averages of the engine's own passes.
+
+    The cost table and the calibrated acceptance say how long a draft to verify; they are estimates, and where a
+    pass is compute-bound (many rows on a CPU) a small error in them turns speculation into a loss. The gate
+    watches the result instead: where passes with drafts emit fewer tokens per second than passes without, drafts
+    are switched off for that row count. The losing side is retried every `explore_every` passes (every
+    4 x `explore_every` once one side leads by more than `clear_margin`), so the gate follows changes in the
+    task, the batch and the context length.
+    """
+
+    def __init__(self, smoothing: float = 0.15, explore_every: int = 16, clear_margin: float = 0.3) -> None:
+        self.smoothing, self.explore_every, self.clear_margin = smoothing, explore_every, clear_margin
+        self.rates: dict[int, dict[bool, float]] = {}  # rows -> {drafted: tokens per second}
+        self._passes: dict[int, int] = {}
+
+    def allow(self, rows: int) -> bool:
+        """Whether this pass over `rows` rows may draft."""
+        n = self._passes.get(rows, 0)
+        self._passes[rows] = n + 1
+        rates = self.rates.get(rows, {})
+        if True not in rates:
+            return True  # nothing measured with drafts yet
+        if False not in rates:
+            return n % self.explore_every != self.explore_every - 1  # measure plain passes now and then
+        spec_wins = rates[True] >= rates[False]
+        lead = abs(rates[True] - rates[False]) / min(rates[True], rates[False])
+        every = self.explore_every * (4 if lead > self.clear_margin else 1)
+        explore = n % every == every - 1
+        return spec_wins != explore
+
+    def observe(self, rows: int, drafted: bool, tokens: int, seconds: float) -> None:
+        """One timed pass over `rows` rows that emitted `tokens` tokens in all, with drafts or without."""
+        if seconds <= 0:
+            return
+        rates = self.rates.setdefault(rows, {})
+        rate, old = tokens / seconds, rates.get(drafted)
+        rates[drafted] = rate if old is None else old + self.smoothing * (rate - old)

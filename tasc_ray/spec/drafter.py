@@ -5,9 +5,11 @@ The interface is small, after Hugging Face's `CandidateGenerator`: `new_row(prom
 follows the longest context match in the row's own tokens (prompt + output so far, an incremental hash map
 as in prompt lookup) and the longest match in the corpus index (backoff over orders), mixes their next-token
 distributions as p = lambda * p_corpus + (1 - lambda) * p_context, extends greedily, and stops when the
-estimated probability of the drafted path falls below a threshold. How many of the drafted tokens are verified
-is chosen on calibrated probabilities (calibration.py): `observe(accepted)` after each verification pass teaches
-the drafter what its raw scores are worth. A bad draft only costs speed.
+estimated probability of the drafted path falls below a threshold. With `live_outputs`, every finished output
+(`learn`) joins an in-memory overlay of the corpus (live.py), so drafting improves as the task runs, index or not.
+How many of the drafted tokens are verified is chosen on calibrated probabilities (calibration.py):
+`observe(accepted)` after each verification pass teaches the drafter what its raw scores are worth. A bad draft
+only costs speed.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tasc_ray.spec.calibration import AcceptanceCalibration
 from tasc_ray.spec.config import DrafterConfig, DraftMode
 from tasc_ray.spec.draft_length import StepCost, best_draft_length, ragged_draft_lengths
 from tasc_ray.spec.index import Match, NgramIndex
+from tasc_ray.spec.live import LiveNgrams, combine_matches
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +66,11 @@ class Drafter:
     def __init__(self, index: NgramIndex | None = None, config: DrafterConfig | None = None) -> None:
         self.config = config or DrafterConfig()
         self.index = index
-        if self.config.mode != DraftMode.CONTEXT and index is None:
-            raise ValueError(f"draft mode {self.config.mode.value!r} needs an n-gram index")
+        if self.config.mode != DraftMode.CONTEXT and index is None and self.config.live_outputs == 0:
+            raise ValueError(f"draft mode {self.config.mode.value!r} needs an n-gram index or live_outputs > 0")
+        order = index.max_order if index is not None else 4
+        capacity = self.config.live_outputs
+        self.live = LiveNgrams(order, capacity) if capacity and self.config.mode != DraftMode.CONTEXT else None
         self.calibration = AcceptanceCalibration()
         self._proposed: list[list[float]] | None = None  # raw path probabilities of the last drafts, until observed
 
@@ -93,14 +99,13 @@ class Drafter:
         active = [i for i, lim in enumerate(limits) if lim > 0]
         index = self.index if self.config.mode != DraftMode.CONTEXT else None
         use_context = self.config.mode != DraftMode.CORPUS
-        tail = (index.max_order - 1) if index is not None else 0
+        tail = max(index.max_order - 1 if index is not None else 0, self.live.max_order - 1 if self.live else 0)
         context_of = {i: row for i, row in enumerate(rows) if row is not None}
         while active:
-            corpus = (
-                index.longest_matches([context_of[i].tokens[-tail:] + drafts[i] for i in active])
-                if index is not None
-                else [None] * len(active)
-            )
+            histories = [context_of[i].tokens[-tail:] + drafts[i] for i in active] if tail else []
+            corpus = index.longest_matches(histories) if index is not None else [None] * len(active)
+            if self.live is not None and len(self.live):
+                corpus = [combine_matches(c, m) for c, m in zip(corpus, self.live.longest_matches(histories))]
             still_active = []
             for i, corpus_match in zip(active, corpus):
                 context_counts = context_of[i].longest_match(drafts[i]) if use_context else None
@@ -123,6 +128,11 @@ class Drafter:
                 drafts = [d[:length] for d in drafts]
         self._proposed = [p[: len(d)] for p, d in zip(path_probs, drafts)]
         return drafts
+
+    def learn(self, output: Sequence[int]) -> None:
+        """A finished output: its n-grams join the live overlay (with live_outputs > 0)."""
+        if self.live is not None:
+            self.live.add(output)
 
     def observe(self, accepted: Sequence[int]) -> None:
         """Learn from the verification of the last proposed drafts: accepted[i] draft tokens of row i were taken."""
@@ -152,8 +162,11 @@ class Drafter:
 
 
 def build_drafter(index: NgramIndex | None, config: DrafterConfig) -> Drafter:
-    """A Drafter over `index`; without one, drafting falls back to the row's own context (prompt lookup)."""
+    """A Drafter over `index`; without one, drafting uses the row's own context (prompt lookup) and, with
+    live_outputs, the outputs the engine has finished."""
     effective = config.for_index(index is not None)
     if effective is not config:
         logger.info("no index given: drafting from the prompt's own n-grams only (context mode)")
+    elif index is None and config.mode != DraftMode.CONTEXT:
+        logger.info("no index given: drafting from the prompt's n-grams and the outputs finished so far")
     return Drafter(index, effective)

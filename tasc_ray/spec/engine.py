@@ -34,6 +34,7 @@ def load_engine(config: EngineConfig, index: NgramIndex | None = None) -> Specul
         max_batch_size=config.max_batch_size,
         static_batches=config.scheduling == "static",
         fast_forward=config.fast_forward,
+        speculation_gate=config.speculation_gate,
     )
     if config.profile_step_costs:
         t0 = time.perf_counter()

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from tasc_ray.spec.draft_length import StepCostTable
+from tasc_ray.spec.draft_length import SpeculationGate, StepCostTable
 from tasc_ray.spec.drafter import Drafter
 from tasc_ray.spec.fast_forward import FastForward, build_fast_forward
 from tasc_ray.spec.kv_cache import PrefixCache, PrefixKV, attention_mask, compact, select_rows
@@ -129,12 +129,15 @@ class SpeculativeGenerator:
         prefix_cache_min_tokens: int = 16,
         static_batches: bool = False,
         fast_forward: bool | FastForward = True,
+        speculation_gate: bool = False,
     ) -> None:
         """`prefix_cache_min_tokens`: the shortest shared prompt prefix worth caching (0 turns the cache off);
         `static_batches`: schedulers default to fixed batches (see Scheduler); `fast_forward`: run the lean
         forward of fast_forward.py where it applies to the model (else, and without it, the model's own), or
         this one (built for the same model: generators can share its weights); it reads the weights once, so
-        a model whose weights change afterwards needs a new generator."""
+        a model whose weights change afterwards needs a new generator; `speculation_gate`: switch drafting off
+        for a batch size where passes with drafts measurably emit fewer tokens per second than passes without
+        (SpeculationGate; load_engine turns it on, off by default so that what is drafted is not timing-dependent)."""
         self.model, self.tokenizer, self.drafter = model, tokenizer, drafter
         self.max_batch_size, self.compact_waste = max_batch_size, compact_waste
         self.static_batches = static_batches
@@ -148,6 +151,7 @@ class SpeculativeGenerator:
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
         self.timings = EngineTimings()
         self.step_cost = StepCostTable()
+        self.gate = SpeculationGate() if speculation_gate else None
         forward_params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
         self._can_keep_last = "logits_to_keep" in forward_params
@@ -351,6 +355,9 @@ class SpeculativeGenerator:
         t1 = time.perf_counter()
         n_accepted, logprobs = self._verify(batch, drafts)
         t2 = time.perf_counter()
+        drafted = any(drafts)
+        if self.gate is not None and (drafted or self._speculating(batch.rows)):
+            self.gate.observe(len(drafts), drafted, int(n_accepted.sum()) + len(drafts), t2 - t0)
         if self.drafter is not None:
             self.drafter.observe(n_accepted.tolist())
         self.timings.draft_s += t1 - t0
@@ -377,9 +384,14 @@ class SpeculativeGenerator:
         else:
             self.step_cost.observe_ragged(len(drafts), mean, longest, seconds)
 
+    def _speculating(self, rows: list[Request]) -> bool:
+        return self.drafter is not None and any(r.draft_context is not None for r in rows)
+
     def _propose(self, rows: list[Request]) -> list[list[int]]:
         """Drafts of the speculating rows (the others draft nothing), cut to a length the step costs justify."""
-        if self.drafter is None or all(r.draft_context is None for r in rows):
+        if self.drafter is None or not self._speculating(rows):
+            return [[] for _ in rows]
+        if self.gate is not None and not self.gate.allow(len(rows)):
             return [[] for _ in rows]
         limits = [r.max_new - len(r.generated) - 1 for r in rows]  # the step also emits the target's own token
         ragged = self.fast_forward is not None  # its products skip padding: rows may draft different lengths
@@ -474,6 +486,8 @@ class SpeculativeGenerator:
                     row.cancel()
         if row.finish_reason is None and len(row.generated) >= row.max_new:
             row.finish_reason = "length"
+        if row.finish_reason is not None and not row.cancelled and self.drafter is not None:
+            self.drafter.learn(row.generated)
         return row.finish_reason is not None or row.cancelled
 
     def result(self, row: Request) -> GenerationResult:

@@ -7,7 +7,9 @@ next token). The row advances by n + 1 and the Drafter learns those tokens, exac
 SpeculativeGenerator. The headline is tokens per forward pass (llama.cpp's lookup-stats, Suffix Decoding's
 simulator): the speedup ceiling of the draft, before the extra cost of verifying k tokens per pass.
 
-Rows are simulated in lockstep batches, so the Drafter's batched index lookups are timed as in serving.
+Rows are simulated in lockstep batches, so the Drafter's batched index lookups are timed as in serving. With live
+learning on (`DrafterConfig.live_outputs`), each replayed output joins the drafter's overlay when it ends, as a
+finished request does in the engine; `score_from` then leaves the warm-up sequences out of the totals.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class _Tally:
     """Totals of a replay: drafted/accepted tokens, the accepted-length histogram, per-row passes, drafting time."""
 
     max_draft: int
+    score_from: int = 0  # rows before this one are warm-up: not counted
     drafted: int = 0
     accepted: int = 0
     draft_seconds: float = 0.0
@@ -39,6 +42,8 @@ class _Tally:
         self.hist = np.zeros(self.max_draft + 1, dtype=np.int64)
 
     def record(self, row: int, drafted: int, accepted: int) -> None:
+        if row < self.score_from:
+            return
         self.row_passes[row] = self.row_passes.get(row, 0) + 1
         self.drafted += drafted
         self.accepted += accepted
@@ -51,24 +56,25 @@ def simulate_acceptance(
     drafter_config: DrafterConfig | None = None,
     prompts: Sequence[Sequence[int]] | None = None,
     batch_size: int = 64,
+    score_from: int = 0,
 ) -> dict[str, Any]:
     """Teacher-forced replay of `sequences` (token ids of true outputs) through a Drafter over `index`.
 
     `prompts` (optional, one token-id list per sequence) seed each row's context, as the prompt does when
     serving. Returns totals and ratios: `tokens_per_pass` (mean tokens per forward pass, the headline),
     `mean_accepted_per_pass`, `acceptance_rate` (accepted / drafted), the histogram of accepted lengths, the
-    per-sequence mean of tokens per pass, and drafting time per pass."""
+    per-sequence mean of tokens per pass, and drafting time per pass, over the sequences from `score_from` on."""
     config = drafter_config or DrafterConfig()
     if prompts is not None and len(prompts) != len(sequences):
         raise ValueError(f"got {len(prompts)} prompts for {len(sequences)} sequences")
     drafter = Drafter(index, config)
     seqs = [[int(t) for t in s] for s in sequences]
-    tally = _Tally(config.max_draft)
+    tally = _Tally(config.max_draft, score_from)
     for start in range(0, len(seqs), batch_size):
         chunk = [i for i in range(start, min(start + batch_size, len(seqs))) if seqs[i]]
         contexts = {i: drafter.new_row(list(prompts[i]) if prompts is not None else []) for i in chunk}
         _replay(drafter, {i: seqs[i] for i in chunk}, contexts, tally)
-    done = [i for i, s in enumerate(seqs) if s]
+    done = [i for i, s in enumerate(seqs) if s and i >= score_from]
     tokens = sum(len(seqs[i]) for i in done)
     passes = sum(tally.row_passes[i] for i in done)
     per_seq = [len(seqs[i]) / tally.row_passes[i] for i in done]
@@ -110,4 +116,7 @@ def _replay(drafter: Drafter, seqs: dict[int, list[int]], contexts: dict[int, Dr
             tally.record(i, len(draft), n)
             taken.append(n)
         drafter.observe(taken)  # as the engine does after each verification pass
+        for i in active:
+            if pos[i] >= len(seqs[i]):
+                drafter.learn(seqs[i])  # a finished output, as the engine's live overlay learns it
         active = [i for i in active if pos[i] < len(seqs[i])]

@@ -361,7 +361,9 @@ def test_deploy_config_and_reconfigure_without_restart(server, tiny_model_dir, i
     # dropping the index: prompt lookup only
     _deploy(server, _config(tiny_model_dir, indexes["full"], user_config={"index": None}), "tasc-live", "/live")
     after = httpx.get(base + "/health").json()
-    assert after["replica"] == before["replica"] and after["index"] is None and after["draft_mode"] == "context"
+    assert (
+        after["replica"] == before["replica"] and after["index"] is None and after["draft_mode"] == "mixed"
+    )  # the live overlay is the corpus
     serve.delete("tasc-live")  # its CPUs go back to the cluster (2 CPUs here, shared with later Ray Data jobs)
 
 

@@ -25,7 +25,8 @@ def test_bad_settings_are_refused():
         EngineConfig(dtype="int3")
 
 
-def test_no_index_means_context_mode():
+def test_no_index_means_context_and_live_outputs():
     mixed = DrafterConfig()
-    assert mixed.for_index(True) is mixed
-    assert mixed.for_index(False).mode == DraftMode.CONTEXT and mixed.for_index(False).lam == mixed.lam
+    assert mixed.for_index(True) is mixed and mixed.for_index(False) is mixed  # the live overlay is the corpus
+    offline = DrafterConfig(live_outputs=0)
+    assert offline.for_index(False).mode == DraftMode.CONTEXT and offline.for_index(False).lam == offline.lam

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasc_ray.spec.draft_length import StepCostTable, best_draft_length, ragged_draft_lengths
+from tasc_ray.spec.draft_length import SpeculationGate, StepCostTable, best_draft_length, ragged_draft_lengths
 
 
 def test_best_draft_length_trades_acceptance_for_cost():
@@ -93,3 +93,28 @@ def test_ragged_passes_refine_the_padding_share():
     assert table.ragged(8, 15 / 8, 8) == pytest.approx(low + 0.6 * (high - low))
     table.observe_ragged(8, 8.0, 8, 1.0)  # not ragged: nothing to learn
     assert table.padding_share == pytest.approx(0.6)
+
+
+def test_the_gate_switches_drafting_off_where_it_measurably_loses():
+    gate = SpeculationGate(smoothing=0.5, explore_every=4, clear_margin=0.3)
+    assert gate.allow(8)  # nothing measured: draft
+    gate.observe(8, True, 18, 0.100)  # 180 tokens/s with drafts
+    plain_passes = [not gate.allow(8) for _ in range(8)]
+    assert sum(plain_passes) == 2  # plain passes only now and then, to measure them
+    gate.observe(8, False, 8, 0.040)  # 200 tokens/s without: drafting loses by 11%
+    allowed = [gate.allow(8) for _ in range(16)]
+    assert sum(allowed) == 4  # drafts retried every 4th pass
+    gate.observe(8, False, 8, 0.020)  # 400 tokens/s plain: a clear lead, retried every 16th pass
+    assert sum(gate.allow(8) for _ in range(32)) == 2
+    assert gate.allow(1)  # another row count has its own measurements
+
+
+def test_the_engine_gate_keeps_drafting_where_it_pays(tiny_model, tiny_tokenizer):
+    from tasc_ray.spec.config import DrafterConfig, DraftMode
+    from tasc_ray.spec.drafter import Drafter
+    from tasc_ray.spec.generator import SamplingParams, SpeculativeGenerator
+
+    drafter = Drafter(None, DrafterConfig(mode=DraftMode.CONTEXT))
+    generator = SpeculativeGenerator(tiny_model, tiny_tokenizer, drafter, max_batch_size=1, speculation_gate=True)
+    generator.generate([[5, 6, 7, 5, 6, 7, 5, 6]], SamplingParams(max_new_tokens=24, ignore_eos=True))
+    assert True in generator.gate.rates.get(1, {})

@@ -23,7 +23,7 @@ def test_corpus_mode_follows_index_and_backs_off():
     assert drafter.propose([drafter.new_row([7, 10])]) == [[11, 12, 13, 14]]
     assert drafter.propose([drafter.new_row([99])]) == [[]]
     with pytest.raises(ValueError, match="needs an n-gram index"):
-        Drafter(None, DrafterConfig(mode=DraftMode.MIXED))
+        Drafter(None, DrafterConfig(mode=DraftMode.MIXED, live_outputs=0))
 
 
 def test_mixing_weight_decides_between_sources():
