@@ -1,11 +1,12 @@
 """Measurement harnesses, run from a source checkout: `python -m benchmarks NAME --help` (see README.md).
 
-One module per benchmark (`spec`, `ft`, `serve` with `label` and `serve`, `index`, `batching`), each registering its
-subcommands; `common/` holds what they share; `results/` holds the current result of each benchmark.
+One module per benchmark (`spec`, `live`, `ft`, `serve` with `label` and `serve`, `index`, `batching`), each
+registering its subcommands; `common/` holds what they share; `results/` holds the current result of each benchmark.
 """
 
 BENCH_MODULES: list[str] = [
     "benchmarks.spec",
+    "benchmarks.live",
     "benchmarks.ft",
     "benchmarks.serve",
     "benchmarks.index",

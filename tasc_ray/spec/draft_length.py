@@ -159,25 +159,25 @@ class SpeculationGate:
     The cost table and the calibrated acceptance say how long a draft to verify; they are estimates, and where a
     pass is compute-bound (many rows on a CPU) a small error in them turns speculation into a loss. The gate
     watches the result instead: where passes with drafts emit fewer tokens per second than passes without, drafts
-    are switched off for that row count. The losing side is retried every `explore_every` passes (every
+    are switched off for that batch size (row counts in powers-of-two buckets: 1, 2-3, 4-7, 8-15, ...). The
+    side not measured yet is tried first; then the losing side is retried every `explore_every` passes (every
     4 x `explore_every` once one side leads by more than `clear_margin`), so the gate follows changes in the
     task, the batch and the context length.
     """
 
     def __init__(self, smoothing: float = 0.15, explore_every: int = 16, clear_margin: float = 0.3) -> None:
         self.smoothing, self.explore_every, self.clear_margin = smoothing, explore_every, clear_margin
-        self.rates: dict[int, dict[bool, float]] = {}  # rows -> {drafted: tokens per second}
+        self.rates: dict[int, dict[bool, float]] = {}  # rows.bit_length() -> {drafted: tokens per second}
         self._passes: dict[int, int] = {}
 
     def allow(self, rows: int) -> bool:
         """Whether this pass over `rows` rows may draft."""
-        n = self._passes.get(rows, 0)
-        self._passes[rows] = n + 1
-        rates = self.rates.get(rows, {})
-        if True not in rates:
-            return True  # nothing measured with drafts yet
-        if False not in rates:
-            return n % self.explore_every != self.explore_every - 1  # measure plain passes now and then
+        bucket = rows.bit_length()
+        n = self._passes.get(bucket, 0)
+        self._passes[bucket] = n + 1
+        rates = self.rates.get(bucket, {})
+        if True not in rates or False not in rates:
+            return True not in rates  # measure the side not seen yet
         spec_wins = rates[True] >= rates[False]
         lead = abs(rates[True] - rates[False]) / min(rates[True], rates[False])
         every = self.explore_every * (4 if lead > self.clear_margin else 1)
@@ -188,6 +188,6 @@ class SpeculationGate:
         """One timed pass over `rows` rows that emitted `tokens` tokens in all, with drafts or without."""
         if seconds <= 0:
             return
-        rates = self.rates.setdefault(rows, {})
+        rates = self.rates.setdefault(rows.bit_length(), {})
         rate, old = tokens / seconds, rates.get(drafted)
         rates[drafted] = rate if old is None else old + self.smoothing * (rate - old)
