@@ -365,7 +365,8 @@ def run_record(
 def simulate_task(
     task: Task, indexes: dict[str, NgramIndex], tokenizer, args: argparse.Namespace
 ) -> list[dict[str, Any]]:
-    """Predicted tokens per pass from replaying the references through the drafter (no model)."""
+    """Predicted tokens per pass from replaying the references through the drafter (no model), one row after
+    another, so that live learning sees the finished outputs in the order the engine at batch 1 finishes them."""
     from tasc_ray.spec.simulate import simulate_acceptance
 
     prompts = [tokenizer(p)["input_ids"] for p in task.prompts]
@@ -373,7 +374,7 @@ def simulate_task(
     out = []
     for corpus_kind, index in indexes.items():
         config = config_from_args(DrafterConfig, args, mode=DraftMode.MIXED)
-        sim = simulate_acceptance(index, references, config, prompts=prompts)
+        sim = simulate_acceptance(index, references, config, prompts=prompts, batch_size=1)
         out.append({"task": task.name, "corpus": corpus_kind, "method": "tasc_mixed", **sim})
     return out
 
