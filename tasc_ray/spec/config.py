@@ -31,7 +31,9 @@ class DrafterConfig(BaseModel):
         DraftMode.MIXED, description="draft from the row's context, the corpus index, or both mixed"
     )
     max_draft: int = Field(8, ge=0, description="most tokens drafted per step (k)")
-    lam: float = Field(0.5, ge=0.0, le=1.0, description="weight of the corpus distribution when both sources match")
+    lam: float = Field(
+        0.5, ge=0.0, le=1.0, description="weight of the corpus distribution when both sources match as many tokens"
+    )
     min_path_prob: float = Field(
         0.1, ge=0.0, le=1.0, description="stop drafting when the drafted path's estimated probability falls below this"
     )

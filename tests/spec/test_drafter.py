@@ -26,12 +26,20 @@ def test_corpus_mode_follows_index_and_backs_off():
         Drafter(None, DrafterConfig(mode=DraftMode.MIXED, live_outputs=0))
 
 
-def test_mixing_weight_decides_between_sources():
+def test_mixing_weight_decides_between_matches_of_one_length():
     index = NgramIndex.build([[5, 6]] * 4, max_order=2)  # corpus says 5 -> 6
     prompt = [5, 7, 5, 7, 5]  # context says 5 -> 7
     for lam, expected in ((0.9, 6), (0.1, 7)):
-        drafter = Drafter(index, DrafterConfig(mode=DraftMode.MIXED, lam=lam, max_draft=1, min_path_prob=0.0))
+        config = DrafterConfig(mode=DraftMode.MIXED, lam=lam, max_draft=1, min_path_prob=0.0, context_order=2)
+        drafter = Drafter(index, config)
         assert drafter.propose([drafter.new_row(prompt)]) == [[expected]]
+
+
+def test_the_longer_match_wins():
+    index = NgramIndex.build([[5, 6]] * 4, max_order=2)  # corpus: 5 -> 6, one token of context
+    prompt = [7, 5, 8, 7, 5]  # the row: 7 5 -> 8, two tokens
+    drafter = Drafter(index, DrafterConfig(mode=DraftMode.MIXED, lam=0.99, max_draft=1, min_path_prob=0.0))
+    assert drafter.propose([drafter.new_row(prompt)]) == [[8]]
 
 
 def test_adaptive_length_stops_on_unlikely_path():
