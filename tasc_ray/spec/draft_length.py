@@ -153,41 +153,52 @@ def ragged_draft_lengths(
 
 
 class SpeculationGate:
-    """Whether drafting pays, measured: tokens per second of passes with drafts against passes without, per row
-    count, as moving averages of the engine's own passes.
+    """Whether drafting pays, measured: tokens per second of passes with drafts against passes without, per batch
+    size (row counts in powers-of-two buckets: 1, 2-3, 4-7, 8-15, ...), from the engine's own passes.
 
     The cost table and the calibrated acceptance say how long a draft to verify; they are estimates, and where a
     pass is compute-bound (many rows on a CPU) a small error in them turns speculation into a loss. The gate
-    watches the result instead: where passes with drafts emit fewer tokens per second than passes without, drafts
-    are switched off for that batch size (row counts in powers-of-two buckets: 1, 2-3, 4-7, 8-15, ...). The
-    side not measured yet is tried first; then the losing side is retried every `explore_every` passes (every
-    4 x `explore_every` once one side leads by more than `clear_margin`), so the gate follows changes in the
-    task, the batch and the context length.
+    watches the result instead: each side's rate is its decayed sum of tokens over its decayed sum of seconds
+    (`memory` per pass of that side), trusted once it has `min_passes` passes; until then drafting is the default
+    and plain passes are interleaved to measure them. Where passes with drafts emit fewer tokens per second,
+    drafts are switched off for that batch size; the losing side is retried every `explore_every` passes (every
+    4 x `explore_every` once one side leads by more than `clear_margin`), so the gate follows changes in the task,
+    the batch and the context length.
     """
 
-    def __init__(self, smoothing: float = 0.15, explore_every: int = 16, clear_margin: float = 0.3) -> None:
-        self.smoothing, self.explore_every, self.clear_margin = smoothing, explore_every, clear_margin
-        self.rates: dict[int, dict[bool, float]] = {}  # rows.bit_length() -> {drafted: tokens per second}
+    def __init__(
+        self, memory: float = 0.95, min_passes: int = 4, explore_every: int = 16, clear_margin: float = 0.3
+    ) -> None:
+        self.memory, self.min_passes = memory, min_passes
+        self.explore_every, self.clear_margin = explore_every, clear_margin
+        self.sums: dict[int, dict[bool, list[float]]] = {}  # bucket -> {drafted: [tokens, seconds, passes]}
         self._passes: dict[int, int] = {}
+
+    def rate(self, rows: int, drafted: bool) -> float | None:
+        """Measured tokens per second of passes over `rows` rows with (or without) drafts; None before min_passes."""
+        side = self.sums.get(rows.bit_length(), {}).get(drafted)
+        return side[0] / side[1] if side is not None and side[2] >= self.min_passes and side[1] > 0 else None
 
     def allow(self, rows: int) -> bool:
         """Whether this pass over `rows` rows may draft."""
         bucket = rows.bit_length()
         n = self._passes.get(bucket, 0)
         self._passes[bucket] = n + 1
-        rates = self.rates.get(bucket, {})
-        if True not in rates or False not in rates:
-            return True not in rates  # measure the side not seen yet
-        spec_wins = rates[True] >= rates[False]
-        lead = abs(rates[True] - rates[False]) / min(rates[True], rates[False])
+        spec, plain = self.rate(rows, True), self.rate(rows, False)
+        if spec is None:
+            return True  # drafting is the default until it is measured
+        if plain is None:
+            return n % 2 == 0  # interleave plain passes until they are measured
+        lead = abs(spec - plain) / min(spec, plain)
         every = self.explore_every * (4 if lead > self.clear_margin else 1)
         explore = n % every == every - 1
-        return spec_wins != explore
+        return (spec >= plain) != explore
 
     def observe(self, rows: int, drafted: bool, tokens: int, seconds: float) -> None:
         """One timed pass over `rows` rows that emitted `tokens` tokens in all, with drafts or without."""
         if seconds <= 0:
             return
-        rates = self.rates.setdefault(rows.bit_length(), {})
-        rate, old = tokens / seconds, rates.get(drafted)
-        rates[drafted] = rate if old is None else old + self.smoothing * (rate - old)
+        side = self.sums.setdefault(rows.bit_length(), {}).setdefault(drafted, [0.0, 0.0, 0])
+        side[0] = self.memory * side[0] + tokens
+        side[1] = self.memory * side[1] + seconds
+        side[2] += 1
