@@ -25,8 +25,8 @@ import numpy as np
 from tasc_ray.spec.calibration import AcceptanceCalibration
 from tasc_ray.spec.config import DrafterConfig, DraftMode
 from tasc_ray.spec.draft_length import StepCost, best_draft_length, ragged_draft_lengths
-from tasc_ray.spec.index import Match, NgramIndex
-from tasc_ray.spec.live import LiveNgrams, combine_matches
+from tasc_ray.spec.index import DEFAULT_MAX_ORDER, Match, NgramIndex
+from tasc_ray.spec.live import LiveNgrams, combine_matches, longest_suffix
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +55,7 @@ class DraftContext:
         """(its length m, continuation counts) of the longest suffix of tokens + suffix_extra seen earlier in the
         row."""
         history = self.tokens[-(self.max_order - 1) :] + list(suffix_extra) if suffix_extra else self.tokens
-        for m in range(min(self.max_order - 1, len(history)), 0, -1):
-            nexts = self.table.get(tuple(history[len(history) - m :]))
-            if nexts:
-                return m, nexts
-        return None
+        return longest_suffix(self.table, history, self.max_order)
 
 
 class Drafter:
@@ -70,7 +66,7 @@ class Drafter:
         self.index = index
         if self.config.mode != DraftMode.CONTEXT and index is None and self.config.live_outputs == 0:
             raise ValueError(f"draft mode {self.config.mode.value!r} needs an n-gram index or live_outputs > 0")
-        order = index.max_order if index is not None else 4
+        order = index.max_order if index is not None else DEFAULT_MAX_ORDER
         capacity = self.config.live_outputs
         self.live = LiveNgrams(order, capacity) if capacity and self.config.mode != DraftMode.CONTEXT else None
         self.calibration = AcceptanceCalibration()

@@ -8,7 +8,7 @@ import time
 from tasc_ray.models import load_model
 from tasc_ray.spec.config import EngineConfig
 from tasc_ray.spec.drafter import build_drafter
-from tasc_ray.spec.fast_forward import unsupported_reason
+from tasc_ray.spec.fast_forward import build_fast_forward
 from tasc_ray.spec.generator import SpeculativeGenerator
 from tasc_ray.spec.index import NgramIndex
 from tasc_ray.spec.packed_linear import pack_linear_layers
@@ -21,8 +21,8 @@ logger = logging.getLogger(__name__)
 def load_engine(config: EngineConfig, index: NgramIndex | None = None) -> SpeculativeGenerator:
     """Load the model (and the index, unless given) and build the generator; refuses a mismatched index."""
     model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
-    fast = config.fast_forward and unsupported_reason(model) is None
-    if config.packed_linear and not fast:
+    fast = build_fast_forward(model) if config.fast_forward else None
+    if config.packed_linear and fast is None:  # the model's own forward runs: on packed layers
         pack_linear_layers(model)
     if index is None and config.index:
         index = NgramIndex.load(config.index)
@@ -33,7 +33,7 @@ def load_engine(config: EngineConfig, index: NgramIndex | None = None) -> Specul
         drafter,
         max_batch_size=config.max_batch_size,
         static_batches=config.scheduling == "static",
-        fast_forward=config.fast_forward,
+        fast_forward=fast if fast is not None else False,
         speculation_gate=config.speculation_gate,
     )
     if config.profile_step_costs:

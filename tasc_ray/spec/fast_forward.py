@@ -151,7 +151,6 @@ class FastForward:
         if first.device.type == "cpu" and first.dtype == torch.float32 and torch.backends.mkldnn.is_available():
             self.mode = "kernel" if use_kernel and load_gemm() is not None else "packed"
 
-        self.model = model
         self.embed = model.get_input_embeddings()
         self.rotary = model.model.rotary_emb
         self.layers = [_Layer(layer, self.mode) for layer in model.model.layers]

@@ -356,7 +356,7 @@ class SpeculativeGenerator:
         n_accepted, logprobs = self._verify(batch, drafts)
         t2 = time.perf_counter()
         drafted = any(drafts)
-        if self.gate is not None and (drafted or self._speculating(batch.rows)):
+        if self.gate is not None and self._speculating(batch.rows):
             self.gate.observe(len(drafts), drafted, int(n_accepted.sum()) + len(drafts), t2 - t0)
         if self.drafter is not None:
             self.drafter.observe(n_accepted.tolist())

@@ -50,15 +50,13 @@ class LiveNgrams:
         return [self._longest(h) for h in histories]
 
     def _longest(self, history: Sequence[int]) -> Match | None:
-        for m in range(min(self.max_order - 1, len(history)), 0, -1):
-            nexts = self.table.get(tuple(history[len(history) - m :]))
-            if nexts:
-                top = sorted(nexts.items(), key=lambda kv: -kv[1])[: self.top_k]
-                total = sum(nexts.values())
-                tokens = np.array([t for t, _ in top], dtype=np.int64)
-                probs = np.array([c / total for _, c in top])
-                return Match(m, tokens, probs)
-        return None
+        found = longest_suffix(self.table, history, self.max_order)
+        if found is None:
+            return None
+        m, nexts = found
+        top = sorted(nexts.items(), key=lambda kv: -kv[1])[: self.top_k]
+        total = sum(nexts.values())
+        return Match(m, np.array([t for t, _ in top], dtype=np.int64), np.array([c / total for _, c in top]))
 
     def _count(self, output: tuple[int, ...], delta: int) -> None:
         for i in range(1, len(output)):
@@ -72,6 +70,17 @@ class LiveNgrams:
                     nexts.pop(output[i], None)
                     if not nexts:
                         del self.table[key]
+
+
+def longest_suffix(
+    table: dict[tuple[int, ...], dict[int, int]], history: Sequence[int], max_order: int
+) -> tuple[int, dict[int, int]] | None:
+    """(m, continuation counts) of the longest suffix of `history`, at most max_order - 1 tokens, in `table`."""
+    for m in range(min(max_order - 1, len(history)), 0, -1):
+        nexts = table.get(tuple(history[len(history) - m :]))
+        if nexts:
+            return m, nexts
+    return None
 
 
 def combine_matches(corpus: Match | None, live: Match | None) -> Match | None:
