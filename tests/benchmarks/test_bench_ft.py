@@ -73,3 +73,84 @@ def test_bench_splits_are_disjoint():
         train_mrs = {r[key].removeprefix("MR: ").removesuffix("\nSentence:\n") for r in train}
         held_mrs = {(h["refs"][0] if direction == "text2mr" else h["prompt"][4:-11]) for h in splits["heldout"]}
         assert held_mrs and not held_mrs & train_mrs
+
+
+def _task_files(tmp_path, task_rows, eval_refs_as_lists=False):
+    rows = [{"prompt": r["text"] + "\nMR:\n", "reference": r["output"]} for r in task_rows]
+    train, evals = rows[:32], rows[300:306]
+    if eval_refs_as_lists:
+        evals = [{"prompt": r["prompt"], "reference": [r["reference"], "name[Other]"]} for r in evals]
+    pd.DataFrame(train).to_parquet(tmp_path / "train.parquet")
+    pd.DataFrame(evals).to_parquet(tmp_path / "eval.parquet")
+    return tmp_path / "train.parquet", tmp_path / "eval.parquet"
+
+
+def test_task_files_are_read_checked_and_scored(tmp_path, task_rows):
+    from benchmarks.common.ft_tasks import TaskFileError, is_mr, load_task_files, metrics_for, score
+
+    train, evals = _task_files(tmp_path, task_rows, eval_refs_as_lists=True)
+    task = load_task_files(str(train), [f"dev={evals}"], 20, 4, seed=0)
+    assert len(task.train) == 20 and set(task.train[0]) == {"prompt", "output"}
+    assert list(task.splits) == ["dev"] and len(task.splits["dev"]) == 4 and len(task.splits["dev"][0]["refs"]) == 2
+    assert task.metrics == ("exact_match", "slot_f1", "chrf")  # the sample task's outputs are MRs
+    assert is_mr("name[The Eagle], food[Thai]") and not is_mr("The Eagle serves Thai food.")
+    assert metrics_for({"s": [{"refs": ["SELECT a FROM t ;"]}]}) == ("exact_match", "bleu", "chrf")
+    held = [{"prompt": "p", "refs": ["SELECT a FROM t ;", "SELECT b FROM t ;"]}, {"prompt": "q", "refs": ["x y z"]}]
+    scores = score(["SELECT b FROM t ;", "x y"], held, ("exact_match", "bleu", "chrf"))
+    assert scores["exact_match"] == 50.0 and 0 < scores["chrf"] < 100 and set(scores) == {"exact_match", "bleu", "chrf"}
+    pd.DataFrame([{"prompt": "p", "output": "o"}]).to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(TaskFileError, match="reference"):
+        load_task_files(str(tmp_path / "bad.parquet"), [str(evals)], 2, 2, seed=0)
+    pd.DataFrame({"prompt": pd.Series([], dtype=str), "reference": pd.Series([], dtype=str)}).to_parquet(
+        tmp_path / "empty.parquet"
+    )
+    with pytest.raises(TaskFileError, match="empty"):
+        load_task_files(str(train), [str(tmp_path / "empty.parquet")], 2, 2, seed=0)
+    with pytest.raises(TaskFileError, match="at least one --eval"):
+        load_task_files(str(train), [], 2, 2, seed=0)
+
+
+def test_wikisql_task_files_keep_train_and_test_questions_apart(tmp_path):
+    from benchmarks.common.ft_tasks import write_task_files
+    from benchmarks.common.tasks import locate_datasets
+
+    if not (locate_datasets() / "wikisql" / "wikisql.json.bz2").is_file():
+        pytest.skip("WikiSQL data not present")
+    paths = write_task_files("wikisql", tmp_path, 50, 20, seed=0)
+    train, test = pd.read_parquet(paths["train"]), pd.read_parquet(paths["test"])
+    assert len(train) == 50 and len(test) == 20 and list(train.columns) == ["prompt", "reference"]
+    assert train.prompt.iloc[0].startswith("Question: ") and test.reference.str.startswith("SELECT").all()
+    assert not set(train.prompt) & set(test.prompt)
+
+
+def test_generic_bench_ft_end_to_end(tmp_path, task_rows, tiny_model_dir):
+    """--train/--eval on a tiny model: both vocabularies fine-tuned and decoded, comparisons and composition."""
+    from tasc_ray.cli.main import build_parser
+
+    (tmp_path / "data").mkdir()
+    train, evals = _task_files(tmp_path / "data", task_rows)
+    parser = build_parser("bench", ["benchmarks.ft"], "test")
+    args = parser.parse_args(
+        ["ft", "--model", str(tiny_model_dir), "--train", str(train), "--eval", str(evals), "--train-rows", "16",
+         "--eval-rows", "4", "--budget", "10", "--per-iteration", "10", "--max-steps", "1", "--trainer", "local",
+         "--gen-batch-size", "2", "--max-new-tokens", "8", "--work-dir", str(tmp_path / "w"),
+         "--out-dir", str(tmp_path / "out"), "--tag", "t"]
+    )  # fmt: skip
+    result = args.handler(args)
+    assert result["task"] == "data" and result["metrics"] == ["exact_match", "slot_f1", "chrf"]
+    c = result["comparisons"]["eval"]
+    assert set(c["enriched+plain"]) == {
+        "speedup",
+        "token_reduction",
+        "exact_match_delta",
+        "slot_f1_delta",
+        "chrf_delta",
+    }
+    comp = c["composition"]
+    assert comp["combined_speedup"] == pytest.approx(comp["tasc_ft_speedup"] * comp["tasc_spec_speedup_on_tasc_ft"])
+    assert "tasc_ft+tasc_spec>=1.3x_tasc_ft_alone (eval)" in result["targets"]
+    md = (tmp_path / "out" / "ft_data_t.md").read_text()
+    assert "TASC-ft + TASC-spec vs original plain" in md and "| eval | original | plain |" in md
+    with pytest.raises(ValueError, match="not both"):
+        args.direction = "text2mr"
+        args.handler(args)

@@ -109,3 +109,18 @@ def test_enrich_vocab_reads_s3(tmp_path, tiny_model_dir, outputs, s3_bucket, cap
     args = ["enrich-vocab", "--model", str(tiny_model_dir), "--corpus", f"s3://{s3_bucket}/corpus/"]
     assert main([*args, "--budget", "10", "--per-iteration", "10", "--out", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n_new_tokens"] == 10 and (out / REPORT_FILE).is_file()
+
+
+def test_finetune_reads_s3(tmp_path, enriched_dir, train_file, s3_bucket, capsys):
+    """`finetune --train s3://...` end to end (local trainer, one step): rows read from the bucket, model saved."""
+    from tasc_ray.io import fsspec_filesystem
+
+    fs, _ = fsspec_filesystem(f"s3://{s3_bucket}")
+    fs.put(str(train_file), f"{s3_bucket}/train/part-0.parquet")
+    out = tmp_path / "ft"
+    args = ["finetune", "--model", str(enriched_dir), "--train", f"s3://{s3_bucket}/train/", "--out", str(out)]
+    assert main([*args, "--trainer", "local", "--epochs", "1", "--max-steps", "1", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rows"] == 32 and summary["steps"] == 1 and (out / "config.json").is_file()
+    assert main([*args[:-1], str(tmp_path / "ft2"), "--train", f"s3://{s3_bucket}/missing/"]) == 2
+    assert "no such key" in capsys.readouterr().err and not (tmp_path / "ft2").exists()
