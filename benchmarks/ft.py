@@ -94,6 +94,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="learning-rate multiplier for the new tokens' embedding rows (LoRA and full)",
     )
     p.add_argument("--min-count", type=int, default=2, help="least occurrences of a new token's n-gram")
+    p.add_argument(
+        "--max-copied",
+        type=float,
+        default=1.0,
+        help="drop new-token candidates carrying a value copied from the prompt in more than this share of their "
+        "rows (1: off)",
+    )
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     p.add_argument(
         "--no-cross",
@@ -274,7 +281,11 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def enrich_and_measure(
-    args: argparse.Namespace, work: Path, train_outputs: list[str], splits: dict[str, list[dict[str, Any]]]
+    args: argparse.Namespace,
+    work: Path,
+    train_outputs: list[str],
+    splits: dict[str, list[dict[str, Any]]],
+    prompts: list[str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Enrich the vocabulary on the training outputs with the prefix-conflict filter (the model fine-tuned, saved
     to work/enriched) and without it (compression only); tokens per reference on each split with each vocabulary.
@@ -291,11 +302,12 @@ def enrich_and_measure(
         seed=args.seed,
         min_count=getattr(args, "min_count", 2),
         no_cross=tuple(getattr(args, "no_cross", ())),
+        max_copied=getattr(args, "max_copied", 1.0),
     )
-    report = enrich_model(args.model, train_outputs, work / "enriched", EnrichConfig(**enrich_cfg))
+    report = enrich_model(args.model, train_outputs, work / "enriched", EnrichConfig(**enrich_cfg), prompts=prompts)
     enriched_tok = load_tokenizer(str(work / "enriched"))
     nofilter = enrich_tokenizer(
-        base_tok, train_outputs, EnrichConfig(prefix_filter=False, **enrich_cfg), progress=False
+        base_tok, train_outputs, EnrichConfig(prefix_filter=False, **enrich_cfg), progress=False, prompts=prompts
     )
     compression: dict[str, Any] = {
         "new_tokens": report["n_new_tokens"],
@@ -415,7 +427,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work_dir) / f"{task.name}_{args.tag}_{int(time.time())}"
     work.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(task.train).to_parquet(work / "train.parquet")  # what finetune reads, and --reuse-original compares
-    report, compression = enrich_and_measure(args, work, [r["output"] for r in task.train], task.splits)
+    outputs, prompts = [r["output"] for r in task.train], [r["prompt"] for r in task.train]
+    report, compression = enrich_and_measure(args, work, outputs, task.splits, prompts)
     runs = train_and_decode(args, work, task, base_vocab=len(load_tokenizer(args.model)))
     result = {
         "benchmark": "ft",

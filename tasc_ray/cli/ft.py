@@ -70,6 +70,18 @@ def add_enrich_arguments(enrich: argparse.ArgumentParser) -> None:
         help="a field separator new tokens may not span (repeatable), e.g. --no-cross ', '",
     )
     enrich.add_argument(
+        "--prompt-column",
+        default=None,
+        help="column (parquet/csv) or field (jsonl) of each output's prompt; --max-copied reads it",
+    )
+    enrich.add_argument(
+        "--max-copied",
+        type=float,
+        default=1.0,
+        help="drop candidates that carry a value copied from the prompt in more than this share of their rows "
+        "(1: off; needs --prompt-column)",
+    )
+    enrich.add_argument(
         "--holdout", type=float, default=0.1, help="share of distinct outputs held out to measure compression"
     )
     enrich.add_argument("--seed", type=int, default=0)
@@ -119,7 +131,11 @@ def add_finetune_arguments(ft: argparse.ArgumentParser) -> None:
 
 
 def _enrich(args: argparse.Namespace) -> dict[str, Any]:
-    texts = read_texts(args.corpus, args.column).texts
+    if args.max_copied < 1.0 and not args.prompt_column:
+        raise VocabEnrichmentError("--max-copied below 1 needs --prompt-column (the prompts values are copied from)")
+    extra = [args.prompt_column] if args.prompt_column else []
+    corpus = read_texts(args.corpus, args.column, extra)
+    texts, prompts = corpus.texts, corpus.extras.get(args.prompt_column) if args.prompt_column else None
     config = EnrichConfig(
         budget=args.budget,
         max_n=args.max_n,
@@ -129,10 +145,11 @@ def _enrich(args: argparse.Namespace) -> dict[str, Any]:
         prefix_filter=not args.no_prefix_filter,
         no_cross=tuple(args.no_cross),
         max_conflict=args.max_conflict,
+        max_copied=args.max_copied,
         holdout=args.holdout,
         seed=args.seed,
     )
-    report = enrich_model(args.model, texts, args.out, config)
+    report = enrich_model(args.model, texts, args.out, config, prompts=prompts)
     summary = {k: v for k, v in report.items() if k != "new_tokens"}
     summary["out"] = args.out
     summary["first_new_tokens"] = [t["token"] for t in report["new_tokens"][:20]]

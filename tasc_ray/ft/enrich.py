@@ -24,6 +24,13 @@ straddling a token boundary) and change how the neighbouring text is tokenised. 
   two fields at once (one value and the next field), which the fine-tuned model must then learn from the few
   times each combination occurs. With `no_cross=(", ",)` those candidates are dropped, so each new token stays
   within one field (separator first, if at all).
+* **Copied values** (`max_copied`, off by default; needs the rows' prompts). A candidate is a *copied value*
+  when, in more than `max_copied` of the training rows whose output contains it, one of its word pieces (a run of
+  2+ word characters) also occurs in the row's prompt: it carries (part of) a value the model copies from the input
+  (`" near Burger King"` from `near[Burger King]`, `"name[The Eagle]"` from a sentence naming The Eagle). Such a
+  token bakes the training data's values into the vocabulary: an input with a value the training data lacks
+  must then be copied through original tokens, a path the fine-tuned model has rarely seen. With the filter on,
+  values stay spelled in original tokens (copyable) and new tokens carry the task's fixed text.
 * **Batch overlap.** Within one iteration a candidate is skipped when a suffix of its token sequence equals a
   prefix of an already chosen one (or vice versa), or when one contains the other: both cannot replace the
   same text, so their counted savings would be double-counted. They are reconsidered next iteration.
@@ -47,6 +54,7 @@ import copy
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -86,6 +94,7 @@ class EnrichConfig:
     seed: int = 0
     candidate_pool: int = 20  # candidates examined per iteration = candidate_pool * per_iteration
     no_cross: tuple[str, ...] = ()  # field separators a new token may not cross (see the module docstring)
+    max_copied: float = 1.0  # drop candidates copied from the prompt in more than this share of their rows (1: off)
 
     def validate(self) -> None:
         if self.budget <= 0:
@@ -98,6 +107,8 @@ class EnrichConfig:
             raise VocabEnrichmentError(f"holdout must be in [0, 1), got {self.holdout}")
         if not 0.0 <= self.max_conflict <= 1.0:
             raise VocabEnrichmentError(f"max_conflict must be in [0, 1], got {self.max_conflict}")
+        if not 0.0 <= self.max_copied <= 1.0:
+            raise VocabEnrichmentError(f"max_copied must be in [0, 1], got {self.max_copied}")
         if any(not sep for sep in self.no_cross):
             raise VocabEnrichmentError("no_cross separators must be non-empty strings")
 
@@ -128,6 +139,7 @@ class IterationLog:
     dropped_overlap: int
     seconds: float
     dropped_crossing: int = 0
+    dropped_copied: int = 0
 
 
 @dataclass
@@ -276,6 +288,30 @@ class Drops:
     crossing: int = 0
     conflict: int = 0
     overlap: int = 0
+    copied: int = 0
+
+
+WORD_PIECE = re.compile(r"\w{2,}")
+
+
+class CopiedValues:
+    """How often a string of the outputs is copied from the prompt: the share of the rows whose output contains it
+    where one of its word pieces (2+ word characters) also occurs in the row's prompt (see the module docstring).
+    Pieces, not whole words: a candidate that cuts a value (`"restlers],"` of `name[The Wrestlers]`) is a copied
+    value too."""
+
+    def __init__(self, outputs: Sequence[str], prompts: Sequence[str]) -> None:
+        if len(outputs) != len(prompts):
+            raise VocabEnrichmentError(f"{len(outputs)} outputs but {len(prompts)} prompts")
+        self.rows = list(zip(outputs, prompts))
+        self._cache: dict[str, float] = {}
+
+    def share(self, s: str) -> float:
+        if s not in self._cache:
+            words = WORD_PIECE.findall(s)
+            hits = [any(w in prompt for w in words) for out, prompt in self.rows if s in out]
+            self._cache[s] = sum(hits) / len(hits) if hits and words else 0.0
+        return self._cache[s]
 
 
 def find_candidates(
@@ -306,10 +342,15 @@ def find_candidates(
 
 
 def choose_candidates(
-    ranked: list[Candidate], joined: str, config: EnrichConfig, want: int, drops: Drops
+    ranked: list[Candidate],
+    joined: str,
+    config: EnrichConfig,
+    want: int,
+    drops: Drops,
+    copied: CopiedValues | None = None,
 ) -> list[Candidate]:
-    """Up to `want` candidates in rank order, leaving out prefix-conflicting ones (when the filter is on) and
-    those overlapping an already chosen one."""
+    """Up to `want` candidates in rank order, leaving out prefix-conflicting ones (when the filter is on), copied
+    values (with `copied` and max_copied < 1) and those overlapping an already chosen one."""
     chosen: list[Candidate] = []
     for c in ranked:
         if len(chosen) >= want:
@@ -318,6 +359,9 @@ def choose_candidates(
         c.conflict = max(0, occurrences - c.count) / occurrences if occurrences else 1.0
         if config.prefix_filter and c.conflict > config.max_conflict:
             drops.conflict += 1
+            continue
+        if copied is not None and config.max_copied < 1.0 and copied.share(c.token) > config.max_copied:
+            drops.copied += 1
             continue
         if any(_overlaps(c.ids, other.ids) for other in chosen):
             drops.overlap += 1
@@ -360,6 +404,7 @@ def _iteration_log(
         dropped_overlap=drops.overlap,
         seconds=round(time.perf_counter() - t0, 3),
         dropped_crossing=drops.crossing,
+        dropped_copied=drops.copied,
     )
 
 
@@ -374,7 +419,11 @@ class EnrichLoopResult:
 
 
 def enrichment_loop(
-    base: PreTrainedTokenizerBase, train: list[str], config: EnrichConfig, progress: bool = True
+    base: PreTrainedTokenizerBase,
+    train: list[str],
+    config: EnrichConfig,
+    progress: bool = True,
+    copied: CopiedValues | None = None,
 ) -> EnrichLoopResult:
     """Add tokens iteration by iteration until the budget is spent, no candidate is left, or the gain is too small."""
     tok = copy.deepcopy(base)
@@ -389,7 +438,7 @@ def enrichment_loop(
         want = min(config.per_iteration, config.budget - len(out.new_tokens))
         seqs = tokenize_texts(train, out.tokenizer)
         ranked, n_raw = find_candidates(out.tokenizer, seqs, config, want, vocab, probe, drops)
-        chosen = choose_candidates(ranked, joined, config, want, drops)
+        chosen = choose_candidates(ranked, joined, config, want, drops, copied)
         if not chosen:
             out.stop_reason = "no candidates"
             break
@@ -413,19 +462,41 @@ def enrichment_loop(
     return out
 
 
+def _copied_values(
+    texts: Sequence[str], prompts: Sequence[str] | None, train: list[str], config: EnrichConfig
+) -> CopiedValues | None:
+    """The copied-value statistics of the training outputs, when the filter is on (it needs the prompts)."""
+    if config.max_copied >= 1.0:
+        return None
+    if prompts is None:
+        raise VocabEnrichmentError("max_copied < 1 needs the rows' prompts (e.g. enrich-vocab --prompt-column)")
+    if len(prompts) != len(texts):
+        raise VocabEnrichmentError(f"{len(texts)} outputs but {len(prompts)} prompts")
+    keep = set(train)
+    pairs = [(t, p) for t, p in zip(texts, prompts) if isinstance(t, str) and t and t in keep]
+    return CopiedValues([t for t, _ in pairs], [p if isinstance(p, str) else "" for _, p in pairs])
+
+
 def enrich_tokenizer(
-    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], config: EnrichConfig | None = None, progress: bool = True
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    config: EnrichConfig | None = None,
+    progress: bool = True,
+    prompts: Sequence[str] | None = None,
 ) -> EnrichResult:
-    """Run the enrichment loop on a copy of `tokenizer` over the outputs `texts`; the input is left unchanged."""
+    """Run the enrichment loop on a copy of `tokenizer` over the outputs `texts` (and their rows' `prompts`, which
+    the copied-value filter reads); the input is left unchanged."""
     config = config or EnrichConfig()
     config.validate()
-    texts = [t for t in texts if isinstance(t, str) and t]
+    all_texts = list(texts)
+    texts = [t for t in all_texts if isinstance(t, str) and t]
     if not texts:
         raise VocabEnrichmentError("the corpus has no non-empty outputs (empty corpus)")
     if not getattr(tokenizer, "is_fast", False):
         raise VocabEnrichmentError("vocabulary enrichment needs a fast (tokenizers-backed) tokenizer")
     train, held = split_corpus(texts, config.holdout, config.seed)
-    loop = enrichment_loop(tokenizer, train, config, progress)
+    copied = _copied_values(all_texts, prompts, train, config)
+    loop = enrichment_loop(tokenizer, train, config, progress, copied)
     bad = roundtrip_failures(loop.tokenizer, texts)
     if bad:
         raise VocabEnrichmentError(f"decode(encode(s)) != s for {len(bad)}+ corpus texts, e.g. {bad[0]!r}")
@@ -477,7 +548,12 @@ def _load_base(model: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, st
 
 
 def enrich_model(
-    model: str, texts: Sequence[str], out: str | Path, config: EnrichConfig | None = None, progress: bool = True
+    model: str,
+    texts: Sequence[str],
+    out: str | Path,
+    config: EnrichConfig | None = None,
+    progress: bool = True,
+    prompts: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Enrich `model`'s tokenizer on `texts`, init the new rows, save a plain HF directory to `out`, written
     aside and moved into place (`tasc_ray.io.atomic_directory`). Returns the report (also saved as
@@ -491,7 +567,7 @@ def enrich_model(
     t0 = time.perf_counter()
     model_obj, tokenizer, source = _load_base(model)
     old_size = model_obj.get_input_embeddings().weight.shape[0]
-    result = enrich_tokenizer(tokenizer, texts, config, progress)
+    result = enrich_tokenizer(tokenizer, texts, config, progress, prompts)
     init_new_embeddings(model_obj, result.new_tokens, old_size)
     report = result.report()
     report.update(

@@ -124,3 +124,15 @@ def test_finetune_reads_s3(tmp_path, enriched_dir, train_file, s3_bucket, capsys
     assert summary["rows"] == 32 and summary["steps"] == 1 and (out / "config.json").is_file()
     assert main([*args[:-1], str(tmp_path / "ft2"), "--train", f"s3://{s3_bucket}/missing/"]) == 2
     assert "no such key" in capsys.readouterr().err and not (tmp_path / "ft2").exists()
+
+
+def test_enrich_vocab_keeps_copied_values_out(tmp_path, tiny_model_dir, task_rows, capsys):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"output": r["output"], "prompt": r["text"]}) + "\n" for r in task_rows))
+    args = ["enrich-vocab", "--model", str(tiny_model_dir), "--corpus", str(corpus), "--max-copied", "0.5"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    assert "needs --prompt-column" in capsys.readouterr().err
+    out = tmp_path / "b"
+    assert main([*args, "--prompt-column", "prompt", "--budget", "20", "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["config"]["max_copied"] == 0.5 and sum(it["dropped_copied"] for it in summary["iterations"]) > 0

@@ -90,6 +90,28 @@ def test_field_boundaries(tiny_tokenizer, outputs, enriched):
         EnrichConfig(no_cross=("",)).validate()
 
 
+def test_copied_values_stay_out_of_new_tokens(tiny_tokenizer, task_rows, outputs):
+    """With max_copied, no new token carries a piece of a value its rows' prompts hold (names, foods, areas)."""
+    from tasc_ray.ft.enrich import CopiedValues
+
+    prompts = [r["text"] for r in task_rows]
+    values = CopiedValues(["name[The Eagle], food[Thai]", "name[Zizzi]"], ["The Eagle serves Thai food.", "Zizzi."])
+    assert values.share("name[The") == 1.0 and values.share("agle],") == 1.0 and values.share("name[") == 0.0
+    assert values.share("], ") == 0.0  # no word piece: nothing to copy
+    config = EnrichConfig(budget=60, per_iteration=20, max_copied=0.5)
+    kept = enrich_tokenizer(tiny_tokenizer, outputs, config, progress=False, prompts=prompts)
+    assert kept.new_tokens and sum(it.dropped_copied for it in kept.iterations) > 0
+    rows = CopiedValues(outputs, prompts)
+    assert all(rows.share(t.token) <= 0.5 for t in kept.new_tokens)
+    default = enrich_tokenizer(tiny_tokenizer, outputs, EnrichConfig(budget=60, per_iteration=20), progress=False)
+    assert any(rows.share(t.token) > 0.5 for t in default.new_tokens), "without the filter values become tokens"
+    assert roundtrip_failures(kept.tokenizer, outputs, limit=len(outputs)) == []
+    with pytest.raises(VocabEnrichmentError, match="needs the rows' prompts"):
+        enrich_tokenizer(tiny_tokenizer, outputs, config, progress=False)
+    with pytest.raises(VocabEnrichmentError, match="outputs but"):
+        enrich_tokenizer(tiny_tokenizer, outputs, config, progress=False, prompts=prompts[:3])
+
+
 def test_non_ascii_and_budget_stop(tiny_tokenizer):
     texts = [f"price[less than £20], name[Café {i % 7}], area[riverside]" for i in range(60)]
     result = enrich_tokenizer(
