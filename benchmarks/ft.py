@@ -58,6 +58,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    add_task_arguments(p)
+    add_run_arguments(p)
+    p.set_defaults(handler=run)
+    from benchmarks import ft_vocab
+
+    ft_vocab.register(subparsers, add_task_arguments)
+
+
+def add_task_arguments(p: argparse.ArgumentParser) -> None:
+    """The model and the task: an E2E preset or --train/--eval files, and how many rows of each."""
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument(
         "--direction",
@@ -79,6 +89,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--train-rows", type=int, default=256)
     p.add_argument("--eval-rows", type=int, default=48, help="prompts per evaluation split")
     p.add_argument("--holdout-fraction", type=float, default=0.2, help="share of devset MRs held out")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Enrichment, fine-tuning and decoding settings of `bench ft`."""
     p.add_argument("--budget", type=int, default=500, help="most new tokens")
     p.add_argument("--max-n", type=int, default=8)
     p.add_argument("--per-iteration", type=int, default=50)
@@ -121,7 +136,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="decode device: cpu or cuda (default: cuda when present)")
     p.add_argument("--gen-batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--reuse-original",
         default=None,
@@ -133,7 +147,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--work-dir", default="benchmarks/cache/ft", help="models and Ray storage (not committed)")
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=run)
 
 
 # ----- decoding -----

@@ -154,3 +154,26 @@ def test_generic_bench_ft_end_to_end(tmp_path, task_rows, tiny_model_dir):
     with pytest.raises(ValueError, match="not both"):
         args.direction = "text2mr"
         args.handler(args)
+
+
+def test_ft_vocab_compares_enrichment_settings(tmp_path, task_rows, tiny_model_dir):
+    from benchmarks.ft_vocab import parse_variant
+    from tasc_ray.cli.main import build_parser
+
+    assert parse_variant("a:min_count=10,max_copied=0.5,prefix_filter=false") == (
+        "a",
+        {"min_count": 10, "max_copied": 0.5, "prefix_filter": False},
+    )
+    with pytest.raises(ValueError, match="unknown setting 'mincount'"):
+        parse_variant("a:mincount=3")
+    (tmp_path / "d").mkdir()
+    train, evals = _task_files(tmp_path / "d", task_rows)
+    args = build_parser("bench", ["benchmarks.ft"], "test").parse_args(
+        ["ft-vocab", "--model", str(tiny_model_dir), "--train", str(train), "--eval", str(evals), "--budget", "20",
+         "--min-count", "2", "--variant", "all:", "--variant", "out:max_copied=0.5", "--out-dir", str(tmp_path)]
+    )  # fmt: skip
+    r = args.handler(args)
+    full, out = r["variants"]
+    assert full["new_tokens"] == 20 and full["eval"]["reduction"] > out["eval"]["reduction"] > 0
+    assert full["copied_value_share"] > 0 and out["copied_value_share"] == 0
+    assert "| out | max_copied=0.5 |" in (tmp_path / "ft_vocab_d_cpu.md").read_text()
