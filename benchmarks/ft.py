@@ -108,6 +108,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         default=1.0,
         help="learning-rate multiplier for the new tokens' embedding rows (LoRA and full)",
     )
+    p.add_argument(
+        "--new-token-warmup-steps",
+        type=int,
+        default=0,
+        help="steps that train the new tokens' rows alone before the schedule (the original model has none)",
+    )
     p.add_argument("--min-count", type=int, default=2, help="least occurrences of a new token's n-gram")
     p.add_argument(
         "--max-copied",
@@ -368,6 +374,7 @@ def finetune_config(args: argparse.Namespace, work: Path, name: str, model: str)
         lora_r=args.lora_r,
         full=args.full,
         new_token_lr_mult=getattr(args, "new_token_lr_mult", 1.0),
+        new_token_warmup_steps=getattr(args, "new_token_warmup_steps", 0),
         num_workers=args.num_workers,
         use_gpu=args.use_gpu,
         bf16=args.bf16,

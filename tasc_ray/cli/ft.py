@@ -106,6 +106,12 @@ def add_finetune_arguments(ft: argparse.ArgumentParser) -> None:
         default=1.0,
         help="learning-rate multiplier for the new tokens' embedding rows (LoRA and full)",
     )
+    ft.add_argument(
+        "--new-token-warmup-steps",
+        type=int,
+        default=0,
+        help="steps that train the new tokens' embedding rows alone, before the schedule",
+    )
     ft.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     ft.add_argument("--num-workers", type=int, default=1)
     ft.add_argument("--cpus-per-worker", type=float, default=None)
@@ -167,6 +173,7 @@ def _finetune(args: argparse.Namespace) -> dict[str, Any]:
         lr=args.lr,
         lora_r=args.lora_r,
         new_token_lr_mult=args.new_token_lr_mult,
+        new_token_warmup_steps=args.new_token_warmup_steps,
         full=args.full,
         num_workers=args.num_workers,
         cpus_per_worker=args.cpus_per_worker,

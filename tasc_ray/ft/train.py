@@ -59,6 +59,7 @@ class FinetuneConfig:
     lora_r: int = 16
     lora_alpha: int | None = None  # default 2 * lora_r
     new_token_lr_mult: float = 1.0  # learning-rate multiplier for the new tokens' embedding rows (LoRA and full)
+    new_token_warmup_steps: int = 0  # steps that train the new tokens' rows alone, before the schedule (0: none)
     full: bool = False
     num_workers: int = 1
     cpus_per_worker: float | None = None  # default: the cluster's CPUs shared among the workers
@@ -81,6 +82,8 @@ class FinetuneConfig:
     def validate(self) -> None:
         if self.epochs <= 0:
             raise FinetuneError(f"epochs must be positive, got {self.epochs}")
+        if self.new_token_warmup_steps < 0:
+            raise FinetuneError(f"new_token_warmup_steps must be >= 0, got {self.new_token_warmup_steps}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise FinetuneError(f"max_steps must be positive, got {self.max_steps}")
         if self.num_workers < 1 or self.batch_size < self.num_workers:
@@ -111,6 +114,7 @@ class LoopConfig:
     lora_alpha: int | None = None
     lr: float = 2e-4
     new_token_lr_mult: float = 1.0
+    new_token_warmup_steps: int = 0
     epochs: int = 3
     max_steps: int | None = None
     batch_size: int = 8
@@ -130,6 +134,7 @@ class LoopConfig:
             lora_alpha=cfg.lora_alpha,
             lr=cfg.resolved_lr(),
             new_token_lr_mult=cfg.new_token_lr_mult,
+            new_token_warmup_steps=cfg.new_token_warmup_steps,
             epochs=cfg.epochs,
             max_steps=cfg.max_steps,
             batch_size=cfg.batch_size,
@@ -272,6 +277,43 @@ class NewRowBoost:
             w[self.ids] = old + (w[self.ids] - old) * self.mult
 
 
+class NewRowWarmup:
+    """Warm-up steps that train the new tokens' rows alone: after the backward pass every other gradient is dropped
+    (AdamW skips a parameter without one), and in full fine-tuning the embedding matrix's gradient is kept on the
+    new rows only. A model without new tokens has nothing to warm up."""
+
+    def __init__(self, model: Any, new_ids: list[int], full: bool) -> None:
+        self.keep: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (parameter, rows to keep or None for all)
+        if not new_ids:
+            return
+        if full:
+            rows = torch.tensor(new_ids, dtype=torch.long)
+            matrices = [model.get_input_embeddings().weight]
+            head = model.get_output_embeddings()
+            if head is not None and head.weight is not matrices[0]:
+                matrices.append(head.weight)
+            self.keep = [(w, rows.to(w.device)) for w in matrices]
+        else:
+            self.keep = [(p, None) for n, p in model.named_parameters() if "trainable_tokens_delta" in n]
+        self.model = model
+
+    @property
+    def active(self) -> bool:
+        return bool(self.keep)
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        kept = {id(p) for p, _ in self.keep}
+        for p in self.model.parameters():
+            if id(p) not in kept:
+                p.grad = None
+        for p, rows in self.keep:
+            if rows is not None and p.grad is not None:
+                mask = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
+                mask[rows] = True
+                p.grad[~mask] = 0
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------------------
@@ -328,6 +370,7 @@ class _Trainer:
     optimizer: torch.optim.Optimizer
     params: list[torch.Tensor]
     boost: NewRowBoost
+    warmup: NewRowWarmup
     examples: list[tuple[list[int], list[int]]]
     pad_id: int
     epoch: int = 0
@@ -349,8 +392,9 @@ def _setup(cfg: LoopConfig, session: Session) -> _Trainer:
     # LoRA gives the new rows their own parameter group above; full fine-tuning scales their step instead
     boost = NewRowBoost(model, new_token_ids(tokenizer) if cfg.full else [], cfg.new_token_lr_mult)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    warmup = NewRowWarmup(model, new_token_ids(tokenizer), cfg.full)
     examples = encode_rows(tokenizer, cfg.rows, cfg.max_length)
-    trainer = _Trainer(model, optimizer, [p for _, p in named], boost, examples, pad_id)
+    trainer = _Trainer(model, optimizer, [p for _, p in named], boost, warmup, examples, pad_id)
     state = session.latest_state()
     if state is not None:
         load_trainable_state(model, state["model"], cfg.full)
@@ -364,27 +408,52 @@ def _setup(cfg: LoopConfig, session: Session) -> _Trainer:
     return trainer
 
 
+def _step(t: _Trainer, cfg: LoopConfig, session: Session, batch_idx: list[int], warmup: bool = False) -> float:
+    """One optimizer step on the worker's share of a global batch (warm-up: the new rows alone)."""
+    use_bf16 = cfg.bf16 and session.device.type == "cuda"
+    batch = {k: v.to(session.device) for k, v in _collate([t.examples[j] for j in batch_idx], t.pad_id).items()}
+    with torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        loss = t.model(**batch).loss
+    loss.backward()
+    if warmup:
+        t.warmup.mask_gradients()
+    torch.nn.utils.clip_grad_norm_([p for p in t.params if p.grad is not None], 1.0)
+    t.boost.before_step()
+    t.optimizer.step()
+    t.boost.after_step()
+    t.optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def _batches(t: _Trainer, cfg: LoopConfig, session: Session, seed: int) -> list[list[int]]:
+    """The worker's share of every global batch of one shuffled pass over the rows."""
+    order = list(range(len(t.examples)))
+    random.Random(seed).shuffle(order)
+    steps = max(1, len(t.examples) // cfg.batch_size)
+    return [order[i * cfg.batch_size : (i + 1) * cfg.batch_size][session.rank :: session.world] for i in range(steps)]
+
+
+def _warm_up_new_rows(t: _Trainer, cfg: LoopConfig, session: Session) -> None:
+    """`new_token_warmup_steps` steps on the new tokens' rows alone, before the schedule (not on resume)."""
+    if not cfg.new_token_warmup_steps or not t.warmup.active or t.step > 0:
+        return
+    batches: list[list[int]] = []
+    while len(batches) < cfg.new_token_warmup_steps:
+        batches += _batches(t, cfg, session, seed=cfg.seed * 1000 - 1 - len(batches))
+    losses = [_step(t, cfg, session, b, warmup=True) for b in batches[: cfg.new_token_warmup_steps]]
+    logger.info(
+        "rank %d: %d warm-up steps on the new rows, loss %.4f -> %.4f", session.rank, len(losses), losses[0], losses[-1]
+    )
+
+
 def _train_epoch(t: _Trainer, cfg: LoopConfig, session: Session, max_steps: int) -> None:
     """One pass over the shuffled rows (each worker takes its share of every global batch)."""
-    steps_per_epoch = max(1, len(t.examples) // cfg.batch_size)
-    order = list(range(len(t.examples)))
-    random.Random(cfg.seed * 1000 + t.epoch).shuffle(order)
-    use_bf16 = cfg.bf16 and session.device.type == "cuda"
     t.losses = []
-    for i in tqdm(range(steps_per_epoch), desc=f"epoch {t.epoch + 1}", disable=session.rank != 0 or not cfg.progress):
+    batches = _batches(t, cfg, session, seed=cfg.seed * 1000 + t.epoch)
+    for batch_idx in tqdm(batches, desc=f"epoch {t.epoch + 1}", disable=session.rank != 0 or not cfg.progress):
         if t.step >= max_steps:
             break
-        batch_idx = order[i * cfg.batch_size : (i + 1) * cfg.batch_size][session.rank :: session.world]
-        batch = {k: v.to(session.device) for k, v in _collate([t.examples[j] for j in batch_idx], t.pad_id).items()}
-        with torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = t.model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(t.params, 1.0)
-        t.boost.before_step()
-        t.optimizer.step()
-        t.boost.after_step()
-        t.optimizer.zero_grad(set_to_none=True)
-        t.losses.append(loss.item())
+        t.losses.append(_step(t, cfg, session, batch_idx))
         t.step += 1
     t.epoch += 1
 
@@ -394,6 +463,7 @@ def run_training(cfg: LoopConfig, session: Session, after_epoch: EpochHook | Non
     t = _setup(cfg, session)
     max_steps = cfg.max_steps or max(1, len(t.examples) // cfg.batch_size) * cfg.epochs
     t.model.train()
+    _warm_up_new_rows(t, cfg, session)
     while t.epoch < cfg.epochs and t.step < max_steps:
         t0 = time.perf_counter()
         _train_epoch(t, cfg, session, max_steps)

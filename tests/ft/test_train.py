@@ -127,3 +127,31 @@ def test_loop_config_is_typed_and_the_public_config_has_no_test_hook():
     assert not hasattr(cfg, "fail_after_epoch")
     with pytest.raises(FinetuneError, match="trainer"):
         FinetuneConfig(model="m", train="t", out="o", trainer="spark").validate()
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_new_token_warmup_trains_the_new_rows_alone(tmp_path, enriched_dir, task_rows, full):
+    """Warm-up steps move the new tokens' rows and nothing else (full fine-tuning and LoRA); none on resume."""
+    from tasc_ray.ft.train import LocalSession, _setup, _warm_up_new_rows
+
+    rows = [{"prompt": r["text"] + "\nMR:\n", "output": r["output"]} for r in task_rows[:16]]
+    loop = LoopConfig(model_path=str(enriched_dir), rows=rows, full=full, lr=1e-2, batch_size=4)
+    loop.new_token_warmup_steps = 3
+    t = _setup(loop, LocalSession(tmp_path / "s", use_gpu=False))
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    _warm_up_new_rows(t, loop, LocalSession(tmp_path / "s", use_gpu=False))
+    changed = {n for n, p in t.model.named_parameters() if not torch.equal(p, before[n])}
+    new_ids = new_token_ids(AutoTokenizer.from_pretrained(enriched_dir))
+    if full:
+        assert changed == {"model.embed_tokens.weight"}
+        emb = dict(t.model.named_parameters())["model.embed_tokens.weight"]
+        moved = (emb != before["model.embed_tokens.weight"]).any(dim=1).nonzero().flatten().tolist()
+        assert moved and set(moved) <= set(new_ids)
+    else:
+        assert changed and all("trainable_tokens_delta" in n for n in changed)
+    t.step = 5  # a resumed run does not warm up again
+    snapshot = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    _warm_up_new_rows(t, loop, LocalSession(tmp_path / "s", use_gpu=False))
+    assert all(torch.equal(p, snapshot[n]) for n, p in t.model.named_parameters())
+    with pytest.raises(FinetuneError, match="new_token_warmup_steps"):
+        FinetuneConfig(model="m", train="t", out="o", new_token_warmup_steps=-1).validate()
