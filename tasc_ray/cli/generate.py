@@ -52,6 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--max-order", type=int, default=DEFAULT_MAX_ORDER, help="n-gram order N (contexts 1..N-1)")
     build.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="continuations kept per context")
     build.add_argument("--min-count", type=int, default=1, help="drop continuations seen fewer times")
+    build.add_argument(
+        "--no-suffix", action="store_true", help="do not keep the corpus's tokens (for matches longer than the orders)"
+    )
 
     gen = add_command(subparsers, "generate", _generate, "generate from a prompt or chat messages with TASC-spec")
     source = gen.add_mutually_exclusive_group(required=True)
@@ -73,7 +76,9 @@ def _build_index(args: argparse.Namespace) -> dict[str, Any]:
     corpus = read_texts(args.input, args.column)
     tokenizer = load_tokenizer(args.model)
     t0 = time.perf_counter()
-    index = NgramIndex.from_texts(corpus.texts, tokenizer, args.max_order, args.top_k, args.min_count)
+    index = NgramIndex.from_texts(
+        corpus.texts, tokenizer, args.max_order, args.top_k, args.min_count, suffix=not args.no_suffix
+    )
     index.save(args.out, storage_options_for(args.out))
     elapsed = time.perf_counter() - t0
     logger.info(

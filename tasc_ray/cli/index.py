@@ -111,6 +111,12 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-order", type=int, default=DEFAULT_MAX_ORDER, help="n-gram order N (contexts 1..N-1)")
     parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="continuations kept per context")
     parser.add_argument("--min-count", type=int, default=1, help="drop continuations seen fewer times")
+    parser.add_argument(
+        "--no-suffix",
+        action="store_true",
+        help="do not keep the corpus's tokens (the token store for matches longer than the orders; ~8 bytes a token "
+        "in memory)",
+    )
     parser.add_argument("--num-workers", type=int, default=2, help="tokenise/count actors (Ray Data actor pool)")
     parser.add_argument(
         "--num-reducers", type=int, default=None, help="hash partitions of the count shuffle (default: --num-workers)"
@@ -158,6 +164,7 @@ def run_index(args: argparse.Namespace) -> dict[str, Any]:
             num_reducers=args.num_reducers,
             batch_size=args.batch_size,
             cpus_per_worker=args.cpus_per_worker,
+            suffix=not args.no_suffix,
         )
     finally:
         if started:
@@ -213,7 +220,7 @@ def index_stats(path: str, storage_options: dict[str, Any] | None = None) -> dic
             "continuations_per_context": continuations / contexts if contexts else 0.0,
             "truncated_contexts": truncated[m],
             "memory_bytes": t.nbytes,
-            "file_bytes": next((int(i["bytes"]) for i in manifest["files"].values() if i["order"] == m), 0),
+            "file_bytes": next((int(i["bytes"]) for i in manifest["files"].values() if i.get("order") == m), 0),
         }
     unigram = index.tables[1].totals if 1 in index.tables else np.zeros(0, np.int64)
     contexts_total = sum(o["contexts"] for o in orders.values())
@@ -229,6 +236,7 @@ def index_stats(path: str, storage_options: dict[str, Any] | None = None) -> dic
         "corpus_tokens": index.n_tokens,
         "tokens_per_sequence": index.n_tokens / index.n_sequences if index.n_sequences else 0.0,
         "orders": orders,
+        "suffix_tokens": stats["suffix_tokens"],
         "contexts": contexts_total,
         "disk_bytes": disk,
         "memory_bytes": index.nbytes,

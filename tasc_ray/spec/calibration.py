@@ -1,63 +1,96 @@
-"""AcceptanceCalibration: what the drafter's raw path probabilities are worth, learned from verification.
+"""AcceptanceCalibration: the chance a draft token is accepted, learned from the engine's own verification passes.
 
-The drafter scores a draft prefix by a product of n-gram frequencies, one factor per token. A factor is not the
-chance the target accepts that token once the tokens before it were accepted: it is overconfident on free text
-(many continuations are plausible, the model picks another) and may be underconfident on templated output. The
-calibration bins the per-token factors and counts, per bin, how often a token reached by verification (every
-token before it accepted) was accepted itself; a calibrated factor is the bin's accepted share, pulled toward the
-raw factor while the bin has little evidence, and a prefix's calibrated probability is the product of its
-calibrated factors. Draft lengths are chosen on those (`best_draft_length`), so a task whose drafts fail stops
-drafting and decodes plainly.
+A draft token comes from one source (the row's own context, the corpus index, or the live overlay of finished
+outputs) with a raw score: the share of the matched occurrences that continue with it. A raw share is not the
+chance the target accepts the token once the tokens before it were accepted: a one-occurrence 30-token match says
+1.0 and is usually right, a one-token match that says 1.0 on free text usually is not, and the same share means
+more deep in a draft that has held so far. So the calibration counts, per (source, match length, draft depth) and
+raw-score bin, how often a token that verification reached (every token before it accepted) was accepted itself.
+A calibrated probability is that share, pulled toward the raw score's bin across all keys while the key has little
+evidence, and that bin's share in turn toward the raw score: two levels of smoothing, so a new task starts from the
+raw scores and moves to measured ones within a few dozen passes. The drafter picks continuations and cuts drafts on
+these probabilities (drafter.py, draft_length.py), so a task whose drafts fail stops drafting and decodes plainly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+Key = tuple[str, int, int]  # (source, match-length bucket, depth bucket)
+
+_LENGTH_BUCKETS = (1, 2, 3, 4, 6, 9, 17, 33)  # bucket b holds match lengths from _LENGTH_BUCKETS[b]
+_DEPTH_BUCKETS = (0, 1, 2, 3, 5, 9)
+
+
+def _bucket(value: int, starts: Sequence[int]) -> int:
+    b = 0
+    while b + 1 < len(starts) and value >= starts[b + 1]:
+        b += 1
+    return b
+
+
+def calibration_key(source: str, match_length: int, depth: int) -> Key:
+    """The key a draft token is calibrated under: its source, its match length and depth, both bucketed."""
+    return source, _bucket(match_length, _LENGTH_BUCKETS), _bucket(depth, _DEPTH_BUCKETS)
+
 
 class AcceptanceCalibration:
-    """Raw per-token factor -> measured chance the token is accepted given its prefix was, by bins on [0, 1]."""
+    """(key, raw-score bin) -> measured share of reached draft tokens that were accepted."""
 
     def __init__(self, bins: int = 10, prior: float = 8.0) -> None:
-        """`prior`: how many observations a bin needs before its measured share outweighs the raw score."""
+        """`prior`: how many observations a cell needs before its measured share outweighs what it backs off to."""
         self.bins, self.prior = bins, prior
-        self.trials = [0] * bins
-        self.accepted = [0] * bins
+        self.by_bin = [[0, 0] for _ in range(bins)]  # [trials, accepted] per raw-score bin, all keys
+        self.by_key: dict[tuple[Key, int], list[int]] = {}
 
     def _bin(self, p: float) -> int:
         return min(self.bins - 1, max(0, int(p * self.bins)))
 
-    def __call__(self, p: float) -> float:
+    def __call__(self, p: float, key: Key | None = None) -> float:
+        """Calibrated chance that a reached draft token with raw score p (and key) is accepted."""
         b = self._bin(p)
-        return (self.accepted[b] + self.prior * p) / (self.trials[b] + self.prior)
+        trials, accepted = self.by_bin[b]
+        share = (accepted + self.prior * p) / (trials + self.prior)
+        if key is None:
+            return share
+        trials, accepted = self.by_key.get((key, b), (0, 0))
+        return (accepted + self.prior * share) / (trials + self.prior)
 
-    def path(self, raw_path: Sequence[float]) -> list[float]:
-        """Calibrated probabilities that each prefix of a draft is accepted, from its raw path probabilities."""
+    def path(self, factors: Sequence[float], keys: Sequence[Key] | None = None) -> list[float]:
+        """Calibrated probabilities that each prefix of a draft is accepted, from its tokens' raw scores."""
         out: list[float] = []
-        for factor in _factors(raw_path):
-            out.append(self(factor) * (out[-1] if out else 1.0))
+        for j, p in enumerate(factors):
+            out.append(self(p, keys[j] if keys is not None else None) * (out[-1] if out else 1.0))
         return out
 
-    def observe(self, raw_path: Sequence[float], accepted: int) -> None:
-        """One verified draft with raw path probabilities `raw_path`, of which `accepted` tokens were taken: token j
-        was tried iff every token before it was accepted (j <= accepted), and taken iff j < accepted."""
-        for j, factor in enumerate(_factors(raw_path)[: accepted + 1]):
-            b = self._bin(factor)
-            self.trials[b] += 1
-            self.accepted[b] += j < accepted
+    def observe(self, factors: Sequence[float], accepted: int, keys: Sequence[Key] | None = None) -> None:
+        """One verified draft whose tokens had raw scores `factors` (and keys), of which `accepted` were taken:
+        token j was reached iff every token before it was accepted (j <= accepted), and taken iff j < accepted."""
+        for j, p in enumerate(factors[: accepted + 1]):
+            b, taken = self._bin(p), int(j < accepted)
+            self.by_bin[b][0] += 1
+            self.by_bin[b][1] += taken
+            if keys is not None:
+                cell = self.by_key.setdefault((keys[j], b), [0, 0])
+                cell[0] += 1
+                cell[1] += taken
 
     def table(self) -> list[dict[str, float]]:
-        """Per bin: its raw range, trials and measured share (for logs and /health)."""
+        """Per raw-score bin over all keys: its range, trials and measured share (for logs and /health)."""
         return [
             {
                 "raw_from": b / self.bins,
-                "trials": self.trials[b],
-                "accepted_share": self.accepted[b] / self.trials[b] if self.trials[b] else float("nan"),
+                "trials": trials,
+                "accepted_share": accepted / trials if trials else float("nan"),
             }
-            for b in range(self.bins)
+            for b, (trials, accepted) in enumerate(self.by_bin)
         ]
 
-
-def _factors(raw_path: Sequence[float]) -> list[float]:
-    """Per-token factors of a path: raw_path[j] / raw_path[j - 1]."""
-    return [p / prev if prev > 0 else 0.0 for p, prev in zip(raw_path, [1.0, *raw_path])]
+    def by_source(self) -> dict[str, dict[str, float]]:
+        """Per source: reached draft tokens and the share accepted."""
+        out: dict[str, list[int]] = {}
+        for ((source, _, _), _), (trials, accepted) in self.by_key.items():
+            cell = out.setdefault(source, [0, 0])
+            cell[0] += trials
+            cell[1] += accepted
+        return {s: {"trials": t, "accepted_share": a / t if t else 0.0} for s, (t, a) in sorted(out.items())}

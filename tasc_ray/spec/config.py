@@ -46,8 +46,13 @@ class DrafterConfig(BaseModel):
     )
     calibrate: bool = Field(
         True,
-        description="choose how many draft tokens to verify on acceptance probabilities learned from the "
-        "engine's own verification passes, not on raw n-gram frequencies",
+        description="pick draft tokens and how many to verify on acceptance probabilities learned from the engine's "
+        "own verification passes (by source, match length and depth), not on raw n-gram frequencies",
+    )
+    long_matches: bool = Field(
+        True,
+        description="match suffixes of any length (not only up to the n-gram order) in the row's tokens, the live "
+        "overlay and the index's token store, where it has one",
     )
 
     def for_index(self, has_index: bool) -> DrafterConfig:

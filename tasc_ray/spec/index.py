@@ -6,7 +6,9 @@ continuations by count. A whole batch of lookups is one `np.searchsorted` per or
 
 Counts are additive: `NgramCounts` from shards merge by summing, and an index can absorb new outputs. On
 disk (local or `s3://`) an index is one parquet file per order plus `manifest.json`, written last, with the
-format version, the tokenizer's name and fingerprint, the orders, corpus statistics and file checksums.
+format version, the tokenizer's name and fingerprint, the orders, corpus statistics and file checksums. An index
+also keeps the corpus's tokens (`suffix`, a TokenStore, suffix.py; `suffix.parquet` on disk) for matches longer
+than its orders; a version-1 index, without it, still loads and drafts from its orders.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ from tasc_ray.spec.index_format import (
     MANIFEST,
     IndexWriter,
     NgramIndexError,
+    hash_windows,
     read_index_files,
     read_manifest,
     tokenizer_fingerprint,
     tokenizer_meta,
 )
+from tasc_ray.spec.suffix import TokenStore
 
 __all__ = [
     "MANIFEST",
@@ -48,19 +52,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_ORDER = 4
 DEFAULT_TOP_K = 8
-
-_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
-_FNV_PRIME = np.uint64(0x100000001B3)
-_MIX = np.uint64(0x9E3779B97F4A7C15)
-
-
-def hash_windows(windows: np.ndarray) -> np.ndarray:
-    """FNV-1a-style 64-bit hash of each row of an [n, m] int array of token ids (m is part of the hash)."""
-    n, m = windows.shape
-    h = np.full(n, _FNV_OFFSET ^ np.uint64(m), dtype=np.uint64)
-    for j in range(m):
-        h = (h ^ (windows[:, j].astype(np.uint64) * _MIX)) * _FNV_PRIME
-    return h
+SUFFIX_FILE = "suffix.parquet"  # the corpus's tokens, for matches of any length (format version 2)
 
 
 @dataclass
@@ -228,15 +220,22 @@ class NgramIndex:
         vocab_size: int = 0,
         n_sequences: int = 0,
         n_tokens: int = 0,
+        suffix: TokenStore | None = None,
     ) -> None:
         self.tables, self.max_order, self.top_k, self.min_count = tables, max_order, top_k, min_count
         self.tokenizer_name, self.fingerprint, self.vocab_size = tokenizer_name, fingerprint, vocab_size
         self.n_sequences, self.n_tokens = n_sequences, n_tokens
+        self.suffix = suffix  # the corpus's tokens, for matches of any length (None: the n-gram orders only)
 
     # ----- building -----
     @classmethod
     def from_counts(
-        cls, counts: NgramCounts, top_k: int = DEFAULT_TOP_K, min_count: int = 1, tokenizer: Any = None
+        cls,
+        counts: NgramCounts,
+        top_k: int = DEFAULT_TOP_K,
+        min_count: int = 1,
+        tokenizer: Any = None,
+        suffix: TokenStore | None = None,
     ) -> NgramIndex:
         tables = {
             m: OrderTable.from_counts(
@@ -251,6 +250,7 @@ class NgramIndex:
             min_count,
             n_sequences=counts.n_sequences,
             n_tokens=counts.n_tokens,
+            suffix=suffix,
             **tokenizer_meta(tokenizer),
         )
 
@@ -262,9 +262,13 @@ class NgramIndex:
         top_k: int = DEFAULT_TOP_K,
         min_count: int = 1,
         tokenizer: Any = None,
+        suffix: bool = True,
     ) -> NgramIndex:
-        """Build from token-id sequences (outputs tokenised with the target model's tokenizer)."""
-        return cls.from_counts(NgramCounts.from_sequences(sequences, max_order), top_k, min_count, tokenizer)
+        """Build from token-id sequences (outputs tokenised with the target model's tokenizer); with `suffix`, keep
+        the sequences too, as a TokenStore for matches of any length."""
+        seqs = [np.asarray(s, dtype=np.int64) for s in sequences]
+        store = corpus_store(seqs) if suffix else None
+        return cls.from_counts(NgramCounts.from_sequences(seqs, max_order), top_k, min_count, tokenizer, store)
 
     @classmethod
     def from_texts(
@@ -275,9 +279,11 @@ class NgramIndex:
         top_k: int = DEFAULT_TOP_K,
         min_count: int = 1,
         batch_size: int = 1024,
+        suffix: bool = True,
     ) -> NgramIndex:
         """Tokenise output texts (no special tokens) and build."""
-        return cls.build(tokenize_texts(texts, tokenizer, batch_size), max_order, top_k, min_count, tokenizer)
+        sequences = tokenize_texts(texts, tokenizer, batch_size)
+        return cls.build(sequences, max_order, top_k, min_count, tokenizer, suffix)
 
     def merge(self, other: NgramIndex) -> NgramIndex:
         """Add another index's counts to this one's. Exact where neither side truncated a context to top_k."""
@@ -300,6 +306,11 @@ class NgramIndex:
             tables[m] = OrderTable.from_counts(
                 keys, nxt, cnt, tkeys, totals, max(self.top_k, other.top_k), max(self.min_count, other.min_count)
             )
+        suffix = None
+        if self.suffix is not None and other.suffix is not None:
+            suffix = corpus_store(self.suffix.sequences() + other.suffix.sequences())
+        elif self.suffix is not None or other.suffix is not None:
+            logger.warning("merging an index with a token store and one without: the merged index has none")
         return NgramIndex(
             tables,
             self.max_order,
@@ -310,6 +321,7 @@ class NgramIndex:
             self.vocab_size or other.vocab_size,
             self.n_sequences + other.n_sequences,
             self.n_tokens + other.n_tokens,
+            suffix,
         )
 
     # ----- querying -----
@@ -319,7 +331,7 @@ class NgramIndex:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tables.values())
+        return sum(t.nbytes for t in self.tables.values()) + (self.suffix.nbytes if self.suffix is not None else 0)
 
     def check_tokenizer(self, tokenizer: Any) -> None:
         """Refuse a tokenizer other than the one the index was built with (vocabulary size, then fingerprint)."""
@@ -375,6 +387,7 @@ class NgramIndex:
                 m: {"contexts": int(len(t.hashes)), "continuations": int(len(t.next_tokens))}
                 for m, t in self.tables.items()
             },
+            "suffix_tokens": self.suffix.size if self.suffix is not None else 0,
             "memory_bytes": self.nbytes,
         }
 
@@ -392,6 +405,10 @@ class NgramIndex:
                 "contexts": int(len(table.hashes)),
                 "continuations": int(len(table.next_tokens)),
             }
+        if self.suffix is not None:
+            buf = io.BytesIO()
+            pq.write_table(pa.table({"token": pa.array(self.suffix.tokens[: self.suffix.size], pa.int32())}), buf)
+            files[SUFFIX_FILE] = {"kind": "suffix", **writer.write(SUFFIX_FILE, buf.getvalue())}
         writer.commit(
             {
                 "tokenizer": {
@@ -404,6 +421,7 @@ class NgramIndex:
                 "top_k": self.top_k,
                 "min_count": self.min_count,
                 "corpus": {"sequences": self.n_sequences, "tokens": self.n_tokens},
+                "suffix": {"tokens": self.suffix.size} if self.suffix is not None else None,
             },
             files,
         )
@@ -414,10 +432,13 @@ class NgramIndex:
     def load(cls, path: str, storage_options: dict[str, Any] | None = None) -> NgramIndex:
         """Read an index, verifying the manifest and each file's checksum."""
         manifest = read_manifest(path, storage_options)
-        tables = {
-            int(info["order"]): OrderTable.from_arrow(pq.read_table(io.BytesIO(data)))
-            for info, data in read_index_files(path, manifest, storage_options)
-        }
+        tables, suffix = {}, None
+        for info, data in read_index_files(path, manifest, storage_options):
+            table = pq.read_table(io.BytesIO(data))
+            if info.get("kind") == "suffix":
+                suffix = TokenStore.from_tokens(table.column("token").to_numpy())
+            else:
+                tables[int(info["order"])] = OrderTable.from_arrow(table)
         missing = set(manifest["orders"]) - set(tables)
         if missing:
             raise NgramIndexError(f"index {path}: manifest lists no file for orders {sorted(missing)}")
@@ -432,7 +453,14 @@ class NgramIndex:
             tok["vocab_size"],
             manifest["corpus"]["sequences"],
             manifest["corpus"]["tokens"],
+            suffix,
         )
+
+
+def corpus_store(sequences: Iterable[Sequence[int] | np.ndarray]) -> TokenStore:
+    """The corpus's TokenStore: its sequences in a canonical (sorted) order, so that any build of the same corpus,
+    in one process or sharded over a Ray cluster, stores the same bytes."""
+    return TokenStore.frozen(sorted(tuple(np.asarray(s).tolist()) for s in sequences if len(s)))
 
 
 def tokenize_texts(texts: Iterable[str], tokenizer: Any, batch_size: int = 1024) -> list[np.ndarray]:

@@ -1,5 +1,6 @@
 """The n-gram index on disk: one parquet file per order and `manifest.json`, written last, holding the format
-version, the tokenizer (name, fingerprint, vocab size), the orders, corpus statistics and each file's sha256.
+version, the tokenizer (name, fingerprint, vocab size), the orders, corpus statistics and each file's sha256; the
+64-bit context hash (`hash_windows`) the files are keyed by is part of the format.
 
 An index is complete exactly when its manifest exists: a writer removes the old manifest before it changes any
 file and writes the new one after all of them. A reader refuses a missing manifest, another format or version,
@@ -16,12 +17,28 @@ from collections.abc import Iterator
 from typing import Any
 
 import fsspec
+import numpy as np
 
 from tasc_ray.io import storage_options_for
 
 FORMAT_NAME = "tasc_ray.ngram_index"  # the on-disk format's name, kept across code moves
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: an optional token store (suffix.parquet) for matches of any length
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
+
+
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+
+
+def hash_windows(windows: np.ndarray) -> np.ndarray:
+    """FNV-1a-style 64-bit hash of each row of an [n, m] int array of token ids (m is part of the hash)."""
+    n, m = windows.shape
+    h = np.full(n, _FNV_OFFSET ^ np.uint64(m), dtype=np.uint64)
+    for j in range(m):
+        h = (h ^ (windows[:, j].astype(np.uint64) * _MIX)) * _FNV_PRIME
+    return h
 
 
 class NgramIndexError(ValueError):
@@ -79,10 +96,10 @@ def read_manifest(path: str, storage_options: dict[str, Any] | None = None) -> d
         raise NgramIndexError(f"{path}/{MANIFEST} is not valid JSON: {exc}") from exc
     if manifest.get("format") != FORMAT_NAME:
         raise NgramIndexError(f"{path}/{MANIFEST} is not a {FORMAT_NAME} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise NgramIndexError(
             f"{path}: index format version {manifest.get('format_version')} is not supported "
-            f"(this tasc_ray reads version {FORMAT_VERSION})"
+            f"(this tasc_ray reads versions {', '.join(map(str, READABLE_VERSIONS))})"
         )
     return manifest
 

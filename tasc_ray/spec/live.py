@@ -3,7 +3,8 @@
 Every finished output is counted as soon as it finishes, so a replica or a label actor with no corpus index warms
 up on its task within a few hundred outputs and keeps up with drift (Suffix Decoding's cached responses, llama.cpp's
 dynamic n-gram cache). The overlay is bounded: past `capacity` outputs the oldest one's counts are taken out again.
-Lookups answer like `NgramIndex.longest_matches`, so the drafter treats the overlay as one more corpus; `outputs()`
+Lookups answer like `NgramIndex.longest_matches` (and, for matches of any length, like the corpus's TokenStore), so
+the drafter treats the overlay as one more source; `outputs()`
 returns what it holds, to be written out as the corpus of the next index build.
 """
 
@@ -15,16 +16,19 @@ from collections.abc import Sequence
 import numpy as np
 
 from tasc_ray.spec.index import Match
+from tasc_ray.spec.suffix import TokenStore
 
 
 class LiveNgrams:
     """Counts of (last m tokens) -> next token over the last `capacity` outputs, for m = 1 .. max_order - 1."""
 
-    def __init__(self, max_order: int = 4, capacity: int = 1000, top_k: int = 8) -> None:
+    def __init__(self, max_order: int = 4, capacity: int = 1000, top_k: int = 8, long_matches: bool = True) -> None:
+        """`long_matches`: also keep the outputs in a TokenStore, for suffix matches of any length."""
         if max_order < 2 or capacity < 1:
             raise ValueError(f"LiveNgrams needs max_order >= 2 and capacity >= 1, got {max_order}, {capacity}")
         self.max_order, self.capacity, self.top_k = max_order, capacity, top_k
         self.table: dict[tuple[int, ...], dict[int, int]] = {}
+        self.store = TokenStore(capacity) if long_matches else None
         self._outputs: deque[tuple[int, ...]] = deque()
 
     def __len__(self) -> int:
@@ -37,6 +41,8 @@ class LiveNgrams:
             return
         self._count(output, +1)
         self._outputs.append(output)
+        if self.store is not None:
+            self.store.append(output, new_sequence=True)
         while len(self._outputs) > self.capacity:
             self._count(self._outputs.popleft(), -1)
 

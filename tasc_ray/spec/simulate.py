@@ -57,17 +57,19 @@ def simulate_acceptance(
     prompts: Sequence[Sequence[int]] | None = None,
     batch_size: int = 64,
     score_from: int = 0,
+    drafter: Drafter | None = None,
 ) -> dict[str, Any]:
     """Teacher-forced replay of `sequences` (token ids of true outputs) through a Drafter over `index`.
 
     `prompts` (optional, one token-id list per sequence) seed each row's context, as the prompt does when
     serving. Returns totals and ratios: `tokens_per_pass` (mean tokens per forward pass, the headline),
     `mean_accepted_per_pass`, `acceptance_rate` (accepted / drafted), the histogram of accepted lengths, the
-    per-sequence mean of tokens per pass, and drafting time per pass, over the sequences from `score_from` on."""
+    per-sequence mean of tokens per pass, and drafting time per pass, over the sequences from `score_from` on.
+    `drafter`: replay this drafter (anything with the Drafter interface) instead of one built from the config."""
     config = drafter_config or DrafterConfig()
     if prompts is not None and len(prompts) != len(sequences):
         raise ValueError(f"got {len(prompts)} prompts for {len(sequences)} sequences")
-    drafter = Drafter(index, config)
+    drafter = drafter if drafter is not None else Drafter(index, config)
     seqs = [[int(t) for t in s] for s in sequences]
     tally = _Tally(config.max_draft, score_from)
     for start in range(0, len(seqs), batch_size):
@@ -85,6 +87,7 @@ def simulate_acceptance(
         "tokens_per_pass": tokens / passes if passes else 0.0,
         "mean_accepted_per_pass": tally.accepted / passes if passes else 0.0,
         "drafted": tally.drafted,
+        "verified_per_pass": tally.drafted / passes if passes else 0.0,
         "accepted": tally.accepted,
         "acceptance_rate": tally.accepted / tally.drafted if tally.drafted else 0.0,
         "tokens_per_pass_per_sequence_mean": float(np.mean(per_seq)) if per_seq else 0.0,

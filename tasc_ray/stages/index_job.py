@@ -58,6 +58,7 @@ from tasc_ray.spec.index import (
     NgramIndex,
     OrderTable,
     _sum_by_key,
+    corpus_store,
 )
 from tasc_ray.spec.index_format import tokenizer_meta
 from tasc_ray.stages.datasets import read_dataset
@@ -76,6 +77,9 @@ _LIST_FILES_CPUS = 1.0  # Ray Data's ListFiles task
 # Statistics travel through the shuffle as rows of order -1, keyed by these ids, and are summed like counts.
 _STATS = ("rows", "sequences", "tokens", "skipped_null", "skipped_empty", "skipped_non_string")
 _STATS_ORDER = -1
+# With a token store, each sequence's tokens travel as rows of order -2: key = the sequence's id (random per block,
+# so the reducers' partitions split sequences evenly), next = the token, count = its position.
+_SEQUENCE_ORDER = -2
 
 
 class IndexJobError(ValueError):
@@ -150,13 +154,29 @@ def _count_rows_table(counts: NgramCounts, stats: dict[str, int]) -> pa.Table:
     )
 
 
+def _sequence_rows_table(ids: Sequence[Sequence[int]], rng: np.random.Generator) -> pa.Table:
+    """A block's token sequences as shuffle rows: order -2, key = sequence id, next = token, count = position."""
+    block_id = np.uint64(rng.integers(1 << 43)) << np.uint64(20)  # unique per block; 2^20 sequences per block
+    lengths = np.array([len(s) for s in ids], dtype=np.int64)
+    seq = np.repeat(np.arange(len(ids), dtype=np.uint64), lengths)
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return pa.table(
+        {
+            "order": np.full(int(lengths.sum()), _SEQUENCE_ORDER, np.int8),
+            "key": block_id + seq,
+            "next": np.concatenate([np.asarray(s, np.int32) for s in ids]).astype(np.int32),
+            "count": np.arange(int(lengths.sum()), dtype=np.int64) - starts,
+        }
+    )
+
+
 class CountBatch:
     """Ray Data map_batches UDF (one per actor): tokenise a block's texts and count its n-grams.
 
     A fast tokenizer travels as its `tokenizers` JSON and is rebuilt with the Rust library alone, so an actor
     starts without importing transformers; the ids are the same (the wrapper calls the same `encode_batch`)."""
 
-    def __init__(self, tokenizer: Any, column: str, max_order: int) -> None:
+    def __init__(self, tokenizer: Any, column: str, max_order: int, keep_tokens: bool = True) -> None:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker; scale with workers
         if isinstance(tokenizer, str):
             from tokenizers import Tokenizer
@@ -165,14 +185,16 @@ class CountBatch:
             self.encode = lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
         else:
             self.encode = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
-        self.column, self.max_order = column, max_order
+        self.column, self.max_order, self.keep_tokens = column, max_order, keep_tokens
+        self.rng = np.random.default_rng()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts, stats = split_texts(batch.column(self.column))
         ids = self.encode(texts) if texts else []
         counts = NgramCounts.from_sequences(ids, self.max_order)
         stats.update(sequences=counts.n_sequences, tokens=counts.n_tokens)
-        return _count_rows_table(counts, stats)
+        table = _count_rows_table(counts, stats)
+        return pa.concat_tables([table, _sequence_rows_table(ids, self.rng)]) if self.keep_tokens and ids else table
 
 
 def portable_tokenizer(tokenizer: Any) -> Any:
@@ -194,6 +216,7 @@ class Reducer:
         self.pending: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {m: [] for m in self.orders}
         self.pending_rows = 0
         self.stats = np.zeros(len(_STATS), np.int64)
+        self.sequence_rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.blocks = 0
         self.peak_rows = 0
 
@@ -207,6 +230,9 @@ class Reducer:
         mine = (key % np.uint64(self.num_partitions)) == np.uint64(self.partition)
         s = stat_rows & mine
         np.add.at(self.stats, key[s].astype(np.int64), cnt[s])
+        seq = mine & (order == _SEQUENCE_ORDER)
+        if seq.any():
+            self.sequence_rows.append((key[seq], nxt[seq], cnt[seq]))
         kept = 0
         for m in self.orders:
             sel = mine & (order == m)
@@ -253,12 +279,23 @@ class Reducer:
             tables[m] = OrderTable.from_counts(keys, nxt, cnt, tkeys, totals, top_k, min_count)
         return {
             "tables": tables,
+            "sequences": self._sequences(),
             "stats": dict(zip(_STATS, self.stats.tolist())),
             "blocks": self.blocks,
             "full_rows": self._full_rows(),
             "peak_full_rows": self.peak_rows,
             "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         }
+
+    def _sequences(self) -> list[np.ndarray]:
+        """This partition's token sequences, reassembled from their rows."""
+        if not self.sequence_rows:
+            return []
+        key, tok, pos = (np.concatenate(cols) for cols in zip(*self.sequence_rows))
+        order = np.lexsort((pos, key))
+        key, tok = key[order], tok[order]
+        cuts = np.flatnonzero(key[1:] != key[:-1]) + 1
+        return np.split(tok, cuts)
 
 
 def _partition_table(table: OrderTable, num_partitions: int) -> list[tuple[np.ndarray, ...]]:
@@ -346,8 +383,10 @@ def count_dataset(
     num_workers: int,
     batch_size: int,
     cpus_per_worker: float | None,
+    keep_tokens: bool = True,
 ) -> Any:
-    """The Ray Dataset of count blocks: read the column, cut it into batch-sized blocks, tokenise and count."""
+    """The Ray Dataset of count blocks: read the column, cut it into batch-sized blocks, tokenise and count (and,
+    with `keep_tokens`, pass the token sequences on for the index's token store)."""
     import ray
 
     if cpus_per_worker is None:  # leave room for Ray Data's listing and read tasks, or the job can stall
@@ -361,7 +400,12 @@ def count_dataset(
     ds = ds.repartition(target_num_rows_per_block=batch_size)
     return ds.map_batches(
         CountBatch,
-        fn_constructor_kwargs={"tokenizer": portable_tokenizer(tokenizer), "column": column, "max_order": max_order},
+        fn_constructor_kwargs={
+            "tokenizer": portable_tokenizer(tokenizer),
+            "column": column,
+            "max_order": max_order,
+            "keep_tokens": keep_tokens,
+        },
         batch_size=batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=num_workers),
@@ -447,11 +491,14 @@ def build_index_distributed(
     cpus_per_worker: float | None = None,
     cpus_per_reducer: float = DEFAULT_CPUS_PER_REDUCER,
     max_in_flight: int | None = None,
+    suffix: bool = True,
 ) -> IndexJobResult:
     """Count a corpus's n-grams on Ray Data and build the top-K index (Ray must be initialised).
 
     `tokenizer` is a Hugging Face tokenizer object (shipped once to each worker). With `append_to`, the new
-    counts are added to that index's (same tokenizer and max_order); the summary says whether that was exact."""
+    counts are added to that index's (same tokenizer and max_order); the summary says whether that was exact.
+    With `suffix`, the index keeps the corpus's tokens too (a TokenStore, for matches of any length), the same as
+    the in-process build's; appending to an index without one builds none."""
     import ray
 
     if max_order < 2:
@@ -471,7 +518,12 @@ def build_index_distributed(
         num_workers,
     )
     num_reducers = num_reducers or num_workers
-    counted = count_dataset(files, infos, tokenizer, column, max_order, num_workers, batch_size, cpus_per_worker)
+    if suffix and append_to is not None and append_to.suffix is None:
+        logger.warning("the index appended to has no token store (format version 1): the result has none either")
+        suffix = False
+    counted = count_dataset(
+        files, infos, tokenizer, column, max_order, num_workers, batch_size, cpus_per_worker, keep_tokens=suffix
+    )
     reduced = _run_job(
         counted,
         files,
@@ -484,7 +536,7 @@ def build_index_distributed(
         cpus_per_reducer=cpus_per_reducer,
         max_in_flight=max_in_flight or 4 * num_reducers,
     )
-    index, stats = _assemble(reduced, files, column, tokenizer, max_order, top_k, min_count, append_to)
+    index, stats = _assemble(reduced, files, column, tokenizer, max_order, top_k, min_count, append_to, suffix)
     summary = _job_summary(stats, reduced, len(files.paths), num_workers, num_reducers, time.perf_counter() - t0)
     if append_to is not None:
         summary.update(appended=True, append_exact=not any(base_truncated.values()))
@@ -506,6 +558,7 @@ def _assemble(
     top_k: int,
     min_count: int,
     append_to: NgramIndex | None,
+    suffix: bool = True,
 ) -> tuple[NgramIndex, dict[str, int]]:
     """The index from the reducers' disjoint partitions, and the corpus statistics summed over them."""
     results = reduced.results
@@ -523,8 +576,16 @@ def _assemble(
     if append_to is not None:
         n_sequences += append_to.n_sequences
         n_tokens += append_to.n_tokens
+    store = None
+    if suffix:
+        sequences = [seq for res in results for seq in res["sequences"]]
+        if append_to is not None and append_to.suffix is not None:
+            sequences += append_to.suffix.sequences()
+        store = corpus_store(sequences)
     meta = tokenizer_meta(tokenizer)
-    index = NgramIndex(tables, max_order, top_k, min_count, n_sequences=n_sequences, n_tokens=n_tokens, **meta)
+    index = NgramIndex(
+        tables, max_order, top_k, min_count, n_sequences=n_sequences, n_tokens=n_tokens, suffix=store, **meta
+    )
     skipped = stats["skipped_null"] + stats["skipped_empty"] + stats["skipped_non_string"]
     if skipped:
         logger.warning(

@@ -2,25 +2,41 @@
 
 from __future__ import annotations
 
-from tasc_ray.spec.calibration import AcceptanceCalibration
+from tasc_ray.spec.calibration import AcceptanceCalibration, calibration_key
 from tasc_ray.spec.config import DrafterConfig, DraftMode
 from tasc_ray.spec.draft_length import StepCostTable
-from tasc_ray.spec.drafter import Drafter
+from tasc_ray.spec.drafter import Drafter, _Candidate
 from tasc_ray.spec.generator import SamplingParams, SpeculativeGenerator
 
 
 def test_calibration_moves_from_the_raw_factor_to_the_measured_share():
     cal = AcceptanceCalibration(bins=10, prior=8.0)
-    assert cal(0.85) == 0.85 and cal.path([0.9, 0.45]) == [0.9, 0.45]  # no evidence: the raw scores
+    assert cal(0.85) == 0.85 and cal.path([0.9, 0.5]) == [0.9, 0.45]  # no evidence: the raw scores
     for _ in range(200):
-        cal.observe([0.85, 0.425], 0)  # first factor 0.85, always rejected; the second token is never tried
-    assert cal(0.85) < 0.05 and cal(0.5) == 0.5  # the untried factor's bin is untouched
+        cal.observe([0.85, 0.5], 0)  # first token scored 0.85, always rejected; the second is never reached
+    assert cal(0.85) < 0.05 and cal(0.5) == 0.5  # the unreached token's bin is untouched
     for _ in range(200):
-        cal.observe([0.35, 0.35 * 0.55], 2)  # factors 0.35 and 0.55, both accepted
+        cal.observe([0.35, 0.55], 2)  # both accepted
     assert cal(0.35) > 0.95 and cal(0.55) > 0.95
-    path = cal.path([0.35, 0.35 * 0.85])  # a likely first token, then an unlikely second one
+    path = cal.path([0.35, 0.85])  # a likely first token, then an unlikely second one
     assert path[0] > 0.95 and path[1] == path[0] * cal(0.85) < 0.05
     assert cal.table()[8]["trials"] == 200 and cal.table()[8]["accepted_share"] == 0.0
+
+
+def test_keys_separate_sources_and_back_off_to_the_score_bin():
+    """A one-occurrence long corpus match (raw 1.0) that is always right, and a one-token context match (raw 1.0)
+    that is always wrong: one raw score, two sources; each key learns its own share, and an unseen key starts from
+    the bin's share over all keys."""
+    cal = AcceptanceCalibration(prior=8.0)
+    long_corpus, short_context = calibration_key("corpus", 20, 0), calibration_key("context", 1, 0)
+    assert long_corpus != short_context and calibration_key("corpus", 21, 0) == long_corpus  # bucketed
+    for _ in range(100):
+        cal.observe([1.0], 1, [long_corpus])
+        cal.observe([1.0], 0, [short_context])
+    assert cal(1.0, long_corpus) > 0.85 and cal(1.0, short_context) < 0.15
+    unseen = calibration_key("live", 5, 3)
+    assert abs(cal(1.0, unseen) - cal(1.0)) < 1e-9 and 0.4 < cal(1.0) < 0.6
+    assert cal.by_source()["corpus"]["accepted_share"] == 1.0 and cal.by_source()["context"]["trials"] == 100
 
 
 class ConfidentlyWrongDrafter(Drafter):
@@ -29,8 +45,8 @@ class ConfidentlyWrongDrafter(Drafter):
     def __init__(self, calibrate: bool) -> None:
         super().__init__(None, DrafterConfig(mode=DraftMode.CONTEXT, calibrate=calibrate))
 
-    def _mix(self, corpus, context):
-        return 3, 0.97  # token 3, claimed almost sure
+    def _candidates(self, rows, drafts, walks, active):
+        return [[_Candidate("context", 1, 3, 0.97)] for _ in active]  # token 3, claimed almost sure
 
 
 class FixedCosts(StepCostTable):

@@ -27,10 +27,13 @@ def test_corpus_mode_follows_index_and_backs_off():
 
 
 def test_mixing_weight_decides_between_matches_of_one_length():
+    """The raw rule (calibrate off): lambda weighs corpus against context."""
     index = NgramIndex.build([[5, 6]] * 4, max_order=2)  # corpus says 5 -> 6
     prompt = [5, 7, 5, 7, 5]  # context says 5 -> 7
     for lam, expected in ((0.9, 6), (0.1, 7)):
-        config = DrafterConfig(mode=DraftMode.MIXED, lam=lam, max_draft=1, min_path_prob=0.0, context_order=2)
+        config = DrafterConfig(
+            mode=DraftMode.MIXED, lam=lam, max_draft=1, min_path_prob=0.0, context_order=2, calibrate=False
+        )
         drafter = Drafter(index, config)
         assert drafter.propose([drafter.new_row(prompt)]) == [[expected]]
 

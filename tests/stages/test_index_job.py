@@ -27,8 +27,12 @@ ARRAYS = ("hashes", "totals", "offsets", "next_tokens", "counts")
 
 
 def assert_same_index(a: NgramIndex, b: NgramIndex) -> None:
-    """Every array of every order, with dtypes, plus fingerprint and corpus statistics."""
+    """Every array of every order, with dtypes, the token store's tokens, plus fingerprint and corpus statistics."""
     assert a.orders == b.orders
+    assert (a.suffix is None) == (b.suffix is None)
+    if a.suffix is not None:
+        assert a.suffix.size == b.suffix.size > 1
+        assert np.array_equal(a.suffix.tokens[: a.suffix.size], b.suffix.tokens[: b.suffix.size])
     for m in a.orders:
         for name in ARRAYS:
             x, y = getattr(a.tables[m], name), getattr(b.tables[m], name)
