@@ -75,6 +75,22 @@ class AcceptanceCalibration:
                 cell[0] += 1
                 cell[1] += taken
 
+    def observe_tree(
+        self, factors: Sequence[float], keys: Sequence[Key], parents: Sequence[int], accepted: Sequence[int]
+    ) -> None:
+        """One verified token tree: node j (raw score factors[j], parent parents[j], -1 for the root) was reached
+        iff its parent was accepted, and taken iff it is on the accepted path (`accepted`, node indices)."""
+        taken = set(accepted)
+        for j, (p, parent) in enumerate(zip(factors, parents)):
+            if parent != -1 and parent not in taken:
+                continue
+            b, hit = self._bin(p), int(j in taken)
+            self.by_bin[b][0] += 1
+            self.by_bin[b][1] += hit
+            cell = self.by_key.setdefault((keys[j], b), [0, 0])
+            cell[0] += 1
+            cell[1] += hit
+
     def table(self) -> list[dict[str, float]]:
         """Per raw-score bin over all keys: its range, trials and measured share (for logs and /health)."""
         return [

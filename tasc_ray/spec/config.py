@@ -49,6 +49,13 @@ class DrafterConfig(BaseModel):
         description="pick draft tokens and how many to verify on acceptance probabilities learned from the engine's "
         "own verification passes (by source, match length and depth), not on raw n-gram frequencies",
     )
+    tree_nodes: int = Field(
+        0,
+        ge=0,
+        description="draft token trees of up to this many nodes where a verification pass is cheap enough (greedy "
+        "rows; the step costs decide how many nodes are verified); 0: one chain per row",
+    )
+    tree_branches: int = Field(3, ge=1, description="continuations a tree node considers from each source")
     long_matches: bool = Field(
         True,
         description="match suffixes of any length (not only up to the n-gram order) in the row's tokens, the live "

@@ -20,6 +20,8 @@ With `calibrate` off, raw shares decide: the longer match wins and lambda mixes 
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
@@ -36,7 +38,7 @@ from tasc_ray.spec.suffix import MAX_MATCH, SuffixMatch, TokenStore
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Drafter", "DrafterConfig", "DraftMode", "DraftContext", "build_drafter"]
+__all__ = ["Drafter", "DrafterConfig", "DraftMode", "DraftContext", "DraftTree", "build_drafter"]
 
 
 @dataclass
@@ -74,6 +76,45 @@ class DraftContext:
 
 
 @dataclass
+class DraftTree:
+    """A row's draft as a token tree: node j is `tokens[j]`, the child of node `parents[j]` (-1: of the row's
+    pending token). Parents come before their children, and the nodes are in the order they were chosen (their
+    estimated probabilities of acceptance, `scores`, never increase), so any prefix of the nodes is a tree. A
+    chain is the tree whose node j has parent j - 1."""
+
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def depth(self, j: int) -> int:
+        """1 for a child of the pending token."""
+        d = 0
+        while j != -1:
+            j, d = self.parents[j], d + 1
+        return d
+
+    def prefix(self, n: int) -> DraftTree:
+        return DraftTree(self.tokens[:n], self.parents[:n], self.scores[:n])
+
+    def accepted_path(self, target: Sequence[int]) -> list[int]:
+        """The nodes a greedy verifier accepts: from the root, the child whose token is the target's own token at
+        the current node (target[0] after the pending token, target[1 + j] after node j), while there is one."""
+        path, current = [], -1
+        while True:
+            want = target[0 if current == -1 else 1 + current]
+            child = next(
+                (j for j, (t, p) in enumerate(zip(self.tokens, self.parents)) if p == current and t == want), None
+            )
+            if child is None:
+                return path
+            path.append(child)
+            current = child
+
+
+@dataclass
 class _Candidate:
     """One source's proposal for the next draft token: its longest match's top continuation."""
 
@@ -99,7 +140,8 @@ class Drafter:
         self.live = LiveNgrams(order, capacity, long_matches=long) if live_on else None
         self.corpus_store = index.suffix if index is not None and long else None
         self.calibration = AcceptanceCalibration()
-        self._proposed: list[tuple[list[float], list[Key]]] | None = None  # until observed
+        # (raw shares, keys, parents) of the last proposed drafts, until observed
+        self._proposed: list[tuple[list[float], list[Key], list[int]]] | None = None
 
     def new_row(self, prompt_ids: Sequence[int]) -> DraftContext:
         state = DraftContext(self.config.context_order, self.config.long_matches)
@@ -128,7 +170,8 @@ class Drafter:
         active = [i for i, lim in enumerate(limits) if lim > 0]
         while active:
             still_active = []
-            for i, candidates in zip(active, self._candidates(rows, drafts, walks, active)):
+            items = [(rows[i], drafts[i], walks[i]) for i in active]
+            for i, candidates in zip(active, self._candidates(items)):  # type: ignore[arg-type]
                 pick = self._choose(candidates, len(drafts[i]))
                 if pick is None:
                     continue
@@ -151,27 +194,87 @@ class Drafter:
             else:
                 length = best_draft_length(scores, step_cost)
                 drafts = [d[:length] for d in drafts]
-        self._proposed = [(f[: len(d)], kk[: len(d)]) for f, kk, d in zip(factors, keys, drafts)]
+        self._proposed = [
+            (f[: len(d)], kk[: len(d)], list(range(-1, len(d) - 1))) for f, kk, d in zip(factors, keys, drafts)
+        ]
         return drafts
 
-    def _candidates(
+    def propose_trees(
         self,
         rows: Sequence[DraftContext | None],
-        drafts: list[list[int]],
-        walks: list[dict[str, SuffixMatch | None]],
-        active: list[int],
+        budgets: Sequence[int],
+        limits: Sequence[int] | None = None,
+        branches: int = 3,
+    ) -> list[DraftTree]:
+        """A token tree of at most budgets[i] nodes (and depth limits[i]) for each row: best-first, the most probable
+        reachable token next, each node's children from every source's top `branches` continuations of its match,
+        scored by calibrated acceptance, until the next one's path probability falls below min_path_prob."""
+        limits = [self.config.max_draft] * len(rows) if limits is None else limits
+        built = [self._tree(row, budget, limit, branches) for row, budget, limit in zip(rows, budgets, limits)]
+        self._proposed = [(factors, keys, tree.parents) for tree, factors, keys in built]
+        return [tree for tree, _, _ in built]
+
+    def _tree(
+        self, row: DraftContext | None, budget: int, limit: int, branches: int
+    ) -> tuple[DraftTree, list[float], list[Key]]:
+        """One row's tree, with each node's raw share and calibration key."""
+        tree, factors, keys = DraftTree(), [], []
+        if row is None or budget <= 0 or limit <= 0:
+            return tree, factors, keys
+        heap: list[tuple[float, int, int, _Candidate]] = []  # (-path probability, tie, parent node, candidate)
+        tie = itertools.count()
+        paths: dict[int, list[int]] = {-1: []}
+        walks: dict[int, dict[str, SuffixMatch | None]] = {-1: {}}
+        probs: dict[int, float] = {-1: 1.0}
+
+        def expand(node: int) -> None:
+            depth = len(paths[node])
+            if depth >= limit:
+                return
+            best: dict[int, tuple[float, _Candidate]] = {}
+            for c in self._candidates([(row, paths[node], walks[node])], branches)[0]:
+                q = (
+                    self.calibration(c.share, calibration_key(c.source, c.length, depth))
+                    if self.config.calibrate
+                    else c.share
+                )
+                if c.token not in best or q > best[c.token][0]:
+                    best[c.token] = (q, c)
+            for q, c in best.values():
+                heapq.heappush(heap, (-probs[node] * q, next(tie), node, c))
+
+        expand(-1)
+        while heap and len(tree) < budget:
+            neg, _, parent, cand = heapq.heappop(heap)
+            if -neg < self.config.min_path_prob:
+                break
+            j = len(tree)
+            tree.tokens.append(cand.token)
+            tree.parents.append(parent)
+            tree.scores.append(-neg)
+            factors.append(cand.share)
+            keys.append(calibration_key(cand.source, cand.length, len(paths[parent])))
+            paths[j], probs[j] = paths[parent] + [cand.token], -neg
+            # the child's long matches: each source's match at the parent, advanced by the chosen token
+            walks[j] = {
+                s: w.advance(cand.token) for s, w in {**walks[parent], cand.source: cand.walk}.items() if w is not None
+            }
+            expand(j)
+        return tree, factors, keys
+
+    def _candidates(
+        self, items: Sequence[tuple[DraftContext, list[int], dict[str, SuffixMatch | None]]], top_n: int = 1
     ) -> list[list[_Candidate]]:
-        """Each active row's proposals from every source: a long match walked on from the last step, else a fresh
-        lookup (the source's TokenStore, then its n-gram tables; the index's tables batched over the rows)."""
+        """For each (row, path drafted so far, long matches walked to it), every source's top_n proposals: a long
+        match walked on from the last step, else a fresh lookup (the source's TokenStore, then its n-gram tables;
+        the index's tables batched over the items)."""
         mode = self.config.mode
         use_context, use_corpus = mode != DraftMode.CORPUS, mode != DraftMode.CONTEXT
         out: list[list[_Candidate]] = []
         short_corpus: list[int] = []  # positions in `out` whose corpus source needs the index's tables
         histories: list[list[int]] = []
-        for n, i in enumerate(active):
-            row = rows[i]
-            assert row is not None
-            history = row.tokens[-MAX_MATCH:] + drafts[i]
+        for n, (row, path, walks) in enumerate(items):
+            history = row.tokens[-MAX_MATCH:] + path
             cands: list[_Candidate] = []
             sources: list[tuple[str, TokenStore | None]] = []
             if use_context:
@@ -181,25 +284,26 @@ class Drafter:
                 if self.live is not None and len(self.live):
                     sources.append(("live", self.live.store))
             for source, store in sources:
-                walk = walks[i].get(source)
+                walk = walks.get(source)
                 if walk is None and store is not None:
                     walk = store.longest_match(history)
                 if walk is not None:
-                    top, shares = walk.continuations(1)
-                    if len(top):
-                        cands.append(_Candidate(source, walk.length, int(top[0]), float(shares[0]), walk))
+                    tops, shares = walk.continuations(top_n)
+                    if len(tops):
+                        cands += [_Candidate(source, walk.length, int(t), float(p), walk) for t, p in zip(tops, shares)]
                         continue
                 if source == "context":
-                    found = row.longest_match(drafts[i])
+                    found = row.longest_match(path)
                     if found is not None:
                         m, nexts = found
-                        token = max(nexts, key=nexts.__getitem__)
-                        cands.append(_Candidate("context", m, token, nexts[token] / sum(nexts.values())))
+                        total = sum(nexts.values())
+                        ranked = sorted(nexts, key=lambda t: (-nexts[t], t))[:top_n]
+                        cands += [_Candidate("context", m, t, nexts[t] / total) for t in ranked]
                 elif source == "live":
                     assert self.live is not None
                     match = self.live.longest_matches([history])[0]
                     if match is not None:
-                        cands.append(_short("live", match))
+                        cands += _short("live", match, top_n)
                 elif self.index is not None:
                     short_corpus.append(n)
                     histories.append(history[-(self.index.max_order - 1) :])
@@ -208,7 +312,7 @@ class Drafter:
             assert self.index is not None
             for n, match in zip(short_corpus, self.index.longest_matches(histories)):
                 if match is not None:
-                    out[n].append(_short("corpus", match))
+                    out[n] += _short("corpus", match, top_n)
         return out
 
     def _choose(self, candidates: list[_Candidate], depth: int) -> tuple[_Candidate, float] | None:
@@ -244,22 +348,32 @@ class Drafter:
         source = next((c for c in candidates if c.token == token), candidates[0])
         return _Candidate(source.source, source.length, token, share[token], source.walk), share[token]
 
+    def keep_proposed(self, lengths: Sequence[int]) -> None:
+        """The caller verifies only the first lengths[i] nodes of row i's last proposed draft."""
+        if self._proposed is not None:
+            self._proposed = [(f[:n], k[:n], p[:n]) for (f, k, p), n in zip(self._proposed, lengths)]
+
     def learn(self, output: Sequence[int]) -> None:
         """A finished output: its n-grams join the live overlay (with live_outputs > 0)."""
         if self.live is not None:
             self.live.add(output)
 
-    def observe(self, accepted: Sequence[int]) -> None:
-        """Learn from the verification of the last proposed drafts: accepted[i] draft tokens of row i were taken."""
+    def observe(self, accepted: Sequence[int | Sequence[int]]) -> None:
+        """Learn from the verification of the last proposed drafts: row i's chain had accepted[i] tokens taken, or
+        its tree the nodes accepted[i] (its accepted path)."""
         proposed, self._proposed = self._proposed, None
         if proposed is None or len(proposed) != len(accepted):
             return
-        for (factors, keys), n in zip(proposed, accepted):
-            self.calibration.observe(factors, n, keys)
+        for (factors, keys, parents), taken in zip(proposed, accepted):
+            nodes = list(range(taken)) if isinstance(taken, int) else list(taken)
+            self.calibration.observe_tree(factors, keys, parents, nodes)
 
 
-def _short(source: str, match: Match) -> _Candidate:
-    return _Candidate(source, match.order, int(match.next_tokens[0]), float(match.probs[0]))
+def _short(source: str, match: Match, top_n: int = 1) -> list[_Candidate]:
+    return [
+        _Candidate(source, match.order, int(t), float(p))
+        for t, p in zip(match.next_tokens[:top_n].tolist(), match.probs[:top_n].tolist())
+    ]
 
 
 def _as_match(c: _Candidate | None) -> Match | None:

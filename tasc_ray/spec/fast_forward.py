@@ -169,11 +169,12 @@ class FastForward:
         positions: torch.Tensor,
         cache: DynamicCache,
         last_only: bool = False,
+        tree: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """[B, q, V] logits ([B, 1, V] with `last_only`: the last column's) of `ids` [B, q] at `positions`, which
         occupy the last q slots of `valid` [B, S] (the mask over all cache slots); the new keys and values are
         appended to `cache`. Query slots masked in `valid` are padding: they skip the products and their cache
-        slots hold zeros."""
+        slots hold zeros. `tree` [B, q, q]: which new slots each query sees (a token tree; default causal)."""
         b, q = ids.shape
         h, kv, d = self.n_heads, self.n_kv, self.head_dim
         real = valid[:, -q:]
@@ -183,7 +184,7 @@ class FastForward:
             x = x[flat]
         cos, sin = self.rotary(x, positions.reshape(1, -1) if flat is None else positions.reshape(1, -1)[:, flat])
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, D]
-        mask = _grouped_mask(attention_mask(valid, q, self.dtype), h // kv)
+        mask = _grouped_mask(attention_mask(valid, q, self.dtype, tree), h // kv)
         q_size, kv_size = h * d, kv * d
         for index, layer in enumerate(self.layers):
             qkv = layer.qkv(_rms_norm(x, layer.norm1))

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from tasc_ray.spec.draft_length import SpeculationGate, StepCostTable
-from tasc_ray.spec.drafter import Drafter
+from tasc_ray.spec.draft_length import SpeculationGate, StepCostTable, best_draft_length, ragged_draft_lengths
+from tasc_ray.spec.drafter import Drafter, DraftTree
 from tasc_ray.spec.fast_forward import FastForward, build_fast_forward
 from tasc_ray.spec.kv_cache import PrefixCache, PrefixKV, attention_mask, compact, select_rows
 from tasc_ray.spec.prompts import Prompt, PromptError, PromptTooLongError, encode_prompt
@@ -351,27 +351,35 @@ class SpeculativeGenerator:
         if batch.valid.shape[1] > 16 and waste > self.compact_waste:
             batch.valid = compact(batch.cache, batch.valid)
         t0 = time.perf_counter()
-        drafts = self._propose(batch.rows)
+        trees = self._propose_trees(batch.rows) if self._tree_rows(batch.rows) else None
+        drafts = [t.tokens for t in trees] if trees is not None else self._propose(batch.rows)
         t1 = time.perf_counter()
-        n_accepted, logprobs = self._verify(batch, drafts)
+        logprobs: dict[int, list[TokenLogprob]] = {}
+        if trees is not None:
+            n_accepted, paths = self._verify_trees(batch, trees)
+            accepted = [[t.tokens[j] for j in path] for t, path in zip(trees, paths)]
+        else:
+            n_accepted, logprobs = self._verify(batch, drafts)
+            accepted = [d[:n] for d, n in zip(drafts, n_accepted.tolist())]
         t2 = time.perf_counter()
         drafted = any(drafts)
         if self.gate is not None and self._speculating(batch.rows):
             self.gate.observe(len(drafts), drafted, int(n_accepted.sum()) + len(drafts), t2 - t0)
         if self.drafter is not None:
-            self.drafter.observe(n_accepted.tolist())
+            self.drafter.observe(paths if trees is not None else n_accepted.tolist())
         self.timings.draft_s += t1 - t0
         self.timings.verify_s += t2 - t1
         self.timings.steps += 1
         self._observe_cost(drafts, t2 - t1)
         done = []
         bonuses = batch.pending.tolist()  # the target's own token after each row's accepted draft
-        for i, (row, draft, n, bonus) in enumerate(zip(batch.rows, drafts, n_accepted.tolist(), bonuses)):
-            row.stats.record(len(draft), n)
+        for i, (row, draft, taken, bonus) in enumerate(zip(batch.rows, drafts, accepted, bonuses)):
+            row.stats.record(len(draft), len(taken))
             row.stats.draft_s += t1 - t0
             row.stats.verify_s += t2 - t1
             row_logprobs = logprobs.get(i)
-            done.append(self._emit(row, draft[:n] + [bonus], row_logprobs[: n + 1] if row_logprobs else None))
+            n = len(taken)
+            done.append(self._emit(row, taken + [bonus], row_logprobs[: n + 1] if row_logprobs else None))
         return done
 
     def _observe_cost(self, drafts: list[list[int]], seconds: float) -> None:
@@ -396,6 +404,67 @@ class SpeculativeGenerator:
         limits = [r.max_new - len(r.generated) - 1 for r in rows]  # the step also emits the target's own token
         ragged = self.fast_forward is not None  # its products skip padding: rows may draft different lengths
         return self.drafter.propose([r.draft_context for r in rows], limits, self.step_cost, ragged)
+
+    def _tree_rows(self, rows: list[Request]) -> bool:
+        """Whether this pass drafts token trees: the drafter is set to, and every row decodes greedily with no
+        logit adjustments or log-probabilities (other rows keep chains, whose exact sampling rule is tested)."""
+        if self.drafter is None or self.drafter.config.tree_nodes == 0 or not self._speculating(rows):
+            return False
+        return all(r.sampler is None and not r.params.adjusts_logits and r.params.logprobs is None for r in rows)
+
+    def _propose_trees(self, rows: list[Request]) -> list[DraftTree]:
+        """Token trees for the rows (none for a row that does not speculate), each cut to the number of nodes that
+        the step costs justify: a tree's nodes come in order of falling probability, so any prefix is a tree."""
+        assert self.drafter is not None
+        if self.gate is not None and not self.gate.allow(len(rows)):
+            return [DraftTree() for _ in rows]
+        limits = [r.max_new - len(r.generated) - 1 for r in rows]
+        budgets = [self.drafter.config.tree_nodes if r.draft_context is not None else 0 for r in rows]
+        trees = self.drafter.propose_trees(
+            [r.draft_context for r in rows], budgets, limits, self.drafter.config.tree_branches
+        )
+        if self.fast_forward is not None:
+            lengths = ragged_draft_lengths([t.scores for t in trees], self.step_cost, self.step_cost.padding_share)
+        else:
+            lengths = [best_draft_length([t.scores for t in trees], self.step_cost)] * len(trees)
+        self.drafter.keep_proposed(lengths)
+        return [t.prefix(n) for t, n in zip(trees, lengths)]
+
+    def _verify_trees(self, batch: _Batch, trees: list[DraftTree]) -> tuple[torch.Tensor, list[list[int]]]:
+        """Run [pending token + tree nodes] of every row through the model in one pass, each node at position
+        pending + its depth and seeing only its ancestors (a tree attention mask); follow each row's accepted path
+        (the child equal to the target's own token, from the root down), keep the path's cache slots and drop the
+        rest. Greedy rows only. Returns accepted lengths and each row's accepted nodes."""
+        device, k = self.model.device, max(len(t) for t in trees)
+        ids = torch.tensor(
+            [[0] + t.tokens + [self.pad_id] * (k - len(t)) for t in trees], device=device, dtype=torch.long
+        )
+        ids[:, 0] = batch.pending
+        depth = torch.tensor([[0] + [t.depth(j) for j in range(len(t))] + [0] * (k - len(t)) for t in trees])
+        positions = batch.next_pos[:, None] + depth.to(device)
+        sees = torch.zeros(len(trees), k + 1, k + 1, dtype=torch.bool)
+        for i, t in enumerate(trees):
+            sees[i, :, 0] = True
+            sees[i].diagonal().fill_(True)
+            for j, parent in enumerate(t.parents):  # a node sees what its parent sees, and itself
+                sees[i, 1 + j, : j + 1] |= sees[i, 1 + parent, : j + 1] if parent != -1 else sees[i, 0, : j + 1]
+        step_valid = torch.tensor(
+            [[1] * (len(t) + 1) + [0] * (k - len(t)) for t in trees], device=device, dtype=torch.bool
+        )
+        batch.valid = torch.cat([batch.valid, step_valid], dim=1)
+        logits = self._forward(ids, batch.valid, positions, batch.cache, tree=sees.to(device))
+        target = target_tokens(logits, [None] * len(trees), [len(r.generated) for r in batch.rows]).tolist()
+        paths = [t.accepted_path(row_target) for t, row_target in zip(trees, target)]
+        keep = torch.zeros(len(trees), k + 1, dtype=torch.bool)
+        keep[:, 0] = True
+        for i, path in enumerate(paths):
+            keep[i, [1 + j for j in path]] = True
+        batch.valid[:, -(k + 1) :] &= keep.to(device)
+        n_accepted = torch.tensor([len(p) for p in paths], device=device)
+        batch.next_pos = batch.next_pos + n_accepted + 1
+        last = [1 + p[-1] if p else 0 for p in paths]
+        batch.pending = torch.tensor([row_target[j] for row_target, j in zip(target, last)], device=device)
+        return n_accepted, paths
 
     def _verify(self, batch: _Batch, drafts: list[list[int]]) -> tuple[torch.Tensor, dict[int, list[TokenLogprob]]]:
         """Run [pending token + draft] of every row (padded to the longest draft) through the model; keep the
@@ -438,12 +507,13 @@ class SpeculativeGenerator:
         positions: torch.Tensor,
         cache: DynamicCache,
         last_only: bool = False,
+        tree: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for `ids` (only the last position's with `last_only`), which occupy the last ids.shape[1] slots
-        of `valid` (the mask over all cache slots)."""
+        of `valid` (the mask over all cache slots); `tree`: which of those slots each query sees (default causal)."""
         if self.fast_forward is not None:
-            return self.fast_forward(ids, valid, positions, cache, last_only)
-        mask = attention_mask(valid, ids.shape[1], self.model.dtype)
+            return self.fast_forward(ids, valid, positions, cache, last_only, tree)
+        mask = attention_mask(valid, ids.shape[1], self.model.dtype, tree)
         extra = {"logits_to_keep": 1} if last_only and self._can_keep_last else {}
         out = self.model(
             input_ids=ids,

@@ -15,12 +15,16 @@ import torch
 from transformers import DynamicCache
 
 
-def attention_mask(valid: torch.Tensor, q: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive [B, 1, q, S] mask for q queries in the last q of S slots: each sees the valid slots up to its own."""
+def attention_mask(valid: torch.Tensor, q: int, dtype: torch.dtype, tree: torch.Tensor | None = None) -> torch.Tensor:
+    """Additive [B, 1, q, S] mask for q queries in the last q of S slots: each sees the valid slots up to its own;
+    with `tree` ([B, q, q] bool, query a may see query b), among the q new slots only what `tree` allows (a token
+    tree's node sees its ancestors and itself)."""
     s = valid.shape[1]
     slots = torch.arange(s, device=valid.device)
     causal = slots[None, :] <= torch.arange(s - q, s, device=valid.device)[:, None]
     allowed = valid[:, None, None, :] & causal[None, None]
+    if tree is not None:
+        allowed[:, 0, :, s - q :] &= tree
     return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 

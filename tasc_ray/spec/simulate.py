@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from tasc_ray.spec.config import DrafterConfig
+from tasc_ray.spec.draft_length import StepCost, best_draft_length
 from tasc_ray.spec.drafter import DraftContext, Drafter
 from tasc_ray.spec.index import NgramIndex
 
@@ -58,6 +59,7 @@ def simulate_acceptance(
     batch_size: int = 64,
     score_from: int = 0,
     drafter: Drafter | None = None,
+    step_cost: StepCost | None = None,
 ) -> dict[str, Any]:
     """Teacher-forced replay of `sequences` (token ids of true outputs) through a Drafter over `index`.
 
@@ -65,7 +67,8 @@ def simulate_acceptance(
     serving. Returns totals and ratios: `tokens_per_pass` (mean tokens per forward pass, the headline),
     `mean_accepted_per_pass`, `acceptance_rate` (accepted / drafted), the histogram of accepted lengths, the
     per-sequence mean of tokens per pass, and drafting time per pass, over the sequences from `score_from` on.
-    `drafter`: replay this drafter (anything with the Drafter interface) instead of one built from the config."""
+    `drafter`: replay this drafter (anything with the Drafter interface) instead of one built from the config;
+    `step_cost`: cut drafts (and trees) as the engine does, on the cost of a verification pass at batch 1."""
     config = drafter_config or DrafterConfig()
     if prompts is not None and len(prompts) != len(sequences):
         raise ValueError(f"got {len(prompts)} prompts for {len(sequences)} sequences")
@@ -75,7 +78,7 @@ def simulate_acceptance(
     for start in range(0, len(seqs), batch_size):
         chunk = [i for i in range(start, min(start + batch_size, len(seqs))) if seqs[i]]
         contexts = {i: drafter.new_row(list(prompts[i]) if prompts is not None else []) for i in chunk}
-        _replay(drafter, {i: seqs[i] for i in chunk}, contexts, tally)
+        _replay(drafter, {i: seqs[i] for i in chunk}, contexts, tally, step_cost)
     done = [i for i, s in enumerate(seqs) if s and i >= score_from]
     tokens = sum(len(seqs[i]) for i in done)
     passes = sum(tally.row_passes[i] for i in done)
@@ -98,26 +101,50 @@ def simulate_acceptance(
     }
 
 
-def _replay(drafter: Drafter, seqs: dict[int, list[int]], contexts: dict[int, DraftContext], tally: _Tally) -> None:
-    """Replay a batch of rows in lockstep: each pass accepts the draft's prefix that equals the true output, plus
-    the pass's own token, until every row has reached its end."""
+def _replay(
+    drafter: Drafter,
+    seqs: dict[int, list[int]],
+    contexts: dict[int, DraftContext],
+    tally: _Tally,
+    step_cost: StepCost | None = None,
+) -> None:
+    """Replay a batch of rows in lockstep: each pass accepts the draft's prefix (a tree's path) that equals the true
+    output, plus the pass's own token, until every row has reached its end."""
     pos = dict.fromkeys(seqs, 0)
     active = list(seqs)
+    trees = drafter.config.tree_nodes > 0
     while active:
         t0 = time.perf_counter()
-        drafts = drafter.propose([contexts[i] for i in active], [len(seqs[i]) - pos[i] for i in active])
+        limits = [len(seqs[i]) - pos[i] for i in active]
+        rows = [contexts[i] for i in active]
+        if trees:
+            drafts = drafter.propose_trees(rows, [drafter.config.tree_nodes] * len(rows), limits)
+            if step_cost is not None:
+                n = best_draft_length([t.scores for t in drafts], step_cost)
+                drafts = [t.prefix(n) for t in drafts]
+                drafter.keep_proposed([len(t) for t in drafts])
+        else:
+            drafts = drafter.propose(rows, limits, step_cost, ragged=True)
         tally.draft_seconds += time.perf_counter() - t0
-        taken = []
+        taken: list[Any] = []
         for i, draft in zip(active, drafts):
             seq, p = seqs[i], pos[i]
-            n = 0
-            while n < len(draft) and draft[n] == seq[p + n]:
-                n += 1
+            if trees:
+                depths = [draft.depth(j) for j in range(len(draft))]
+                target = [seq[p]] + [seq[p + d] if p + d < len(seq) else -1 for d in depths]  # after each node
+                path = draft.accepted_path(target)
+                n, drafted = len(path), len(draft)
+                taken.append(path)
+            else:
+                n = 0
+                while n < len(draft) and draft[n] == seq[p + n]:
+                    n += 1
+                drafted = len(draft)
+                taken.append(n)
             advance = min(n + 1, len(seq) - p)  # the pass's own token; none past the end (that is EOS)
             contexts[i].extend(seq[p : p + advance])
             pos[i] = p + advance
-            tally.record(i, len(draft), n)
-            taken.append(n)
+            tally.record(i, drafted, n)
         drafter.observe(taken)  # as the engine does after each verification pass
         for i in active:
             if pos[i] >= len(seqs[i]):

@@ -45,8 +45,8 @@ class ConfidentlyWrongDrafter(Drafter):
     def __init__(self, calibrate: bool) -> None:
         super().__init__(None, DrafterConfig(mode=DraftMode.CONTEXT, calibrate=calibrate))
 
-    def _candidates(self, rows, drafts, walks, active):
-        return [[_Candidate("context", 1, 3, 0.97)] for _ in active]  # token 3, claimed almost sure
+    def _candidates(self, items, top_n=1):
+        return [[_Candidate("context", 1, 3, 0.97)] for _ in items]  # token 3, claimed almost sure
 
 
 class FixedCosts(StepCostTable):

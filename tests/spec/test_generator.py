@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tasc_ray.spec.config import DrafterConfig, DraftMode
-from tasc_ray.spec.drafter import DraftContext, Drafter
+from tasc_ray.spec.draft_length import StepCostTable
+from tasc_ray.spec.drafter import DraftContext, Drafter, DraftTree
 from tasc_ray.spec.generator import PromptTooLongError, SamplingParams, SpeculativeGenerator
 from tasc_ray.spec.index import NgramIndex
 
@@ -241,3 +242,84 @@ def test_single_prompt_requests_share_a_prefix_across_calls(tiny_model, tiny_tok
     generator.generate([[9] * 40], params)  # an unrelated request neither uses nor breaks the kept prefix
     generator.generate([requests[0]], params)
     assert generator.timings.cached_prompt_tokens == 30 * 4
+
+
+class OracleTreeDrafter(OracleDrafter):
+    """Token trees around a known continuation: at each depth a wrong sibling and, with probability p_right, the
+    right token (so the accepted path, when there is one, runs through branches in arbitrary slots)."""
+
+    def __init__(self, truths, p_right: float, vocab: int, seed: int = 0) -> None:
+        super().__init__(truths, p_right, vocab, seed)
+        self.config = DrafterConfig(mode=DraftMode.CONTEXT, max_draft=5, tree_nodes=10)
+        self.shapes: list[int] = []
+
+    def propose_trees(self, rows, budgets, limits=None, branches=3):
+        trees = []
+        for row, budget, limit in zip(rows, budgets, limits):
+            truth, done = self.truths[row.prompt], len(row.tokens) - len(row.prompt)
+            tree, parent = DraftTree(), -1
+            for depth in range(min(limit, 4)):
+                right = truth[done + depth] if done + depth < len(truth) else 1
+                wrong = (right + 1 + self.rng.randrange(self.vocab - 1)) % self.vocab
+                pair = [wrong, right] if self.rng.random() < 0.5 else [right, wrong]
+                if self.rng.random() >= self.p_right:
+                    pair = [wrong, (wrong + 1) % self.vocab if (wrong + 1) % self.vocab != right else (wrong + 2)]
+                for tok in pair:
+                    if len(tree) < budget:
+                        tree.tokens.append(tok)
+                        tree.parents.append(parent)
+                        tree.scores.append(0.9 ** (len(tree)))
+                nxt = [j for j in range(len(tree) - 2, len(tree)) if j >= 0 and tree.tokens[j] == right]
+                if not nxt:
+                    break
+                parent = nxt[0]
+            trees.append(tree)
+            self.shapes.append(len(tree))
+        self._proposed = [([0.5] * len(t), [("context", 1, 0)] * len(t), t.parents) for t in trees]
+        return trees
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("p_right", [1.0, 0.5])
+def test_token_trees_keep_greedy_output_identical(tiny_model, tiny_tokenizer, p_right, fast):
+    """Trees verified in one pass with a tree attention mask (fast forward and the model's own forward): the
+    accepted path's cache slots are kept, its siblings' dropped, and the output equals plain greedy decoding."""
+    vocab = len(tiny_tokenizer)
+    rng = random.Random(7)
+    prompts = random_prompts(rng, vocab, 5)
+    truths = {tuple(p): reference_greedy(tiny_model, p, 30) for p in prompts}
+    drafter = OracleTreeDrafter(truths, p_right, vocab)
+    generator = SpeculativeGenerator(tiny_model, tiny_tokenizer, drafter, max_batch_size=3, fast_forward=fast)
+    generator.step_cost = FlatCosts()
+    results = generator.generate(prompts, SamplingParams(max_new_tokens=30))
+    for prompt, result in zip(prompts, results):
+        assert result.token_ids == truths[tuple(prompt)]
+    assert max(drafter.shapes) > 4  # real trees were verified (two nodes per depth)
+    if p_right == 1.0:
+        assert sum(r.stats.forward_passes for r in results) < sum(len(r.token_ids) for r in results) / 2
+
+
+def test_ngram_trees_keep_greedy_output_identical(tiny_model, tiny_tokenizer, task_rows):
+    outputs = [tiny_tokenizer(r["output"], add_special_tokens=False)["input_ids"] for r in task_rows[:200]]
+    index = NgramIndex.build(outputs, max_order=4, tokenizer=tiny_tokenizer)
+    config = DrafterConfig(mode=DraftMode.MIXED, tree_nodes=12, min_path_prob=0.0)
+    generator = SpeculativeGenerator(tiny_model, tiny_tokenizer, Drafter(index, config), max_batch_size=4)
+    generator.step_cost = FlatCosts()
+    prompts = [r["prompt"][-200:] for r in task_rows[200:208]]
+    results = generator.generate(prompts, SamplingParams(max_new_tokens=20))
+    for prompt, result in zip(prompts, results):
+        assert result.token_ids == reference_greedy(tiny_model, tiny_tokenizer(prompt)["input_ids"], 20)
+    assert sum(r.stats.drafted for r in results) > sum(r.stats.forward_passes for r in results)  # > 1 node a pass
+
+
+class FlatCosts(StepCostTable):
+    """A GPU-like cost: every pass costs the same, so the whole tree is verified."""
+
+    def __call__(self, rows, q):
+        return 1.0
+
+    def observe(self, rows, q, seconds):
+        pass
+
+    def observe_ragged(self, rows, mean_q, longest, seconds, replace=False):
+        pass
