@@ -102,7 +102,8 @@ class DraftTree:
     def accepted_path(self, target: Sequence[int]) -> list[int]:
         """The nodes a greedy verifier accepts: from the root, the child whose token is the target's own token at
         the current node (target[0] after the pending token, target[1 + j] after node j), while there is one."""
-        path, current = [], -1
+        path: list[int] = []
+        current = -1
         while True:
             want = target[0 if current == -1 else 1 + current]
             child = next(
@@ -218,7 +219,7 @@ class Drafter:
         self, row: DraftContext | None, budget: int, limit: int, branches: int
     ) -> tuple[DraftTree, list[float], list[Key]]:
         """One row's tree, with each node's raw share and calibration key."""
-        tree, factors, keys = DraftTree(), [], []
+        tree, factors, keys = DraftTree(), list[float](), list[Key]()
         if row is None or budget <= 0 or limit <= 0:
             return tree, factors, keys
         heap: list[tuple[float, int, int, _Candidate]] = []  # (-path probability, tie, parent node, candidate)

@@ -23,7 +23,7 @@ import numpy as np
 
 from tasc_ray.spec.config import DrafterConfig
 from tasc_ray.spec.draft_length import StepCost, best_draft_length
-from tasc_ray.spec.drafter import DraftContext, Drafter
+from tasc_ray.spec.drafter import DraftContext, Drafter, DraftTree
 from tasc_ray.spec.index import NgramIndex
 
 
@@ -117,19 +117,21 @@ def _replay(
         t0 = time.perf_counter()
         limits = [len(seqs[i]) - pos[i] for i in active]
         rows = [contexts[i] for i in active]
+        drafts: Sequence[DraftTree | list[int]]
         if trees:
-            drafts = drafter.propose_trees(rows, [drafter.config.tree_nodes] * len(rows), limits)
+            tree_drafts = drafter.propose_trees(rows, [drafter.config.tree_nodes] * len(rows), limits)
             if step_cost is not None:
-                n = best_draft_length([t.scores for t in drafts], step_cost)
-                drafts = [t.prefix(n) for t in drafts]
-                drafter.keep_proposed([len(t) for t in drafts])
+                n = best_draft_length([t.scores for t in tree_drafts], step_cost)
+                tree_drafts = [t.prefix(n) for t in tree_drafts]
+                drafter.keep_proposed([n] * len(tree_drafts))
+            drafts = tree_drafts
         else:
             drafts = drafter.propose(rows, limits, step_cost, ragged=True)
         tally.draft_seconds += time.perf_counter() - t0
         taken: list[Any] = []
         for i, draft in zip(active, drafts):
             seq, p = seqs[i], pos[i]
-            if trees:
+            if isinstance(draft, DraftTree):
                 depths = [draft.depth(j) for j in range(len(draft))]
                 target = [seq[p]] + [seq[p + d] if p + d < len(seq) else -1 for d in depths]  # after each node
                 path = draft.accepted_path(target)
