@@ -138,6 +138,7 @@ def _replay(
                 n, drafted = len(path), len(draft)
                 taken.append(path)
             else:
+                assert isinstance(draft, list)
                 n = 0
                 while n < len(draft) and draft[n] == seq[p + n]:
                     n += 1
