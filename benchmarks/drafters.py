@@ -19,6 +19,7 @@ per pass" is the draft tokens each pass sends to the model. Drafters:
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -32,10 +33,12 @@ from benchmarks.common.tasks import BUILTIN_TASKS, Task, load_task
 from tasc_ray.cli.args import add_model_argument
 from tasc_ray.models import load_model
 from tasc_ray.spec.config import DrafterConfig, DraftMode
+from tasc_ray.spec.draft_length import StepCostTable
 from tasc_ray.spec.drafter import DraftContext, Drafter
 from tasc_ray.spec.fast_forward import build_fast_forward
 from tasc_ray.spec.generator import SamplingParams, SpeculativeGenerator
-from tasc_ray.spec.index import tokenizer_fingerprint
+from tasc_ray.spec.index import NgramIndex, tokenize_texts, tokenizer_fingerprint
+from tasc_ray.spec.simulate import simulate_acceptance
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -51,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default="benchmarks/cache")
+    p.add_argument(
+        "--step-costs", default="benchmarks/results/spec_cpu.json", help="bench spec results with a batch-1 cost table"
+    )
     p.add_argument("--json", dest="json_path", default="benchmarks/results/drafters_sim.json", metavar="FILE")
     p.set_defaults(handler=run)
 
@@ -76,6 +82,7 @@ class SuffixDecodingDrafter:
         self.max_spec_tokens, self.max_depth = max_spec_tokens, max_depth
         self.max_spec_factor, self.max_spec_offset = max_spec_factor, max_spec_offset
         self.min_token_prob = min_token_prob
+        self.config = DrafterConfig(mode=DraftMode.CONTEXT, max_draft=max_spec_tokens)  # what the simulator reads
         self._outputs = [list(c) for c in corpus]
         self._global: np.ndarray | None = None
 
@@ -91,7 +98,9 @@ class SuffixDecodingDrafter:
     def observe(self, accepted: list[int]) -> None:
         pass
 
-    def propose(self, rows: list[DraftContext | None], limits: list[int] | None = None, *_: Any) -> list[list[int]]:
+    def propose(
+        self, rows: list[DraftContext | None], limits: list[int] | None = None, *_: Any, **__: Any
+    ) -> list[list[int]]:
         if self._global is None:
             parts = [np.append(np.asarray(o, dtype=np.int64), -1) for o in self._outputs if o]
             self._global = np.concatenate([[-1], *parts]) if parts else np.full(1, -1, dtype=np.int64)
@@ -164,15 +173,86 @@ def greedy_outputs(model_name: str, task: Task, max_new_tokens: int, cache_dir: 
     return outputs, tokenizer
 
 
+def drafters(corpus: list[list[int]]) -> dict[str, Any]:
+    """Every drafter of the table: a DrafterConfig, or a Suffix Decoding drafter (built fresh for each replay)."""
+    before = dict(long_matches=False, calibrate=False, live_outputs=0)
+    return {
+        "prompt lookup (orders <= 3, raw frequencies)": DrafterConfig(mode=DraftMode.CONTEXT, max_draft=16, **before),
+        "prompt lookup, matches of any length, calibrated": DrafterConfig(mode=DraftMode.CONTEXT, max_draft=16),
+        "Suffix Decoding (chain, 16 tokens)": lambda: SuffixDecodingDrafter(corpus),
+        "Suffix Decoding (chain, 16 tokens, max_spec_factor 2)": lambda: SuffixDecodingDrafter(
+            corpus, max_spec_factor=2
+        ),
+        "ours before: orders <= 4, raw, k=8": DrafterConfig(max_draft=8, **before),
+        "ours before, k=16": DrafterConfig(max_draft=16, **before),
+        "+ matches of any length": DrafterConfig(max_draft=16, long_matches=True, calibrate=False, live_outputs=0),
+        "+ calibrated scores": DrafterConfig(max_draft=16, live_outputs=0),
+        "+ live learning (chains)": DrafterConfig(max_draft=16),
+        "+ token trees (16 nodes)": DrafterConfig(max_draft=16, tree_nodes=16),
+        "+ token trees, min_path_prob 0.3": DrafterConfig(max_draft=16, tree_nodes=16, min_path_prob=0.3),
+    }
+
+
+def cpu_step_costs(path: str) -> StepCostTable | None:
+    """Batch-1 pass costs by query tokens as `bench spec` measured them on this CPU (its results file), if any."""
+    try:
+        ms = json.loads(Path(path).read_text())["cost_table"]["ms"]["1"]
+    except (OSError, KeyError, json.JSONDecodeError):
+        return None
+    table = StepCostTable()
+    for q, value in ms.items():
+        table.set(1, int(q), value / 1000)
+    return table
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    costs = cpu_step_costs(args.step_costs)
     report: dict[str, Any] = {
         **provenance("drafters"),
         "config": {k: v for k, v in vars(args).items() if k != "handler"},
+        "step_costs": costs.table() if costs is not None else None,
         "tasks": {},
     }
     for name in args.task or list(BUILTIN_TASKS):
         task = load_task(name, args.n, args.seed)
         outputs, tokenizer = greedy_outputs(args.model, task, args.max_new_tokens, args.cache_dir)
-        report["tasks"][name] = {"outputs": len(outputs), "tokens": sum(len(o) for o in outputs)}
-    report["files"] = write_report(report, args.json_path, "Drafters on the model's greedy outputs", "")
+        prompts = [tokenizer(p)["input_ids"] for p in task.prompts]
+        corpus = [s.tolist() for s in tokenize_texts(task.corpus, tokenizer)]
+        index = NgramIndex.build(corpus, tokenizer=tokenizer)
+        rows: dict[str, Any] = {}
+        for label, make in drafters(corpus).items():
+            config = make if isinstance(make, DrafterConfig) else DrafterConfig(max_draft=16)
+            cells = {}
+            for cut, step_cost in (("uncut", None), ("cpu_cut", costs)):
+                if cut == "cpu_cut" and (step_cost is None or not isinstance(make, DrafterConfig)):
+                    continue
+                drafter = None if isinstance(make, DrafterConfig) else make()
+                sim = simulate_acceptance(
+                    index, outputs, config, prompts, batch_size=1, drafter=drafter, step_cost=copy.deepcopy(step_cost)
+                )
+                cells[cut] = {k: sim[k] for k in ("tokens_per_pass", "verified_per_pass", "acceptance_rate")}
+                cells[cut]["draft_ms_per_pass"] = sim["draft_ms_per_pass"]
+            rows[label] = cells
+        report["tasks"][name] = {"outputs": len(outputs), "tokens": sum(len(o) for o in outputs), "drafters": rows}
+    report["files"] = write_report(report, args.json_path, TITLE, markdown(report))
     return report
+
+
+TITLE = "Drafters side by side on the model's greedy outputs (simulator, batch 1)"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "Tokens per pass (the model's own token included) and draft tokens verified per pass; `CPU cut`: drafts cut "
+        "where expected tokens per second is highest on this CPU's measured batch-1 pass costs, as the engine does.",
+        "",
+        "| task | drafter | tokens/pass | verified/pass | tokens/pass, CPU cut | verified/pass, CPU cut |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, task in report["tasks"].items():
+        for label, cells in task["drafters"].items():
+            uncut, cut = cells["uncut"], cells.get("cpu_cut")
+            cut_cells = f"{cut['tokens_per_pass']:.3f} | {cut['verified_per_pass']:.2f}" if cut else "- | -"
+            uncut_cells = f"{uncut['tokens_per_pass']:.3f} | {uncut['verified_per_pass']:.2f}"
+            lines.append(f"| {name} | {label} | {uncut_cells} | {cut_cells} |")
+    return "\n".join(lines) + "\n"

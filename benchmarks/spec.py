@@ -15,6 +15,7 @@ task's logs hold. Methods:
   tokens, one prompt at a time, reusing its KV cache for the prefix a prompt shares with the previous one (its
   prompt cache); batch 1 only; --model smollm2-135m only; what a CPU user would run instead
 - tasc_context / tasc_corpus / tasc_mixed: TASC-spec drafting from the context, the corpus index, or both
+- tasc_tree: tasc_mixed with token trees (--tree-nodes, or 16 nodes where it is 0), cut by the step costs
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from benchmarks.common.tasks import BUILTIN_TASKS, Task, load_task, load_task_fi
 from tasc_ray.cli.args import add_config_arguments, add_model_argument, config_from_args
 from tasc_ray.models import load_model
 from tasc_ray.spec.config import DrafterConfig, DraftMode
+from tasc_ray.spec.draft_length import StepCostTable
 from tasc_ray.spec.drafter import Drafter
 from tasc_ray.spec.fast_forward import FastForward, build_fast_forward
 from tasc_ray.spec.generator import GenerationResult, SamplingParams, SpeculativeGenerator
@@ -47,9 +49,24 @@ from tasc_ray.spec.stopping import cut_at_eos, find_stop
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("plain", "hf_generate", "prompt_lookup_hf", "llama_cpp", "tasc_context", "tasc_corpus", "tasc_mixed")
+METHODS = (
+    "plain",
+    "hf_generate",
+    "prompt_lookup_hf",
+    "llama_cpp",
+    "tasc_context",
+    "tasc_corpus",
+    "tasc_mixed",
+    "tasc_tree",
+)
 BATCH_1_ONLY = ("prompt_lookup_hf", "llama_cpp")
-MODES = {"tasc_context": DraftMode.CONTEXT, "tasc_corpus": DraftMode.CORPUS, "tasc_mixed": DraftMode.MIXED}
+MODES = {
+    "tasc_context": DraftMode.CONTEXT,
+    "tasc_corpus": DraftMode.CORPUS,
+    "tasc_mixed": DraftMode.MIXED,
+    "tasc_tree": DraftMode.MIXED,
+}
+TREE_NODES = 16  # tasc_tree's node budget where --tree-nodes leaves trees off
 HF_LOOKUP_TOKENS = 10
 
 
@@ -129,7 +146,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         **provenance("spec"),
         "config": {k: v for k, v in vars(args).items() if k not in ("handler", "json")},
         "runs": [],
-        "simulated": [],
         "forward": f"fast ({fast.mode} products)" if fast is not None else "model's own, oneDNN-packed linear layers",
         "cost_table": cost_table(model, tokenizer, max(batch_sizes), engine_forward),
     }
@@ -147,7 +163,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         models = (model, hf_model, engine_forward)
         report["runs"] += bench_task(models, tokenizer, task, indexes, methods, batch_sizes, args)
-        report["simulated"] += simulate_task(task, indexes, tokenizer, args)
     if args.json_path:
         write_spec_report(report, Path(args.json_path))
     print(markdown_table(report))
@@ -174,13 +189,13 @@ def bench_task(
         # batch size, and the shared few-shot prefix in its prefix cache (TASC's live overlay also learns those
         # outputs, as a running server would have).
         warmup = task.corpus_prompts[:batch_size] or task.prompts[:batch_size]
-        plain_gen.generate(warmup, params)
+        warm_outputs = [r.token_ids for r in plain_gen.generate(warmup, params)]
         plain_gen.profile_step_costs()  # as load_engine does at start-up; every TASC generator starts from it
         plain = measure_engine(plain_gen, task.prompts, params)
         for method in methods:
             if method in BATCH_1_ONLY and batch_size != 1:
                 continue
-            corpus_choices = indexes.items() if method in ("tasc_corpus", "tasc_mixed") else [(None, None)]
+            corpus_choices = indexes.items() if method in ("tasc_corpus", "tasc_mixed", "tasc_tree") else [(None, None)]
             for corpus_kind, index in corpus_choices:
                 logger.info("%s: %s batch %d, corpus %s", task.name, method, batch_size, corpus_kind)
                 if method == "plain":
@@ -192,7 +207,8 @@ def bench_task(
                 elif method == "llama_cpp":
                     measured = measure_llama_cpp(args.model, tokenizer, model, task.prompts, params)
                 else:
-                    config = config_from_args(DrafterConfig, args, mode=MODES[method])
+                    trees = {"tree_nodes": args.tree_nodes or TREE_NODES} if method == "tasc_tree" else {}
+                    config = config_from_args(DrafterConfig, args, mode=MODES[method], **trees)
                     drafter = Drafter(index, config)
                     generator = SpeculativeGenerator(  # as load_engine builds it
                         model,
@@ -205,7 +221,13 @@ def bench_task(
                     generator.step_cost = copy.deepcopy(plain_gen.step_cost)
                     generator.generate(warmup, params)
                     measured = measure_engine(generator, task.prompts, params)
-                runs.append(run_record(task, method, batch_size, corpus_kind, measured, plain))
+                record = run_record(task, method, batch_size, corpus_kind, measured, plain)
+                if method.startswith("tasc") and batch_size == 1:
+                    replay = (warmup, warm_outputs, task.prompts, plain.token_ids)
+                    record["simulated_tokens_per_pass"] = predicted_tokens_per_pass(
+                        tokenizer, index, config, replay, plain_gen.step_cost
+                    )
+                runs.append(record)
     return runs
 
 
@@ -362,21 +384,29 @@ def run_record(
     return record
 
 
-def simulate_task(
-    task: Task, indexes: dict[str, NgramIndex], tokenizer, args: argparse.Namespace
-) -> list[dict[str, Any]]:
-    """Predicted tokens per pass from replaying the references through the drafter (no model), one row after
-    another, so that live learning sees the finished outputs in the order the engine at batch 1 finishes them."""
+def predicted_tokens_per_pass(
+    tokenizer,
+    index: NgramIndex | None,
+    config: DrafterConfig,
+    replay: tuple[list[str], list[list[int]], list[str], list[list[int]]],
+    step_cost: StepCostTable,
+) -> float:
+    """The simulator's prediction of the engine's tokens per pass at batch 1: the model's own greedy outputs (the
+    plain run's, identical to TASC's) replayed through a fresh drafter, after the same warm-up outputs, with drafts
+    cut on the same start-up step costs; the first token of each output comes from its prefill pass, as in the
+    engine, whose figure counts that pass."""
     from tasc_ray.spec.simulate import simulate_acceptance
 
-    prompts = [tokenizer(p)["input_ids"] for p in task.prompts]
-    references = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in task.references]
-    out = []
-    for corpus_kind, index in indexes.items():
-        config = config_from_args(DrafterConfig, args, mode=DraftMode.MIXED)
-        sim = simulate_acceptance(index, references, config, prompts=prompts, batch_size=1)
-        out.append({"task": task.name, "corpus": corpus_kind, "method": "tasc_mixed", **sim})
-    return out
+    warm_prompts, warm_outputs, prompts, outputs = replay
+    ids = [tokenizer(p)["input_ids"] for p in [*warm_prompts, *prompts]]
+    outs = [*warm_outputs, *outputs]
+    seqs = [o[1:] for o in outs]
+    seeds = [p + o[:1] for p, o in zip(ids, outs)]
+    sim = simulate_acceptance(
+        index, seqs, config, seeds, batch_size=1, score_from=len(warm_outputs), step_cost=copy.deepcopy(step_cost)
+    )
+    scored = outputs
+    return round(sum(len(o) for o in scored) / (sim["passes"] + len(scored)), 3)
 
 
 def model_outputs(
@@ -428,15 +458,22 @@ def markdown_table(report: dict[str, Any]) -> str:
         )
     if report.get("cost_table"):
         lines += ["", *cost_table_lines(report["cost_table"])]
-    if report["simulated"]:
+    predicted = [r for r in report["runs"] if r.get("simulated_tokens_per_pass")]
+    if predicted:
         lines += [
             "",
-            "Offline simulator (teacher-forced replay of the references, no model):",
+            "The simulator's prediction at batch 1 (the model's greedy outputs replayed through a fresh drafter, no "
+            "model, drafts cut on the same step costs) against the engine's measured tokens per pass:",
             "",
-            "| task | corpus | predicted tokens/pass |",
-            "|---|---|---|",
+            "| task | method | corpus | engine tokens/pass | predicted | error |",
+            "|---|---|---|---|---|---|",
         ]
-        lines += [f"| {s['task']} | {s['corpus']} | {s.get('tokens_per_pass', '-')} |" for s in report["simulated"]]
+        for r in predicted:
+            err = r["simulated_tokens_per_pass"] / r["tokens_per_pass"] - 1
+            lines.append(
+                f"| {r['task']} | {r['method']} | {r['corpus'] or '-'} | {r['tokens_per_pass']} | "
+                f"{r['simulated_tokens_per_pass']} | {err:+.1%} |"
+            )
     return "\n".join(lines)
 
 
