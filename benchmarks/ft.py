@@ -105,7 +105,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--new-token-lr-mult",
         type=float,
-        default=1.0,
+        default=10.0,
         help="learning-rate multiplier for the new tokens' embedding rows (LoRA and full)",
     )
     p.add_argument(
@@ -373,7 +373,7 @@ def finetune_config(args: argparse.Namespace, work: Path, name: str, model: str)
         lr=args.lr,
         lora_r=args.lora_r,
         full=args.full,
-        new_token_lr_mult=getattr(args, "new_token_lr_mult", 1.0),
+        new_token_lr_mult=getattr(args, "new_token_lr_mult", 10.0),
         new_token_warmup_steps=getattr(args, "new_token_warmup_steps", 0),
         num_workers=args.num_workers,
         use_gpu=args.use_gpu,

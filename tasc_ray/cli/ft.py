@@ -11,7 +11,7 @@ from typing import Any
 from tasc_ray.cli.args import add_model_argument
 from tasc_ray.cli.main import add_command
 from tasc_ray.ft.enrich import EnrichConfig, VocabEnrichmentError, enrich_model
-from tasc_ray.ft.train import FinetuneConfig, FinetuneError
+from tasc_ray.ft.train import DEFAULT_NEW_TOKEN_LR_MULT, FinetuneConfig, FinetuneError
 from tasc_ray.io import read_texts
 from tasc_ray.stages.finetune import finetune
 
@@ -103,7 +103,7 @@ def add_finetune_arguments(ft: argparse.ArgumentParser) -> None:
     ft.add_argument(
         "--new-token-lr-mult",
         type=float,
-        default=1.0,
+        default=DEFAULT_NEW_TOKEN_LR_MULT,
         help="learning-rate multiplier for the new tokens' embedding rows (LoRA and full)",
     )
     ft.add_argument(
