@@ -30,7 +30,7 @@ class DrafterConfig(BaseModel):
     mode: DraftMode = Field(
         DraftMode.MIXED, description="draft from the row's context, the corpus index, or both mixed"
     )
-    max_draft: int = Field(8, ge=0, description="most tokens drafted per step (k)")
+    max_draft: int = Field(16, ge=0, description="most tokens drafted per step (k), a tree's greatest depth")
     lam: float = Field(
         0.5, ge=0.0, le=1.0, description="weight of the corpus distribution when both sources match as many tokens"
     )
@@ -50,10 +50,10 @@ class DrafterConfig(BaseModel):
         "own verification passes (by source, match length and depth), not on raw n-gram frequencies",
     )
     tree_nodes: int = Field(
-        0,
+        16,
         ge=0,
-        description="draft token trees of up to this many nodes where a verification pass is cheap enough (greedy "
-        "rows; the step costs decide how many nodes are verified); 0: one chain per row",
+        description="draft token trees of up to this many nodes where verifying them costs at most 2 plain steps "
+        "(batch 1 on a CPU, a GPU; greedy rows; the step costs decide how many nodes are verified); 0: chains",
     )
     tree_branches: int = Field(3, ge=1, description="continuations a tree node considers from each source")
     long_matches: bool = Field(

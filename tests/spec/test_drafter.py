@@ -85,7 +85,7 @@ def test_simulator_replays_trees():
     index = NgramIndex.build(sequences, max_order=3)
     held_out = [[1, 2, 4, 7, 8], [1, 2, 3, 5, 6]] * 4
     common = dict(mode=DraftMode.CORPUS, min_path_prob=0.05, live_outputs=0, calibrate=False)
-    chain = simulate_acceptance(index, held_out, DrafterConfig(**common), batch_size=1)
+    chain = simulate_acceptance(index, held_out, DrafterConfig(**common, tree_nodes=0), batch_size=1)
     tree = simulate_acceptance(index, held_out, DrafterConfig(**common, tree_nodes=6), batch_size=1)
     assert tree["tokens_per_pass"] > chain["tokens_per_pass"]
     assert tree["verified_per_pass"] > chain["verified_per_pass"]

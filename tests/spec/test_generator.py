@@ -323,3 +323,21 @@ class FlatCosts(StepCostTable):
 
     def observe_ragged(self, rows, mean_q, longest, seconds, replace=False):
         pass
+
+
+def test_trees_only_where_a_full_tree_is_cheap(tiny_model, tiny_tokenizer):
+    """Trees where verifying tree_nodes + 1 tokens costs at most TREE_COST_RATIO plain steps (a GPU, batch 1 on a
+    CPU), chains where it costs more; sampled rows always keep chains."""
+    drafter = Drafter(None, DrafterConfig(mode=DraftMode.CONTEXT, tree_nodes=16))
+    generator = SpeculativeGenerator(tiny_model, tiny_tokenizer, drafter)
+    greedy = generator.request([5, 6, 7, 5, 6], SamplingParams(max_new_tokens=4))
+    sampled = generator.request([5, 6, 7, 5, 6], SamplingParams(max_new_tokens=4, temperature=0.8))
+    for row in (greedy, sampled):
+        row.draft_context = drafter.new_row(row.prompt_ids)
+    generator.step_cost = FlatCosts()
+    assert generator._tree_rows([greedy]) and not generator._tree_rows([greedy, sampled])
+    steep = StepCostTable()
+    for q in (1, 2, 4, 17):
+        steep.set(1, q, 1.0 + 0.2 * (q - 1))  # 17 tokens cost 4.2 steps
+    generator.step_cost = steep
+    assert not generator._tree_rows([greedy])
