@@ -207,9 +207,10 @@ class Drafter:
         limits: Sequence[int] | None = None,
         branches: int = 3,
     ) -> list[DraftTree]:
-        """A token tree of at most budgets[i] nodes (and depth min(max_draft, limits[i])) for each row: best-first, the most probable
-        reachable token next, each node's children from every source's top `branches` continuations of its match,
-        scored by calibrated acceptance, until the next one's path probability falls below min_path_prob."""
+        """A token tree of at most budgets[i] nodes (and depth min(max_draft, limits[i])) for each row: best-first,
+        the most probable reachable token next, each node's children from every source's top `branches`
+        continuations of its match, scored by calibrated acceptance, until the next one's path probability falls
+        below min_path_prob."""
         k = self.config.max_draft
         limits = [k] * len(rows) if limits is None else [min(k, lim) for lim in limits]
         built = [self._tree(row, budget, limit, branches) for row, budget, limit in zip(rows, budgets, limits)]
