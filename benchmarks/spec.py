@@ -15,7 +15,7 @@ task's logs hold. Methods:
   tokens, one prompt at a time, reusing its KV cache for the prefix a prompt shares with the previous one (its
   prompt cache); batch 1 only; --model smollm2-135m only; what a CPU user would run instead
 - tasc_context / tasc_corpus / tasc_mixed: TASC-spec drafting from the context, the corpus index, or both
-- tasc_tree: tasc_mixed with token trees (--tree-nodes, or 16 nodes where it is 0), cut by the step costs
+- tasc_chain: tasc_mixed with one chain per row (no token trees)
 """
 
 from __future__ import annotations
@@ -57,16 +57,15 @@ METHODS = (
     "tasc_context",
     "tasc_corpus",
     "tasc_mixed",
-    "tasc_tree",
+    "tasc_chain",
 )
 BATCH_1_ONLY = ("prompt_lookup_hf", "llama_cpp")
 MODES = {
     "tasc_context": DraftMode.CONTEXT,
     "tasc_corpus": DraftMode.CORPUS,
     "tasc_mixed": DraftMode.MIXED,
-    "tasc_tree": DraftMode.MIXED,
+    "tasc_chain": DraftMode.MIXED,
 }
-TREE_NODES = 16  # tasc_tree's node budget where --tree-nodes leaves trees off
 HF_LOOKUP_TOKENS = 10
 
 
@@ -195,7 +194,8 @@ def bench_task(
         for method in methods:
             if method in BATCH_1_ONLY and batch_size != 1:
                 continue
-            corpus_choices = indexes.items() if method in ("tasc_corpus", "tasc_mixed", "tasc_tree") else [(None, None)]
+            uses_corpus = method in ("tasc_corpus", "tasc_mixed", "tasc_chain")
+            corpus_choices = indexes.items() if uses_corpus else [(None, None)]
             for corpus_kind, index in corpus_choices:
                 logger.info("%s: %s batch %d, corpus %s", task.name, method, batch_size, corpus_kind)
                 if method == "plain":
@@ -207,7 +207,7 @@ def bench_task(
                 elif method == "llama_cpp":
                     measured = measure_llama_cpp(args.model, tokenizer, model, task.prompts, params)
                 else:
-                    trees = {"tree_nodes": args.tree_nodes or TREE_NODES} if method == "tasc_tree" else {}
+                    trees = {"tree_nodes": 0} if method == "tasc_chain" else {}
                     config = config_from_args(DrafterConfig, args, mode=MODES[method], **trees)
                     drafter = Drafter(index, config)
                     generator = SpeculativeGenerator(  # as load_engine builds it
