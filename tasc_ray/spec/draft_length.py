@@ -14,6 +14,15 @@ import bisect
 from collections.abc import Callable, Sequence
 
 StepCost = Callable[[int, float], float]  # seconds of one verification pass over `rows` rows of `q` query tokens each
+TREE_COST_RATIO = 2.0  # token trees where a pass over a full tree costs at most this many plain steps
+
+
+def trees_pay(step_cost: StepCost | None, rows: int, nodes: int) -> bool:
+    """Whether token trees of `nodes` nodes are worth building at this batch size: verifying a full tree per row
+    costs at most TREE_COST_RATIO plain steps (batch 1 on a CPU, any batch on a GPU; elsewhere a chain's few
+    tokens are all a pass can afford, and building trees would cost drafting time for nothing). Without a cost
+    model: yes."""
+    return nodes > 0 and (step_cost is None or step_cost(rows, 1 + nodes) <= TREE_COST_RATIO * step_cost(rows, 1))
 
 
 class StepCostTable:

@@ -27,7 +27,13 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from tasc_ray.spec.draft_length import SpeculationGate, StepCostTable, best_draft_length, ragged_draft_lengths
+from tasc_ray.spec.draft_length import (
+    SpeculationGate,
+    StepCostTable,
+    best_draft_length,
+    ragged_draft_lengths,
+    trees_pay,
+)
 from tasc_ray.spec.drafter import Drafter, DraftTree
 from tasc_ray.spec.fast_forward import FastForward, build_fast_forward
 from tasc_ray.spec.kv_cache import PrefixCache, PrefixKV, attention_mask, compact, select_rows
@@ -56,8 +62,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-TREE_COST_RATIO = 2.0  # trees where a pass over a full tree costs at most this many plain steps
 
 StreamCallback = Callable[[int, list[int]], None]  # (prompt index, newly emitted token ids)
 
@@ -408,15 +412,12 @@ class SpeculativeGenerator:
         return self.drafter.propose([r.draft_context for r in rows], limits, self.step_cost, ragged)
 
     def _tree_rows(self, rows: list[Request]) -> bool:
-        """Whether this pass drafts token trees: the drafter is set to; verifying a full tree per row costs at most
-        TREE_COST_RATIO plain steps at this batch size (batch 1 on a CPU, any batch on a GPU: elsewhere a chain's
-        few tokens are all a pass can afford, and building trees would cost drafting time for nothing); and every
-        row decodes greedily with no logit adjustments or log-probabilities (other rows keep chains, whose exact
-        sampling rule is tested)."""
-        if self.drafter is None or self.drafter.config.tree_nodes == 0 or not self._speculating(rows):
+        """Whether this pass drafts token trees: the drafter is set to, trees pay at this batch size (`trees_pay`),
+        and every row decodes greedily with no logit adjustments or log-probabilities (other rows keep chains,
+        whose exact sampling rule is tested)."""
+        if self.drafter is None or not self._speculating(rows):
             return False
-        n, nodes = len(rows), self.drafter.config.tree_nodes
-        if self.step_cost(n, 1 + nodes) > TREE_COST_RATIO * self.step_cost(n, 1):
+        if not trees_pay(self.step_cost, len(rows), self.drafter.config.tree_nodes):
             return False
         return all(r.sampler is None and not r.params.adjusts_logits and r.params.logprobs is None for r in rows)
 

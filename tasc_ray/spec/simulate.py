@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from tasc_ray.spec.config import DrafterConfig
-from tasc_ray.spec.draft_length import StepCost, best_draft_length
+from tasc_ray.spec.draft_length import StepCost, best_draft_length, trees_pay
 from tasc_ray.spec.drafter import DraftContext, Drafter, DraftTree
 from tasc_ray.spec.index import NgramIndex
 
@@ -112,7 +112,7 @@ def _replay(
     output, plus the pass's own token, until every row has reached its end."""
     pos = dict.fromkeys(seqs, 0)
     active = list(seqs)
-    trees = drafter.config.tree_nodes > 0
+    trees = trees_pay(step_cost, 1, drafter.config.tree_nodes)  # as the engine decides, at batch 1
     while active:
         t0 = time.perf_counter()
         limits = [len(seqs[i]) - pos[i] for i in active]
