@@ -82,7 +82,9 @@ class SuffixDecodingDrafter:
         self.max_spec_tokens, self.max_depth = max_spec_tokens, max_depth
         self.max_spec_factor, self.max_spec_offset = max_spec_factor, max_spec_offset
         self.min_token_prob = min_token_prob
-        self.config = DrafterConfig(mode=DraftMode.CONTEXT, max_draft=max_spec_tokens)  # what the simulator reads
+        self.config = DrafterConfig(
+            mode=DraftMode.CONTEXT, max_draft=max_spec_tokens, tree_nodes=0
+        )  # the simulator reads
         self._outputs = [list(c) for c in corpus]
         self._global: np.ndarray | None = None
 
@@ -175,21 +177,23 @@ def greedy_outputs(model_name: str, task: Task, max_new_tokens: int, cache_dir: 
 
 def drafters(corpus: list[list[int]]) -> dict[str, Any]:
     """Every drafter of the table: a DrafterConfig, or a Suffix Decoding drafter (built fresh for each replay)."""
-    before = dict(long_matches=False, calibrate=False, live_outputs=0)
+    before = dict(long_matches=False, calibrate=False, live_outputs=0, tree_nodes=0)
     return {
         "prompt lookup (orders <= 3, raw frequencies)": DrafterConfig(mode=DraftMode.CONTEXT, max_draft=16, **before),
-        "prompt lookup, matches of any length, calibrated": DrafterConfig(mode=DraftMode.CONTEXT, max_draft=16),
+        "prompt lookup, matches of any length, calibrated": DrafterConfig(
+            mode=DraftMode.CONTEXT, max_draft=16, tree_nodes=0
+        ),
         "Suffix Decoding (chain, 16 tokens)": lambda: SuffixDecodingDrafter(corpus),
         "Suffix Decoding (chain, 16 tokens, max_spec_factor 2)": lambda: SuffixDecodingDrafter(
             corpus, max_spec_factor=2
         ),
         "ours before: orders <= 4, raw, k=8": DrafterConfig(max_draft=8, **before),
         "ours before, k=16": DrafterConfig(max_draft=16, **before),
-        "+ matches of any length": DrafterConfig(max_draft=16, long_matches=True, calibrate=False, live_outputs=0),
-        "+ calibrated scores": DrafterConfig(max_draft=16, live_outputs=0),
-        "+ live learning (chains)": DrafterConfig(max_draft=16),
-        "+ token trees (16 nodes)": DrafterConfig(max_draft=16, tree_nodes=16),
-        "+ token trees, min_path_prob 0.3": DrafterConfig(max_draft=16, tree_nodes=16, min_path_prob=0.3),
+        "+ matches of any length": DrafterConfig(calibrate=False, live_outputs=0, tree_nodes=0),
+        "+ calibrated scores": DrafterConfig(live_outputs=0, tree_nodes=0),
+        "+ live learning (chains)": DrafterConfig(tree_nodes=0),
+        "+ token trees (16 nodes): the default": DrafterConfig(),
+        "+ token trees, min_path_prob 0.3": DrafterConfig(min_path_prob=0.3),
     }
 
 
