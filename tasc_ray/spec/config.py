@@ -30,7 +30,7 @@ class DrafterConfig(BaseModel):
     mode: DraftMode = Field(
         DraftMode.MIXED, description="draft from the row's context, the corpus index, or both mixed"
     )
-    max_draft: int = Field(16, ge=0, description="most tokens drafted per step (k), a tree's greatest depth")
+    max_draft: int = Field(8, ge=0, description="most tokens drafted per step (k), a tree's greatest depth")
     lam: float = Field(
         0.5, ge=0.0, le=1.0, description="weight of the corpus distribution when both sources match as many tokens"
     )
