@@ -129,7 +129,7 @@ def test_index_targets_use_the_median_runs():
 @pytest.mark.parametrize(
     "result, render, expected",
     [
-        ("spec_cpu.json", "spec", "| e2e_text2mr | tasc_mixed | reference | 1 | 113.76 | 2.81x |"),
+        ("spec_cpu.json", "spec", "| e2e_text2mr | tasc_mixed | reference | 1 | 56.60 | 1.75x |"),
         ("ft_text2mr_cpu_splits.json", "ft", "## Targets (compression and speed on `heldout`)"),
         ("label_e2e.json", "label", "Speedup (TASC-spec / plain): **1.82x rows/s**"),
         ("serve_e2e.json", "serve", "| 8 | tasc | 16 |"),
