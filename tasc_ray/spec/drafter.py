@@ -188,13 +188,7 @@ class Drafter:
                 if len(drafts[i]) < limits[i]:
                     still_active.append(i)
             active = still_active
-        if step_cost is not None and drafts:
-            if ragged:
-                share = getattr(step_cost, "padding_share", 0.0)  # a StepCostTable's measured share
-                drafts = [d[:n] for d, n in zip(drafts, ragged_draft_lengths(scores, step_cost, share))]
-            else:
-                length = best_draft_length(scores, step_cost)
-                drafts = [d[:length] for d in drafts]
+        drafts = [d[:n] for d, n in zip(drafts, _cut(scores, step_cost, ragged))]
         self._proposed = [
             (f[: len(d)], kk[: len(d)], list(range(-1, len(d) - 1))) for f, kk, d in zip(factors, keys, drafts)
         ]
@@ -203,19 +197,21 @@ class Drafter:
     def propose_trees(
         self,
         rows: Sequence[DraftContext | None],
-        budgets: Sequence[int],
         limits: Sequence[int] | None = None,
-        branches: int = 3,
+        step_cost: StepCost | None = None,
+        ragged: bool = False,
     ) -> list[DraftTree]:
-        """A token tree of at most budgets[i] nodes (and depth min(max_draft, limits[i])) for each row: best-first,
-        the most probable reachable token next, each node's children from every source's top `branches`
-        continuations of its match, scored by calibrated acceptance, until the next one's path probability falls
-        below min_path_prob."""
-        k = self.config.max_draft
+        """A token tree of at most tree_nodes nodes (and depth min(max_draft, limits[i])) for each row (none for a
+        row without a context): best-first, the most probable reachable token next, each node's children from every
+        source's top tree_branches continuations of its match, scored by calibrated acceptance, until the next one's
+        path probability falls below min_path_prob; with `step_cost`, cut to the nodes that pay, as `propose` cuts
+        chains (a tree's nodes come in falling probability, so any prefix is a tree)."""
+        k, budget, branches = self.config.max_draft, self.config.tree_nodes, self.config.tree_branches
         limits = [k] * len(rows) if limits is None else [min(k, lim) for lim in limits]
-        built = [self._tree(row, budget, limit, branches) for row, budget, limit in zip(rows, budgets, limits)]
-        self._proposed = [(factors, keys, tree.parents) for tree, factors, keys in built]
-        return [tree for tree, _, _ in built]
+        built = [self._tree(row, budget, limit, branches) for row, limit in zip(rows, limits)]
+        lengths = _cut([tree.scores for tree, _, _ in built], step_cost, ragged)
+        self._proposed = [(f[:n], kk[:n], tree.parents[:n]) for (tree, f, kk), n in zip(built, lengths)]
+        return [tree.prefix(n) for (tree, _, _), n in zip(built, lengths)]
 
     def _tree(
         self, row: DraftContext | None, budget: int, limit: int, branches: int
@@ -236,11 +232,7 @@ class Drafter:
                 return
             best: dict[int, tuple[float, _Candidate]] = {}
             for c in self._candidates([(row, paths[node], walks[node])], branches)[0]:
-                q = (
-                    self.calibration(c.share, calibration_key(c.source, c.length, depth))
-                    if self.config.calibrate
-                    else c.share
-                )
+                q = self._acceptance(c, depth) if self.config.calibrate else c.share
                 if c.token not in best or q > best[c.token][0]:
                     best[c.token] = (q, c)
             for q, c in best.values():
@@ -324,10 +316,14 @@ class Drafter:
         if not candidates:
             return None
         if self.config.calibrate:
-            probs = [self.calibration(c.share, calibration_key(c.source, c.length, depth)) for c in candidates]
+            probs = [self._acceptance(c, depth) for c in candidates]
             best = int(np.argmax(probs))
             return candidates[best], probs[best]
         return self._mix(candidates)
+
+    def _acceptance(self, c: _Candidate, depth: int) -> float:
+        """The calibrated chance that candidate `c`, drafted at `depth`, is accepted once its prefix was."""
+        return self.calibration(c.share, calibration_key(c.source, c.length, depth))
 
     def _mix(self, candidates: list[_Candidate]) -> tuple[_Candidate, float] | None:
         """The raw rule over the top continuations: corpus and live (same length: averaged) against context (the
@@ -351,11 +347,6 @@ class Drafter:
         source = next((c for c in candidates if c.token == token), candidates[0])
         return _Candidate(source.source, source.length, token, share[token], source.walk), share[token]
 
-    def keep_proposed(self, lengths: Sequence[int]) -> None:
-        """The caller verifies only the first lengths[i] nodes of row i's last proposed draft."""
-        if self._proposed is not None:
-            self._proposed = [(f[:n], k[:n], p[:n]) for (f, k, p), n in zip(self._proposed, lengths)]
-
     def learn(self, output: Sequence[int]) -> None:
         """A finished output: its n-grams join the live overlay (with live_outputs > 0)."""
         if self.live is not None:
@@ -370,6 +361,18 @@ class Drafter:
         for (factors, keys, parents), taken in zip(proposed, accepted):
             nodes = list(range(taken)) if isinstance(taken, int) else list(taken)
             self.calibration.observe_tree(factors, keys, parents, nodes)
+
+
+def _cut(scores: list[list[float]], step_cost: StepCost | None, ragged: bool) -> list[int]:
+    """How many of each row's draft tokens (tree nodes) to verify, given the estimated probabilities that each
+    prefix is accepted: where expected tokens per second of the pass is highest, per row where the verifier does not
+    pad rows to the longest draft (`ragged`), else one length for all; everything without a step cost."""
+    if step_cost is None or not scores:
+        return [len(s) for s in scores]
+    if ragged:
+        share = getattr(step_cost, "padding_share", 0.0)  # a StepCostTable's measured share
+        return ragged_draft_lengths(scores, step_cost, share)
+    return [best_draft_length(scores, step_cost)] * len(scores)
 
 
 def _short(source: str, match: Match, top_n: int = 1) -> list[_Candidate]:

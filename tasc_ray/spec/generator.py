@@ -27,13 +27,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from tasc_ray.spec.draft_length import (
-    SpeculationGate,
-    StepCostTable,
-    best_draft_length,
-    ragged_draft_lengths,
-    trees_pay,
-)
+from tasc_ray.spec.draft_length import SpeculationGate, StepCostTable, trees_pay
 from tasc_ray.spec.drafter import Drafter, DraftTree
 from tasc_ray.spec.fast_forward import FastForward, build_fast_forward
 from tasc_ray.spec.kv_cache import PrefixCache, PrefixKV, attention_mask, compact, select_rows
@@ -423,21 +417,13 @@ class SpeculativeGenerator:
 
     def _propose_trees(self, rows: list[Request]) -> list[DraftTree]:
         """Token trees for the rows (none for a row that does not speculate), each cut to the number of nodes that
-        the step costs justify: a tree's nodes come in order of falling probability, so any prefix is a tree."""
+        the step costs justify."""
         assert self.drafter is not None
         if self.gate is not None and not self.gate.allow(len(rows)):
             return [DraftTree() for _ in rows]
         limits = [r.max_new - len(r.generated) - 1 for r in rows]
-        budgets = [self.drafter.config.tree_nodes if r.draft_context is not None else 0 for r in rows]
-        trees = self.drafter.propose_trees(
-            [r.draft_context for r in rows], budgets, limits, self.drafter.config.tree_branches
-        )
-        if self.fast_forward is not None:
-            lengths = ragged_draft_lengths([t.scores for t in trees], self.step_cost, self.step_cost.padding_share)
-        else:
-            lengths = [best_draft_length([t.scores for t in trees], self.step_cost)] * len(trees)
-        self.drafter.keep_proposed(lengths)
-        return [t.prefix(n) for t, n in zip(trees, lengths)]
+        ragged = self.fast_forward is not None  # as for chains
+        return self.drafter.propose_trees([r.draft_context for r in rows], limits, self.step_cost, ragged)
 
     def _verify_trees(self, batch: _Batch, trees: list[DraftTree]) -> tuple[torch.Tensor, list[list[int]]]:
         """Run [pending token + tree nodes] of every row through the model in one pass, each node at position

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from tasc_ray.spec.config import DrafterConfig
-from tasc_ray.spec.draft_length import StepCost, best_draft_length, trees_pay
+from tasc_ray.spec.draft_length import StepCost, trees_pay
 from tasc_ray.spec.drafter import DraftContext, Drafter, DraftTree
 from tasc_ray.spec.index import NgramIndex
 
@@ -119,12 +119,7 @@ def _replay(
         rows = [contexts[i] for i in active]
         drafts: Sequence[DraftTree | list[int]]
         if trees:
-            tree_drafts = drafter.propose_trees(rows, [drafter.config.tree_nodes] * len(rows), limits)
-            if step_cost is not None:
-                n = best_draft_length([t.scores for t in tree_drafts], step_cost)
-                tree_drafts = [t.prefix(n) for t in tree_drafts]
-                drafter.keep_proposed([n] * len(tree_drafts))
-            drafts = tree_drafts
+            drafts = drafter.propose_trees(rows, limits, step_cost, ragged=True)
         else:
             drafts = drafter.propose(rows, limits, step_cost, ragged=True)
         tally.draft_seconds += time.perf_counter() - t0

@@ -64,11 +64,11 @@ def test_trees_branch_where_the_continuation_is_uncertain():
     """After 1 2 the corpus continues 3 5 6 (3 times) or 4 7 8 (twice): a chain drafts the first branch, a tree of 6
     nodes holds both, parents before children and in order of falling probability."""
     index = NgramIndex.build([[1, 2, 3, 5, 6]] * 3 + [[1, 2, 4, 7, 8]] * 2, max_order=3)
-    config = DrafterConfig(mode=DraftMode.CORPUS, min_path_prob=0.05, live_outputs=0, calibrate=False)
+    config = DrafterConfig(mode=DraftMode.CORPUS, min_path_prob=0.05, live_outputs=0, calibrate=False, tree_nodes=6)
     drafter = Drafter(index, config)
     row = drafter.new_row([9, 1, 2])
     assert drafter.propose([row]) == [[3, 5, 6]]
-    (tree,) = drafter.propose_trees([row], [6], [8])
+    (tree,) = drafter.propose_trees([row], [8])
     assert sorted(tree.tokens) == [3, 4, 5, 6, 7, 8]
     assert all(p < j for j, p in enumerate(tree.parents)) and tree.scores == sorted(tree.scores, reverse=True)
     assert tree.accepted_path([4, 0, 0, 0, 7, 8, 0]) == [

@@ -253,9 +253,9 @@ class OracleTreeDrafter(OracleDrafter):
         self.config = DrafterConfig(mode=DraftMode.CONTEXT, max_draft=5, tree_nodes=10)
         self.shapes: list[int] = []
 
-    def propose_trees(self, rows, budgets, limits=None, branches=3):
-        trees = []
-        for row, budget, limit in zip(rows, budgets, limits):
+    def propose_trees(self, rows, limits=None, step_cost=None, ragged=False):
+        trees, budget = [], self.config.tree_nodes
+        for row, limit in zip(rows, limits):
             truth, done = self.truths[row.prompt], len(row.tokens) - len(row.prompt)
             tree, parent = DraftTree(), -1
             for depth in range(min(limit, 4)):
