@@ -405,8 +405,7 @@ def predicted_tokens_per_pass(
     sim = simulate_acceptance(
         index, seqs, config, seeds, batch_size=1, score_from=len(warm_outputs), step_cost=copy.deepcopy(step_cost)
     )
-    scored = outputs
-    return round(sum(len(o) for o in scored) / (sim["passes"] + len(scored)), 3)
+    return round(sum(len(o) for o in outputs) / (sim["passes"] + len(outputs)), 3)
 
 
 def model_outputs(
