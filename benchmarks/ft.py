@@ -43,6 +43,7 @@ from benchmarks.common.ft_tasks import FtTask, load_task_files, metrics_for, sco
 from benchmarks.common.metrics import share_identical
 from benchmarks.common.report import provenance, write_report
 from benchmarks.common.tasks import load_e2e_splits, locate_datasets
+from tasc_ray.ft.train import DEFAULT_NEW_TOKEN_DROPOUT, DEFAULT_NEW_TOKEN_LR_MULT
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--new-token-lr-mult",
         type=float,
-        default=10.0,
+        default=DEFAULT_NEW_TOKEN_LR_MULT,
         help="learning-rate multiplier for the new tokens' embedding rows (LoRA and full)",
     )
     p.add_argument(
@@ -113,6 +114,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="steps that train the new tokens' rows alone before the schedule (the original model has none)",
+    )
+    p.add_argument(
+        "--new-token-dropout",
+        type=float,
+        default=DEFAULT_NEW_TOKEN_DROPOUT,
+        help="chance, at each step, that a new token of an output is spelled in its original tokens instead",
     )
     p.add_argument("--min-count", type=int, default=2, help="least occurrences of a new token's n-gram")
     p.add_argument(
@@ -373,8 +380,9 @@ def finetune_config(args: argparse.Namespace, work: Path, name: str, model: str)
         lr=args.lr,
         lora_r=args.lora_r,
         full=args.full,
-        new_token_lr_mult=getattr(args, "new_token_lr_mult", 10.0),
+        new_token_lr_mult=getattr(args, "new_token_lr_mult", DEFAULT_NEW_TOKEN_LR_MULT),
         new_token_warmup_steps=getattr(args, "new_token_warmup_steps", 0),
+        new_token_dropout=getattr(args, "new_token_dropout", DEFAULT_NEW_TOKEN_DROPOUT),
         num_workers=args.num_workers,
         use_gpu=args.use_gpu,
         bf16=args.bf16,

@@ -11,7 +11,7 @@ from typing import Any
 from tasc_ray.cli.args import add_model_argument
 from tasc_ray.cli.main import add_command
 from tasc_ray.ft.enrich import EnrichConfig, VocabEnrichmentError, enrich_model
-from tasc_ray.ft.train import DEFAULT_NEW_TOKEN_LR_MULT, FinetuneConfig, FinetuneError
+from tasc_ray.ft.train import DEFAULT_NEW_TOKEN_DROPOUT, DEFAULT_NEW_TOKEN_LR_MULT, FinetuneConfig, FinetuneError
 from tasc_ray.io import read_texts
 from tasc_ray.stages.finetune import finetune
 
@@ -112,6 +112,12 @@ def add_finetune_arguments(ft: argparse.ArgumentParser) -> None:
         default=0,
         help="steps that train the new tokens' embedding rows alone, before the schedule",
     )
+    ft.add_argument(
+        "--new-token-dropout",
+        type=float,
+        default=DEFAULT_NEW_TOKEN_DROPOUT,
+        help="chance, at each step, that a new token of an output is spelled in its original tokens instead",
+    )
     ft.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     ft.add_argument("--num-workers", type=int, default=1)
     ft.add_argument("--cpus-per-worker", type=float, default=None)
@@ -174,6 +180,7 @@ def _finetune(args: argparse.Namespace) -> dict[str, Any]:
         lora_r=args.lora_r,
         new_token_lr_mult=args.new_token_lr_mult,
         new_token_warmup_steps=args.new_token_warmup_steps,
+        new_token_dropout=args.new_token_dropout,
         full=args.full,
         num_workers=args.num_workers,
         cpus_per_worker=args.cpus_per_worker,

@@ -6,6 +6,8 @@ The loss covers output tokens only (prompt positions are labelled -100). Two rec
   added (non-special) tokens trainable through peft's `trainable_token_indices` (tied LM heads follow).
 * Full fine-tuning (`full=True`): every parameter; `NewRowBoost` gives the new rows their own learning rate.
 
+Either recipe can spell a share of the outputs' new tokens in their original tokens at each step (`NewTokenDropout`).
+
 `run_training(LoopConfig, session)` is one worker's loop: resume from the session's latest checkpoint, train,
 report a checkpoint (trainable state + optimizer) after each epoch. The session is `LocalSession` here (one
 in-process worker, local checkpoints, for machines without Ray) or the Ray Train session of
@@ -47,6 +49,10 @@ EpochHook = Callable[[int, "int | None"], None]
 # not close it (README, TASC-ft).
 DEFAULT_NEW_TOKEN_LR_MULT = 10.0
 
+# The share of the outputs' new tokens spelled in their original-vocabulary tokens at each training step
+# (`NewTokenDropout`); 0 trains on the canonical enriched tokenisation only.
+DEFAULT_NEW_TOKEN_DROPOUT = 0.0
+
 
 class FinetuneError(ValueError):
     """Bad fine-tuning input: missing columns, empty data, no GPU for --use-gpu, an unusable model directory."""
@@ -67,6 +73,7 @@ class FinetuneConfig:
     lora_alpha: int | None = None  # default 2 * lora_r
     new_token_lr_mult: float = DEFAULT_NEW_TOKEN_LR_MULT  # learning-rate multiplier of the new tokens' rows
     new_token_warmup_steps: int = 0  # steps that train the new tokens' rows alone, before the schedule (0: none)
+    new_token_dropout: float = DEFAULT_NEW_TOKEN_DROPOUT  # chance that an output's new token is spelled in base tokens
     full: bool = False
     num_workers: int = 1
     cpus_per_worker: float | None = None  # default: the cluster's CPUs shared among the workers
@@ -91,6 +98,8 @@ class FinetuneConfig:
             raise FinetuneError(f"epochs must be positive, got {self.epochs}")
         if self.new_token_warmup_steps < 0:
             raise FinetuneError(f"new_token_warmup_steps must be >= 0, got {self.new_token_warmup_steps}")
+        if not 0.0 <= self.new_token_dropout < 1.0:
+            raise FinetuneError(f"new_token_dropout must be in [0, 1), got {self.new_token_dropout}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise FinetuneError(f"max_steps must be positive, got {self.max_steps}")
         if self.num_workers < 1 or self.batch_size < self.num_workers:
@@ -122,6 +131,7 @@ class LoopConfig:
     lr: float = 2e-4
     new_token_lr_mult: float = DEFAULT_NEW_TOKEN_LR_MULT
     new_token_warmup_steps: int = 0
+    new_token_dropout: float = DEFAULT_NEW_TOKEN_DROPOUT
     epochs: int = 3
     max_steps: int | None = None
     batch_size: int = 8
@@ -142,6 +152,7 @@ class LoopConfig:
             lr=cfg.resolved_lr(),
             new_token_lr_mult=cfg.new_token_lr_mult,
             new_token_warmup_steps=cfg.new_token_warmup_steps,
+            new_token_dropout=cfg.new_token_dropout,
             epochs=cfg.epochs,
             max_steps=cfg.max_steps,
             batch_size=cfg.batch_size,
@@ -321,6 +332,50 @@ class NewRowWarmup:
                 p.grad[~mask] = 0
 
 
+def base_spellings(tokenizer: Any, new_ids: list[int]) -> dict[int, list[int]]:
+    """Each added token's tokenisation by the tokenizer's own model alone (normaliser, pre-tokeniser, BPE), i.e. in
+    original-vocabulary tokens: added tokens are matched before the model runs, so the model never yields them."""
+    backend = tokenizer.backend_tokenizer
+    spellings = {}
+    for i in new_ids:
+        text = tokenizer.convert_ids_to_tokens(i)
+        if backend.normalizer is not None:
+            text = backend.normalizer.normalize_str(text)
+        pieces = backend.pre_tokenizer.pre_tokenize_str(text) if backend.pre_tokenizer is not None else [(text, None)]
+        spellings[i] = [t.id for piece, _ in pieces for t in backend.model.tokenize(piece)]
+    return spellings
+
+
+class NewTokenDropout:
+    """Subword regularisation for the new tokens. Trained on the canonical enriched tokenisation only, a model never
+    sees a phrase that has a new token spelled in original tokens: once it emits `is`, `a` where the data always had
+    ` is a coffee shop`, it is off its training distribution and falls back on the base model's habits (paraphrases,
+    dropped slots). At every step each new token of an output is spelled in its original tokens with probability p
+    (the prompt is left as inference tokenises it), so both paths are in the data and the canonical one dominates."""
+
+    def __init__(self, tokenizer: Any, new_ids: list[int], p: float) -> None:
+        self.p = p
+        self.spellings = base_spellings(tokenizer, new_ids) if new_ids and p > 0 else {}
+
+    @property
+    def active(self) -> bool:
+        return bool(self.spellings)
+
+    def apply(
+        self, example: tuple[list[int], list[int]], rng: random.Random, max_length: int
+    ) -> tuple[list[int], list[int]]:
+        ids, labels = [], []
+        for token, label in zip(*example):
+            spelling = self.spellings.get(token) if label != -100 else None
+            if spelling and rng.random() < self.p:
+                ids += spelling
+                labels += spelling
+            else:
+                ids.append(token)
+                labels.append(label)
+        return ids[:max_length], labels[:max_length]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------------------
@@ -378,6 +433,7 @@ class _Trainer:
     params: list[torch.Tensor]
     boost: NewRowBoost
     warmup: NewRowWarmup
+    dropout: NewTokenDropout
     examples: list[tuple[list[int], list[int]]]
     pad_id: int
     epoch: int = 0
@@ -400,8 +456,9 @@ def _setup(cfg: LoopConfig, session: Session) -> _Trainer:
     boost = NewRowBoost(model, new_token_ids(tokenizer) if cfg.full else [], cfg.new_token_lr_mult)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     warmup = NewRowWarmup(model, new_token_ids(tokenizer), cfg.full)
+    dropout = NewTokenDropout(tokenizer, new_token_ids(tokenizer), cfg.new_token_dropout)
     examples = encode_rows(tokenizer, cfg.rows, cfg.max_length)
-    trainer = _Trainer(model, optimizer, [p for _, p in named], boost, warmup, examples, pad_id)
+    trainer = _Trainer(model, optimizer, [p for _, p in named], boost, warmup, dropout, examples, pad_id)
     state = session.latest_state()
     if state is not None:
         load_trainable_state(model, state["model"], cfg.full)
@@ -416,9 +473,13 @@ def _setup(cfg: LoopConfig, session: Session) -> _Trainer:
 
 
 def _step(t: _Trainer, cfg: LoopConfig, session: Session, batch_idx: list[int], warmup: bool = False) -> float:
-    """One optimizer step on the worker's share of a global batch (warm-up: the new rows alone)."""
+    """One optimizer step on the worker's share of a global batch (warm-up: the new rows alone, no dropout)."""
     use_bf16 = cfg.bf16 and session.device.type == "cuda"
-    batch = {k: v.to(session.device) for k, v in _collate([t.examples[j] for j in batch_idx], t.pad_id).items()}
+    examples = [t.examples[j] for j in batch_idx]
+    if t.dropout.active and not warmup:
+        rng = random.Random(f"{cfg.seed}-{t.step}-{session.rank}")  # a resumed run draws the same spellings
+        examples = [t.dropout.apply(e, rng, cfg.max_length) for e in examples]
+    batch = {k: v.to(session.device) for k, v in _collate(examples, t.pad_id).items()}
     with torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=use_bf16):
         loss = t.model(**batch).loss
     loss.backward()

@@ -15,7 +15,9 @@ from tasc_ray.ft.train import (
     FinetuneError,
     LoopConfig,
     NewRowBoost,
+    NewTokenDropout,
     _collate,
+    base_spellings,
     encode_rows,
     new_token_ids,
     read_pairs,
@@ -63,6 +65,42 @@ def test_new_token_lr_mult_in_full_finetuning(enriched_dir, task_rows):
     torch.testing.assert_close(steps[5.0][old], steps[1.0][old])
 
 
+def test_base_spellings_are_the_enrichment_s_original_tokenisation(enriched_dir):
+    tok = AutoTokenizer.from_pretrained(enriched_dir)
+    report = json.loads((enriched_dir / "tasc_ft_vocab.json").read_text())
+    spellings = base_spellings(tok, new_token_ids(tok))
+    assert spellings == {t["id"]: t["base_ids"] for t in report["new_tokens"]}
+    assert all(i < report["vocab_size_before"] for ids in spellings.values() for i in ids)
+
+
+def test_new_token_dropout_spells_output_tokens_in_original_tokens(enriched_dir, task_rows):
+    """p=0 changes nothing; at p=0.5 some of the output's new tokens are spelled out, the text is the same, the
+    prompt (as inference tokenises it) and the labels' alignment are kept, and the same seed draws the same."""
+    import random
+
+    tok = AutoTokenizer.from_pretrained(enriched_dir)
+    new = set(new_token_ids(tok))
+    rows = [{"prompt": r["output"] + "\nMR:\n", "output": r["output"]} for r in task_rows[:8]]  # new tokens in both
+    examples = encode_rows(tok, rows, 512)
+    assert not NewTokenDropout(tok, sorted(new), 0.0).active
+    dropout = NewTokenDropout(tok, sorted(new), 0.5)
+    for (ids, labels), row in zip(examples, rows):
+        n_prompt = labels.count(-100)
+        out_ids, out_labels = dropout.apply((ids, labels), random.Random(0), 512)
+        assert (out_ids, out_labels) == dropout.apply((ids, labels), random.Random(0), 512)
+        assert out_ids[:n_prompt] == ids[:n_prompt] and any(i in new for i in ids[:n_prompt])
+        assert out_labels[:n_prompt] == [-100] * n_prompt and out_labels[n_prompt:] == out_ids[n_prompt:]
+        assert tok.decode(out_ids[n_prompt:-1]) == row["output"]
+        kept = sum(i in new for i in out_ids[n_prompt:])
+        assert kept < sum(i in new for i in ids[n_prompt:])
+    everything = NewTokenDropout(tok, sorted(new), 0.999999)
+    ids, labels = everything.apply(examples[0], random.Random(1), 512)
+    assert not any(i in new for i in ids[labels.count(-100) :])
+    assert everything.apply(examples[0], random.Random(1), 10)[0] == ids[:10]
+    with pytest.raises(FinetuneError, match="new_token_dropout"):
+        FinetuneConfig(model="m", train="t", out="o", new_token_dropout=1.0).validate()
+
+
 def test_gpu_selection():
     assert select_gpu(False) == (False, "gloo")
     assert select_gpu(True, cluster_gpus=2) == (True, "nccl")
@@ -90,6 +128,7 @@ def test_local_trainer_resumes_after_failure(tmp_path, enriched_dir, train_file)
         out=str(tmp_path / "ft"),
         epochs=2,
         batch_size=8,
+        new_token_dropout=0.3,  # drawn per step: the resumed run trains on the same spellings
         trainer="local",
         storage_path=str(tmp_path / "storage"),
         name="run",
