@@ -151,6 +151,21 @@ def test_generic_bench_ft_end_to_end(tmp_path, task_rows, tiny_model_dir):
     assert "tasc_ft+tasc_spec>=1.3x_tasc_ft_alone (eval)" in result["targets"]
     md = (tmp_path / "out" / "ft_data_t.md").read_text()
     assert "TASC-ft + TASC-spec vs original plain" in md and "| eval | original | plain |" in md
+    # ft-compare: the run beside a variant of it, the variant's differing setting named, the deltas from comparisons
+    variant = json.loads((tmp_path / "out" / "ft_data_t.json").read_text())
+    variant["config"].update(tag="drop", new_token_dropout=0.2)
+    (tmp_path / "out" / "ft_data_drop.json").write_text(json.dumps(variant))
+    compare = parser.parse_args(["ft-compare", str(tmp_path / "out")])
+    table = compare.handler(compare)
+    by_tag = {r["tag"]: r for r in table["runs"]}
+    assert {t: r["differs"] for t, r in by_tag.items()} == {
+        "t": {"new_token_dropout": 0.0},
+        "drop": {"new_token_dropout": 0.2},
+    }
+    assert by_tag["t"]["splits"]["eval"]["chrf"] == pytest.approx(c["enriched+plain"]["chrf_delta"])
+    assert "| drop (" in (tmp_path / "out" / "README.md").read_text()
+    with pytest.raises(ValueError, match="no bench ft results"):
+        compare.handler(parser.parse_args(["ft-compare", str(tmp_path / "data")]))
     with pytest.raises(ValueError, match="not both"):
         args.direction = "text2mr"
         args.handler(args)

@@ -1,0 +1,129 @@
+"""`python -m benchmarks ft-compare DIR`: the `bench ft` results in a folder side by side (an ablation's table).
+
+Each `ft_*.json` under DIR is one run. The table gives, per run: the settings in which it differs from the runs'
+common recipe (enrichment and fine-tuning keys of the command), the new tokens, the reduction of the reference
+tokens, both models' final training loss, and per evaluation split the TASC-ft model's speedup and its quality
+against the original-vocabulary model fine-tuned alike (`<metric>_delta` in points, from the run's `comparisons`).
+It reads only what the runs recorded; it trains and decodes nothing. Written to `DIR/README.md` (and `--json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+RECIPE_KEYS = (
+    "train_rows",
+    "budget",
+    "min_count",
+    "max_copied",
+    "no_cross",
+    "epochs",
+    "lr",
+    "full",
+    "lora_r",
+    "new_token_lr_mult",
+    "new_token_warmup_steps",
+    "new_token_dropout",
+)
+DEFAULTS = {"max_copied": 1.0, "new_token_warmup_steps": 0, "new_token_dropout": 0.0}  # keys older runs lack
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "ft-compare",
+        help="bench ft results in a folder side by side (recipe differences, compression, quality deltas)",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("dir", help="a folder of bench ft results (ft_*.json)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=run)
+
+
+def load_runs(folder: Path) -> list[dict[str, Any]]:
+    runs = []
+    for path in sorted(folder.glob("ft_*.json")):
+        result = json.loads(path.read_text())
+        if result.get("benchmark") == "ft" and "comparisons" in result:
+            runs.append(result)
+    if not runs:
+        raise ValueError(f"{folder}: no bench ft results (ft_*.json) to compare")
+    return runs
+
+
+def recipe(result: dict[str, Any]) -> dict[str, Any]:
+    config = result["config"]
+    return {k: config.get(k, DEFAULTS.get(k)) for k in RECIPE_KEYS}
+
+
+def rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    recipes = [recipe(r) for r in runs]
+    common = {k: v for k, v in recipes[0].items() if all(rec[k] == v for rec in recipes)}
+    out = []
+    for result, rec in zip(runs, recipes):
+        metrics = result["metrics"]
+        splits = {}
+        for split, comparison in result["comparisons"].items():
+            enriched = comparison["enriched+plain"]
+            splits[split] = {
+                "speedup": enriched["speedup"],
+                "with_tasc_spec": comparison["enriched+tasc_spec"]["speedup"],
+                **{m: enriched[f"{m}_delta"] for m in metrics},
+            }
+        out.append(
+            {
+                "tag": result["config"]["tag"],
+                "commit": (result.get("git_commit") or "")[:7],
+                "differs": {k: v for k, v in rec.items() if k not in common},
+                "new_tokens": result["compression"]["new_tokens"],
+                "reduction": {s: result["compression"][s]["reduction_enriched"] for s in result["comparisons"]},
+                "final_loss": {name: run["train"]["final_loss"] for name, run in result["runs"].items()},
+                "splits": splits,
+                "shared_cpu": result["machine"].get("cpu_was_shared", False),
+            }
+        )
+    return [{"common": common}, *out]
+
+
+def markdown(table: list[dict[str, Any]], metrics: tuple[str, ...], splits: list[str]) -> str:
+    common, runs = table[0]["common"], table[1:]
+    quality = [f"{s} {m}" for s in splits for m in metrics]
+    head = ["run", "differs", "new tokens", *(f"{s} reduction" for s in splits), "final loss (orig / TASC-ft)"]
+    head += [*(f"{s} speedup (+spec)" for s in splits), *quality]
+    lines = [
+        "# TASC-ft runs side by side",
+        "",
+        "Written by `python -m benchmarks ft-compare` from the `ft_*.json` results in this folder (each with its",
+        "own command and commit). Quality columns: the TASC-ft model minus the original-vocabulary model fine-tuned",
+        "with the same recipe, in points; speedup: its plain decoding against the original model's, in the same run.",
+        "",
+        "Common recipe: " + ", ".join(f"`{k}={v}`" for k, v in common.items()),
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in runs:
+        differs = ", ".join(f"`{k}={v}`" for k, v in r["differs"].items()) or "-"
+        cells = [f"{r['tag']} ({r['commit']})" + (" *" if r["shared_cpu"] else ""), differs, str(r["new_tokens"])]
+        cells += [f"{100 * r['reduction'][s]:.1f}%" for s in splits]
+        cells.append(f"{r['final_loss']['original']:.3f} / {r['final_loss']['enriched']:.3f}")
+        cells += [f"{r['splits'][s]['speedup']:.2f}x ({r['splits'][s]['with_tasc_spec']:.2f}x)" for s in splits]
+        cells += [f"{r['splits'][s][m]:+.1f}" for s in splits for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    if any(r["shared_cpu"] for r in runs):
+        lines += ["", "\\* the CPU was busy when the run started: its speedups are noisy (quality is not affected)."]
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    folder = Path(args.dir)
+    runs = load_runs(folder)
+    # free text: a sentence rarely equals a reference, so exact match says nothing where BLEU is measured
+    metrics = tuple(m for m in runs[0]["metrics"] if not (m == "exact_match" and "bleu" in runs[0]["metrics"]))
+    splits = list(runs[0]["comparisons"])
+    table = rows(runs)
+    (folder / "README.md").write_text(markdown(table, metrics, splits), encoding="utf-8")
+    return {"runs": table[1:], "common": table[0]["common"], "written": str(folder / "README.md")}
