@@ -62,9 +62,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_task_arguments(p)
     add_run_arguments(p)
     p.set_defaults(handler=run)
-    from benchmarks import ft_compare, ft_vocab
+    from benchmarks import ft_compare, ft_nll, ft_vocab
 
     ft_vocab.register(subparsers, add_task_arguments)
+    ft_nll.register(subparsers, add_task_arguments)
     ft_compare.register(subparsers)
 
 

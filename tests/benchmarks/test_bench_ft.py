@@ -192,3 +192,29 @@ def test_ft_vocab_compares_enrichment_settings(tmp_path, task_rows, tiny_model_d
     assert full["new_tokens"] == 20 and full["eval"]["reduction"] > out["eval"]["reduction"] > 0
     assert full["copied_value_share"] > 0 and out["copied_value_share"] == 0
     assert "| out | max_copied=0.5 |" in (tmp_path / "ft_vocab_d_cpu.md").read_text()
+
+
+def test_ft_nll_aligns_spans_and_scores_both_models(tmp_path, task_rows, tiny_model_dir, enriched_dir):
+    """Every original token's cost lands on exactly one enriched span; a model scored against itself has no excess,
+    and an enriched model against the original puts its new tokens in the `new` kind."""
+    from benchmarks.ft_nll import compare
+    from tasc_ray.cli.main import build_parser
+
+    original = [(0, 2, 5, 1.0), (2, 4, 6, 2.0), (4, 5, 7, 0.5), (4, 5, 8, 0.25), (5, 5, -1, 0.1)]
+    enriched = [(0, 4, 100, 2.5), (4, 5, 7, 0.5), (4, 5, 8, 0.5), (5, 5, -1, 0.2)]
+    totals = compare(original, enriched, base_vocab=50)
+    assert totals["new"] == [1, 2.5, 3.0] and totals["after_new"] == [1, 0.5, 0.0]
+    assert totals["other"] == [1, 0.5, 0.75] and totals["eos"] == [1, 0.2, 0.1]
+    assert sum(v[2] for v in totals.values()) == pytest.approx(sum(n for *_, n in original))
+    (tmp_path / "d").mkdir()
+    train, evals = _task_files(tmp_path / "d", task_rows)
+    parser = build_parser("bench", ["benchmarks.ft"], "test")
+    common = ["--train", str(train), "--eval", str(evals), "--eval-rows", "3", "--out-dir", str(tmp_path)]
+    same = parser.parse_args(["ft-nll", "--original", str(tiny_model_dir), "--enriched", str(tiny_model_dir), *common])
+    r = same.handler(same)["splits"]["eval"]
+    assert r["references"] == 3 and r["enriched_nats"] == pytest.approx(r["original_nats"], rel=1e-5)
+    assert r["by_kind"]["new"]["tokens"] == 0
+    args = parser.parse_args(["ft-nll", "--original", str(tiny_model_dir), "--enriched", str(enriched_dir), *common])
+    r = args.handler(args)["splits"]["eval"]
+    assert r["by_kind"]["new"]["tokens"] > 0 and r["by_kind"]["eos"]["tokens"] == 1
+    assert "| eval | 3 | new |" in (tmp_path / "ft_nll_d_cpu.md").read_text()
