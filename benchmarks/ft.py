@@ -43,6 +43,7 @@ from benchmarks.common.ft_tasks import FtTask, load_task_files, metrics_for, sco
 from benchmarks.common.metrics import share_identical
 from benchmarks.common.report import provenance, write_report
 from benchmarks.common.tasks import load_e2e_splits, locate_datasets
+from tasc_ray.ft.enrich import DEFAULT_MIN_COUNT
 from tasc_ray.ft.train import DEFAULT_NEW_TOKEN_DROPOUT, DEFAULT_NEW_TOKEN_LR_MULT
 
 logger = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_NEW_TOKEN_DROPOUT,
         help="chance, at each step, that a new token of an output is spelled in its original tokens instead",
     )
-    p.add_argument("--min-count", type=int, default=2, help="least occurrences of a new token's n-gram")
+    p.add_argument("--min-count", type=int, default=DEFAULT_MIN_COUNT, help="least occurrences of a new token's n-gram")
     p.add_argument(
         "--max-copied",
         type=float,
@@ -328,7 +329,7 @@ def enrich_and_measure(
         per_iteration=args.per_iteration,
         holdout=0.0,
         seed=args.seed,
-        min_count=getattr(args, "min_count", 2),
+        min_count=getattr(args, "min_count", DEFAULT_MIN_COUNT),
         no_cross=tuple(getattr(args, "no_cross", ())),
         max_copied=getattr(args, "max_copied", 1.0),
     )

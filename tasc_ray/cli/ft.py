@@ -10,7 +10,7 @@ from typing import Any
 
 from tasc_ray.cli.args import add_model_argument
 from tasc_ray.cli.main import add_command
-from tasc_ray.ft.enrich import EnrichConfig, VocabEnrichmentError, enrich_model
+from tasc_ray.ft.enrich import DEFAULT_MIN_COUNT, EnrichConfig, VocabEnrichmentError, enrich_model
 from tasc_ray.ft.train import DEFAULT_NEW_TOKEN_DROPOUT, DEFAULT_NEW_TOKEN_LR_MULT, FinetuneConfig, FinetuneError
 from tasc_ray.io import read_texts
 from tasc_ray.stages.finetune import finetune
@@ -47,7 +47,9 @@ def add_enrich_arguments(enrich: argparse.ArgumentParser) -> None:
     enrich.add_argument("--budget", type=int, default=500, help="most new tokens")
     enrich.add_argument("--max-n", type=int, default=8, help="longest token n-gram considered per iteration")
     enrich.add_argument("--per-iteration", type=int, default=50, help="new tokens added per iteration")
-    enrich.add_argument("--min-count", type=int, default=2, help="least occurrences of a candidate n-gram")
+    enrich.add_argument(
+        "--min-count", type=int, default=DEFAULT_MIN_COUNT, help="least occurrences of a candidate n-gram"
+    )
     enrich.add_argument(
         "--min-gain",
         type=float,
