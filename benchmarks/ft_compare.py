@@ -59,7 +59,8 @@ def recipe(result: dict[str, Any]) -> dict[str, Any]:
     return {k: config.get(k, DEFAULTS.get(k)) for k in RECIPE_KEYS}
 
 
-def rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def rows(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(the recipe settings every run shares, one row per run with the settings it differs in)."""
     recipes = [recipe(r) for r in runs]
     common = {k: v for k, v in recipes[0].items() if all(rec[k] == v for rec in recipes)}
     out = []
@@ -85,11 +86,10 @@ def rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "shared_cpu": result["machine"].get("cpu_was_shared", False),
             }
         )
-    return [{"common": common}, *out]
+    return common, out
 
 
-def markdown(table: list[dict[str, Any]], metrics: tuple[str, ...], splits: list[str]) -> str:
-    common, runs = table[0]["common"], table[1:]
+def markdown(common: dict[str, Any], runs: list[dict[str, Any]], metrics: tuple[str, ...], splits: list[str]) -> str:
     quality = [f"{s} {m}" for s in splits for m in metrics]
     head = ["run", "differs", "new tokens", *(f"{s} reduction" for s in splits), "final loss (orig / TASC-ft)"]
     head += [*(f"{s} speedup (+spec)" for s in splits), *quality]
@@ -124,6 +124,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # free text: a sentence rarely equals a reference, so exact match says nothing where BLEU is measured
     metrics = tuple(m for m in runs[0]["metrics"] if not (m == "exact_match" and "bleu" in runs[0]["metrics"]))
     splits = list(runs[0]["comparisons"])
-    table = rows(runs)
-    (folder / "README.md").write_text(markdown(table, metrics, splits), encoding="utf-8")
-    return {"runs": table[1:], "common": table[0]["common"], "written": str(folder / "README.md")}
+    common, table = rows(runs)
+    (folder / "README.md").write_text(markdown(common, table, metrics, splits), encoding="utf-8")
+    return {"runs": table, "common": common, "written": str(folder / "README.md")}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,12 @@ def span_costs(model: Any, tokenizer: Any, prompt: str, reference: str) -> list[
     return spans + [(len(reference), len(reference), -1, nats[-1])]
 
 
+def _add(into: list[float], values: Sequence[float]) -> None:
+    """[count, enriched nats, original nats] += values, in place."""
+    for i, v in enumerate(values):
+        into[i] += v
+
+
 def compare(
     original: list[tuple[int, int, int, float]], enriched: list[tuple[int, int, int, float]], base_vocab: int
 ) -> dict[str, list[float]]:
@@ -71,7 +78,7 @@ def compare(
             kind = "eos"
         else:
             kind = "new" if token >= base_vocab else ("after_new" if previous >= base_vocab else "other")
-        totals[kind] = [totals[kind][0] + 1, totals[kind][1] + nats, totals[kind][2] + theirs[i]]
+        _add(totals[kind], (1, nats, theirs[i]))
         previous = token
     return totals
 
@@ -84,15 +91,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     task = load_task(args)
     models = {name: load_model(path, dtype="float32", device="cpu") for name, path in (
         ("original", args.original), ("enriched", args.enriched))}  # fmt: skip
+    for model, _ in models.values():
+        model.eval()
     base_vocab = len(models["original"][1])
     splits: dict[str, Any] = {}
     for split, held in task.splits.items():
         pairs = [(h["prompt"], ref) for h in held for ref in h["refs"][: args.refs_per_prompt]]
         totals = {k: [0.0, 0.0, 0.0] for k in KINDS}
         for prompt, ref in pairs:
-            costs = {name: span_costs(m.eval(), tok, prompt, ref) for name, (m, tok) in models.items()}
-            for kind, (n, ours, theirs) in compare(costs["original"], costs["enriched"], base_vocab).items():
-                totals[kind] = [totals[kind][0] + n, totals[kind][1] + ours, totals[kind][2] + theirs]
+            costs = {name: span_costs(m, tok, prompt, ref) for name, (m, tok) in models.items()}
+            for kind, part in compare(costs["original"], costs["enriched"], base_vocab).items():
+                _add(totals[kind], part)
         per_ref = {
             kind: {"tokens": n / len(pairs), "enriched_nats": ours / len(pairs), "original_nats": theirs / len(pairs)}
             for kind, (n, ours, theirs) in totals.items()
