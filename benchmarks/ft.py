@@ -44,7 +44,12 @@ from benchmarks.common.metrics import share_identical
 from benchmarks.common.report import provenance, write_report
 from benchmarks.common.tasks import load_e2e_splits, locate_datasets
 from tasc_ray.ft.enrich import DEFAULT_MIN_COUNT
-from tasc_ray.ft.train import DEFAULT_NEW_TOKEN_DROPOUT, DEFAULT_NEW_TOKEN_LR_MULT
+from tasc_ray.ft.train import (
+    DEFAULT_NEW_TOKEN_ALIGN_LR,
+    DEFAULT_NEW_TOKEN_ALIGN_STEPS,
+    DEFAULT_NEW_TOKEN_DROPOUT,
+    DEFAULT_NEW_TOKEN_LR_MULT,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +122,19 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="steps that train the new tokens' rows alone before the schedule (the original model has none)",
+    )
+    p.add_argument(
+        "--new-token-align-steps",
+        type=int,
+        default=DEFAULT_NEW_TOKEN_ALIGN_STEPS,
+        help="steps that first teach the new tokens' rows to be read like their original spelling (label-free "
+        "distillation from the model itself)",
+    )
+    p.add_argument(
+        "--new-token-align-lr",
+        type=float,
+        default=DEFAULT_NEW_TOKEN_ALIGN_LR,
+        help="Adam learning rate of the alignment steps",
     )
     p.add_argument(
         "--new-token-dropout",
@@ -368,6 +386,7 @@ TRAIN_SUMMARY_KEYS = (
     "backend",
     "num_workers",
     "trainer",
+    "new_token_alignment",
 )
 
 
@@ -386,6 +405,8 @@ def finetune_config(args: argparse.Namespace, work: Path, name: str, model: str)
         new_token_lr_mult=getattr(args, "new_token_lr_mult", DEFAULT_NEW_TOKEN_LR_MULT),
         new_token_warmup_steps=getattr(args, "new_token_warmup_steps", 0),
         new_token_dropout=getattr(args, "new_token_dropout", DEFAULT_NEW_TOKEN_DROPOUT),
+        new_token_align_steps=getattr(args, "new_token_align_steps", DEFAULT_NEW_TOKEN_ALIGN_STEPS),
+        new_token_align_lr=getattr(args, "new_token_align_lr", DEFAULT_NEW_TOKEN_ALIGN_LR),
         num_workers=args.num_workers,
         use_gpu=args.use_gpu,
         bf16=args.bf16,
@@ -410,7 +431,7 @@ def train_and_decode(args: argparse.Namespace, work: Path, task: FtTask, base_vo
         cfg = finetune_config(args, work, name, model)
         reusing = reuse and name == "original"
         summary = reused_original(Path(reuse), cfg, task.train) if reusing else finetune(cfg)
-        runs[name] = {"train": {k: summary[k] for k in TRAIN_SUMMARY_KEYS}}
+        runs[name] = {"train": {k: summary.get(k) for k in TRAIN_SUMMARY_KEYS}}
         if "reused_from" in summary:
             runs[name]["train"]["reused_from"] = summary["reused_from"]
         runs[name]["decode"] = evaluate(summary["out"], task, args, base_vocab)

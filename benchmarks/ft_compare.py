@@ -27,8 +27,10 @@ RECIPE_KEYS = (
     "new_token_lr_mult",
     "new_token_warmup_steps",
     "new_token_dropout",
+    "new_token_align_steps",
 )
-DEFAULTS = {"max_copied": 1.0, "new_token_warmup_steps": 0, "new_token_dropout": 0.0}  # keys older runs lack
+# keys older runs lack
+DEFAULTS = {"max_copied": 1.0, "new_token_warmup_steps": 0, "new_token_dropout": 0.0, "new_token_align_steps": 0}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

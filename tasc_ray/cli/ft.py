@@ -11,7 +11,14 @@ from typing import Any
 from tasc_ray.cli.args import add_model_argument
 from tasc_ray.cli.main import add_command
 from tasc_ray.ft.enrich import DEFAULT_MIN_COUNT, EnrichConfig, VocabEnrichmentError, enrich_model
-from tasc_ray.ft.train import DEFAULT_NEW_TOKEN_DROPOUT, DEFAULT_NEW_TOKEN_LR_MULT, FinetuneConfig, FinetuneError
+from tasc_ray.ft.train import (
+    DEFAULT_NEW_TOKEN_ALIGN_LR,
+    DEFAULT_NEW_TOKEN_ALIGN_STEPS,
+    DEFAULT_NEW_TOKEN_DROPOUT,
+    DEFAULT_NEW_TOKEN_LR_MULT,
+    FinetuneConfig,
+    FinetuneError,
+)
 from tasc_ray.io import read_texts
 from tasc_ray.stages.finetune import finetune
 
@@ -115,6 +122,19 @@ def add_finetune_arguments(ft: argparse.ArgumentParser) -> None:
         help="steps that train the new tokens' embedding rows alone, before the schedule",
     )
     ft.add_argument(
+        "--new-token-align-steps",
+        type=int,
+        default=DEFAULT_NEW_TOKEN_ALIGN_STEPS,
+        help="steps that first teach the new tokens' rows to be read like their original spelling (label-free "
+        "distillation from the model itself)",
+    )
+    ft.add_argument(
+        "--new-token-align-lr",
+        type=float,
+        default=DEFAULT_NEW_TOKEN_ALIGN_LR,
+        help="Adam learning rate of the alignment steps",
+    )
+    ft.add_argument(
         "--new-token-dropout",
         type=float,
         default=DEFAULT_NEW_TOKEN_DROPOUT,
@@ -182,6 +202,8 @@ def _finetune(args: argparse.Namespace) -> dict[str, Any]:
         lora_r=args.lora_r,
         new_token_lr_mult=args.new_token_lr_mult,
         new_token_warmup_steps=args.new_token_warmup_steps,
+        new_token_align_steps=args.new_token_align_steps,
+        new_token_align_lr=args.new_token_align_lr,
         new_token_dropout=args.new_token_dropout,
         full=args.full,
         num_workers=args.num_workers,

@@ -170,6 +170,7 @@ def finetune(cfg: FinetuneConfig, *, after_epoch: EpochHook | None = None) -> di
         "steps": outcome.state["step"],
         "final_loss": outcome.metrics.get("loss"),
         "resumed_from_epoch": outcome.metrics.get("resumed_from_epoch"),
+        "new_token_alignment": outcome.state.get("aligned"),
         "train_seconds": round(time.perf_counter() - t0, 2),
         "backend": outcome.backend,
         "use_gpu": outcome.use_gpu,

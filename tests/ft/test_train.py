@@ -14,6 +14,7 @@ from tasc_ray.ft.train import (
     FinetuneConfig,
     FinetuneError,
     LoopConfig,
+    NewRowAlignment,
     NewRowBoost,
     NewTokenDropout,
     _collate,
@@ -129,6 +130,7 @@ def test_local_trainer_resumes_after_failure(tmp_path, enriched_dir, train_file)
         epochs=2,
         batch_size=8,
         new_token_dropout=0.3,  # drawn per step: the resumed run trains on the same spellings
+        new_token_align_steps=2,  # before the first epoch only; its record survives the resume
         trainer="local",
         storage_path=str(tmp_path / "storage"),
         name="run",
@@ -138,6 +140,7 @@ def test_local_trainer_resumes_after_failure(tmp_path, enriched_dir, train_file)
     assert not (tmp_path / "ft").exists()
     summary = finetune(FinetuneConfig(**cfg))
     assert summary["resumed_from_epoch"] == 1 and summary["epochs_done"] == 2 and summary["steps"] == 8
+    assert summary["new_token_alignment"]["steps"] == 2
     assert (tmp_path / "ft" / "config.json").is_file()
 
 
@@ -194,3 +197,61 @@ def test_new_token_warmup_trains_the_new_rows_alone(tmp_path, enriched_dir, task
     assert all(torch.equal(p, snapshot[n]) for n, p in t.model.named_parameters())
     with pytest.raises(FinetuneError, match="new_token_warmup_steps"):
         FinetuneConfig(model="m", train="t", out="o", new_token_warmup_steps=-1).validate()
+
+
+def test_new_row_alignment_spells_and_scores_the_reading_of_new_tokens(enriched_dir, task_rows):
+    """The teacher sequence spells every new token in its original tokens and each position maps to the last piece
+    of its spelling; a sequence without new tokens reads the same in both (KL 0), one with new tokens does not."""
+    tok = AutoTokenizer.from_pretrained(enriched_dir)
+    new = new_token_ids(tok)
+    model = AutoModelForCausalLM.from_pretrained(enriched_dir, dtype=torch.float32)
+    alignment = NewRowAlignment(tok, new, model.get_input_embeddings().weight.shape[0])
+    spellings = base_spellings(tok, new)
+    ids = tok(task_rows[0]["output"], add_special_tokens=False)["input_ids"]
+    assert any(i in spellings for i in ids)
+    spelled, last = alignment.spell(ids)
+    assert not any(i in spellings for i in spelled) and tok.decode(spelled) == tok.decode(ids)
+    assert len(last) == len(ids) and last[-1] == len(spelled) - 1
+    for j, i in enumerate(ids):
+        start = last[j - 1] + 1 if j else 0
+        assert spelled[start : last[j] + 1] == spellings.get(i, [i])
+    plain = [i for i in range(len(tok)) if i not in set(new)][100:140]
+    with torch.no_grad():
+        assert alignment.loss(model, [plain], tok.pad_token_id or 0, torch.device("cpu")).item() < 1e-5
+        assert alignment.loss(model, [ids, plain], tok.pad_token_id or 0, torch.device("cpu")).item() > 1e-3
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_new_row_alignment_trains_the_new_rows_alone(tmp_path, enriched_dir, task_rows, full):
+    """Alignment steps move the new tokens' rows and nothing else (full fine-tuning and LoRA), lower the KL on rows
+    they did not train on, leave the main optimizer untouched, and do not run again on resume."""
+    from tasc_ray.ft.train import LocalSession, _align_new_rows, _setup
+
+    rows = [{"prompt": r["text"] + "\nMR:\n", "output": r["output"]} for r in task_rows[:24]]
+    loop = LoopConfig(model_path=str(enriched_dir), rows=rows[:16], full=full, batch_size=4)
+    loop.new_token_align_steps, loop.new_token_align_lr = 8, 3e-2
+    session = LocalSession(tmp_path / "s", use_gpu=False)
+    t = _setup(loop, session)
+    held = [ids for ids, _ in encode_rows(AutoTokenizer.from_pretrained(enriched_dir), rows[16:], 512)]
+    with torch.no_grad():
+        before_kl = t.alignment.loss(t.model, held, t.pad_id, session.device).item()
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    _align_new_rows(t, loop, session)
+    changed = {n for n, p in t.model.named_parameters() if not torch.equal(p, before[n])}
+    if full:
+        assert changed == {"model.embed_tokens.weight"}
+        emb = dict(t.model.named_parameters())["model.embed_tokens.weight"]
+        moved = (emb != before["model.embed_tokens.weight"]).any(dim=1).nonzero().flatten().tolist()
+        assert moved and set(moved) <= set(new_token_ids(AutoTokenizer.from_pretrained(enriched_dir)))
+    else:
+        assert changed and all("trainable_tokens_delta" in n for n in changed)
+    with torch.no_grad():
+        assert t.alignment.loss(t.model, held, t.pad_id, session.device).item() < before_kl
+    assert t.aligned["steps"] == 8 and t.aligned["kl_last"] < t.aligned["kl_first"]
+    assert not t.optimizer.state  # the alignment has its own optimizer
+    t.step = 5  # a resumed run does not align again
+    snapshot = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    _align_new_rows(t, loop, session)
+    assert all(torch.equal(p, snapshot[n]) for n, p in t.model.named_parameters())
+    with pytest.raises(FinetuneError, match="new_token_align"):
+        FinetuneConfig(model="m", train="t", out="o", new_token_align_lr=0).validate()
