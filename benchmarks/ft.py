@@ -150,6 +150,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         help="drop new-token candidates carrying a value copied from the prompt in more than this share of their "
         "rows (1: off)",
     )
+    p.add_argument(
+        "--untie-embeddings",
+        action="store_true",
+        help="the enriched model gets an LM head of its own (new tokens' input and output rows learn apart)",
+    )
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     p.add_argument(
         "--no-cross",
@@ -351,7 +356,10 @@ def enrich_and_measure(
         no_cross=tuple(getattr(args, "no_cross", ())),
         max_copied=getattr(args, "max_copied", 1.0),
     )
-    report = enrich_model(args.model, train_outputs, work / "enriched", EnrichConfig(**enrich_cfg), prompts=prompts)
+    untie = getattr(args, "untie_embeddings", False)
+    report = enrich_model(
+        args.model, train_outputs, work / "enriched", EnrichConfig(**enrich_cfg), prompts=prompts, untie=untie
+    )
     enriched_tok = load_tokenizer(str(work / "enriched"))
     nofilter = enrich_tokenizer(
         base_tok, train_outputs, EnrichConfig(prefix_filter=False, **enrich_cfg), progress=False, prompts=prompts

@@ -28,9 +28,15 @@ RECIPE_KEYS = (
     "new_token_warmup_steps",
     "new_token_dropout",
     "new_token_align_steps",
+    "untie_embeddings",
 )
-# keys older runs lack
-DEFAULTS = {"max_copied": 1.0, "new_token_warmup_steps": 0, "new_token_dropout": 0.0, "new_token_align_steps": 0}
+DEFAULTS = {  # keys older runs lack
+    "max_copied": 1.0,
+    "new_token_warmup_steps": 0,
+    "new_token_dropout": 0.0,
+    "new_token_align_steps": 0,
+    "untie_embeddings": False,
+}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -79,6 +79,12 @@ def add_enrich_arguments(enrich: argparse.ArgumentParser) -> None:
         help="a field separator new tokens may not span (repeatable), e.g. --no-cross ', '",
     )
     enrich.add_argument(
+        "--untie-embeddings",
+        action="store_true",
+        help="give a tied LM head its own copy of the embedding matrix, so that the new tokens' input rows (reading) "
+        "and output rows (emitting) learn apart",
+    )
+    enrich.add_argument(
         "--prompt-column",
         default=None,
         help="column (parquet/csv) or field (jsonl) of each output's prompt; --max-copied reads it",
@@ -183,7 +189,7 @@ def _enrich(args: argparse.Namespace) -> dict[str, Any]:
         holdout=args.holdout,
         seed=args.seed,
     )
-    report = enrich_model(args.model, texts, args.out, config, prompts=prompts)
+    report = enrich_model(args.model, texts, args.out, config, prompts=prompts, untie=args.untie_embeddings)
     summary = {k: v for k, v in report.items() if k != "new_tokens"}
     summary["out"] = args.out
     summary["first_new_tokens"] = [t["token"] for t in report["new_tokens"][:20]]

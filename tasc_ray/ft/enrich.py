@@ -45,7 +45,9 @@ non-round-tripping strings dropped), `choose_candidates` (prefix-conflict filter
 `enrichment_loop` (add, measure, stop); `enrich_tokenizer` runs them on a copy of the tokenizer.
 
 `enrich_model` resizes the model's embeddings; each new row (and LM-head row when untied) is the mean of the
-rows of its constituent *original* tokens, and the result is saved as a plain Hugging Face directory.
+rows of its constituent *original* tokens, and the result is saved as a plain Hugging Face directory. With
+`untie=True` a model whose LM head is its input embedding gets its own copy of the matrix first, so that a new
+token's input row (how the model reads it) and output row (when the model emits it) can learn apart.
 """
 
 from __future__ import annotations
@@ -522,12 +524,30 @@ def enrich_tokenizer(
     return result
 
 
-def init_new_embeddings(model: PreTrainedModel, new_tokens: Sequence[NewToken], old_vocab_size: int) -> None:
-    """Resize the model to hold the new tokens; each new row = mean of its original constituent tokens' rows."""
+def untie_embeddings(model: PreTrainedModel) -> bool:
+    """Give a tied LM head its own copy of the input embedding matrix (same values, so the same model); True if it
+    was tied. The copy costs vocabulary x hidden parameters (28M, +21%, for SmolLM2-135M) and no decoding work."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or head.weight.data_ptr() != emb.weight.data_ptr():
+        return False
+    head.weight = torch.nn.Parameter(emb.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    if getattr(model.config, "text_config", None) is not None:
+        model.config.text_config.tie_word_embeddings = False
+    return True
+
+
+def init_new_embeddings(
+    model: PreTrainedModel, new_tokens: Sequence[NewToken], old_vocab_size: int, untie: bool = False
+) -> None:
+    """Resize the model to hold the new tokens (untying the LM head first if asked); each new row = mean of its
+    original constituent tokens' rows."""
     if not new_tokens:
         return
     new_size = max(old_vocab_size, max(t.id for t in new_tokens) + 1)
     model.resize_token_embeddings(new_size, mean_resizing=False)
+    if untie:
+        untie_embeddings(model)
     emb = model.get_input_embeddings().weight
     out = model.get_output_embeddings()
     untied = out is not None and out.weight.data_ptr() != emb.data_ptr()
@@ -562,10 +582,11 @@ def enrich_model(
     config: EnrichConfig | None = None,
     progress: bool = True,
     prompts: Sequence[str] | None = None,
+    untie: bool = False,
 ) -> dict[str, Any]:
-    """Enrich `model`'s tokenizer on `texts`, init the new rows, save a plain HF directory to `out`, written
-    aside and moved into place (`tasc_ray.io.atomic_directory`). Returns the report (also saved as
-    `out/tasc_ft_vocab.json`)."""
+    """Enrich `model`'s tokenizer on `texts`, init the new rows (on an untied LM head with `untie`), save a plain HF
+    directory to `out`, written aside and moved into place (`tasc_ray.io.atomic_directory`). Returns the report
+    (also saved as `out/tasc_ft_vocab.json`)."""
     config = config or EnrichConfig()
     config.validate()
     if not [t for t in texts if isinstance(t, str) and t]:
@@ -576,7 +597,7 @@ def enrich_model(
     model_obj, tokenizer, source = _load_base(model)
     old_size = model_obj.get_input_embeddings().weight.shape[0]
     result = enrich_tokenizer(tokenizer, texts, config, progress, prompts)
-    init_new_embeddings(model_obj, result.new_tokens, old_size)
+    init_new_embeddings(model_obj, result.new_tokens, old_size, untie)
     report = result.report()
     report.update(
         {
@@ -584,6 +605,7 @@ def enrich_model(
             "base_path": source,
             "vocab_size_before": len(tokenizer),
             "vocab_size_after": len(result.tokenizer),
+            "untied_embeddings": not model_obj.config.tie_word_embeddings,
             "seconds": round(time.perf_counter() - t0, 2),
         }
     )

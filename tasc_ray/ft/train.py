@@ -223,16 +223,27 @@ def new_token_ids(tokenizer: Any) -> list[int]:
     return sorted(int(i) for i, t in tokenizer.added_tokens_decoder.items() if not t.special)
 
 
-def _lora_config(cfg: LoopConfig, new_ids: list[int]) -> Any:
+def _untied_head_name(model: Any) -> str | None:
+    """The module name of the LM head when it is not the input embedding (an untied model), else None."""
+    head = model.get_output_embeddings()
+    if head is None or head.weight is model.get_input_embeddings().weight:
+        return None
+    return next(name for name, module in model.named_modules() if module is head)
+
+
+def _lora_config(cfg: LoopConfig, new_ids: list[int], untied_head: str | None = None) -> Any:
+    """LoRA on every linear layer; the new tokens' embedding rows trainable, and their LM-head rows too when the head
+    is untied (a tied head follows the embedding)."""
     from peft import LoraConfig
 
+    rows = {"embed_tokens": new_ids} | ({untied_head: new_ids} if untied_head else {})
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
         lora_dropout=0.0,
         target_modules=LORA_TARGETS,
         task_type="CAUSAL_LM",
-        trainable_token_indices={"embed_tokens": new_ids} if new_ids else None,
+        trainable_token_indices=rows if new_ids else None,
     )
 
 
@@ -245,7 +256,7 @@ def build_model(cfg: LoopConfig, device: torch.device | str = "cpu") -> tuple[An
     if not cfg.full:
         from peft import get_peft_model
 
-        model = get_peft_model(model, _lora_config(cfg, new_token_ids(tokenizer)))
+        model = get_peft_model(model, _lora_config(cfg, new_token_ids(tokenizer), _untied_head_name(model)))
     return model.to(device), tokenizer
 
 
