@@ -37,6 +37,7 @@ def test_enrich_vocab_cli(tmp_path, tiny_model_dir, outputs, capsys):
                 "10",
                 "--out",
                 str(out),
+                "--untie-embeddings",
                 "--json",
             ]
         )
@@ -44,6 +45,7 @@ def test_enrich_vocab_cli(tmp_path, tiny_model_dir, outputs, capsys):
     )
     summary = json.loads(capsys.readouterr().out)
     assert summary["n_new_tokens"] == 20 and (out / REPORT_FILE).is_file() and (out / "config.json").is_file()
+    assert summary["untied_embeddings"] and not json.loads((out / "config.json").read_text())["tie_word_embeddings"]
 
 
 def test_finetune_refuses_use_gpu_without_gpus(ray_cluster, tmp_path, enriched_dir, train_file, capsys):
@@ -119,9 +121,15 @@ def test_finetune_reads_s3(tmp_path, enriched_dir, train_file, s3_bucket, capsys
     fs.put(str(train_file), f"{s3_bucket}/train/part-0.parquet")
     out = tmp_path / "ft"
     args = ["finetune", "--model", str(enriched_dir), "--train", f"s3://{s3_bucket}/train/", "--out", str(out)]
-    assert main([*args, "--trainer", "local", "--epochs", "1", "--max-steps", "1", "--json"]) == 0
+    assert (
+        main(
+            [*args, "--trainer", "local", "--epochs", "1", "--max-steps", "1", "--new-token-align-steps", "1", "--json"]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["rows"] == 32 and summary["steps"] == 1 and (out / "config.json").is_file()
+    assert summary["new_token_alignment"]["steps"] == 1
     assert main([*args[:-1], str(tmp_path / "ft2"), "--train", f"s3://{s3_bucket}/missing/"]) == 2
     assert "no such key" in capsys.readouterr().err and not (tmp_path / "ft2").exists()
 

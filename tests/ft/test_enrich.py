@@ -172,6 +172,38 @@ def test_untied_lm_head_rows_are_means():
     assert torch.allclose(model.get_output_embeddings().weight[:50], head)
 
 
+def test_untie_embeddings_gives_the_new_tokens_input_and_output_rows_apart(tmp_path, tiny_model_dir, outputs):
+    """--untie-embeddings: the saved model has an LM head of its own, the same model before training (same logits on
+    every token), both matrices' new rows start as the mean, and they train apart; LoRA makes the head's new rows
+    trainable too (a tied head follows the embedding)."""
+    from tasc_ray.ft.train import LoopConfig, build_model
+
+    out = tmp_path / "untied"
+    report = enrich_model(str(tiny_model_dir), outputs, out, EnrichConfig(budget=20), progress=False, untie=True)
+    assert report["untied_embeddings"]
+    tied = tmp_path / "tied"
+    assert not enrich_model(str(tiny_model_dir), outputs, tied, EnrichConfig(budget=20), progress=False)[
+        "untied_embeddings"
+    ]
+    untied_model = AutoModelForCausalLM.from_pretrained(out)
+    tied_model = AutoModelForCausalLM.from_pretrained(tied)
+    head, emb = untied_model.get_output_embeddings().weight, untied_model.get_input_embeddings().weight
+    assert head.data_ptr() != emb.data_ptr() and not untied_model.config.tie_word_embeddings
+    assert torch.equal(head, emb) and torch.equal(emb, tied_model.get_input_embeddings().weight)
+    ids = torch.tensor([[1, 5, 9] + [t["id"] for t in report["new_tokens"][:3]]])
+    torch.testing.assert_close(untied_model(ids).logits, tied_model(ids).logits)
+    new = [t["id"] for t in report["new_tokens"]]
+    lora, _ = build_model(LoopConfig(model_path=str(out), rows=[]))
+    trainable = {n for n, p in lora.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert len(trainable) == 2 and any("lm_head" in n for n in trainable)
+    lora_tied, _ = build_model(LoopConfig(model_path=str(tied), rows=[]))
+    assert len({n for n, p in lora_tied.named_parameters() if p.requires_grad and "lora_" not in n}) == 1
+    full, _ = build_model(LoopConfig(model_path=str(out), rows=[], full=True))
+    with torch.no_grad():
+        full.get_output_embeddings().weight[new[0]] += 1.0
+    assert not torch.equal(full.get_output_embeddings().weight[new[0]], full.get_input_embeddings().weight[new[0]])
+
+
 def test_bad_enrichment_input(tmp_path, tiny_model_dir, tiny_model, outputs, capsys):
     out = tmp_path / "out"
     with pytest.raises(VocabEnrichmentError, match="budget"):
