@@ -99,6 +99,13 @@ def add_task_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-rows", type=int, default=48, help="prompts per evaluation split")
     p.add_argument("--holdout-fraction", type=float, default=0.2, help="share of devset MRs held out")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--train-seed",
+        type=int,
+        default=None,
+        help="seed of the fine-tuning alone (initial state, batch order), to measure run-to-run noise on the same "
+        "rows (default: --seed)",
+    )
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -420,7 +427,7 @@ def finetune_config(args: argparse.Namespace, work: Path, name: str, model: str)
         bf16=args.bf16,
         max_steps=args.max_steps,
         batch_size=args.batch_size,
-        seed=args.seed,
+        seed=args.seed if getattr(args, "train_seed", None) is None else args.train_seed,
         storage_path=str((work / "ray").resolve()),
         name=f"ft-{name}",
         trainer=args.trainer,

@@ -29,6 +29,7 @@ RECIPE_KEYS = (
     "new_token_dropout",
     "new_token_align_steps",
     "untie_embeddings",
+    "train_seed",
 )
 DEFAULTS = {  # keys older runs lack
     "max_copied": 1.0,
@@ -36,6 +37,7 @@ DEFAULTS = {  # keys older runs lack
     "new_token_dropout": 0.0,
     "new_token_align_steps": 0,
     "untie_embeddings": False,
+    "train_seed": None,
 }
 
 

@@ -134,10 +134,16 @@ def test_generic_bench_ft_end_to_end(tmp_path, task_rows, tiny_model_dir):
         ["ft", "--model", str(tiny_model_dir), "--train", str(train), "--eval", str(evals), "--train-rows", "16",
          "--eval-rows", "4", "--budget", "10", "--per-iteration", "10", "--max-steps", "1", "--trainer", "local",
          "--gen-batch-size", "2", "--max-new-tokens", "8", "--work-dir", str(tmp_path / "w"),
-         "--out-dir", str(tmp_path / "out"), "--tag", "t"]
+         "--out-dir", str(tmp_path / "out"), "--tag", "t", "--untie-embeddings", "--new-token-align-steps", "1",
+         "--train-seed", "3"]
     )  # fmt: skip
     result = args.handler(args)
     assert result["task"] == "data" and result["metrics"] == ["exact_match", "slot_f1", "chrf"]
+    train = {name: run["train"] for name, run in result["runs"].items()}
+    assert train["enriched"]["new_token_alignment"]["steps"] == 1 and train["original"]["new_token_alignment"] is None
+    work = next((tmp_path / "w").iterdir())
+    assert json.loads((work / "ft_enriched" / "finetune.json").read_text())["config"]["seed"] == 3
+    assert not json.loads((work / "ft_enriched" / "config.json").read_text())["tie_word_embeddings"]
     c = result["comparisons"]["eval"]
     assert set(c["enriched+plain"]) == {
         "speedup",
@@ -162,6 +168,7 @@ def test_generic_bench_ft_end_to_end(tmp_path, task_rows, tiny_model_dir):
         "t": {"new_token_dropout": 0.0},
         "drop": {"new_token_dropout": 0.2},
     }
+    assert table["common"]["untie_embeddings"] is True and table["common"]["train_seed"] == 3
     assert by_tag["t"]["splits"]["eval"]["chrf"] == pytest.approx(c["enriched+plain"]["chrf_delta"])
     assert "| drop (" in (tmp_path / "out" / "README.md").read_text()
     with pytest.raises(ValueError, match="no bench ft results"):
