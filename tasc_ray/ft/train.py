@@ -226,12 +226,22 @@ def new_token_ids(tokenizer: Any) -> list[int]:
     return sorted(int(i) for i, t in tokenizer.added_tokens_decoder.items() if not t.special)
 
 
-def _untied_head_name(model: Any) -> str | None:
-    """The module name of the LM head when it is not the input embedding (an untied model), else None."""
+def _untied_head(model: Any) -> Any:
+    """The LM head when it is not the input embedding (an untied model), else None."""
     head = model.get_output_embeddings()
-    if head is None or head.weight is model.get_input_embeddings().weight:
-        return None
-    return next(name for name, module in model.named_modules() if module is head)
+    return None if head is None or head.weight is model.get_input_embeddings().weight else head
+
+
+def embedding_matrices(model: Any) -> list[torch.Tensor]:
+    """The matrices holding token rows: the input embedding, and the LM head's when it is untied."""
+    head = _untied_head(model)
+    return [model.get_input_embeddings().weight] + ([head.weight] if head is not None else [])
+
+
+def _untied_head_name(model: Any) -> str | None:
+    """The module name of the LM head when it is untied, else None."""
+    head = _untied_head(model)
+    return None if head is None else next(name for name, module in model.named_modules() if module is head)
 
 
 def _lora_config(cfg: LoopConfig, new_ids: list[int], untied_head: str | None = None) -> Any:
@@ -315,10 +325,7 @@ class NewRowBoost:
         self.before: list[torch.Tensor] = []
         if not new_ids or mult == 1.0:
             return
-        self.matrices = [model.get_input_embeddings().weight]
-        head = model.get_output_embeddings()
-        if head is not None and head.weight is not self.matrices[0]:
-            self.matrices.append(head.weight)
+        self.matrices = embedding_matrices(model)
         self.ids = torch.tensor(new_ids, dtype=torch.long, device=self.matrices[0].device)
 
     def before_step(self) -> None:
@@ -341,11 +348,7 @@ class NewRowWarmup:
             return
         if full:
             rows = torch.tensor(new_ids, dtype=torch.long)
-            matrices = [model.get_input_embeddings().weight]
-            head = model.get_output_embeddings()
-            if head is not None and head.weight is not matrices[0]:
-                matrices.append(head.weight)
-            self.keep = [(w, rows.to(w.device)) for w in matrices]
+            self.keep = [(w, rows.to(w.device)) for w in embedding_matrices(model)]
         else:
             self.keep = [(p, None) for n, p in model.named_parameters() if "trainable_tokens_delta" in n]
         self.model = model
@@ -584,6 +587,15 @@ def _batches(t: _Trainer, cfg: LoopConfig, session: Session, seed: int) -> list[
     return [order[i * cfg.batch_size : (i + 1) * cfg.batch_size][session.rank :: session.world] for i in range(steps)]
 
 
+def _pre_schedule_batches(t: _Trainer, cfg: LoopConfig, session: Session, steps: int, seed: int) -> list[list[int]]:
+    """`steps` batches for steps before the schedule: shuffled passes over the rows, each pass seeded `seed - k`
+    where k counts the batches drawn before it (so they never repeat the schedule's own epochs)."""
+    batches: list[list[int]] = []
+    while len(batches) < steps:
+        batches += _batches(t, cfg, session, seed=seed - len(batches))
+    return batches[:steps]
+
+
 def _align_new_rows(t: _Trainer, cfg: LoopConfig, session: Session) -> None:
     """`new_token_align_steps` steps of `NewRowAlignment` on the new rows alone, with their own Adam, before the
     schedule (not on resume). Each worker takes its share of every batch; with several workers the rows' gradients
@@ -595,13 +607,9 @@ def _align_new_rows(t: _Trainer, cfg: LoopConfig, session: Session) -> None:
     rows = [p for p, _ in t.warmup.keep]
     optimizer = torch.optim.Adam(rows, lr=cfg.new_token_align_lr)
     averaged = session.world > 1 and dist.is_available() and dist.is_initialized()
-    batches: list[list[int]] = []
-    while len(batches) < cfg.new_token_align_steps:
-        batches += _batches(t, cfg, session, seed=cfg.seed * 1000 - 101 - len(batches))
+    batches = _pre_schedule_batches(t, cfg, session, cfg.new_token_align_steps, seed=cfg.seed * 1000 - 101)
     losses = []
-    for batch_idx in tqdm(
-        batches[: cfg.new_token_align_steps], desc="aligning new rows", disable=session.rank != 0 or not cfg.progress
-    ):
+    for batch_idx in tqdm(batches, desc="aligning new rows", disable=session.rank != 0 or not cfg.progress):
         loss = t.alignment.loss(t.model, [t.examples[j][0] for j in batch_idx], t.pad_id, session.device)
         loss.backward()
         t.warmup.mask_gradients()
@@ -626,10 +634,8 @@ def _warm_up_new_rows(t: _Trainer, cfg: LoopConfig, session: Session) -> None:
     """`new_token_warmup_steps` steps on the new tokens' rows alone, before the schedule (not on resume)."""
     if not cfg.new_token_warmup_steps or not t.warmup.active or t.step > 0:
         return
-    batches: list[list[int]] = []
-    while len(batches) < cfg.new_token_warmup_steps:
-        batches += _batches(t, cfg, session, seed=cfg.seed * 1000 - 1 - len(batches))
-    losses = [_step(t, cfg, session, b, warmup=True) for b in batches[: cfg.new_token_warmup_steps]]
+    batches = _pre_schedule_batches(t, cfg, session, cfg.new_token_warmup_steps, seed=cfg.seed * 1000 - 1)
+    losses = [_step(t, cfg, session, b, warmup=True) for b in batches]
     logger.info(
         "rank %d: %d warm-up steps on the new rows, loss %.4f -> %.4f", session.rank, len(losses), losses[0], losses[-1]
     )
