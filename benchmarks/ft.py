@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common.ft_tasks import FtTask, load_task_files, metrics_for, score
+from benchmarks.common.ft_tasks import FtTask, delta_intervals, load_task_files, metrics_for, score
 from benchmarks.common.metrics import share_identical
 from benchmarks.common.report import provenance, write_report
 from benchmarks.common.tasks import load_e2e_splits, locate_datasets
@@ -68,11 +68,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_task_arguments(p)
     add_run_arguments(p)
     p.set_defaults(handler=run)
-    from benchmarks import ft_compare, ft_nll, ft_vocab
+    from benchmarks import ft_compare, ft_eval, ft_nll, ft_vocab
 
     ft_vocab.register(subparsers, add_task_arguments)
     ft_nll.register(subparsers, add_task_arguments)
     ft_compare.register(subparsers)
+    ft_eval.register(subparsers)
 
 
 def add_task_arguments(p: argparse.ArgumentParser) -> None:
@@ -284,6 +285,8 @@ def _decode_split(
             "samples": texts[:3],
             **score(texts, held, task.metrics),
         }
+        if mode == "plain":  # every output, for the paired bootstrap of the quality deltas (and to read them)
+            results[mode]["outputs"] = texts
         texts_by_mode[mode] = texts
     results["tasc_spec"]["matches_plain"] = share_identical(texts_by_mode["plain"], texts_by_mode["tasc_spec"])
     return results
@@ -339,6 +342,20 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--device cuda was given but CUDA is not available")
 
 
+def enrichment_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The enrichment settings of a run (EnrichConfig's keyword arguments)."""
+    return dict(
+        budget=args.budget,
+        max_n=args.max_n,
+        per_iteration=args.per_iteration,
+        holdout=0.0,
+        seed=args.seed,
+        min_count=getattr(args, "min_count", DEFAULT_MIN_COUNT),
+        no_cross=tuple(getattr(args, "no_cross", ())),
+        max_copied=getattr(args, "max_copied", 1.0),
+    )
+
+
 def enrich_and_measure(
     args: argparse.Namespace,
     work: Path,
@@ -349,36 +366,48 @@ def enrich_and_measure(
     """Enrich the vocabulary on the training outputs with the prefix-conflict filter (the model fine-tuned, saved
     to work/enriched) and without it (compression only); tokens per reference on each split with each vocabulary.
     Returns the enrichment report and the compression summary."""
-    from tasc_ray.ft.enrich import EnrichConfig, count_tokens, enrich_model, enrich_tokenizer
-    from tasc_ray.models import load_tokenizer
+    from tasc_ray.ft.enrich import EnrichConfig, enrich_model
 
-    base_tok = load_tokenizer(args.model)
-    enrich_cfg = dict(
-        budget=args.budget,
-        max_n=args.max_n,
-        per_iteration=args.per_iteration,
-        holdout=0.0,
-        seed=args.seed,
-        min_count=getattr(args, "min_count", DEFAULT_MIN_COUNT),
-        no_cross=tuple(getattr(args, "no_cross", ())),
-        max_copied=getattr(args, "max_copied", 1.0),
-    )
+    config = EnrichConfig(**enrichment_config(args))
     untie = getattr(args, "untie_embeddings", False)
-    report = enrich_model(
-        args.model, train_outputs, work / "enriched", EnrichConfig(**enrich_cfg), prompts=prompts, untie=untie
-    )
-    enriched_tok = load_tokenizer(str(work / "enriched"))
-    nofilter = enrich_tokenizer(
-        base_tok, train_outputs, EnrichConfig(prefix_filter=False, **enrich_cfg), progress=False, prompts=prompts
-    )
-    compression: dict[str, Any] = {
+    report = enrich_model(args.model, train_outputs, work / "enriched", config, prompts=prompts, untie=untie)
+    compression = {
         "new_tokens": report["n_new_tokens"],
-        "new_tokens_no_prefix_filter": len(nofilter.new_tokens),
         "iterations": len(report["iterations"]),
         "stop_reason": report["stop_reason"],
         "enrich_seconds": report["seconds"],
     }
-    tokenizers = {"original": base_tok, "enriched": enriched_tok, "enriched_no_prefix_filter": nofilter.tokenizer}
+    compression |= measure_compression(args, work, train_outputs, splits, prompts)
+    logger.info("compression on the evaluation splits' references: %s", compression)
+    return report, compression
+
+
+def measure_compression(
+    args: argparse.Namespace,
+    work: Path,
+    train_outputs: list[str],
+    splits: dict[str, list[dict[str, Any]]],
+    prompts: list[str] | None = None,
+) -> dict[str, Any]:
+    """Tokens per reference on each split with the original vocabulary, the enriched one (work/enriched) and the
+    one enrichment would give without the prefix-conflict filter (built here, for the record)."""
+    from tasc_ray.ft.enrich import EnrichConfig, count_tokens, enrich_tokenizer
+    from tasc_ray.models import load_tokenizer
+
+    base_tok = load_tokenizer(args.model)
+    nofilter = enrich_tokenizer(
+        base_tok,
+        train_outputs,
+        EnrichConfig(prefix_filter=False, **enrichment_config(args)),
+        progress=False,
+        prompts=prompts,
+    )
+    compression: dict[str, Any] = {"new_tokens_no_prefix_filter": len(nofilter.new_tokens)}
+    tokenizers = {
+        "original": base_tok,
+        "enriched": load_tokenizer(str(work / "enriched")),
+        "enriched_no_prefix_filter": nofilter.tokenizer,
+    }
     for split, held in splits.items():
         refs = [r for h in held for r in h["refs"]]
         c: dict[str, Any] = {"references": len(refs)}
@@ -387,8 +416,7 @@ def enrich_and_measure(
         for key in ("enriched", "enriched_no_prefix_filter"):
             c[f"reduction_{key}"] = 1 - c[f"tokens_per_output_{key}"] / c["tokens_per_output_original"]
         compression[split] = c
-    logger.info("compression on the evaluation splits' references: %s", compression)
-    return report, compression
+    return compression
 
 
 TRAIN_SUMMARY_KEYS = (
@@ -497,7 +525,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     outputs, prompts = [r["output"] for r in task.train], [r["prompt"] for r in task.train]
     report, compression = enrich_and_measure(args, work, outputs, task.splits, prompts)
     runs = train_and_decode(args, work, task, base_vocab=len(load_tokenizer(args.model)))
-    result = {
+    result = build_result(args, header, task, compression, runs, work, t_start)
+    result["added_tokens_head"] = [t["token"] for t in report["new_tokens"][:40]]
+    return write_result(result, args, task)
+
+
+def build_result(
+    args: argparse.Namespace,
+    header: dict[str, Any],
+    task: FtTask,
+    compression: dict[str, Any],
+    runs: dict[str, Any],
+    work: Path,
+    t_start: float,
+) -> dict[str, Any]:
+    """The result of a run: its provenance, task, recipe, compression, both models' training and decoding, and the
+    quality deltas' bootstrap intervals (comparisons and targets are derived by `finalize`)."""
+    return {
         "benchmark": "ft",
         "task": task.name,
         "direction": task.name,
@@ -513,18 +557,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "config": vars(args) | {"handler": None},
         "compression": compression,
         "runs": runs,
-        "added_tokens_head": [t["token"] for t in report["new_tokens"][:40]],
+        "quality_intervals": quality_intervals(runs, task),
         "total_seconds": time.perf_counter() - t_start,
         "work_dir": str(work),
     }
+
+
+def write_result(result: dict[str, Any], args: argparse.Namespace, task: FtTask) -> dict[str, Any]:
     finalize(result)
     stem = Path(args.out_dir) / f"ft_{task.name}_{args.tag}"
     write_report(result, stem.with_suffix(".json"), title(result), markdown(result))
     return result
 
 
+def quality_intervals(runs: dict[str, Any], task: FtTask) -> dict[str, dict[str, list[float]]]:
+    """Per split and metric, the 95% paired-bootstrap interval of the TASC-ft model's quality minus the original
+    model's (both decoded plainly, on the same prompts)."""
+    return {
+        split: delta_intervals(
+            runs["original"]["decode"][split]["plain"]["outputs"],
+            runs["enriched"]["decode"][split]["plain"]["outputs"],
+            held,
+            task.metrics,
+        )
+        for split, held in task.splits.items()
+    }
+
+
 # quality metrics of the E2E presets (as before the generic path; the generic path adds chrF or exact match)
-QUALITY = {"text2mr": ("exact_match", "slot_f1", "chrf"), "mr2text": ("exact_match", "bleu", "chrf")}
+QUALITY = {"text2mr": ("exact_match", "slot_f1", "chrf"), "mr2text": ("exact_match", "bleu", "chrf", "slot_coverage")}
 E2E_SPLITS = (
     "E2E devset rows, MRs not held out; `heldout`: devset rows whose MR no training row has (the task's "
     "distribution); `test`: the E2E test set (names and food values the devset lacks; eatType mostly "
@@ -543,7 +604,8 @@ def result_metrics(result: dict[str, Any]) -> tuple[str, ...]:
 
 def finalize(result: dict[str, Any]) -> dict[str, Any]:
     """Derive, per evaluation split, the comparisons against the fine-tuned original-vocabulary model decoded
-    plainly (`<name>+<mode>`: speedup, token reduction, `<metric>_delta` in points), the composition of TASC-ft
+    plainly (`<name>+<mode>`: speedup, token reduction, `<metric>_delta` in points, and for the TASC-ft model decoded
+    plainly `<metric>_delta_ci95`, the bootstrap interval, where the result has one), the composition of TASC-ft
     with TASC-spec, and the target checks (compression and speed on the first split; quality and composition on
     every split)."""
     keys = result_metrics(result)
@@ -560,6 +622,8 @@ def finalize(result: dict[str, Any]) -> dict[str, Any]:
                     "token_reduction": 1 - d["tokens_per_output"] / ref["tokens_per_output"],
                     **{f"{k}_delta": d[k] - ref[k] for k in keys if k in d and k in ref},
                 }
+        for k, interval in result.get("quality_intervals", {}).get(split, {}).items():
+            comparisons[split]["enriched+plain"][f"{k}_delta_ci95"] = interval
         ft, ft_spec = runs["enriched"]["decode"][split]["plain"], runs["enriched"]["decode"][split]["tasc_spec"]
         comparisons[split]["composition"] = {
             "tasc_ft_speedup": ref["seconds"] / ft["seconds"],
@@ -655,6 +719,24 @@ def _decoding_table(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _interval_table(r: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Quality: the TASC-ft model minus the original-vocabulary model (both decoded plainly)",
+        "",
+        "With the 95% paired-bootstrap interval over the evaluation prompts: how far the difference could move on "
+        "another draw of prompts of this size. Run-to-run noise of the fine-tuning is not in it "
+        "(`--train-seed` measures that).",
+        "",
+        "| split | metric | difference (points) | 95% interval |",
+        "|---|---|---|---|",
+    ]
+    for split, intervals in r["quality_intervals"].items():
+        for k, (lo, hi) in intervals.items():
+            delta = r["comparisons"][split]["enriched+plain"][f"{k}_delta"]
+            lines.append(f"| {split} | {k} | {delta:+.1f} | [{lo:+.1f}, {hi:+.1f}] |")
+    return lines
+
+
 def _composition_table(r: dict[str, Any]) -> list[str]:
     lines = [
         "## TASC-ft with TASC-spec (speedups from the decoding wall times above)",
@@ -697,6 +779,7 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         *_decoding_table(r),
         "",
+        *([*_interval_table(r), ""] if r.get("quality_intervals") else []),
         *([*_composition_table(r), ""] if composition else []),
         f"## Targets (compression and speed on `{next(iter(r['comparisons']))}`)",
         "",

@@ -4,7 +4,11 @@ Each `ft_*.json` under DIR is one run. The table gives, per run: the settings in
 common recipe (enrichment and fine-tuning keys of the command), the new tokens, the reduction of the reference
 tokens, both models' final training loss, and per evaluation split the TASC-ft model's speedup and its quality
 against the original-vocabulary model fine-tuned alike (`<metric>_delta` in points, from the run's `comparisons`).
-It reads only what the runs recorded; it trains and decodes nothing. Written to `DIR/README.md` (and `--json`).
+Where a run has them (`bench ft` and `ft-eval` results written since they record them), each delta comes with its
+95% paired-bootstrap interval over the evaluation prompts. Runs that differ only in `train_seed` are one recipe
+fine-tuned several times: below the table, each such group gets the mean of every delta and its range over the
+seeds (the run-to-run noise the intervals leave out). It reads only what the runs recorded; it trains and decodes
+nothing. Written to `DIR/README.md` (and `--json`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from statistics import mean
 from typing import Any
 
 RECIPE_KEYS = (
@@ -82,7 +87,8 @@ def rows(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any
             splits[split] = {
                 "speedup": enriched["speedup"],
                 "with_tasc_spec": comparison["enriched+tasc_spec"]["speedup"],
-                **{m: enriched[f"{m}_delta"] for m in metrics},
+                **{m: enriched[f"{m}_delta"] for m in metrics if f"{m}_delta" in enriched},
+                "ci95": {m: enriched[f"{m}_delta_ci95"] for m in metrics if f"{m}_delta_ci95" in enriched},
             }
         out.append(
             {
@@ -94,12 +100,57 @@ def rows(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any
                 "final_loss": {name: run["train"]["final_loss"] for name, run in result["runs"].items()},
                 "splits": splits,
                 "shared_cpu": result["machine"].get("cpu_was_shared", False),
+                # the rows' seed too: runs grouped as seeds of one recipe train on the same rows
+                "recipe_but_seed": {k: v for k, v in rec.items() if k != "train_seed"}
+                | {"seed": result["config"].get("seed")},
+                "eval_rows": result.get("eval_rows"),
             }
         )
     return common, out
 
 
-def markdown(common: dict[str, Any], runs: list[dict[str, Any]], metrics: tuple[str, ...], splits: list[str]) -> str:
+def seed_groups(runs: list[dict[str, Any]], metrics: tuple[str, ...], splits: list[str]) -> list[dict[str, Any]]:
+    """Runs with the same recipe and evaluation prompts but another fine-tuning seed: per group of two or more,
+    each split's delta per metric as the mean over the seeds and its range."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        key = json.dumps([r["recipe_but_seed"], r["eval_rows"]], sort_keys=True, default=str)
+        groups.setdefault(key, []).append(r)
+    out = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        deltas = {
+            s: {m: [r["splits"][s][m] for r in members] for m in metrics if all(m in r["splits"][s] for r in members)}
+            for s in splits
+        }
+        out.append(
+            {
+                "tags": [r["tag"] for r in members],
+                "seeds": len(members),
+                "splits": {
+                    s: {m: {"mean": mean(v), "min": min(v), "max": max(v)} for m, v in per.items()}
+                    for s, per in deltas.items()
+                },
+            }
+        )
+    return out
+
+
+def _delta_cell(split: dict[str, Any], metric: str) -> str:
+    if metric not in split:
+        return "-"
+    interval = split["ci95"].get(metric)
+    return f"{split[metric]:+.1f}" + (f" [{interval[0]:+.1f}, {interval[1]:+.1f}]" if interval else "")
+
+
+def markdown(
+    common: dict[str, Any],
+    runs: list[dict[str, Any]],
+    metrics: tuple[str, ...],
+    splits: list[str],
+    groups: list[dict[str, Any]] | None = None,
+) -> str:
     quality = [f"{s} {m}" for s in splits for m in metrics]
     head = ["run", "differs", "new tokens", *(f"{s} reduction" for s in splits), "final loss (orig / TASC-ft)"]
     head += [*(f"{s} speedup (+spec)" for s in splits), *quality]
@@ -121,10 +172,29 @@ def markdown(common: dict[str, Any], runs: list[dict[str, Any]], metrics: tuple[
         cells += [f"{100 * r['reduction'][s]:.1f}%" for s in splits]
         cells.append(f"{r['final_loss']['original']:.3f} / {r['final_loss']['enriched']:.3f}")
         cells += [f"{r['splits'][s]['speedup']:.2f}x ({r['splits'][s]['with_tasc_spec']:.2f}x)" for s in splits]
-        cells += [f"{r['splits'][s][m]:+.1f}" for s in splits for m in metrics]
+        cells += [_delta_cell(r["splits"][s], m) for s in splits for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     if any(r["shared_cpu"] for r in runs):
         lines += ["", "\\* the CPU was busy when the run started: its speedups are noisy (quality is not affected)."]
+    if any(r["splits"][s]["ci95"] for r in runs for s in splits):
+        lines += ["", "In brackets: the 95% paired-bootstrap interval of the delta over the run's evaluation prompts."]
+    if groups:
+        lines += [
+            "",
+            "## One recipe, several fine-tuning seeds",
+            "",
+            "Mean of each delta over the seeds (in brackets: the lowest and highest run).",
+            "",
+            "| runs | seeds | " + " | ".join(quality) + " |",
+            "|---|---|" + "---|" * len(quality),
+        ]
+        for g in groups:
+            cells = [", ".join(g["tags"]), str(g["seeds"])]
+            for s in splits:
+                for m in metrics:
+                    d = g["splits"][s].get(m)
+                    cells.append(f"{d['mean']:+.1f} [{d['min']:+.1f}, {d['max']:+.1f}]" if d else "-")
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -135,5 +205,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     metrics = tuple(m for m in runs[0]["metrics"] if not (m == "exact_match" and "bleu" in runs[0]["metrics"]))
     splits = list(runs[0]["comparisons"])
     common, table = rows(runs)
-    (folder / "README.md").write_text(markdown(common, table, metrics, splits), encoding="utf-8")
-    return {"runs": table, "common": common, "written": str(folder / "README.md")}
+    groups = seed_groups(table, metrics, splits)
+    (folder / "README.md").write_text(markdown(common, table, metrics, splits, groups), encoding="utf-8")
+    return {"runs": table, "common": common, "seed_groups": groups, "written": str(folder / "README.md")}

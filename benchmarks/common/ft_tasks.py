@@ -6,7 +6,10 @@ are presets built from the shared datasets (`benchmarks.common.tasks.load_e2e_sp
 any preset (and WikiSQL question -> SQL) as such files (`python -m benchmarks.ft_data`).
 
 Quality: exact match and chrF always; slot F1 where every reference is an E2E-style meaning representation
-(`key[value], ...`), where exact match is then the same slot set; BLEU where it is not (free text, code).
+(`key[value], ...`), where exact match is then the same slot set; BLEU where it is not (free text, code); and slot
+coverage (the share of the prompt's MR values the output states) where every prompt carries an MR and the
+references are sentences. `delta_intervals` gives each metric's difference between two systems on the same prompts
+with its 95% paired-bootstrap interval.
 """
 
 from __future__ import annotations
@@ -17,9 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common.metrics import slot_scores, text_scores
+import numpy as np
 
-ALL_METRICS = ("exact_match", "slot_f1", "bleu", "chrf")
+from benchmarks.common.metrics import (
+    corpus_text_score,
+    parse_slots,
+    slot_counts,
+    stated_values,
+    text_segment_stats,
+)
+
+ALL_METRICS = ("exact_match", "slot_f1", "bleu", "chrf", "slot_coverage")
+BOOTSTRAP_RESAMPLES = 1000
 MR = re.compile(r"\s*[^,\[\]]+\[[^\]]*\](\s*,\s*[^,\[\]]+\[[^\]]*\])*\s*")
 PROMPT, REFERENCE = "prompt", "reference"
 
@@ -46,26 +58,76 @@ def is_mr(text: str) -> bool:
 
 
 def metrics_for(splits: dict[str, list[dict[str, Any]]]) -> tuple[str, ...]:
-    """exact_match and chrf, plus slot_f1 when every reference is an MR, else bleu."""
-    refs = [r for held in splits.values() for h in held for r in h["refs"]]
-    return (
-        ("exact_match", "slot_f1", "chrf") if refs and all(is_mr(r) for r in refs) else ("exact_match", "bleu", "chrf")
-    )
+    """exact_match and chrf, plus slot_f1 when every reference is an MR, else bleu (and slot_coverage when every
+    prompt carries an MR)."""
+    held = [h for rows in splits.values() for h in rows]
+    refs = [r for h in held for r in h["refs"]]
+    if refs and all(is_mr(r) for r in refs):
+        return ("exact_match", "slot_f1", "chrf")
+    coverage = ("slot_coverage",) if held and all(parse_slots(h.get("prompt", "")) for h in held) else ()
+    return ("exact_match", "bleu", "chrf", *coverage)
+
+
+def segment_stats(texts: list[str], held: list[dict[str, Any]], metrics: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Per output, each metric's statistics (one row per output): any subset's rows, summed, give that subset's
+    score through `score_from_stats`. With slot F1, exact match is the same slot set as the first reference;
+    otherwise the output equals one of its references once both are stripped."""
+    slots = [slot_counts([t], [h["refs"][0]]) for t, h in zip(texts, held)] if "slot_f1" in metrics else None
+    out: dict[str, np.ndarray] = {}
+    for m in metrics:
+        if m == "exact_match" and slots:
+            rows = [[exact, 1] for *_, exact in slots]
+        elif m == "exact_match":
+            rows = [[t.strip() in {r.strip() for r in h["refs"]}, 1] for t, h in zip(texts, held)]
+        elif m == "slot_f1" and slots:
+            rows = [[tp, n_pred, n_ref] for tp, n_pred, n_ref, _ in slots]
+        elif m == "slot_coverage":
+            rows = [list(stated_values(h["prompt"], t)) for t, h in zip(texts, held)]
+        else:  # bleu, chrf
+            out[m] = text_segment_stats(m, texts, [h["refs"] for h in held])
+            continue
+        out[m] = np.asarray(rows, dtype=np.int64).reshape(len(texts), -1)
+    return out
+
+
+def score_from_stats(metric: str, total: np.ndarray) -> float:
+    """A metric's score (0-100) from its summed per-output statistics."""
+    if metric == "exact_match":
+        return 100 * float(total[0]) / max(1, int(total[1]))
+    if metric == "slot_f1":  # micro F1 over (attribute, value) pairs
+        tp, n_pred, n_ref = (int(x) for x in total)
+        return 100 * 2 * tp / (n_pred + n_ref) if n_pred + n_ref else 0.0
+    if metric == "slot_coverage":
+        return 100 * float(total[0]) / max(1, int(total[1]))
+    return corpus_text_score(metric, total)
 
 
 def score(texts: list[str], held: list[dict[str, Any]], metrics: tuple[str, ...]) -> dict[str, float]:
-    """The task's metrics (0-100) of the outputs against their references. With slot F1, exact match is the same
-    slot set as the first reference; otherwise the output equals one of its references once both are stripped."""
-    out: dict[str, float] = {}
-    if "slot_f1" in metrics:
-        out.update(slot_scores(texts, [h["refs"][0] for h in held]))
-    elif "exact_match" in metrics:
-        hits = sum(t.strip() in {r.strip() for r in h["refs"]} for t, h in zip(texts, held))
-        out["exact_match"] = 100 * hits / max(1, len(held))
-    if "bleu" in metrics or "chrf" in metrics:
-        scores = text_scores(texts, [h["refs"] for h in held])
-        out.update({k: v for k, v in scores.items() if k in metrics})
-    return {k: out[k] for k in metrics}
+    """The task's metrics (0-100) of the outputs against their references."""
+    if not texts:
+        return {m: 0.0 for m in metrics}
+    return {m: score_from_stats(m, s.sum(0)) for m, s in segment_stats(texts, held, metrics).items()}
+
+
+def delta_intervals(
+    base: list[str],
+    other: list[str],
+    held: list[dict[str, Any]],
+    metrics: tuple[str, ...],
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> dict[str, list[float]]:
+    """Per metric, the 95% paired-bootstrap interval of `other`'s score minus `base`'s on the same prompts, in
+    points: both systems are scored on each resample of the prompts (drawn with replacement), and the interval is
+    the 2.5th to 97.5th percentile of the differences (Koehn, 2004)."""
+    a, b = segment_stats(base, held, metrics), segment_stats(other, held, metrics)
+    draws = np.random.default_rng(seed).integers(0, len(held), size=(resamples, len(held)))
+    intervals = {}
+    for m in metrics:
+        deltas = [score_from_stats(m, b[m][i].sum(0)) - score_from_stats(m, a[m][i].sum(0)) for i in draws]
+        lo, hi = np.percentile(deltas, [2.5, 97.5])
+        intervals[m] = [float(lo), float(hi)]
+    return intervals
 
 
 def _read_table(path: str, what: str) -> list[dict[str, Any]]:

@@ -1,10 +1,16 @@
 """Task quality metrics of the benchmarks: slot F1 and exact match on E2E meaning representations (MRs), exact
-string match, corpus BLEU and chrF (sacrebleu), and the share of outputs identical between two decodings."""
+string match, corpus BLEU and chrF (sacrebleu), the share of an MR's values a sentence states, and the share of
+outputs identical between two decodings.
+
+Corpus metrics are also given as per-output statistics that sum to the corpus score's (`text_segment_stats`,
+`corpus_text_score`), which is what a paired bootstrap over the outputs resamples."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+
+import numpy as np
 
 SLOT = re.compile(r"([^,\[\]]+)\[([^\]]*)\]")  # `attribute[value]`, comma-separated
 
@@ -14,7 +20,7 @@ def parse_slots(mr: str) -> set[tuple[str, str]]:
     return {(k.strip(), v.strip()) for k, v in SLOT.findall(mr)}
 
 
-def _slot_counts(preds: Sequence[str], refs: Sequence[str]) -> tuple[int, int, int, int]:
+def slot_counts(preds: Sequence[str], refs: Sequence[str]) -> tuple[int, int, int, int]:
     """(true positives, predicted slots, reference slots, outputs with exactly the reference's non-empty slot set)."""
     tp = n_pred = n_ref = exact = 0
     for p, r in zip(preds, refs):
@@ -26,13 +32,13 @@ def _slot_counts(preds: Sequence[str], refs: Sequence[str]) -> tuple[int, int, i
 
 def slot_f1(preds: Sequence[str], refs: Sequence[str]) -> float:
     """Micro F1 over (attribute, value) pairs, in [0, 1] (0 when neither side has a slot)."""
-    tp, n_pred, n_ref, _ = _slot_counts(preds, refs)
+    tp, n_pred, n_ref, _ = slot_counts(preds, refs)
     return 2 * tp / (n_pred + n_ref) if n_pred + n_ref else 0.0
 
 
 def slot_scores(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
     """Exact match (the same slot set) and micro slot F1, in percent."""
-    tp, n_pred, n_ref, exact = _slot_counts(preds, refs)
+    tp, n_pred, n_ref, exact = slot_counts(preds, refs)
     f1 = 2 * tp / (n_pred + n_ref) if n_pred + n_ref else 0.0
     return {"exact_match": 100 * exact / max(1, len(refs)), "slot_f1": 100 * f1}
 
@@ -47,11 +53,48 @@ def share_identical(a: Sequence[object], b: Sequence[object]) -> float:
     return sum(x == y for x, y in zip(a, b)) / max(1, len(a))
 
 
-def text_scores(preds: Sequence[str], refs: Sequence[Sequence[str]]) -> dict[str, float]:
-    """Corpus BLEU and chrF (sacrebleu, 0-100) against each output's references (any number per output: a missing
-    one in a reference stream repeats that output's first reference)."""
-    import sacrebleu
+def _sacrebleu(name: str) -> object:
+    from sacrebleu.metrics import BLEU, CHRF
 
+    return {"bleu": BLEU, "chrf": CHRF}[name]()  # the defaults of sacrebleu.corpus_bleu / corpus_chrf
+
+
+def text_segment_stats(name: str, preds: Sequence[str], refs: Sequence[Sequence[str]]) -> np.ndarray:
+    """sacrebleu's per-output match counts for `bleu` or `chrf` (one row per output), against each output's
+    references (any number per output: a missing one in a reference stream repeats that output's first one)."""
     width = max(len(r) for r in refs)
     streams = [[r[i] if i < len(r) else r[0] for r in refs] for i in range(width)]
-    return {"bleu": sacrebleu.corpus_bleu(preds, streams).score, "chrf": sacrebleu.corpus_chrf(preds, streams).score}
+    stats = _sacrebleu(name)._extract_corpus_statistics(list(preds), streams)  # type: ignore[attr-defined]
+    return np.asarray(stats, dtype=np.int64).reshape(len(preds), -1)
+
+
+def corpus_text_score(name: str, total: np.ndarray) -> float:
+    """The corpus score (0-100) from summed per-output statistics (what sacrebleu's corpus score computes)."""
+    return float(_sacrebleu(name)._compute_score_from_stats(list(total)).score)  # type: ignore[attr-defined]
+
+
+def text_scores(preds: Sequence[str], refs: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Corpus BLEU and chrF (sacrebleu, 0-100) against each output's references."""
+    return {m: corpus_text_score(m, text_segment_stats(m, preds, refs).sum(0)) for m in ("bleu", "chrf")}
+
+
+# slot coverage: attributes whose values sentences paraphrase freely are not counted; a few E2E values have a
+# common other wording
+PARAPHRASED_ATTRIBUTES = frozenset({"familyFriendly", "customer rating", "priceRange"})
+VALUE_WORDINGS = {
+    "riverside": ("riverside", "river"),
+    "city centre": ("city centre", "centre", "center", "city"),
+    "english": ("english", "british"),
+    "coffee shop": ("coffee",),
+    "fast food": ("fast food", "fast-food"),
+}
+
+
+def stated_values(mr: str, text: str) -> tuple[int, int]:
+    """(the values of `mr` that `text` states, the values counted): a value is stated when it (or a common other
+    wording of it) occurs in the text, case-insensitively; familyFriendly, customer rating and priceRange are not
+    counted. Human E2E references state 95% of these values (devset; 94% on the test set)."""
+    lowered = text.lower()
+    counted = [v.lower() for a, v in parse_slots(mr) if a not in PARAPHRASED_ATTRIBUTES and v]
+    stated = sum(any(w in lowered for w in VALUE_WORDINGS.get(v, (v,))) for v in counted)
+    return stated, len(counted)

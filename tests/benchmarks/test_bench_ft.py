@@ -42,6 +42,28 @@ def test_bench_quality_metrics():
     assert r["comparisons"]["test"]["enriched+plain"]["speedup"] == 2.0
 
 
+def test_delta_intervals_bracket_the_difference_on_the_same_prompts():
+    from benchmarks.common.ft_tasks import delta_intervals, metrics_for, score
+
+    held = [
+        {"prompt": f"MR: name[Place {i}], food[Thai]\nSentence:\n", "refs": [f"Place {i} serves Thai food ."]}
+        for i in range(30)
+    ]
+    metrics = metrics_for({"s": held})
+    assert metrics == ("exact_match", "bleu", "chrf", "slot_coverage")
+    refs = [h["refs"][0] for h in held]
+    worse = [f"Place {i} is a restaurant ." if i % 3 == 0 else r for i, r in enumerate(refs)]
+    assert score(refs, held, metrics)["slot_coverage"] == 100.0
+    assert score(worse, held, metrics)["slot_coverage"] == pytest.approx(100 * (60 - 10) / 60)
+    same = delta_intervals(refs, refs, held, metrics)
+    assert all(lo == hi == 0.0 for lo, hi in same.values())
+    intervals = delta_intervals(refs, worse, held, metrics)
+    scores = {k: score(worse, held, metrics)[k] - score(refs, held, metrics)[k] for k in metrics}
+    for k, (lo, hi) in intervals.items():
+        assert lo <= scores[k] <= hi < 0  # worse on a third of the prompts, better on none
+    assert intervals == delta_intervals(refs, worse, held, metrics)  # seeded
+
+
 def test_bench_reuses_an_original_model_only_for_the_same_rows_and_recipe(tmp_path):
     from benchmarks.ft import RECIPE_KEYS, reused_original
 
@@ -148,10 +170,11 @@ def test_generic_bench_ft_end_to_end(tmp_path, task_rows, tiny_model_dir):
     assert set(c["enriched+plain"]) == {
         "speedup",
         "token_reduction",
-        "exact_match_delta",
-        "slot_f1_delta",
-        "chrf_delta",
+        *(f"{m}_delta{ci}" for m in ("exact_match", "slot_f1", "chrf") for ci in ("", "_ci95")),
     }
+    lo, hi = c["enriched+plain"]["chrf_delta_ci95"]
+    assert lo <= c["enriched+plain"]["chrf_delta"] <= hi
+    assert len(result["runs"]["enriched"]["decode"]["eval"]["plain"]["outputs"]) == 4
     comp = c["composition"]
     assert comp["combined_speedup"] == pytest.approx(comp["tasc_ft_speedup"] * comp["tasc_spec_speedup_on_tasc_ft"])
     assert "tasc_ft+tasc_spec>=1.3x_tasc_ft_alone (eval)" in result["targets"]
@@ -171,6 +194,33 @@ def test_generic_bench_ft_end_to_end(tmp_path, task_rows, tiny_model_dir):
     assert table["common"]["untie_embeddings"] is True and table["common"]["train_seed"] == 3
     assert by_tag["t"]["splits"]["eval"]["chrf"] == pytest.approx(c["enriched+plain"]["chrf_delta"])
     assert "| drop (" in (tmp_path / "out" / "README.md").read_text()
+    assert table["seed_groups"] == []
+    # another fine-tuning seed of the same recipe: grouped, each delta's mean and range over the seeds
+    variant["config"].update(tag="seed4", new_token_dropout=0.0, train_seed=4)
+    variant["comparisons"]["eval"]["enriched+plain"]["chrf_delta"] += 2.0
+    (tmp_path / "out" / "ft_data_seed4.json").write_text(json.dumps(variant))
+    groups = compare.handler(compare)["seed_groups"]
+    assert [g["tags"] for g in groups] == [["seed4", "t"]]  # in file order
+    chrf = c["enriched+plain"]["chrf_delta"]
+    assert groups[0]["splits"]["eval"]["chrf"] == {
+        "mean": pytest.approx(chrf + 1.0),
+        "min": pytest.approx(chrf),
+        "max": pytest.approx(chrf + 2.0),
+    }
+    assert "## One recipe, several fine-tuning seeds" in (tmp_path / "out" / "README.md").read_text()
+    # ft-eval: the run's saved models decoded again on more prompts, the same training rows, no training
+    again = parser.parse_args(["ft-eval", str(tmp_path / "out" / "ft_data_t.json"), "--eval-rows", "6",
+                               "--out-dir", str(tmp_path / "again")])  # fmt: skip
+    rescored = again.handler(again)
+    assert rescored["eval_rows"] == {"eval": 6} and rescored["runs"]["enriched"]["train"] == train["enriched"]
+    assert rescored["rescored_from"]["result"] == str(tmp_path / "out" / "ft_data_t.json")
+    assert rescored["compression"]["new_tokens"] == result["compression"]["new_tokens"]
+    assert rescored["compression"]["eval"]["references"] == 6
+    assert "chrf_delta_ci95" in rescored["comparisons"]["eval"]["enriched+plain"]
+    md = (tmp_path / "again" / "ft_data_t_eval6.md").read_text()
+    assert md.startswith("Command: `") and "decoded again" in md and "95% paired-bootstrap" in md
+    with pytest.raises(ValueError, match="not a bench ft result"):
+        again.handler(parser.parse_args(["ft-eval", str(tmp_path / "data" / "train.parquet"), "--eval-rows", "2"]))
     with pytest.raises(ValueError, match="no bench ft results"):
         compare.handler(parser.parse_args(["ft-compare", str(tmp_path / "data")]))
     with pytest.raises(ValueError, match="not both"):

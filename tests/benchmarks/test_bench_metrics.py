@@ -5,12 +5,15 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.common.metrics import (
+    corpus_text_score,
     exact_match,
     parse_slots,
     share_identical,
     slot_f1,
     slot_scores,
+    stated_values,
     text_scores,
+    text_segment_stats,
 )
 
 MR = "name[The Eagle], eatType[coffee shop], customer rating[5 out of 5]"
@@ -59,3 +62,26 @@ def test_text_scores_bleu_and_chrf():
     scores = text_scores([sentence, "a dog ran"], [["a different sentence", sentence], ["a dog ran"]])
     assert scores["bleu"] == pytest.approx(100.0) and scores["chrf"] == pytest.approx(100.0)
     assert text_scores(["completely unrelated words"], [[sentence]])["bleu"] < 10
+
+
+def test_per_output_text_statistics_sum_to_sacrebleu_corpus_scores():
+    import sacrebleu
+
+    preds = ["the cat sat on the mat", "a dog ran in the park today", "nothing alike"]
+    refs = [["the cat sat on a mat"], ["a dog ran in the park", "the dog ran"], ["entirely different words here"]]
+    streams = [[r[0] for r in refs], [r[-1] for r in refs]]  # the second stream repeats a single reference
+    for name, corpus in (("bleu", sacrebleu.corpus_bleu), ("chrf", sacrebleu.corpus_chrf)):
+        stats = text_segment_stats(name, preds, refs)
+        assert stats.shape[0] == 3
+        assert corpus_text_score(name, stats.sum(0)) == pytest.approx(corpus(preds, streams).score)
+        # a subset's rows give that subset's corpus score (what the bootstrap resamples)
+        sub = corpus(preds[:2], [s[:2] for s in streams]).score
+        assert corpus_text_score(name, stats[:2].sum(0)) == pytest.approx(sub)
+
+
+def test_stated_values_counts_the_mr_values_a_sentence_states():
+    mr = "name[The Eagle], eatType[coffee shop], food[English], area[riverside], near[Burger King], priceRange[cheap]"
+    # priceRange is not counted (paraphrased freely); "coffee", "British" and "river" are the values' other wordings
+    assert stated_values(mr, "The Eagle is a British coffee place by the river near Burger King.") == (5, 5)
+    assert stated_values(mr, "The Eagle serves Italian food.") == (1, 5)
+    assert stated_values("familyFriendly[yes], customer rating[low]", "Kids welcome.") == (0, 0)
