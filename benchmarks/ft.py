@@ -163,6 +163,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="the enriched model gets an LM head of its own (new tokens' input and output rows learn apart)",
     )
+    p.add_argument(
+        "--distill",
+        action="store_true",
+        help="train the enriched model on the fine-tuned original-vocabulary model's greedy outputs for the training "
+        "prompts (sequence-level distillation: learn to say what that model says, in fewer tokens) instead of on "
+        "the references",
+    )
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     p.add_argument(
         "--no-cross",
@@ -433,13 +440,14 @@ TRAIN_SUMMARY_KEYS = (
 )
 
 
-def finetune_config(args: argparse.Namespace, work: Path, name: str, model: str) -> Any:
-    """The one recipe both vocabularies are fine-tuned with (only the model and the output folder differ)."""
+def finetune_config(args: argparse.Namespace, work: Path, name: str, model: str, train: Path | None = None) -> Any:
+    """The one recipe both vocabularies are fine-tuned with (only the model, the output folder and, with
+    --distill, the enriched model's training outputs differ)."""
     from tasc_ray.ft.train import FinetuneConfig
 
     return FinetuneConfig(
         model=model,
-        train=str(work / "train.parquet"),
+        train=str(train or work / "train.parquet"),
         out=str(work / f"ft_{name}"),
         epochs=args.epochs,
         lr=args.lr,
@@ -470,16 +478,54 @@ def train_and_decode(args: argparse.Namespace, work: Path, task: FtTask, base_vo
 
     reuse = getattr(args, "reuse_original", None)
     runs: dict[str, Any] = {}
+    original_out = ""
     for name, model in (("original", args.model), ("enriched", str(work / "enriched"))):
-        cfg = finetune_config(args, work, name, model)
+        distilled = None
+        if name == "enriched" and getattr(args, "distill", False):
+            distilled = distill_training_rows(original_out, task, args, work / "train_distilled.parquet")
+        cfg = finetune_config(args, work, name, model, Path(distilled["train"]) if distilled else None)
         reusing = reuse and name == "original"
         summary = reused_original(Path(reuse), cfg, task.train) if reusing else finetune(cfg)
+        original_out = original_out or summary["out"]
         runs[name] = {"train": {k: summary.get(k) for k in TRAIN_SUMMARY_KEYS}}
         if "reused_from" in summary:
             runs[name]["train"]["reused_from"] = summary["reused_from"]
+        if distilled:
+            runs[name]["train"]["distilled"] = distilled
         runs[name]["decode"] = evaluate(summary["out"], task, args, base_vocab)
         logger.info("%s: %s", name, json.dumps(runs[name], default=str)[:2000])
     return runs
+
+
+def distill_training_rows(teacher: str, task: FtTask, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """The training prompts with the teacher's (the fine-tuned original-vocabulary model's) greedy outputs as their
+    outputs, written to `out` for the enriched model to train on; an empty output keeps the reference. Returns
+    where, and how the teacher's outputs compare with the references."""
+    import pandas as pd
+
+    from tasc_ray.models import load_model
+    from tasc_ray.spec.generator import SamplingParams
+
+    model, tokenizer = load_model(teacher, dtype="bfloat16" if args.bf16 else "float32", device=args.device)
+    gen = _generator(model, tokenizer, None, False, args.gen_batch_size)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, stop=task.stop)
+    t0 = time.perf_counter()
+    out_rows = gen.generate([r["prompt"] for r in task.train], params)
+    seconds = time.perf_counter() - t0
+    del model
+    texts = [r.text.strip() for r in out_rows]
+    rows = [{"prompt": r["prompt"], "output": t or r["output"]} for r, t in zip(task.train, texts)]
+    pd.DataFrame(rows).to_parquet(out)
+    summary = {
+        "train": str(out),
+        "teacher": teacher,
+        "seconds": seconds,
+        "kept_reference": sum(not t for t in texts),
+        "hit_length_limit": sum(r.finish_reason == "length" for r in out_rows),
+        "equal_to_reference": share_identical(texts, [r["output"].strip() for r in task.train]),
+    }
+    logger.info("distilled training rows from %s: %s", teacher, summary)
+    return summary
 
 
 def load_task(args: argparse.Namespace) -> FtTask:
@@ -693,6 +739,15 @@ def _training_table(r: dict[str, Any]) -> list[str]:
         t = run_["train"]
         label = f"{name} (trained in {t['reused_from']})" if t.get("reused_from") else name
         lines.append(f"| {label} | {t['recipe']} | {t['steps']} | {t['final_loss']:.3f} | {t['train_seconds']:.0f} |")
+    distilled = r["runs"]["enriched"]["train"].get("distilled")
+    if distilled:
+        lines += [
+            "",
+            "The enriched model trained on the fine-tuned original model's greedy outputs for the training prompts "
+            f"(`--distill`): {100 * distilled['equal_to_reference']:.1f}% of them equal their reference, "
+            f"{distilled['hit_length_limit']} hit the length limit, {distilled['kept_reference']} were empty "
+            f"(the reference kept); decoded in {distilled['seconds']:.0f} s.",
+        ]
     return lines
 
 

@@ -35,6 +35,7 @@ RECIPE_KEYS = (
     "new_token_align_steps",
     "untie_embeddings",
     "train_seed",
+    "distill",
 )
 DEFAULTS = {  # keys older runs lack
     "max_copied": 1.0,
@@ -43,6 +44,7 @@ DEFAULTS = {  # keys older runs lack
     "new_token_align_steps": 0,
     "untie_embeddings": False,
     "train_seed": None,
+    "distill": False,
 }
 
 

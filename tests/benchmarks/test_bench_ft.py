@@ -157,7 +157,7 @@ def test_generic_bench_ft_end_to_end(tmp_path, task_rows, tiny_model_dir):
          "--eval-rows", "4", "--budget", "10", "--per-iteration", "10", "--max-steps", "1", "--trainer", "local",
          "--gen-batch-size", "2", "--max-new-tokens", "8", "--work-dir", str(tmp_path / "w"),
          "--out-dir", str(tmp_path / "out"), "--tag", "t", "--untie-embeddings", "--new-token-align-steps", "1",
-         "--train-seed", "3"]
+         "--train-seed", "3", "--distill"]
     )  # fmt: skip
     result = args.handler(args)
     assert result["task"] == "data" and result["metrics"] == ["exact_match", "slot_f1", "chrf"]
@@ -166,6 +166,13 @@ def test_generic_bench_ft_end_to_end(tmp_path, task_rows, tiny_model_dir):
     work = next((tmp_path / "w").iterdir())
     assert json.loads((work / "ft_enriched" / "finetune.json").read_text())["config"]["seed"] == 3
     assert not json.loads((work / "ft_enriched" / "config.json").read_text())["tie_word_embeddings"]
+    # --distill: the enriched model trained on the original fine-tuned model's outputs for the training prompts
+    distilled = train["enriched"]["distilled"]
+    assert distilled["train"] == str(work / "train_distilled.parquet") and "distilled" not in train["original"]
+    teacher_rows = pd.read_parquet(distilled["train"])
+    assert list(teacher_rows.prompt) == list(pd.read_parquet(work / "train.parquet").prompt)
+    assert teacher_rows.output.str.len().min() > 0
+    assert json.loads((work / "ft_enriched" / "finetune.json").read_text())["config"]["train"] == distilled["train"]
     c = result["comparisons"]["eval"]
     assert set(c["enriched+plain"]) == {
         "speedup",
@@ -192,6 +199,7 @@ def test_generic_bench_ft_end_to_end(tmp_path, task_rows, tiny_model_dir):
         "drop": {"new_token_dropout": 0.2},
     }
     assert table["common"]["untie_embeddings"] is True and table["common"]["train_seed"] == 3
+    assert table["common"]["distill"] is True
     assert by_tag["t"]["splits"]["eval"]["chrf"] == pytest.approx(c["enriched+plain"]["chrf_delta"])
     assert "| drop (" in (tmp_path / "out" / "README.md").read_text()
     assert table["seed_groups"] == []
