@@ -85,3 +85,5 @@ def test_stated_values_counts_the_mr_values_a_sentence_states():
     assert stated_values(mr, "The Eagle is a British coffee place by the river near Burger King.") == (5, 5)
     assert stated_values(mr, "The Eagle serves Italian food.") == (1, 5)
     assert stated_values("familyFriendly[yes], customer rating[low]", "Kids welcome.") == (0, 0)
+    # in a prompt, the first attribute is the words right before `[`, not the prompt's text before them
+    assert stated_values("MR: familyFriendly[yes], name[Zizzi]\nSentence:\n", "Zizzi.") == (1, 1)
