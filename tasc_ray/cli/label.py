@@ -37,6 +37,12 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
         help='Python format string over the input columns, e.g. "Sentence: {text}\\nMR:"',
     )
     parser.add_argument("--id-column", default="id", help="column with unique row ids (used to resume)")
+    parser.add_argument(
+        "--keep-columns",
+        default="",
+        help="input columns to copy into the output, comma-separated (e.g. prompt,label: the output can then "
+        "train `finetune --train OUTPUT` or sit beside the source)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable), e.g. $'\\n'")
     parser.add_argument("--batch-size", type=int, default=16, help="rows per actor call = rows per batched decode")
@@ -84,6 +90,7 @@ def run_label(args: argparse.Namespace) -> dict[str, Any]:
         num_threads=args.threads,
         limit=args.limit,
         rows_per_part=args.rows_per_part,
+        keep_columns=[c.strip() for c in args.keep_columns.split(",") if c.strip()],
     )
     if summary["rows_remaining"] and args.limit is None:
         raise CommandIncomplete(f"{summary['rows_remaining']} rows are not labeled yet; rerun to resume", summary)

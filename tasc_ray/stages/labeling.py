@@ -6,7 +6,8 @@
 `label_dataset` is the stage (the shape of Ray's `llm/_internal/batch` stages: the caller owns reading and
 writing): `map_batches` over an `ActorPoolStrategy` of `LabelActor`s, each loading the shared engine once
 (fractional CPUs, one GPU each when the cluster has GPUs), turns rows into (id, output, prompt_tokens,
-output_tokens, forward_passes, accepted_tokens, drafted_tokens, finish_reason, latency_s, error). A row that
+output_tokens, forward_passes, accepted_tokens, drafted_tokens, finish_reason, latency_s, error), followed by any
+input columns asked to be kept (`keep_columns`: the prompt, a source text, a label to compare with). A row that
 fails gets its `error` and the others go on (`SpeculativeGenerator.generate_each`); so does a row with a null in
 a column the template names.
 
@@ -23,11 +24,13 @@ import logging
 import math
 import string
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from tasc_ray.io import (
     CorpusError,
@@ -96,12 +99,23 @@ def template_columns(template: str) -> list[str]:
     return names
 
 
-def output_schema(id_type: pa.DataType) -> pa.Schema:
+def output_schema(id_type: pa.DataType, kept: list[pa.Field] | None = None) -> pa.Schema:
+    """OUTPUT_COLUMNS, then the kept input columns (with their input types)."""
     return pa.schema(
         [("id", id_type), ("output", pa.string())]
         + [(c, pa.int64()) for c in _INT_COLUMNS]
         + [("finish_reason", pa.string()), ("latency_s", pa.float64()), ("error", pa.string())]
+        + list(kept or [])
     )
+
+
+def check_keep_columns(keep_columns: list[str], id_column: str) -> list[str]:
+    """Input columns copied to the output: not an output column's name (the id column is already `id`)."""
+    keep = [c for c in dict.fromkeys(keep_columns) if c != id_column]
+    clash = [c for c in keep if c in OUTPUT_COLUMNS]
+    if clash:
+        raise LabelError(f"cannot keep input column(s) {clash}: the output has columns of those names")
+    return keep
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -128,6 +142,7 @@ class LabelActor:
         sampling: SamplingParams,
         num_threads: int | None = None,
         replicas_per_node: int | None = None,
+        keep_columns: list[str] | None = None,
     ) -> None:
         import torch
 
@@ -140,11 +155,13 @@ class LabelActor:
         self.generator = load_engine(engine)
         self.template, self.id_column, self.params = template, id_column, sampling
         self.template_columns = template_columns(template)
+        self.keep_columns = list(keep_columns or [])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         out: dict[str, list[Any]] = {c: [None] * len(rows) for c in OUTPUT_COLUMNS}
         out["id"] = [r[self.id_column] for r in rows]
+        out |= {c: batch.column(c).to_pylist() for c in self.keep_columns}
         prompts: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
             try:  # encode() refuses an empty prompt and one too long for the model's context (PromptError)
@@ -162,7 +179,8 @@ class LabelActor:
         for i, result in zip(order, results):  # a row's latency runs from its admission to its last token
             queued = result.stats.queued_s if isinstance(result, GenerationResult) else 0.0
             _fill_row(out, i, result, last[i] - start - queued)
-        return pa.Table.from_pydict(out, schema=output_schema(batch.schema.field(self.id_column).type))
+        kept = [batch.schema.field(c) for c in self.keep_columns]
+        return pa.Table.from_pydict(out, schema=output_schema(batch.schema.field(self.id_column).type, kept))
 
     def prompt(self, row: dict[str, Any]) -> str:
         """The row's prompt; a null in a column the template names is the row's error (not the text "None")."""
@@ -234,8 +252,10 @@ def label_dataset(
     num_gpus_per_replica: float | None = None,
     num_threads: int | None = None,
     rows_per_call: int | None = None,
+    keep_columns: list[str] | None = None,
 ) -> Any:
-    """The labeling stage: a Ray Dataset of input rows -> a Dataset of OUTPUT_COLUMNS rows (Ray must be running).
+    """The labeling stage: a Ray Dataset of input rows -> a Dataset of OUTPUT_COLUMNS rows, then `keep_columns`
+    copied from the input (Ray must be running).
 
     Each row's prompt is `template.format(**row)`. Each actor decodes `batch_size` rows at a time out of calls of
     `rows_per_call` rows (default 4 x batch_size): a finished row's place is taken by the call's next row at the
@@ -257,6 +277,7 @@ def label_dataset(
             "sampling": sampling,
             "num_threads": num_threads,
             "replicas_per_node": resources.replicas_per_node,
+            "keep_columns": check_keep_columns(list(keep_columns or []), id_column),
         },
     )
 
@@ -270,7 +291,7 @@ class LabelInput:
 
     files: InputFiles
     infos: list[FileInfo]
-    columns: list[str]  # the id column, then the template's columns
+    columns: list[str]  # the id column, then the template's columns and the kept ones
     ids: pa.Array
 
     def dataset(self, done: pa.Array, limit: int | None, rows_per_block: int) -> Any:
@@ -288,9 +309,9 @@ def _drop_done(batch: pa.Table, done: pa.Array, id: str) -> pa.Table:
     return batch.filter(pc.invert(pc.is_in(batch[id], value_set=done)))
 
 
-def open_input(input: str, id_column: str, template_cols: list[str]) -> LabelInput:
+def open_input(input: str, id_column: str, template_cols: list[str], keep_columns: Sequence[str] = ()) -> LabelInput:
     """Check the input (files, columns, ids) before anything is written."""
-    columns = list(dict.fromkeys([id_column, *template_cols]))
+    columns = list(dict.fromkeys([id_column, *template_cols, *keep_columns]))
     try:
         files = list_files(input, what="input")
         infos = inspect_files(files, columns, what="input")
@@ -321,12 +342,14 @@ def label_parquet(
     num_threads: int | None = None,
     limit: int | None = None,
     rows_per_part: int | None = None,
+    keep_columns: list[str] | None = None,
 ) -> dict[str, Any]:
     """Label a parquet (or jsonl/csv) file, directory or glob, local or s3://, into `output`; resumable; returns a
     summary dict.
 
     Each row's prompt is `prompt_template.format(**row)`. `limit` labels at most that many new rows this run
-    (the output stays incomplete if rows remain). `rows_per_part` (default 8 batches) sizes the blocks the actors
+    (the output stays incomplete if rows remain). `keep_columns` copies those input columns into the output (a
+    rerun into the same output must keep the same ones). `rows_per_part` (default 8 batches) sizes the blocks the actors
     receive and so the output parts: the unit of parallelism across actors and of progress kept by an interrupted
     run. Uses the running Ray, RAY_ADDRESS, or starts a local one.
     """
@@ -339,8 +362,10 @@ def label_parquet(
         check_output_location(output)
     except StorageError as exc:
         raise LabelError(f"cannot write output: {exc}") from exc
-    source = open_input(input, id_column, template_columns(prompt_template))
+    keep = check_keep_columns(list(keep_columns or []), id_column)
+    source = open_input(input, id_column, template_columns(prompt_template), keep)
     out = PartsOutput(output, OUTPUT_COLUMNS)
+    check_committed_columns(out, OUTPUT_COLUMNS + keep)
     plan = plan_run(source, out, limit)
     sampling = SamplingParams(max_new_tokens=max_new_tokens, stop=list(stop or []), speculative=speculative)
     new_parts, label_s = [], 0.0
@@ -358,13 +383,14 @@ def label_parquet(
             num_cpus_per_replica=num_cpus_per_replica,
             num_gpus_per_replica=num_gpus_per_replica,
             num_threads=num_threads,
+            keep_columns=keep,
         )
         new_parts, label_s = _label_into(out, plan.run_id, ds)
     summary = _job_summary(out, source, new_parts, label_s, plan.remaining)
     summary.update(input=input, output=output, run_id=plan.run_id, speculative=speculative)
     summary.update(num_replicas=num_replicas, batch_size=batch_size, seconds=time.perf_counter() - t_start)
     if summary["complete"]:
-        out.mark_complete(_manifest(summary, engine, prompt_template, id_column, sampling))
+        out.mark_complete(_manifest(summary, engine, prompt_template, id_column, sampling, keep))
     logger.info(
         "labeled %d rows (%d errors) in %.1f s; output %s is %s",
         summary["rows_labeled"],
@@ -384,6 +410,21 @@ class RunPlan:
     done: pa.Array
     remaining: int
     todo: int
+
+
+def check_committed_columns(out: PartsOutput, columns: list[str]) -> None:
+    """A rerun writes the columns the output's committed parts have (the same kept input columns)."""
+    parts = out.parts()
+    if not parts:
+        return
+    with out.fs.open_input_file(parts[0]) as f:
+        names = pq.read_schema(f).names
+    if names != columns:
+        kept = [c for c in names if c not in OUTPUT_COLUMNS]
+        raise LabelError(
+            f"output {out.output} was written with kept input columns {kept}; rerun with the same ones to resume "
+            f"(asked: {[c for c in columns if c not in OUTPUT_COLUMNS]}), or write to another output"
+        )
 
 
 def plan_run(source: LabelInput, out: PartsOutput, limit: int | None) -> RunPlan:
@@ -431,12 +472,17 @@ def _job_summary(
 
 
 def _manifest(
-    summary: dict[str, Any], engine: EngineConfig, template: str, id_column: str, sampling: SamplingParams
+    summary: dict[str, Any],
+    engine: EngineConfig,
+    template: str,
+    id_column: str,
+    sampling: SamplingParams,
+    keep_columns: list[str],
 ) -> dict[str, Any]:
     return {
         "complete": True,
         "rows": summary["rows_committed"],
-        "columns": OUTPUT_COLUMNS,
+        "columns": OUTPUT_COLUMNS + keep_columns,
         "id_column": id_column,
         "model": engine.model,
         "index": engine.index,

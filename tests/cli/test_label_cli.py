@@ -57,3 +57,11 @@ def test_missing_s3_buckets_are_named(tmp_path, prompts, s3_server, s3_bucket, c
     assert main(_label(str(prompts), "s3://nosuchbucket-cli/out")) == 2
     line = _one_line_error(capsys)
     assert "cannot write output: s3://nosuchbucket-cli/out: bucket 'nosuchbucket-cli' does not exist" in line
+
+
+def test_kept_columns_are_checked_before_any_model_loads(tmp_path, prompts, capsys):
+    out = str(tmp_path / "out")
+    assert main([*_label(str(prompts), out), "--keep-columns", "prompt,output"]) == 2
+    assert "cannot keep input column(s) ['output']" in _one_line_error(capsys)
+    assert main([*_label(str(prompts), out), "--keep-columns", "prompt, source"]) == 2
+    assert "source" in _one_line_error(capsys)

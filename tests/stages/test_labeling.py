@@ -148,6 +148,32 @@ def test_jsonl_input(ray_cluster, tmp_path, task_rows, engine, reference):
     _check_output(str(tmp_path / "labels"), rows, reference)
 
 
+def test_kept_input_columns_make_the_output_a_training_corpus(ray_cluster, tmp_path, task_rows, engine, reference):
+    """--keep-columns copies input columns beside the outputs (with their types), so the labeled output is a
+    (prompt, output) corpus `finetune --train` reads; a rerun must keep the same columns."""
+    from tasc_ray.ft.train import read_pairs
+
+    rows = [r | {"score": i} for i, r in enumerate(_rows(task_rows, 6, bad=False))]
+    src = tmp_path / "prompts.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), src)
+    out = str(tmp_path / "labels")
+    kw = dict(max_new_tokens=MAX_NEW, stop=STOP, batch_size=4)
+    first = label_parquet(str(src), out, engine, keep_columns=["prompt", "score", "id"], limit=3, **kw)
+    assert first["rows_labeled"] == 3
+    with pytest.raises(LabelError, match=r"kept input columns \['prompt', 'score'\]"):
+        label_parquet(str(src), out, engine, keep_columns=["prompt"], **kw)
+    with pytest.raises(LabelError, match="output has columns of those names"):
+        label_parquet(str(src), str(tmp_path / "other"), engine, keep_columns=["output"], **kw)
+    assert label_parquet(str(src), out, engine, keep_columns=["prompt", "score"], **kw)["complete"]
+    table = _check_output(out, rows, reference)
+    assert table.column_names == OUTPUT_COLUMNS + ["prompt", "score"] and table.schema.field("score").type == pa.int64()
+    by_id = {r["id"]: r for r in table.to_pylist()}
+    assert all(by_id[r["id"]]["prompt"] == r["prompt"] and by_id[r["id"]]["score"] == r["score"] for r in rows)
+    assert json.loads((Path(out) / SUCCESS).read_text())["columns"] == OUTPUT_COLUMNS + ["prompt", "score"]
+    pairs = read_pairs(out, "prompt", "output")
+    assert sorted(p["prompt"] for p in pairs) == sorted(r["prompt"] for r in rows if by_id[r["id"]]["output"])
+
+
 def test_replicas_share_their_node_cpus(ray_cluster):
     """Inside the cluster (one node with 2 CPUs), each replica's torch threads are its share of its node's CPUs."""
     share = ray_cluster.remote(num_cpus=0)(node_cpu_share)
