@@ -24,7 +24,8 @@ import numpy as np
 
 from benchmarks.common.metrics import (
     corpus_text_score,
-    parse_slots,
+    micro_f1,
+    prompt_slots,
     slot_counts,
     stated_values,
     text_segment_stats,
@@ -64,7 +65,7 @@ def metrics_for(splits: dict[str, list[dict[str, Any]]]) -> tuple[str, ...]:
     refs = [r for h in held for r in h["refs"]]
     if refs and all(is_mr(r) for r in refs):
         return ("exact_match", "slot_f1", "chrf")
-    coverage = ("slot_coverage",) if held and all(parse_slots(h.get("prompt", "")) for h in held) else ()
+    coverage = ("slot_coverage",) if held and all(prompt_slots(h.get("prompt", "")) for h in held) else ()
     return ("exact_match", "bleu", "chrf", *coverage)
 
 
@@ -92,13 +93,11 @@ def segment_stats(texts: list[str], held: list[dict[str, Any]], metrics: tuple[s
 
 def score_from_stats(metric: str, total: np.ndarray) -> float:
     """A metric's score (0-100) from its summed per-output statistics."""
-    if metric == "exact_match":
+    if metric in ("exact_match", "slot_coverage"):  # (hits, out of)
         return 100 * float(total[0]) / max(1, int(total[1]))
     if metric == "slot_f1":  # micro F1 over (attribute, value) pairs
         tp, n_pred, n_ref = (int(x) for x in total)
-        return 100 * 2 * tp / (n_pred + n_ref) if n_pred + n_ref else 0.0
-    if metric == "slot_coverage":
-        return 100 * float(total[0]) / max(1, int(total[1]))
+        return 100 * micro_f1(tp, n_pred, n_ref)
     return corpus_text_score(metric, total)
 
 
