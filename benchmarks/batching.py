@@ -78,7 +78,7 @@ def engine_part(args: argparse.Namespace) -> dict[str, Any]:
     prompts = [p for pair in zip(tasks[0].prompts, tasks[1].prompts) for p in pair]  # interleaved directions
     generator = load_engine(EngineConfig(model=args.model, max_batch_size=args.max_batch_size))
     index = NgramIndex.from_texts(tasks[0].corpus + tasks[1].corpus, generator.tokenizer)
-    drafter = build_drafter(index, DrafterConfig())
+    drafter = build_drafter(index, DrafterConfig(), generator.tokenizer)
     generator.generate(prompts[:4], SamplingParams(max_new_tokens=4))  # warm-up
     runs: list[dict[str, Any]] = []
     outputs: dict[tuple[str, str], list[list[int]]] = {}

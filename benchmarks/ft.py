@@ -248,7 +248,7 @@ def _generator(model: Any, tokenizer: Any, index: Any, speculative: bool, batch_
     gen = SpeculativeGenerator(
         model,
         tokenizer,
-        build_drafter(index, DrafterConfig()) if speculative else None,
+        build_drafter(index, DrafterConfig(), tokenizer) if speculative else None,
         max_batch_size=batch_size,
         speculation_gate=engine.speculation_gate and speculative,
     )

@@ -209,7 +209,7 @@ def bench_task(
                 else:
                     trees = {"tree_nodes": 0} if method == "tasc_chain" else {}
                     config = config_from_args(DrafterConfig, args, mode=MODES[method], **trees)
-                    drafter = Drafter(index, config)
+                    drafter = Drafter(index, config, tokenizer)
                     generator = SpeculativeGenerator(  # as load_engine builds it
                         model,
                         tokenizer,

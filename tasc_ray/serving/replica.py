@@ -124,7 +124,7 @@ class Replica:
         changed = reload_index or settings != self.drafter_config
         if changed:
             index = self._load_index(path) if reload_index else self._index()
-            drafter = build_drafter(index, settings)
+            drafter = build_drafter(index, settings, self.generator.tokenizer)
             self.loop.call_soon(lambda: setattr(self.generator, "drafter", drafter)).result()  # between steps
             self.index_path, self.drafter_config = path, settings
         if "index_version" in given:

@@ -56,6 +56,11 @@ class DrafterConfig(BaseModel):
         "(batch 1 on a CPU, a GPU; greedy rows; the step costs decide how many nodes are verified); 0: chains",
     )
     tree_branches: int = Field(3, ge=1, description="continuations a tree node considers from each source")
+    prompt_grounding: bool = Field(
+        True,
+        description="rank the corpus's and the live overlay's continuations by how much of each token's text (words "
+        "of 3+ letters, numbers) the row's prompt contains, so drafts copy the input's values (with the tokenizer)",
+    )
     long_matches: bool = Field(
         True,
         description="match suffixes of any length (not only up to the n-gram order) in the row's tokens, the live "

@@ -16,6 +16,8 @@ and depth. The most probable token is drafted; the draft stops when the product 
 `min_path_prob`, and `propose` cuts it where expected tokens per second of the verification pass is highest. Long
 matches walk forward with the draft (`SuffixMatch.advance`), so a row costs one store lookup per source and pass.
 With `calibrate` off, raw shares decide: the longer match wins and lambda mixes corpus and context at equal length.
+Given the tokenizer, the corpus's and the live overlay's continuations are first reranked by how much of each
+token's text the row's prompt contains (grounding.py; `prompt_grounding`).
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from tasc_ray.spec.calibration import AcceptanceCalibration, Key, calibration_key
 from tasc_ray.spec.config import DrafterConfig, DraftMode
 from tasc_ray.spec.draft_length import StepCost, best_draft_length, ragged_draft_lengths
+from tasc_ray.spec.grounding import PromptGrounding
 from tasc_ray.spec.index import DEFAULT_MAX_ORDER, Match, NgramIndex
 from tasc_ray.spec.live import LiveNgrams, combine_matches, longest_suffix
 from tasc_ray.spec.suffix import MAX_MATCH, SuffixMatch, TokenStore
@@ -44,13 +48,15 @@ __all__ = ["Drafter", "DrafterConfig", "DraftMode", "DraftContext", "DraftTree",
 @dataclass
 class DraftContext:
     """One row's tokens so far: its n-gram table, (last m tokens) -> {next token: count}, and (with long matches)
-    a TokenStore of them."""
+    a TokenStore of them; with prompt grounding, the prompt's text and the row's token weights."""
 
     max_order: int
     long_matches: bool = False
     tokens: list[int] = field(default_factory=list)
     table: dict[tuple[int, ...], dict[int, int]] = field(default_factory=lambda: defaultdict(dict))
     store: TokenStore | None = None
+    prompt_text: str | None = None
+    grounding_weights: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.long_matches and self.store is None:
@@ -126,10 +132,16 @@ class _Candidate:
     walk: SuffixMatch | None = None  # a long match, to advance with the draft
 
 
-class Drafter:
-    """Context/corpus/live drafter. `index` may be None in context mode or with live_outputs."""
+GROUNDING_POOL = 8  # continuations per source that prompt grounding reranks (the index keeps its top 8)
 
-    def __init__(self, index: NgramIndex | None = None, config: DrafterConfig | None = None) -> None:
+
+class Drafter:
+    """Context/corpus/live drafter. `index` may be None in context mode or with live_outputs; `tokenizer` (the
+    model's) turns on prompt grounding."""
+
+    def __init__(
+        self, index: NgramIndex | None = None, config: DrafterConfig | None = None, tokenizer: Any = None
+    ) -> None:
         self.config = config or DrafterConfig()
         self.index = index
         if self.config.mode != DraftMode.CONTEXT and index is None and self.config.live_outputs == 0:
@@ -141,12 +153,16 @@ class Drafter:
         self.live = LiveNgrams(order, capacity, long_matches=long) if live_on else None
         self.corpus_store = index.suffix if index is not None and long else None
         self.calibration = AcceptanceCalibration()
+        grounded = tokenizer is not None and self.config.prompt_grounding and self.config.mode != DraftMode.CONTEXT
+        self.grounding = PromptGrounding(tokenizer) if grounded else None
         # (raw shares, keys, parents) of the last proposed drafts, until observed
         self._proposed: list[tuple[list[float], list[Key], list[int]]] | None = None
 
     def new_row(self, prompt_ids: Sequence[int]) -> DraftContext:
         state = DraftContext(self.config.context_order, self.config.long_matches)
         state.extend(prompt_ids)
+        if self.grounding is not None:
+            state.prompt_text = self.grounding.prompt_text(prompt_ids)
         return state
 
     def propose(
@@ -262,8 +278,10 @@ class Drafter:
     ) -> list[list[_Candidate]]:
         """For each (row, path drafted so far, long matches walked to it), every source's top_n proposals: a long
         match walked on from the last step, else a fresh lookup (the source's TokenStore, then its n-gram tables;
-        the index's tables batched over the items)."""
+        the index's tables batched over the items). With prompt grounding, the corpus and live sources' top
+        GROUNDING_POOL are reranked against the row's prompt and their top_n kept."""
         mode = self.config.mode
+        pool = max(top_n, GROUNDING_POOL) if self.grounding is not None else top_n
         use_context, use_corpus = mode != DraftMode.CORPUS, mode != DraftMode.CONTEXT
         out: list[list[_Candidate]] = []
         short_corpus: list[int] = []  # positions in `out` whose corpus source needs the index's tables
@@ -283,7 +301,7 @@ class Drafter:
                 if walk is None and store is not None:
                     walk = store.longest_match(history)
                 if walk is not None:
-                    tops, shares = walk.continuations(top_n)
+                    tops, shares = walk.continuations(top_n if source == "context" else pool)
                     if len(tops):
                         cands += [_Candidate(source, walk.length, int(t), float(p), walk) for t, p in zip(tops, shares)]
                         continue
@@ -298,7 +316,7 @@ class Drafter:
                     assert self.live is not None
                     match = self.live.longest_matches([history])[0]
                     if match is not None:
-                        cands += _short("live", match, top_n)
+                        cands += _short("live", match, pool)
                 elif self.index is not None:
                     short_corpus.append(n)
                     histories.append(history[-(self.index.max_order - 1) :])
@@ -307,7 +325,20 @@ class Drafter:
             assert self.index is not None
             for n, match in zip(short_corpus, self.index.longest_matches(histories)):
                 if match is not None:
-                    out[n] += _short("corpus", match, top_n)
+                    out[n] += _short("corpus", match, pool)
+        if self.grounding is not None:
+            out = [self._grounded(row, cands, top_n) for (row, _, _), cands in zip(items, out)]
+        return out
+
+    def _grounded(self, row: DraftContext, candidates: list[_Candidate], top_n: int) -> list[_Candidate]:
+        """The row's candidates with the corpus and live sources' reranked by prompt grounding, top_n of each."""
+        assert self.grounding is not None
+        out = [c for c in candidates if c.source == "context"]
+        for source in ("corpus", "live"):
+            mine = [c for c in candidates if c.source == source]
+            if mine and row.prompt_text is not None:  # None: a row that began under a drafter without grounding
+                mine = self.grounding.rerank(mine, row.prompt_text, row.grounding_weights)
+            out += mine[:top_n]
         return out
 
     def _choose(self, candidates: list[_Candidate], depth: int) -> tuple[_Candidate, float] | None:
@@ -389,12 +420,12 @@ def _as_match(c: _Candidate | None) -> Match | None:
     return Match(c.length, np.array([c.token], dtype=np.int64), np.array([c.share]))
 
 
-def build_drafter(index: NgramIndex | None, config: DrafterConfig) -> Drafter:
+def build_drafter(index: NgramIndex | None, config: DrafterConfig, tokenizer: Any = None) -> Drafter:
     """A Drafter over `index`; without one, drafting uses the row's own context (prompt lookup) and, with
-    live_outputs, the outputs the engine has finished."""
+    live_outputs, the outputs the engine has finished. `tokenizer`: the model's, for prompt grounding."""
     effective = config.for_index(index is not None)
     if effective is not config:
         logger.info("no index given: drafting from the prompt's own n-grams only (context mode)")
     elif index is None and config.mode != DraftMode.CONTEXT:
         logger.info("no index given: drafting from the prompt's n-grams and the outputs finished so far")
-    return Drafter(index, effective)
+    return Drafter(index, effective, tokenizer)

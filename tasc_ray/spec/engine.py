@@ -26,11 +26,10 @@ def load_engine(config: EngineConfig, index: NgramIndex | None = None) -> Specul
         pack_linear_layers(model)
     if index is None and config.index:
         index = NgramIndex.load(config.index)
-    drafter = build_drafter(index, config.drafter)
     generator = SpeculativeGenerator(
         model,
         tokenizer,
-        drafter,
+        build_drafter(index, config.drafter, tokenizer),
         max_batch_size=config.max_batch_size,
         static_batches=config.scheduling == "static",
         fast_forward=fast if fast is not None else False,

@@ -60,6 +60,7 @@ def simulate_acceptance(
     score_from: int = 0,
     drafter: Drafter | None = None,
     step_cost: StepCost | None = None,
+    tokenizer: Any = None,
 ) -> dict[str, Any]:
     """Teacher-forced replay of `sequences` (token ids of true outputs) through a Drafter over `index`.
 
@@ -68,11 +69,12 @@ def simulate_acceptance(
     `mean_accepted_per_pass`, `acceptance_rate` (accepted / drafted), the histogram of accepted lengths, the
     per-sequence mean of tokens per pass, and drafting time per pass, over the sequences from `score_from` on.
     `drafter`: replay this drafter (anything with the Drafter interface) instead of one built from the config;
-    `step_cost`: cut drafts (and trees) as the engine does, on the cost of a verification pass at batch 1."""
+    `step_cost`: cut drafts (and trees) as the engine does, on the cost of a verification pass at batch 1;
+    `tokenizer`: the model's, for the drafter's prompt grounding (which needs `prompts`)."""
     config = drafter_config or DrafterConfig()
     if prompts is not None and len(prompts) != len(sequences):
         raise ValueError(f"got {len(prompts)} prompts for {len(sequences)} sequences")
-    drafter = drafter if drafter is not None else Drafter(index, config)
+    drafter = drafter if drafter is not None else Drafter(index, config, tokenizer)
     seqs = [[int(t) for t in s] for s in sequences]
     tally = _Tally(config.max_draft, score_from)
     for start in range(0, len(seqs), batch_size):

@@ -78,13 +78,14 @@ def test_greedy_identical_to_generate(tiny_model, tiny_tokenizer, p_right, batch
                 assert result.stats.forward_passes < len(expected)
 
 
+@pytest.mark.parametrize("grounded", [False, True], ids=["ungrounded", "grounded"])
 @pytest.mark.parametrize("mode", list(DraftMode))
-def test_greedy_identical_with_ngram_drafter(tiny_model, tiny_tokenizer, task_rows, mode):
+def test_greedy_identical_with_ngram_drafter(tiny_model, tiny_tokenizer, task_rows, mode, grounded):
     outputs = [tiny_tokenizer(r["output"], add_special_tokens=False)["input_ids"] for r in task_rows[:200]]
     index = NgramIndex.build(outputs, max_order=4, tokenizer=tiny_tokenizer)
-    generator = SpeculativeGenerator(
-        tiny_model, tiny_tokenizer, Drafter(index, DrafterConfig(mode=mode)), max_batch_size=4
-    )
+    drafter = Drafter(index, DrafterConfig(mode=mode), tiny_tokenizer if grounded else None)
+    assert (drafter.grounding is not None) == (grounded and mode != DraftMode.CONTEXT)
+    generator = SpeculativeGenerator(tiny_model, tiny_tokenizer, drafter, max_batch_size=4)
     prompts = [r["prompt"][-200:] for r in task_rows[200:210]]
     results = generator.generate(prompts, SamplingParams(max_new_tokens=20))
     for prompt, result in zip(prompts, results):
@@ -303,7 +304,8 @@ def test_ngram_trees_keep_greedy_output_identical(tiny_model, tiny_tokenizer, ta
     outputs = [tiny_tokenizer(r["output"], add_special_tokens=False)["input_ids"] for r in task_rows[:200]]
     index = NgramIndex.build(outputs, max_order=4, tokenizer=tiny_tokenizer)
     config = DrafterConfig(mode=DraftMode.MIXED, tree_nodes=12, min_path_prob=0.0)
-    generator = SpeculativeGenerator(tiny_model, tiny_tokenizer, Drafter(index, config), max_batch_size=4)
+    drafter = Drafter(index, config, tiny_tokenizer)  # grounded trees
+    generator = SpeculativeGenerator(tiny_model, tiny_tokenizer, drafter, max_batch_size=4)
     generator.step_cost = FlatCosts()
     prompts = [r["prompt"][-200:] for r in task_rows[200:208]]
     results = generator.generate(prompts, SamplingParams(max_new_tokens=20))
