@@ -499,8 +499,8 @@ def train_and_decode(args: argparse.Namespace, work: Path, task: FtTask, base_vo
 
 def distill_training_rows(teacher: str, task: FtTask, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """The training prompts with the teacher's (the fine-tuned original-vocabulary model's) greedy outputs as their
-    outputs, written to `out` for the enriched model to train on; an empty output keeps the reference. Returns
-    where, and how the teacher's outputs compare with the references."""
+    outputs, written to `out` for the enriched model to train on; an empty output, or one the length limit cut,
+    keeps the reference. Returns where, and how the teacher's outputs compare with the references."""
     import pandas as pd
 
     from tasc_ray.models import load_model
@@ -514,13 +514,16 @@ def distill_training_rows(teacher: str, task: FtTask, args: argparse.Namespace, 
     seconds = time.perf_counter() - t0
     del model
     texts = [r.text.strip() for r in out_rows]
-    rows = [{"prompt": r["prompt"], "output": t or r["output"]} for r, t in zip(task.train, texts)]
+    usable = [bool(t) and r.finish_reason != "length" for t, r in zip(texts, out_rows)]
+    rows = [
+        {"prompt": r["prompt"], "output": t if ok else r["output"]} for r, t, ok in zip(task.train, texts, usable)
+    ]
     pd.DataFrame(rows).to_parquet(out)
     summary = {
         "train": str(out),
         "teacher": teacher,
         "seconds": seconds,
-        "kept_reference": sum(not t for t in texts),
+        "kept_reference": usable.count(False),
         "hit_length_limit": sum(r.finish_reason == "length" for r in out_rows),
         "equal_to_reference": share_identical(texts, [r["output"].strip() for r in task.train]),
     }

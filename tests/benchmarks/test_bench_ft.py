@@ -169,9 +169,12 @@ def test_generic_bench_ft_end_to_end(tmp_path, task_rows, tiny_model_dir):
     # --distill: the enriched model trained on the original fine-tuned model's outputs for the training prompts
     distilled = train["enriched"]["distilled"]
     assert distilled["train"] == str(work / "train_distilled.parquet") and "distilled" not in train["original"]
-    teacher_rows = pd.read_parquet(distilled["train"])
-    assert list(teacher_rows.prompt) == list(pd.read_parquet(work / "train.parquet").prompt)
+    teacher_rows, references = pd.read_parquet(distilled["train"]), pd.read_parquet(work / "train.parquet")
+    assert list(teacher_rows.prompt) == list(references.prompt)
     assert teacher_rows.output.str.len().min() > 0
+    # an output the length limit cut (or an empty one) is no target: the row keeps its reference
+    assert distilled["kept_reference"] >= distilled["hit_length_limit"]
+    assert (teacher_rows.output == references.output).sum() >= distilled["kept_reference"]
     assert json.loads((work / "ft_enriched" / "finetune.json").read_text())["config"]["train"] == distilled["train"]
     c = result["comparisons"]["eval"]
     assert set(c["enriched+plain"]) == {
