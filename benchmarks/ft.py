@@ -515,9 +515,7 @@ def distill_training_rows(teacher: str, task: FtTask, args: argparse.Namespace, 
     del model
     texts = [r.text.strip() for r in out_rows]
     usable = [bool(t) and r.finish_reason != "length" for t, r in zip(texts, out_rows)]
-    rows = [
-        {"prompt": r["prompt"], "output": t if ok else r["output"]} for r, t, ok in zip(task.train, texts, usable)
-    ]
+    rows = [{"prompt": r["prompt"], "output": t if ok else r["output"]} for r, t, ok in zip(task.train, texts, usable)]
     pd.DataFrame(rows).to_parquet(out)
     summary = {
         "train": str(out),
