@@ -94,7 +94,7 @@ class SuffixDecodingDrafter:
         row.tokens = list(prompt_ids)
         return row
 
-    def learn(self, output: list[int]) -> None:
+    def learn(self, output: list[int], row: DraftContext | None = None) -> None:
         self._outputs.append(list(output))
         self._global = None
 

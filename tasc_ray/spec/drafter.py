@@ -378,10 +378,13 @@ class Drafter:
         source = next((c for c in candidates if c.token == token), candidates[0])
         return _Candidate(source.source, source.length, token, share[token], source.walk), share[token]
 
-    def learn(self, output: Sequence[int]) -> None:
-        """A finished output: its n-grams join the live overlay (with live_outputs > 0)."""
+    def learn(self, output: Sequence[int], row: DraftContext | None = None) -> None:
+        """A finished output: its n-grams join the live overlay (with live_outputs > 0); with its row, prompt
+        grounding learns which of its words the prompt held."""
         if self.live is not None:
             self.live.add(output)
+        if self.grounding is not None and row is not None and row.prompt_text is not None:
+            self.grounding.learn(output, row.prompt_text)
 
     def observe(self, accepted: Sequence[int | Sequence[int]]) -> None:
         """Learn from the verification of the last proposed drafts: row i's chain had accepted[i] tokens taken, or

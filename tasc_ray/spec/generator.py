@@ -552,7 +552,7 @@ class SpeculativeGenerator:
         if row.finish_reason is None and len(row.generated) >= row.max_new:
             row.finish_reason = "length"
         if row.finish_reason is not None and not row.cancelled and self.drafter is not None:
-            self.drafter.learn(row.generated)
+            self.drafter.learn(row.generated, row.draft_context)
         return row.finish_reason is not None or row.cancelled
 
     def result(self, row: Request) -> GenerationResult:

@@ -148,5 +148,5 @@ def _replay(
         drafter.observe(taken)  # as the engine does after each verification pass
         for i in active:
             if pos[i] >= len(seqs[i]):
-                drafter.learn(seqs[i])  # a finished output, as the engine's live overlay learns it
+                drafter.learn(seqs[i], contexts[i])  # a finished output, as the engine's live overlay learns it
         active = [i for i in active if pos[i] < len(seqs[i])]

@@ -91,3 +91,20 @@ def test_grounding_raises_simulated_tokens_per_pass_on_copied_values(tokenizer):
         for grounded in (False, True)
     }
     assert runs[True]["tokens_per_pass"] > runs[False]["tokens_per_pass"]
+
+
+def test_pieces_the_task_does_not_copy_stop_counting(tokenizer):
+    """Once four finished rows held "food" in their outputs but not in their prompts, a token's "food" no longer
+    counts against it: food[Italian], then weighs by "italian" alone."""
+    grounding = PromptGrounding(tokenizer)
+    (italian,) = ids(tokenizer, "food[Italian],")
+    text = "sentence: zizzi serves italian mr:"
+    assert grounding.weight(italian, text) == pytest.approx((FLOOR + 0.5) ** 2)  # "food" is not in the prompt
+    for _ in range(4):
+        grounding.learn(ids(tokenizer, "name[Zizzi], food[Italian],"), text)
+    assert not grounding.copied("food") and grounding.copied("italian") and grounding.copied("zizzi")
+    assert grounding.weight(italian, text) == pytest.approx((FLOOR + 1.0) ** 2)
+    drafter = Drafter(None, DrafterConfig(live_outputs=10), tokenizer)
+    row = drafter.new_row(ids(tokenizer, "Sentence: Cotto serves English food MR:"))
+    drafter.learn(ids(tokenizer, "name[Cotto], food[English],"), row)  # the engine's call when a row finishes
+    assert drafter.grounding is not None and drafter.grounding._copies["english"] == [1, 1]
