@@ -191,6 +191,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen-batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument(
+        "--no-prompt-grounding",
+        dest="prompt_grounding",
+        action="store_false",
+        help="TASC-spec without the drafter's prompt grounding (for comparison; it is on by default)",
+    )
+    p.add_argument(
         "--reuse-original",
         default=None,
         metavar="WORK_DIR",
@@ -237,9 +243,12 @@ def _timed_generate(
     return out, time.perf_counter() - t0
 
 
-def _generator(model: Any, tokenizer: Any, index: Any, speculative: bool, batch_size: int) -> Any:
-    """A generator as `load_engine` builds one by default (fast forward; with TASC-spec: the default drafter, the
-    speculation gate and the measured cost of a pass), over an already loaded model."""
+def _generator(
+    model: Any, tokenizer: Any, index: Any, speculative: bool, batch_size: int, grounding: bool = True
+) -> Any:
+    """A generator as `load_engine` builds one by default (fast forward; with TASC-spec: the default drafter, with
+    prompt grounding unless told otherwise, the speculation gate and the measured cost of a pass), over an already
+    loaded model."""
     from tasc_ray.spec.config import DrafterConfig, EngineConfig
     from tasc_ray.spec.drafter import build_drafter
     from tasc_ray.spec.generator import SpeculativeGenerator
@@ -248,7 +257,7 @@ def _generator(model: Any, tokenizer: Any, index: Any, speculative: bool, batch_
     gen = SpeculativeGenerator(
         model,
         tokenizer,
-        build_drafter(index, DrafterConfig(), tokenizer) if speculative else None,
+        build_drafter(index, DrafterConfig(prompt_grounding=grounding), tokenizer) if speculative else None,
         max_batch_size=batch_size,
         speculation_gate=engine.speculation_gate and speculative,
     )
@@ -273,7 +282,8 @@ def _decode_split(
     results: dict[str, Any] = {}
     texts_by_mode: dict[str, list[str]] = {}
     for mode in ("plain", "tasc_spec"):
-        gen = _generator(model, tokenizer, index, mode == "tasc_spec", args.gen_batch_size)
+        grounding = getattr(args, "prompt_grounding", True)
+        gen = _generator(model, tokenizer, index, mode == "tasc_spec", args.gen_batch_size, grounding)
         params = SamplingParams(max_new_tokens=args.max_new_tokens, stop=task.stop, speculative=mode == "tasc_spec")
         out, seconds = _timed_generate(gen, prompts, warmup, params, model.device)
         texts = [r.text.strip() for r in out]
