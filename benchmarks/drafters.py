@@ -13,8 +13,8 @@ per pass" is the draft tokens each pass sends to the model. Drafters:
   with the highest summed path probability kept, its length capped at `max_spec_factor` x the match length;
 - ours, built up one component at a time: the bounded-order drafter (orders <= 4, raw frequencies); unbounded
   suffix matches; acceptance calibrated online by source, match length and depth; live learning of finished
-  outputs; token trees; prompt grounding (the corpus's continuations ranked by how much of each token's text the
-  prompt contains): the default configuration.
+  outputs; token trees (the default configuration); prompt grounding (opt-in: the corpus's continuations ranked
+  by how much of each token's text the prompt contains).
 """
 
 from __future__ import annotations
@@ -177,12 +177,11 @@ def greedy_outputs(model, tokenizer, task: Task, max_new_tokens: int, cache_dir:
 
 def drafters(corpus: list[list[int]]) -> dict[str, Any]:
     """Every drafter of the table: a DrafterConfig, or a Suffix Decoding drafter (built fresh for each replay)."""
-    before = dict(long_matches=False, calibrate=False, live_outputs=0, tree_nodes=0, prompt_grounding=False)
-    ungrounded = dict(prompt_grounding=False)
+    before = dict(long_matches=False, calibrate=False, live_outputs=0, tree_nodes=0)
     return {
         "prompt lookup (orders <= 3, raw frequencies)": DrafterConfig(mode=DraftMode.CONTEXT, max_draft=16, **before),
         "prompt lookup, matches of any length, calibrated": DrafterConfig(
-            mode=DraftMode.CONTEXT, max_draft=16, tree_nodes=0, **ungrounded
+            mode=DraftMode.CONTEXT, max_draft=16, tree_nodes=0
         ),
         "Suffix Decoding (chain, 16 tokens)": lambda: SuffixDecodingDrafter(corpus),
         "Suffix Decoding (chain, 16 tokens, max_spec_factor 2)": lambda: SuffixDecodingDrafter(
@@ -190,15 +189,13 @@ def drafters(corpus: list[list[int]]) -> dict[str, Any]:
         ),
         "ours before: orders <= 4, raw, k=8": DrafterConfig(max_draft=8, **before),
         "ours before, k=16": DrafterConfig(max_draft=16, **before),
-        "+ matches of any length": DrafterConfig(
-            max_draft=16, calibrate=False, live_outputs=0, tree_nodes=0, **ungrounded
-        ),
-        "+ calibrated scores": DrafterConfig(max_draft=16, live_outputs=0, tree_nodes=0, **ungrounded),
-        "+ live learning (chains)": DrafterConfig(max_draft=16, tree_nodes=0, **ungrounded),
-        "+ token trees (16 nodes)": DrafterConfig(max_draft=16, tree_nodes=16, **ungrounded),
-        "+ token trees, min_path_prob 0.3": DrafterConfig(max_draft=16, tree_nodes=16, min_path_prob=0.3, **ungrounded),
-        "+ prompt grounding (chains)": DrafterConfig(max_draft=16, tree_nodes=0),
-        "+ prompt grounding (trees): the default": DrafterConfig(max_draft=16, tree_nodes=16),
+        "+ matches of any length": DrafterConfig(max_draft=16, calibrate=False, live_outputs=0, tree_nodes=0),
+        "+ calibrated scores": DrafterConfig(max_draft=16, live_outputs=0, tree_nodes=0),
+        "+ live learning (chains)": DrafterConfig(max_draft=16, tree_nodes=0),
+        "+ token trees (16 nodes)": DrafterConfig(max_draft=16, tree_nodes=16),
+        "+ token trees, min_path_prob 0.3": DrafterConfig(max_draft=16, tree_nodes=16, min_path_prob=0.3),
+        "+ prompt grounding (chains)": DrafterConfig(max_draft=16, tree_nodes=0, prompt_grounding=True),
+        "+ prompt grounding (trees)": DrafterConfig(max_draft=16, tree_nodes=16, prompt_grounding=True),
     }
 
 

@@ -191,10 +191,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen-batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument(
-        "--no-prompt-grounding",
-        dest="prompt_grounding",
-        action="store_false",
-        help="TASC-spec without the drafter's prompt grounding (for comparison; it is on by default)",
+        "--prompt-grounding",
+        action="store_true",
+        help="TASC-spec with the drafter's prompt grounding (opt-in; see tasc_ray/spec/grounding.py)",
     )
     p.add_argument(
         "--reuse-original",
@@ -244,10 +243,10 @@ def _timed_generate(
 
 
 def _generator(
-    model: Any, tokenizer: Any, index: Any, speculative: bool, batch_size: int, grounding: bool = True
+    model: Any, tokenizer: Any, index: Any, speculative: bool, batch_size: int, grounding: bool = False
 ) -> Any:
     """A generator as `load_engine` builds one by default (fast forward; with TASC-spec: the default drafter, with
-    prompt grounding unless told otherwise, the speculation gate and the measured cost of a pass), over an already
+    prompt grounding if asked, the speculation gate and the measured cost of a pass), over an already
     loaded model."""
     from tasc_ray.spec.config import DrafterConfig, EngineConfig
     from tasc_ray.spec.drafter import build_drafter
@@ -282,7 +281,7 @@ def _decode_split(
     results: dict[str, Any] = {}
     texts_by_mode: dict[str, list[str]] = {}
     for mode in ("plain", "tasc_spec"):
-        grounding = getattr(args, "prompt_grounding", True)
+        grounding = getattr(args, "prompt_grounding", False)
         gen = _generator(model, tokenizer, index, mode == "tasc_spec", args.gen_batch_size, grounding)
         params = SamplingParams(max_new_tokens=args.max_new_tokens, stop=task.stop, speculative=mode == "tasc_spec")
         out, seconds = _timed_generate(gen, prompts, warmup, params, model.device)

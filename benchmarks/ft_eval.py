@@ -35,11 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="decode device (default: the run's)")
     p.add_argument("--gen-batch-size", type=int, default=None, help="decoding batch size (default: the run's)")
     p.add_argument(
-        "--no-prompt-grounding",
-        dest="prompt_grounding",
-        action="store_false",
+        "--prompt-grounding",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="TASC-spec without the drafter's prompt grounding (default: on)",
+        help="TASC-spec with (or without) the drafter's prompt grounding (default: as the run decoded)",
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=run)

@@ -16,8 +16,8 @@ and depth. The most probable token is drafted; the draft stops when the product 
 `min_path_prob`, and `propose` cuts it where expected tokens per second of the verification pass is highest. Long
 matches walk forward with the draft (`SuffixMatch.advance`), so a row costs one store lookup per source and pass.
 With `calibrate` off, raw shares decide: the longer match wins and lambda mixes corpus and context at equal length.
-Given the tokenizer, the corpus's and the live overlay's continuations are first reranked by how much of each
-token's text the row's prompt contains (grounding.py; `prompt_grounding`).
+With `prompt_grounding` and the tokenizer, the corpus's and the live overlay's continuations are first reranked by
+how much of each token's text the row's prompt contains (grounding.py).
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ GROUNDING_POOL = 8  # continuations per source that prompt grounding reranks (th
 
 class Drafter:
     """Context/corpus/live drafter. `index` may be None in context mode or with live_outputs; `tokenizer` (the
-    model's) turns on prompt grounding."""
+    model's) is what prompt grounding reads tokens with."""
 
     def __init__(
         self, index: NgramIndex | None = None, config: DrafterConfig | None = None, tokenizer: Any = None

@@ -16,7 +16,10 @@ and a piece that at least 4 outputs held but fewer than half of their prompts di
 On the bundled model's own outputs at batch 1 (`python -m benchmarks drafters`,
 benchmarks/results/drafters_sim.md) it raises tokens per pass with the CPU's draft cut from 6.18 to 6.38 on E2E
 text -> MR, 2.19 to 2.32 on MR -> text and 3.53 to 3.56 on few-shot WikiSQL, whose prompt's examples hold the
-template's words. It only reorders drafts: verification decides every token.
+template's words. In the engine it raised tokens per pass but showed no wall-time gain beyond this CPU's noise
+(benchmarks/results/grounding/README.md): grounded drafts are verified longer. So it is opt-in
+(`DrafterConfig.prompt_grounding`, `--prompt-grounding`). It only reorders drafts: verification decides every
+token.
 """
 
 from __future__ import annotations

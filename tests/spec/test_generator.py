@@ -83,7 +83,7 @@ def test_greedy_identical_to_generate(tiny_model, tiny_tokenizer, p_right, batch
 def test_greedy_identical_with_ngram_drafter(tiny_model, tiny_tokenizer, task_rows, mode, grounded):
     outputs = [tiny_tokenizer(r["output"], add_special_tokens=False)["input_ids"] for r in task_rows[:200]]
     index = NgramIndex.build(outputs, max_order=4, tokenizer=tiny_tokenizer)
-    drafter = Drafter(index, DrafterConfig(mode=mode), tiny_tokenizer if grounded else None)
+    drafter = Drafter(index, DrafterConfig(mode=mode, prompt_grounding=grounded), tiny_tokenizer)
     assert (drafter.grounding is not None) == (grounded and mode != DraftMode.CONTEXT)
     generator = SpeculativeGenerator(tiny_model, tiny_tokenizer, drafter, max_batch_size=4)
     prompts = [r["prompt"][-200:] for r in task_rows[200:210]]
@@ -303,7 +303,7 @@ def test_token_trees_keep_greedy_output_identical(tiny_model, tiny_tokenizer, p_
 def test_ngram_trees_keep_greedy_output_identical(tiny_model, tiny_tokenizer, task_rows):
     outputs = [tiny_tokenizer(r["output"], add_special_tokens=False)["input_ids"] for r in task_rows[:200]]
     index = NgramIndex.build(outputs, max_order=4, tokenizer=tiny_tokenizer)
-    config = DrafterConfig(mode=DraftMode.MIXED, tree_nodes=12, min_path_prob=0.0)
+    config = DrafterConfig(mode=DraftMode.MIXED, tree_nodes=12, min_path_prob=0.0, prompt_grounding=True)
     drafter = Drafter(index, config, tiny_tokenizer)  # grounded trees
     generator = SpeculativeGenerator(tiny_model, tiny_tokenizer, drafter, max_batch_size=4)
     generator.step_cost = FlatCosts()

@@ -64,7 +64,7 @@ def test_a_grounded_drafter_drafts_the_value_the_prompt_states(tokenizer):
     corpus = [ids(tokenizer, "name[Cotto], food[Italian], area[riverside]")] * 3
     corpus += [ids(tokenizer, "name[Cotto], food[English], area[riverside]")] * 2
     index = NgramIndex.build(corpus, max_order=3)
-    config = DrafterConfig(mode=DraftMode.CORPUS, max_draft=2, min_path_prob=0.0, live_outputs=0)
+    config = DrafterConfig(mode=DraftMode.CORPUS, max_draft=2, min_path_prob=0.0, live_outputs=0, prompt_grounding=True)
     prompt = ids(tokenizer, "Sentence: Cotto serves English food in riverside MR: name[Cotto],")
     grounded, plain = Drafter(index, config, tokenizer), Drafter(index, config)
     assert grounded.propose([grounded.new_row(prompt)]) == [ids(tokenizer, "food[English], area[riverside]")]
@@ -83,7 +83,9 @@ def test_grounding_raises_simulated_tokens_per_pass_on_copied_values(tokenizer):
         outputs.append(ids(tokenizer, f"name[{name}], food[{food}], area[riverside]"))
         prompts.append(ids(tokenizer, f"Sentence: {name} serves {food} food in riverside MR:"))
     index = NgramIndex.build(outputs[:20], max_order=3)
-    config = DrafterConfig(mode=DraftMode.CORPUS, tree_nodes=0, live_outputs=0, min_path_prob=0.0)
+    config = DrafterConfig(
+        mode=DraftMode.CORPUS, tree_nodes=0, live_outputs=0, min_path_prob=0.0, prompt_grounding=True
+    )
     runs = {
         grounded: simulate_acceptance(
             index, outputs[20:], config, prompts[20:], batch_size=1, tokenizer=tokenizer if grounded else None
@@ -104,7 +106,7 @@ def test_pieces_the_task_does_not_copy_stop_counting(tokenizer):
         grounding.learn(ids(tokenizer, "name[Zizzi], food[Italian],"), text)
     assert not grounding.copied("food") and grounding.copied("italian") and grounding.copied("zizzi")
     assert grounding.weight(italian, text) == pytest.approx((FLOOR + 1.0) ** 2)
-    drafter = Drafter(None, DrafterConfig(live_outputs=10), tokenizer)
+    drafter = Drafter(None, DrafterConfig(live_outputs=10, prompt_grounding=True), tokenizer)
     row = drafter.new_row(ids(tokenizer, "Sentence: Cotto serves English food MR:"))
     drafter.learn(ids(tokenizer, "name[Cotto], food[English],"), row)  # the engine's call when a row finishes
     assert drafter.grounding is not None and drafter.grounding._copies["english"] == [1, 1]
