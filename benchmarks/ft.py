@@ -245,9 +245,9 @@ def _timed_generate(
 def _generator(
     model: Any, tokenizer: Any, index: Any, speculative: bool, batch_size: int, grounding: bool = False
 ) -> Any:
-    """A generator as `load_engine` builds one by default (fast forward; with TASC-spec: the default drafter, with
-    prompt grounding if asked, the speculation gate and the measured cost of a pass), over an already
-    loaded model."""
+    """A generator as `load_engine` builds one by default (fast forward; with TASC-spec: the default drafter, the
+    speculation gate and the measured cost of a pass), over an already loaded model; `grounding` turns on the
+    drafter's prompt grounding."""
     from tasc_ray.spec.config import DrafterConfig, EngineConfig
     from tasc_ray.spec.drafter import build_drafter
     from tasc_ray.spec.generator import SpeculativeGenerator
@@ -280,8 +280,8 @@ def _decode_split(
     prompts = [h["prompt"] for h in held]
     results: dict[str, Any] = {}
     texts_by_mode: dict[str, list[str]] = {}
+    grounding = getattr(args, "prompt_grounding", False)
     for mode in ("plain", "tasc_spec"):
-        grounding = getattr(args, "prompt_grounding", False)
         gen = _generator(model, tokenizer, index, mode == "tasc_spec", args.gen_batch_size, grounding)
         params = SamplingParams(max_new_tokens=args.max_new_tokens, stop=task.stop, speculative=mode == "tasc_spec")
         out, seconds = _timed_generate(gen, prompts, warmup, params, model.device)
