@@ -178,6 +178,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SEP",
         help="a field separator new tokens may not span (repeatable)",
     )
+    p.add_argument(
+        "--key-end",
+        action="append",
+        default=[],
+        metavar="END",
+        help="a string ending a field's name (repeatable): new tokens may end with it, not go on past it",
+    )
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--use-gpu", action="store_true", help="train on GPUs (Ray Train workers with use_gpu)")
     p.add_argument(
@@ -368,6 +375,7 @@ def enrichment_config(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         min_count=getattr(args, "min_count", DEFAULT_MIN_COUNT),
         no_cross=tuple(getattr(args, "no_cross", ())),
+        key_end=tuple(getattr(args, "key_end", ())),
         max_copied=getattr(args, "max_copied", 1.0),
     )
 

@@ -25,6 +25,7 @@ RECIPE_KEYS = (
     "min_count",
     "max_copied",
     "no_cross",
+    "key_end",
     "epochs",
     "lr",
     "full",
@@ -45,6 +46,7 @@ DEFAULTS = {  # keys older runs lack
     "untie_embeddings": False,
     "train_seed": None,
     "distill": False,
+    "key_end": [],
 }
 
 

@@ -45,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction, add_task_arguments: Any) ->
     p.add_argument("--budget", type=int, default=500)
     p.add_argument("--min-count", type=int, default=5)
     p.add_argument("--no-cross", action="append", default=[], metavar="SEP")
+    p.add_argument("--key-end", action="append", default=[], metavar="END")
     p.add_argument("--tag", default="cpu")
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--json", action="store_true")
@@ -89,7 +90,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     copied = CopiedValues(outputs, prompts)
     refs = {split: [r for h in held for r in h["refs"]] for split, held in task.splits.items()}
     before = {split: count_tokens(base, texts) / len(texts) for split, texts in refs.items()}
-    common = {"budget": args.budget, "min_count": args.min_count, "no_cross": tuple(args.no_cross), "holdout": 0.0}
+    common = {
+        "budget": args.budget,
+        "min_count": args.min_count,
+        "no_cross": tuple(args.no_cross),
+        "key_end": tuple(args.key_end),
+        "holdout": 0.0,
+    }
     variants = []
     for spec in args.variant or DEFAULT_VARIANTS:
         name, settings = parse_variant(spec)

@@ -79,6 +79,14 @@ def add_enrich_arguments(enrich: argparse.ArgumentParser) -> None:
         help="a field separator new tokens may not span (repeatable), e.g. --no-cross ', '",
     )
     enrich.add_argument(
+        "--key-end",
+        action="append",
+        default=[],
+        metavar="END",
+        help="a string that ends a field's name (repeatable), e.g. --key-end '[': a new token may end with it but "
+        "not go on past it, so no token holds a field's name and its value",
+    )
+    enrich.add_argument(
         "--untie-embeddings",
         action="store_true",
         help="give a tied LM head its own copy of the embedding matrix, so that the new tokens' input rows (reading) "
@@ -184,6 +192,7 @@ def _enrich(args: argparse.Namespace) -> dict[str, Any]:
         min_gain=args.min_gain,
         prefix_filter=not args.no_prefix_filter,
         no_cross=tuple(args.no_cross),
+        key_end=tuple(args.key_end),
         max_conflict=args.max_conflict,
         max_copied=args.max_copied,
         holdout=args.holdout,

@@ -24,6 +24,12 @@ straddling a token boundary) and change how the neighbouring text is tokenised. 
   two fields at once (one value and the next field), which the fine-tuned model must then learn from the few
   times each combination occurs. With `no_cross=(", ",)` those candidates are dropped, so each new token stays
   within one field (separator first, if at all).
+* **Field names** (`key_end`, off by default). A string that ends a field's name (`"["` in E2E's `food[English]`):
+  a candidate may end with it but not go on past it (`" food["` is kept; `" food[English],"` and
+  `"[English],"` are not), so a field's name and its value are never one token. Without it a frequent pair of a
+  name and a value becomes one token and the name is never emitted alone: a value the training data lacks (the
+  E2E test set's `eatType[pub]`, against the devset's `eatType[coffee shop]` alone) has no token path the
+  fine-tuned model has practised. With it, every value, seen or not, follows its name's token.
 * **Copied values** (`max_copied`, off by default; needs the rows' prompts). A candidate is a *copied value*
   when, in more than `max_copied` of the training rows whose output contains it, one of its word pieces (a run of
   2+ word characters) also occurs in the row's prompt: it carries (part of) a value the model copies from the input
@@ -104,6 +110,7 @@ class EnrichConfig:
     seed: int = 0
     candidate_pool: int = 20  # candidates examined per iteration = candidate_pool * per_iteration
     no_cross: tuple[str, ...] = ()  # field separators a new token may not cross (see the module docstring)
+    key_end: tuple[str, ...] = ()  # strings ending a field's name: a new token may end with one, not go on past it
     max_copied: float = 1.0  # drop candidates copied from the prompt in more than this share of their rows (1: off)
 
     def validate(self) -> None:
@@ -121,6 +128,8 @@ class EnrichConfig:
             raise VocabEnrichmentError(f"max_copied must be in [0, 1], got {self.max_copied}")
         if any(not sep for sep in self.no_cross):
             raise VocabEnrichmentError("no_cross separators must be non-empty strings")
+        if any(not end for end in self.key_end):
+            raise VocabEnrichmentError("key_end strings must be non-empty")
 
 
 @dataclass
@@ -253,6 +262,12 @@ def crosses(s: str, separator: str) -> bool:
     return separator in s[1:-1]
 
 
+def goes_past(s: str, key_end: str) -> bool:
+    """Whether text follows an occurrence of `key_end` in s (s holds a field name's end and some of its value)."""
+    i = s.find(key_end)  # the first occurrence: text follows some occurrence iff it follows this one
+    return i != -1 and i + len(key_end) < len(s)
+
+
 def _round_trips(tokenizer: PreTrainedTokenizerBase, s: str, probe: tuple[list[str], str] | None = None) -> bool:
     """Whether an added token with content s decodes back to s, alone and between ordinary tokens.
 
@@ -339,8 +354,8 @@ def find_candidates(
     by_string: dict[str, Candidate] = {}
     for score, count, ids in raw:
         s = tok.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        if any(crosses(s, sep) for sep in config.no_cross):  # the cheap test first
-            drops.crossing += 1
+        if any(crosses(s, sep) for sep in config.no_cross) or any(goes_past(s, end) for end in config.key_end):
+            drops.crossing += 1  # the cheap tests first
             continue
         if s in vocab or not _round_trips(tok, s, probe):
             drops.invalid += 1

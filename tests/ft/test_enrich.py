@@ -22,6 +22,7 @@ from tasc_ray.ft.enrich import (
     crosses,
     enrich_model,
     enrich_tokenizer,
+    goes_past,
     init_new_embeddings,
     roundtrip_failures,
     split_corpus,
@@ -88,6 +89,25 @@ def test_field_boundaries(tiny_tokenizer, outputs, enriched):
     assert roundtrip_failures(kept.tokenizer, outputs, limit=len(outputs)) == []
     with pytest.raises(VocabEnrichmentError, match="no_cross"):
         EnrichConfig(no_cross=("",)).validate()
+
+
+def test_field_names_apart_from_values(tiny_tokenizer, outputs, task_rows):
+    """With key_end, a new token may end a field's name but never holds the value after it."""
+    assert goes_past(" food[English],", "[") and goes_past("[English]", "[") and goes_past("a[b[", "[")
+    assert not goes_past(" food[", "[") and not goes_past("English],", "[") and not goes_past("[", "[")
+    assert any(
+        goes_past(t.token, "[")
+        for t in enrich_tokenizer(
+            tiny_tokenizer, outputs, EnrichConfig(budget=60, per_iteration=20, no_cross=(", ",)), progress=False
+        ).new_tokens
+    ), "without key_end a field's name and value share tokens"
+    config = EnrichConfig(budget=60, per_iteration=20, no_cross=(", ",), key_end=("[",))
+    kept = enrich_tokenizer(tiny_tokenizer, outputs, config, progress=False)
+    assert kept.new_tokens and not any(goes_past(t.token, "[") for t in kept.new_tokens)
+    assert any(t.token.endswith("[") for t in kept.new_tokens), "field names still become tokens"
+    assert roundtrip_failures(kept.tokenizer, outputs, limit=len(outputs)) == []
+    with pytest.raises(VocabEnrichmentError, match="key_end"):
+        EnrichConfig(key_end=("",)).validate()
 
 
 def test_copied_values_stay_out_of_new_tokens(tiny_tokenizer, task_rows, outputs):
