@@ -36,7 +36,9 @@ straddling a token boundary) and change how the neighbouring text is tokenised. 
   (`" near Burger King"` from `near[Burger King]`, `"name[The Eagle]"` from a sentence naming The Eagle). Such a
   token bakes the training data's values into the vocabulary: an input with a value the training data lacks
   must then be copied through original tokens, a path the fine-tuned model has rarely seen. With the filter on,
-  values stay spelled in original tokens (copyable) and new tokens carry the task's fixed text.
+  values stay spelled in original tokens (copyable) and new tokens carry the task's fixed text. A field's name
+  (a candidate ending with a `key_end` string, `" near["`) is never a copied value: prompts often say the name
+  ("near", "customer rating") beside the value, and the name is the task's fixed text.
 * **Batch overlap.** Within one iteration a candidate is skipped when a suffix of its token sequence equals a
   prefix of an already chosen one (or vice versa), or when one contains the other: both cannot replace the
   same text, so their counted savings would be double-counted. They are reconsidered next iteration.
@@ -268,6 +270,12 @@ def goes_past(s: str, key_end: str) -> bool:
     return i != -1 and i + len(key_end) < len(s)
 
 
+def is_field_name(s: str, key_ends: Sequence[str]) -> bool:
+    """Whether s ends a field's name (`" near["`): the copied-value filter spares it, since a prompt that names a
+    field's value often says the field's name too ("near", "customer rating") without the name being a value."""
+    return any(s.endswith(end) for end in key_ends)
+
+
 def _round_trips(tokenizer: PreTrainedTokenizerBase, s: str, probe: tuple[list[str], str] | None = None) -> bool:
     """Whether an added token with content s decodes back to s, alone and between ordinary tokens.
 
@@ -385,9 +393,10 @@ def choose_candidates(
         if config.prefix_filter and c.conflict > config.max_conflict:
             drops.conflict += 1
             continue
-        if copied is not None and config.max_copied < 1.0 and copied.share(c.token) > config.max_copied:
-            drops.copied += 1
-            continue
+        if copied is not None and config.max_copied < 1.0 and not is_field_name(c.token, config.key_end):
+            if copied.share(c.token) > config.max_copied:
+                drops.copied += 1
+                continue
         if any(_overlaps(c.ids, other.ids) for other in chosen):
             drops.overlap += 1
             continue

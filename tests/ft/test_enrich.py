@@ -4,6 +4,7 @@ overlap rule, embedding init, the plain HF output and bad input."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -24,10 +25,12 @@ from tasc_ray.ft.enrich import (
     enrich_tokenizer,
     goes_past,
     init_new_embeddings,
+    is_field_name,
     roundtrip_failures,
     split_corpus,
 )
 from tasc_ray.ft.train import new_token_ids
+from tests.conftest import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +126,7 @@ def test_copied_values_stay_out_of_new_tokens(tiny_tokenizer, task_rows, outputs
     assert kept.new_tokens and sum(it.dropped_copied for it in kept.iterations) > 0
     rows = CopiedValues(outputs, prompts)
     assert all(rows.share(t.token) <= 0.5 for t in kept.new_tokens)
+
     default = enrich_tokenizer(tiny_tokenizer, outputs, EnrichConfig(budget=60, per_iteration=20), progress=False)
     assert any(rows.share(t.token) > 0.5 for t in default.new_tokens), "without the filter values become tokens"
     assert roundtrip_failures(kept.tokenizer, outputs, limit=len(outputs)) == []
@@ -130,6 +134,21 @@ def test_copied_values_stay_out_of_new_tokens(tiny_tokenizer, task_rows, outputs
         enrich_tokenizer(tiny_tokenizer, outputs, config, progress=False)
     with pytest.raises(VocabEnrichmentError, match="outputs but"):
         enrich_tokenizer(tiny_tokenizer, outputs, config, progress=False, prompts=prompts[:3])
+
+
+def test_field_names_are_not_copied_values():
+    """With key_end, a field's name is spared by the copied-value filter even where the prompts say it."""
+    outputs = [f"near[{v}], rating[{r}]" for v in ("The Eagle", "Zizzi", "The Mill") for r in ("high", "low")] * 6
+    prompts = [f"It is near {o[5 : o.index(']')]} and its rating is {o[o.rindex('[') + 1 : -1]}." for o in outputs]
+    from tasc_ray.ft.enrich import CopiedValues
+
+    assert CopiedValues(outputs, prompts).share(" rating[") == 1.0 and is_field_name(" rating[", ("[",))
+    tok = build_tiny_tokenizer(outputs + prompts)
+    base = EnrichConfig(budget=20, per_iteration=10, min_count=2, no_cross=(", ",), max_copied=0.5)
+    plain = enrich_tokenizer(tok, outputs, base, progress=False, prompts=prompts).new_tokens
+    named = enrich_tokenizer(tok, outputs, replace(base, key_end=("[",)), progress=False, prompts=prompts).new_tokens
+    assert not any(t.token.endswith("rating[") for t in plain), "without key_end the field's name counts as copied"
+    assert any(t.token.endswith("rating[") for t in named)
 
 
 def test_non_ascii_and_budget_stop(tiny_tokenizer):
