@@ -180,7 +180,7 @@ def add_finetune_arguments(ft: argparse.ArgumentParser) -> None:
 
 def _enrich(args: argparse.Namespace) -> dict[str, Any]:
     if args.max_copied < 1.0 and not args.prompt_column:
-        raise VocabEnrichmentError("--max-copied below 1 needs --prompt-column (the prompts values are copied from)")
+        raise VocabEnrichmentError("--max-copied below 1 needs --prompt-column (the prompts the values come from)")
     extra = [args.prompt_column] if args.prompt_column else []
     corpus = read_texts(args.corpus, args.column, extra)
     texts, prompts = corpus.texts, corpus.extras.get(args.prompt_column) if args.prompt_column else None
