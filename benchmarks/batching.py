@@ -66,11 +66,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def engine_part(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from tasc_ray.spec.config import DrafterConfig, EngineConfig
-    from tasc_ray.spec.drafter import build_drafter
-    from tasc_ray.spec.engine import load_engine
-    from tasc_ray.spec.index import NgramIndex
-    from tasc_ray.spec.sampling import SamplingParams
+    from tasc_ray.engine.config import DrafterConfig, EngineConfig
+    from tasc_ray.engine.drafts.drafter import build_drafter
+    from tasc_ray.engine.drafts.index import NgramIndex
+    from tasc_ray.engine.load import load_engine
+    from tasc_ray.engine.sampling import SamplingParams
 
     torch.set_num_threads(args.threads)
     half = args.rows // 2

@@ -32,14 +32,14 @@ from tqdm import tqdm
 from benchmarks.common.report import provenance, write_report
 from benchmarks.common.tasks import BUILTIN_TASKS, Task, load_task
 from tasc_ray.cli.args import add_model_argument
+from tasc_ray.engine.config import DrafterConfig, DraftMode
+from tasc_ray.engine.cost import StepCostTable
+from tasc_ray.engine.drafts.drafter import DraftContext, Drafter
+from tasc_ray.engine.drafts.index import NgramIndex, tokenize_texts, tokenizer_fingerprint
+from tasc_ray.engine.generator import SamplingParams, SpeculativeGenerator
+from tasc_ray.engine.model.fast_forward import build_fast_forward
+from tasc_ray.engine.simulate import simulate_acceptance
 from tasc_ray.models import load_model
-from tasc_ray.spec.config import DrafterConfig, DraftMode
-from tasc_ray.spec.draft_length import StepCostTable
-from tasc_ray.spec.drafter import DraftContext, Drafter
-from tasc_ray.spec.fast_forward import build_fast_forward
-from tasc_ray.spec.generator import SamplingParams, SpeculativeGenerator
-from tasc_ray.spec.index import NgramIndex, tokenize_texts, tokenizer_fingerprint
-from tasc_ray.spec.simulate import simulate_acceptance
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -200,7 +200,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prompt-grounding",
         action="store_true",
-        help="TASC-spec with the drafter's prompt grounding (opt-in; see tasc_ray/spec/grounding.py)",
+        help="TASC-spec with the drafter's prompt grounding (opt-in; see tasc_ray/engine/grounding.py)",
     )
     p.add_argument(
         "--reuse-original",
@@ -218,8 +218,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 # ----- decoding -----
 def evaluate(model_dir: str, task: FtTask, args: argparse.Namespace, base_vocab: int) -> dict[str, dict[str, Any]]:
     """Decode each split's prompts plainly and with TASC-spec; time, tokens, new-token share, quality."""
+    from tasc_ray.engine.drafts.index import NgramIndex
     from tasc_ray.models import load_model
-    from tasc_ray.spec.index import NgramIndex
 
     dtype = "bfloat16" if args.bf16 else "float32"
     model, tokenizer = load_model(model_dir, dtype=dtype, device=args.device)
@@ -255,9 +255,9 @@ def _generator(
     """A generator as `load_engine` builds one by default (fast forward; with TASC-spec: the default drafter, the
     speculation gate and the measured cost of a pass), over an already loaded model; `grounding` turns on the
     drafter's prompt grounding."""
-    from tasc_ray.spec.config import DrafterConfig, EngineConfig
-    from tasc_ray.spec.drafter import build_drafter
-    from tasc_ray.spec.generator import SpeculativeGenerator
+    from tasc_ray.engine.config import DrafterConfig, EngineConfig
+    from tasc_ray.engine.drafts.drafter import build_drafter
+    from tasc_ray.engine.generator import SpeculativeGenerator
 
     engine = EngineConfig()
     gen = SpeculativeGenerator(
@@ -282,7 +282,7 @@ def _decode_split(
     args: argparse.Namespace,
     base_vocab: int,
 ) -> dict[str, Any]:
-    from tasc_ray.spec.generator import SamplingParams
+    from tasc_ray.engine.generator import SamplingParams
 
     prompts = [h["prompt"] for h in held]
     results: dict[str, Any] = {}
@@ -520,8 +520,8 @@ def distill_training_rows(teacher: str, task: FtTask, args: argparse.Namespace, 
     keeps the reference. Returns where, and how the teacher's outputs compare with the references."""
     import pandas as pd
 
+    from tasc_ray.engine.generator import SamplingParams
     from tasc_ray.models import load_model
-    from tasc_ray.spec.generator import SamplingParams
 
     model, tokenizer = load_model(teacher, dtype="bfloat16" if args.bf16 else "float32", device=args.device)
     gen = _generator(model, tokenizer, None, False, args.gen_batch_size)

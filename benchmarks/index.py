@@ -142,7 +142,7 @@ IN_PROCESS = r"""
 import json, resource, sys, time
 import pyarrow.parquet as pq
 from tasc_ray.models import load_tokenizer
-from tasc_ray.spec.index import NgramIndex
+from tasc_ray.engine.drafts.index import NgramIndex
 tok = load_tokenizer(sys.argv[1])
 files, out, max_order, top_k = json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -223,7 +223,7 @@ class Corpora:
 
 def build_corpora(args: argparse.Namespace, work: Path, tokenizer: Any) -> Corpora:
     """The real outputs, tokenised once, replicated into a big corpus of >= --target-tokens and one of half."""
-    from tasc_ray.spec.index import tokenize_texts
+    from tasc_ray.engine.drafts.index import tokenize_texts
 
     sources = load_index_corpus(args.data_dir)
     texts = [t for rows in sources.values() for t in rows if t.strip()]
@@ -334,8 +334,8 @@ def targets_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from tasc_ray.cli.index import index_stats
+    from tasc_ray.engine.drafts.index import NgramIndex
     from tasc_ray.models import load_tokenizer
-    from tasc_ray.spec.index import NgramIndex
 
     header = provenance("index")
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-index-"))

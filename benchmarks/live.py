@@ -15,10 +15,10 @@ from typing import Any
 from benchmarks.common.report import provenance, write_report
 from benchmarks.common.tasks import BUILTIN_TASKS, load_task
 from tasc_ray.cli.args import add_model_argument
+from tasc_ray.engine.config import DrafterConfig, DraftMode
+from tasc_ray.engine.drafts.index import DEFAULT_MAX_ORDER, NgramIndex
+from tasc_ray.engine.simulate import simulate_acceptance
 from tasc_ray.models import load_tokenizer
-from tasc_ray.spec.config import DrafterConfig, DraftMode
-from tasc_ray.spec.index import DEFAULT_MAX_ORDER, NgramIndex
-from tasc_ray.spec.simulate import simulate_acceptance
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

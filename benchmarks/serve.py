@@ -89,8 +89,8 @@ def _common(p: argparse.ArgumentParser, rows: int) -> None:
 # Shared by both
 # ----------------------------------------------------------------------------------------------------------------
 def build_index(model: str, corpus: list[str], path: Path) -> str:
+    from tasc_ray.engine.drafts.index import NgramIndex
     from tasc_ray.models import load_tokenizer
-    from tasc_ray.spec.index import NgramIndex
 
     if (path / "manifest.json").exists():
         return str(path)
@@ -197,7 +197,7 @@ def run_label_bench(args: argparse.Namespace) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tasc_ray.spec.engine import EngineConfig
+    from tasc_ray.engine.load import EngineConfig
     from tasc_ray.stages.runtime import ensure_ray
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="tasc-bench-label-"))

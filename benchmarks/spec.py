@@ -37,15 +37,15 @@ from benchmarks.common.metrics import share_identical
 from benchmarks.common.report import provenance, write_report
 from benchmarks.common.tasks import BUILTIN_TASKS, Task, load_task, load_task_file
 from tasc_ray.cli.args import add_config_arguments, add_model_argument, config_from_args
+from tasc_ray.engine.config import DrafterConfig, DraftMode
+from tasc_ray.engine.cost import StepCostTable
+from tasc_ray.engine.drafts.drafter import Drafter
+from tasc_ray.engine.drafts.index import DEFAULT_MAX_ORDER, NgramIndex, tokenizer_fingerprint
+from tasc_ray.engine.generator import GenerationResult, SamplingParams, SpeculativeGenerator
+from tasc_ray.engine.model.fast_forward import FastForward, build_fast_forward
+from tasc_ray.engine.model.packed_linear import pack_linear_layers
+from tasc_ray.engine.outputs import cut_at_eos, find_stop
 from tasc_ray.models import load_model
-from tasc_ray.spec.config import DrafterConfig, DraftMode
-from tasc_ray.spec.draft_length import StepCostTable
-from tasc_ray.spec.drafter import Drafter
-from tasc_ray.spec.fast_forward import FastForward, build_fast_forward
-from tasc_ray.spec.generator import GenerationResult, SamplingParams, SpeculativeGenerator
-from tasc_ray.spec.index import DEFAULT_MAX_ORDER, NgramIndex, tokenizer_fingerprint
-from tasc_ray.spec.packed_linear import pack_linear_layers
-from tasc_ray.spec.stopping import cut_at_eos, find_stop
 
 logger = logging.getLogger(__name__)
 
@@ -395,7 +395,7 @@ def predicted_tokens_per_pass(
     plain run's, identical to TASC's) replayed through a fresh drafter, after the same warm-up outputs, with drafts
     cut on the same start-up step costs; the first token of each output comes from its prefill pass, as in the
     engine, whose figure counts that pass."""
-    from tasc_ray.spec.simulate import simulate_acceptance
+    from tasc_ray.engine.simulate import simulate_acceptance
 
     warm_prompts, warm_outputs, prompts, outputs = replay
     ids = [tokenizer(p)["input_ids"] for p in [*warm_prompts, *prompts]]

@@ -6,5 +6,5 @@ bash scripts/setup.sh
 . .venv/bin/activate
 ruff check .
 ruff format --check .
-mypy  # the engine core (tasc_ray/spec, the CLI flags built from its configs); see [tool.mypy]
+mypy  # the engine core (tasc_ray/engine, the CLI flags built from its configs); see [tool.mypy]
 python -m pytest -q "$@"

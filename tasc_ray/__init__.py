@@ -10,17 +10,17 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Drafter": "tasc_ray.spec.drafter",
-    "DrafterConfig": "tasc_ray.spec.config",
-    "DraftMode": "tasc_ray.spec.config",
-    "GenerationResult": "tasc_ray.spec.generator",
-    "SamplingParams": "tasc_ray.spec.generator",
-    "SpeculativeGenerator": "tasc_ray.spec.generator",
-    "NgramCounts": "tasc_ray.spec.index",
-    "NgramIndex": "tasc_ray.spec.index",
-    "NgramIndexError": "tasc_ray.spec.index",
-    "EngineConfig": "tasc_ray.spec.config",
-    "load_engine": "tasc_ray.spec.engine",
+    "Drafter": "tasc_ray.engine.drafts.drafter",
+    "DrafterConfig": "tasc_ray.engine.config",
+    "DraftMode": "tasc_ray.engine.config",
+    "GenerationResult": "tasc_ray.engine.generator",
+    "SamplingParams": "tasc_ray.engine.generator",
+    "SpeculativeGenerator": "tasc_ray.engine.generator",
+    "NgramCounts": "tasc_ray.engine.drafts.index",
+    "NgramIndex": "tasc_ray.engine.drafts.index",
+    "NgramIndexError": "tasc_ray.engine.drafts.index",
+    "EngineConfig": "tasc_ray.engine.config",
+    "load_engine": "tasc_ray.engine.load",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from tasc_ray.engine.config import DEFAULT_MODEL
 from tasc_ray.io import atomic_directory
-from tasc_ray.spec.config import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
 

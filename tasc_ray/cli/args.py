@@ -11,12 +11,12 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tasc_ray.spec.config import DrafterConfig, EngineConfig
-from tasc_ray.spec.generator import SamplingParams
+from tasc_ray.engine.config import BLOCKS, EngineConfig
+from tasc_ray.engine.generator import SamplingParams
 
 # EngineConfig fields that are not engine flags: --model is added by add_model_argument (commands without an
-# engine take it too), the batch size is each command's own (--batch-size), the drafter's fields come flat.
-_NOT_ENGINE_FLAGS = {"model", "max_batch_size", "drafter"}
+# engine take it too), the batch size is each command's own (--batch-size), the blocks' fields come flat.
+_NOT_ENGINE_FLAGS = {"model", "max_batch_size", *BLOCKS}
 
 
 def add_config_arguments(
@@ -53,14 +53,17 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """The engine's and the drafter's flags (--index, --dtype, --device, --mode, --lam, --max-draft, ...)."""
+    """The engine's flags (--index, --dtype, --device), then each block's in its own group: the drafter's (--mode,
+    --max-draft, ...), the scheduler's (--max-prefill-tokens, ...) and the experimental switches."""
     add_config_arguments(parser, EngineConfig, exclude=_NOT_ENGINE_FLAGS)
-    add_config_arguments(parser, DrafterConfig)
+    for name, block in BLOCKS.items():
+        group = parser.add_argument_group(name, block.__doc__)
+        add_config_arguments(group, block)  # type: ignore[arg-type]  # a group takes the same add_argument
 
 
 def engine_config(args: argparse.Namespace, **extra: Any) -> EngineConfig:
-    drafter = config_from_args(DrafterConfig, args)
-    return config_from_args(EngineConfig, args, exclude={"drafter"}, drafter=drafter, **extra)
+    blocks = {name: config_from_args(block, args) for name, block in BLOCKS.items()}
+    return config_from_args(EngineConfig, args, exclude=set(BLOCKS), **blocks, **extra)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:

@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 
 from tasc_ray.cli.args import add_model_argument
 from tasc_ray.cli.main import add_command
+from tasc_ray.engine.config import EngineConfig
 from tasc_ray.models import load_tokenizer, resolve_model
 from tasc_ray.sample_task import write_sample_task
-from tasc_ray.spec.config import EngineConfig
 from tasc_ray.stages.index_job import index_corpus
 from tasc_ray.stages.labeling import label_parquet
 from tasc_ray.stages.runtime import ensure_ray

@@ -16,10 +16,10 @@ from tasc_ray.cli.args import (
     sampling_params,
 )
 from tasc_ray.cli.main import add_command
+from tasc_ray.engine.drafts.index import DEFAULT_MAX_ORDER, DEFAULT_TOP_K, NgramIndex
+from tasc_ray.engine.load import load_engine
 from tasc_ray.io import read_texts, storage_options_for
 from tasc_ray.models import load_tokenizer, resolve_model
-from tasc_ray.spec.engine import load_engine
-from tasc_ray.spec.index import DEFAULT_MAX_ORDER, DEFAULT_TOP_K, NgramIndex
 
 logger = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ import numpy as np
 
 from tasc_ray.cli.args import add_config_arguments, config_from_args
 from tasc_ray.cli.main import add_command
+from tasc_ray.engine.config import DrafterConfig, DraftMode
+from tasc_ray.engine.drafts.index import DEFAULT_MAX_ORDER, DEFAULT_TOP_K, MANIFEST, NgramIndex, read_manifest
+from tasc_ray.engine.simulate import simulate_acceptance
 from tasc_ray.io import fsspec_filesystem, read_texts, storage_options_for
 from tasc_ray.models import DEFAULT_MODEL, load_tokenizer
-from tasc_ray.spec.config import DrafterConfig, DraftMode
-from tasc_ray.spec.index import DEFAULT_MAX_ORDER, DEFAULT_TOP_K, MANIFEST, NgramIndex, read_manifest
-from tasc_ray.spec.simulate import simulate_acceptance
 from tasc_ray.stages.index_job import DEFAULT_BATCH_SIZE, index_corpus, index_truncation
 from tasc_ray.stages.runtime import ensure_ray
 

@@ -15,9 +15,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from tasc_ray.engine.drafts.index import NgramIndexError
 from tasc_ray.io import CorpusError, StorageError
 from tasc_ray.models import ModelNotFoundError
-from tasc_ray.spec.index import NgramIndexError
 
 COMMAND_MODULES = [
     "tasc_ray.cli.generate",

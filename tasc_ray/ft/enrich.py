@@ -77,8 +77,8 @@ from tokenizers import AddedToken
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tasc_ray.engine.drafts.index import hash_windows, tokenize_texts
 from tasc_ray.io import atomic_directory, is_free_directory
-from tasc_ray.spec.index import hash_windows, tokenize_texts
 
 logger = logging.getLogger(__name__)
 

@@ -34,6 +34,10 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from tasc_ray.engine.generator import GenerationResult
+from tasc_ray.engine.prompts import PromptError, encode_prompt
+from tasc_ray.engine.request import TokenCallback
+from tasc_ray.engine.sampling import SamplingParams
 from tasc_ray.models import load_tokenizer, model_context_length
 from tasc_ray.serving.config import APP_NAME, ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, ServeConfig
 from tasc_ray.serving.engine_deployment import TascEngine
@@ -51,10 +55,6 @@ from tasc_ray.serving.protocol import (
     read_body,
 )
 from tasc_ray.serving.streaming import stream_events
-from tasc_ray.spec.generator import GenerationResult
-from tasc_ray.spec.prompts import PromptError, encode_prompt
-from tasc_ray.spec.request import TokenCallback
-from tasc_ray.spec.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasc_ray.spec.config import DrafterConfig, EngineConfig
+from tasc_ray.engine.config import DrafterConfig, EngineConfig
 
 APP_NAME = "tasc"
 INGRESS_DEPLOYMENT = "OpenAIIngress"  # HTTP, validation, tokenization (app.py)
@@ -60,8 +60,9 @@ class IndexUpdate(BaseModel):
     """The replica's `user_config`: applied by `reconfigure` without restarting the replica.
 
     A field left out keeps its current value; `index: null` drops the index (prompt lookup only). Change
-    `index_version` to reload an index rebuilt in place under the same path. DrafterConfig's fields (mode, lam,
-    max_draft, ...) may be given at the top level; they are checked against DrafterConfig when applied.
+    `index_version` to reload an index rebuilt in place under the same path. DrafterConfig's fields (mode,
+    min_path_prob, max_draft, ...) may be given at the top level; they are checked against DrafterConfig when
+    applied. What the replica learned (its live overlay, its calibration) carries over the swap.
     `max_batch_size` changes how many rows the replica's engine loop decodes at once.
     """
 

@@ -16,11 +16,11 @@ from typing import Any
 
 from ray import serve
 
+from tasc_ray.engine.generator import GenerationResult
+from tasc_ray.engine.sampling import SamplingParams
 from tasc_ray.serving.config import ENGINE_DEPLOYMENT, IndexUpdate, ServeConfig
 from tasc_ray.serving.metrics import ServeMetrics
 from tasc_ray.serving.replica import Replica
-from tasc_ray.spec.generator import GenerationResult
-from tasc_ray.spec.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 

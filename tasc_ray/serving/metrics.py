@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 from ray.serve import metrics
 
+from tasc_ray.engine.generator import GenerationResult
+from tasc_ray.engine.loop import LoopStats
+from tasc_ray.engine.request import Request
 from tasc_ray.serving.protocol import usage
-from tasc_ray.spec.engine_loop import LoopStats
-from tasc_ray.spec.generator import GenerationResult
-from tasc_ray.spec.request import Request
 
 LATENCY_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64]
 FIRST_TOKEN_BUCKETS_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16]

@@ -49,7 +49,7 @@ from pydantic import (
 )
 from transformers import PreTrainedTokenizerBase
 
-from tasc_ray.spec.generator import GenerationResult, SamplingParams
+from tasc_ray.engine.generator import GenerationResult, SamplingParams
 
 logger = logging.getLogger(__name__)
 

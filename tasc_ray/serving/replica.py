@@ -1,7 +1,7 @@
 """One engine replica's state: the generator and its engine loop, the request log, index reloads, health.
 
-The generator (`tasc_ray.spec.engine.load_engine`: model and index loaded once per replica) runs only on the
-replica's engine loop (`tasc_ray.spec.engine_loop.EngineLoop`): one decode thread that admits each request's
+The generator (`tasc_ray.engine.load.load_engine`: model and index loaded once per replica) runs only on the
+replica's engine loop (`tasc_ray.engine.loop.EngineLoop`): one decode thread that admits each request's
 rows at its next step (continuous batching), so the event loop keeps accepting requests while rows decode, a
 short request never waits for a long one, and a request whose client went away is cancelled and leaves at the
 next step. Prompts arrive as token ids (the ingress tokenizes them); the request log decodes them with a second
@@ -20,16 +20,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from tasc_ray.engine.config import DrafterConfig
+from tasc_ray.engine.drafts.drafter import build_drafter
+from tasc_ray.engine.drafts.index import NgramIndex
+from tasc_ray.engine.generator import GenerationResult, SpeculativeGenerator
+from tasc_ray.engine.load import load_engine
+from tasc_ray.engine.loop import EngineLoop
+from tasc_ray.engine.request import Request, TokenCallback
+from tasc_ray.engine.sampling import SamplingParams
 from tasc_ray.models import load_tokenizer
 from tasc_ray.serving.config import IndexUpdate, ServeConfig
 from tasc_ray.serving.request_log import LoggedRequest, RequestLog
-from tasc_ray.spec.drafter import build_drafter
-from tasc_ray.spec.engine import load_engine
-from tasc_ray.spec.engine_loop import EngineLoop
-from tasc_ray.spec.generator import GenerationResult, SpeculativeGenerator
-from tasc_ray.spec.index import NgramIndex
-from tasc_ray.spec.request import Request, TokenCallback
-from tasc_ray.spec.sampling import SamplingParams
 
 if TYPE_CHECKING:  # metrics import Ray Serve; this module stays importable without it
     from tasc_ray.serving.metrics import ServeMetrics
@@ -114,7 +115,8 @@ class Replica:
     # ----- index reloads (Serve's reconfigure) -----
     def apply(self, update: IndexUpdate) -> dict[str, Any]:
         """Swap the drafter (a new index, or new drafter settings) between steps, without a restart; rows already
-        decoding keep their own context and draft with the new drafter from then on."""
+        decoding keep their own context and draft with the new drafter from then on, and what the replica learned
+        (the live overlay of finished outputs, the acceptance calibration) carries over to it."""
         given = update.model_fields_set
         settings = update.drafter_config(self.drafter_config)
         path = update.index if "index" in given else self.index_path
@@ -124,12 +126,16 @@ class Replica:
         changed = reload_index or settings != self.drafter_config
         if changed:
             index = self._load_index(path) if reload_index else self._index()
-            drafter = build_drafter(index, settings, self.generator.tokenizer)
-            self.loop.call_soon(lambda: setattr(self.generator, "drafter", drafter)).result()  # between steps
+            self.loop.call_soon(lambda: self._swap_drafter(index, settings)).result()  # between steps
             self.index_path, self.drafter_config = path, settings
         if "index_version" in given:
             self.index_version = update.index_version
         return {"index": self.index_path, "index_version": self.index_version, "changed": changed}
+
+    def _swap_drafter(self, index: NgramIndex | None, settings: DrafterConfig) -> None:  # decode thread
+        current = self.generator.drafter
+        swapped = current.reconfigured(index, settings) if current is not None else build_drafter(index, settings)
+        self.generator.drafter = swapped
 
     def _index(self) -> NgramIndex | None:
         drafter = self.generator.drafter

@@ -14,9 +14,9 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
+from tasc_ray.engine.generator import GenerationResult, SamplingParams
+from tasc_ray.engine.request import TokenCallback
 from tasc_ray.serving.protocol import APIError, ChunkRenderer, TextStream, sse
-from tasc_ray.spec.generator import GenerationResult, SamplingParams
-from tasc_ray.spec.request import TokenCallback
 
 # (row index, prompt ids, token callback) -> the row's result; decodes one row of the request or raises
 Submit = Callable[[int, list[int], TokenCallback], Awaitable[GenerationResult]]

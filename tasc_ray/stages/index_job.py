@@ -37,6 +37,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from tasc_ray.engine.drafts.index import (
+    DEFAULT_MAX_ORDER,
+    DEFAULT_TOP_K,
+    NgramCounts,
+    NgramIndex,
+    OrderTable,
+    _sum_by_key,
+    corpus_store,
+)
+from tasc_ray.engine.drafts.index_format import tokenizer_meta
 from tasc_ray.io import (
     CorpusError,
     CorpusNotFoundError,
@@ -51,16 +61,6 @@ from tasc_ray.io import (
     split_texts,
     storage_options_for,
 )
-from tasc_ray.spec.index import (
-    DEFAULT_MAX_ORDER,
-    DEFAULT_TOP_K,
-    NgramCounts,
-    NgramIndex,
-    OrderTable,
-    _sum_by_key,
-    corpus_store,
-)
-from tasc_ray.spec.index_format import tokenizer_meta
 from tasc_ray.stages.datasets import read_dataset
 
 logger = logging.getLogger(__name__)

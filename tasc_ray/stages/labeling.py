@@ -32,6 +32,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tasc_ray.engine.config import EngineConfig
+from tasc_ray.engine.generator import GenerationResult, SamplingParams
 from tasc_ray.io import (
     CorpusError,
     FileInfo,
@@ -42,8 +44,6 @@ from tasc_ray.io import (
     list_files,
     read_columns,
 )
-from tasc_ray.spec.config import EngineConfig
-from tasc_ray.spec.generator import GenerationResult, SamplingParams
 from tasc_ray.stages.commit import SUCCESS, PartsOutput, is_complete, new_run_id
 from tasc_ray.stages.datasets import read_dataset
 from tasc_ray.stages.runtime import ensure_ray
@@ -146,7 +146,7 @@ class LabelActor:
     ) -> None:
         import torch
 
-        from tasc_ray.spec.engine import load_engine
+        from tasc_ray.engine.load import load_engine
 
         if num_threads is None and replicas_per_node:
             num_threads = node_cpu_share(replicas_per_node)

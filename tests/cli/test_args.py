@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from tasc_ray.cli.args import add_engine_arguments, add_model_argument, engine_config
-from tasc_ray.spec.config import DrafterConfig, DraftMode, EngineConfig
+from tasc_ray.engine.config import DrafterConfig, DraftMode, EngineConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,17 +34,19 @@ def test_flags_parse_into_the_nested_config():
             "corpus",
             "--max-draft",
             "3",
-            "--lam",
-            "0.25",
-            "--context-order",
+            "--tree-nodes",
             "6",
+            "--max-prefill-tokens",
+            "300",
+            "--no-fast-forward",
             "--dtype",
             "bfloat16",
         ]
     )
     config = engine_config(args, max_batch_size=4)
     assert config.index == "idx/" and config.dtype == "bfloat16" and config.max_batch_size == 4
-    assert config.drafter == DrafterConfig(mode=DraftMode.CORPUS, max_draft=3, lam=0.25, context_order=6)
+    assert config.drafter == DrafterConfig(mode=DraftMode.CORPUS, max_draft=3, tree_nodes=6)
+    assert config.scheduler.max_prefill_tokens == 300 and config.experimental.fast_forward is False
 
 
 def test_choices_come_from_the_types():

@@ -137,9 +137,9 @@ def test_unknown_model_and_bad_index(tmp_path, tiny_model_dir, capsys):
 
 
 def test_build_index_reads_csv_directories_and_s3(tmp_path, task_rows, tiny_model_dir, s3_bucket, capsys):
+    from tasc_ray.engine.drafts.index import NgramIndex
     from tasc_ray.io import fsspec_filesystem, storage_options_for
     from tasc_ray.models import load_tokenizer
-    from tasc_ray.spec.index import NgramIndex
 
     outputs = [r["output"] for r in task_rows[:60]]
     corpus = tmp_path / "corpus"

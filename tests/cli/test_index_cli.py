@@ -12,9 +12,9 @@ import pytest
 
 from tasc_ray.cli.index import collision_entropy
 from tasc_ray.cli.main import main
-from tasc_ray.spec.config import DrafterConfig
-from tasc_ray.spec.index import NgramIndex
-from tasc_ray.spec.simulate import simulate_acceptance
+from tasc_ray.engine.config import DrafterConfig
+from tasc_ray.engine.drafts.index import NgramIndex
+from tasc_ray.engine.simulate import simulate_acceptance
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tasc_ray.engine.config import DrafterConfig, DraftMode
+from tasc_ray.engine.drafts.drafter import Drafter
+from tasc_ray.engine.drafts.index import NgramIndex
+from tasc_ray.engine.generator import SamplingParams, SpeculativeGenerator
 from tasc_ray.models import load_model
 from tasc_ray.sample_task import sample_task
-from tasc_ray.spec.config import DrafterConfig, DraftMode
-from tasc_ray.spec.drafter import Drafter
-from tasc_ray.spec.generator import SamplingParams, SpeculativeGenerator
-from tasc_ray.spec.index import NgramIndex
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +26,7 @@ def test_real_model_greedy_identical(smollm2):
     index = NgramIndex.from_texts([r["output"] for r in rows[:396]], tokenizer)
     prompts = [r["prompt"] for r in rows[396:]]
     generator = SpeculativeGenerator(
-        model, tokenizer, Drafter(index, DrafterConfig(mode=DraftMode.MIXED)), max_batch_size=4
+        model, tokenizer, Drafter(index, DrafterConfig(mode=DraftMode.MIXED)), max_batch_size=4, speculation_gate=False
     )
     params = SamplingParams(max_new_tokens=24)
     spec = generator.generate(prompts, params)
@@ -42,10 +42,10 @@ def test_real_model_greedy_identical(smollm2):
 
 def test_real_model_chat_and_index_tokenizer_check(smollm2, tiny_tokenizer):
     model, tokenizer = smollm2
-    generator = SpeculativeGenerator(model, tokenizer, None)
+    generator = SpeculativeGenerator(model, tokenizer, None, speculation_gate=False)
     result = generator.generate([[{"role": "user", "content": "Say hello."}]], SamplingParams(max_new_tokens=8))[0]
     assert result.prompt_tokens > 10 and result.new_tokens >= 1
     foreign = NgramIndex.build([[1, 2, 3]], tokenizer=tiny_tokenizer)
     with pytest.raises(ValueError, match="rebuild the index"):
-        SpeculativeGenerator(model, tokenizer, Drafter(foreign, DrafterConfig()))
+        SpeculativeGenerator(model, tokenizer, Drafter(foreign, DrafterConfig()), speculation_gate=False)
     assert torch.get_default_dtype() == torch.float32

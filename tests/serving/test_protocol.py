@@ -8,6 +8,7 @@ import logging
 
 import pytest
 
+from tasc_ray.engine.generator import GenerationResult, RowStats, SamplingParams
 from tasc_ray.serving.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -23,7 +24,6 @@ from tasc_ray.serving.protocol import (
     sse,
     usage,
 )
-from tasc_ray.spec.generator import GenerationResult, RowStats, SamplingParams
 
 
 def _parse_error(body: bytes | dict, cls=CompletionRequest) -> APIError:

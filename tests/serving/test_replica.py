@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from tasc_ray.spec.generator import SpeculativeGenerator
-from tasc_ray.spec.prompts import PromptError, PromptTooLongError, encode_prompt
+from tasc_ray.engine.generator import SpeculativeGenerator
+from tasc_ray.engine.prompts import PromptError, PromptTooLongError, encode_prompt
 
 
 # ----- request-side prompt checks -----
 @pytest.fixture(scope="module")
 def engine(tiny_model, tiny_tokenizer) -> SpeculativeGenerator:
-    return SpeculativeGenerator(tiny_model, tiny_tokenizer)
+    return SpeculativeGenerator(tiny_model, tiny_tokenizer, speculation_gate=False)
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from serve_apps.openai_app import build_app as shell_build_app
+from tasc_ray.engine.drafts.index import NgramIndex
 from tasc_ray.serving.app import CONFIG_PATH, build_app, default_config, deploy_config
 from tasc_ray.serving.config import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, ServeConfig
-from tasc_ray.spec.index import NgramIndex
 
 MODEL = "tiny"
 KEY = "sk-test-123"

@@ -5,28 +5,35 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from tasc_ray.engine.config import DrafterConfig, DraftMode, EngineConfig
 from tasc_ray.serving.config import SERVE_MAX_BATCH_SIZE, IndexUpdate, ServeConfig
-from tasc_ray.spec.config import DrafterConfig, DraftMode, EngineConfig
 
 
 def test_flat_engine_and_drafter_fields_are_lifted():
     cfg = ServeConfig.model_validate(
-        {"model": "m", "index": "/idx", "dtype": "bfloat16", "max_batch_size": "4", "mode": "context", "lam": "0.25"}
+        {
+            "model": "m",
+            "index": "/idx",
+            "dtype": "bfloat16",
+            "max_batch_size": "4",
+            "mode": "context",
+            "min_path_prob": "0.25",
+        }
     )
     assert cfg.engine == EngineConfig(
         model="m",
         index="/idx",
         dtype="bfloat16",
         max_batch_size=4,
-        drafter=DrafterConfig(mode=DraftMode.CONTEXT, lam=0.25),
+        drafter=DrafterConfig(mode=DraftMode.CONTEXT, min_path_prob=0.25),
     )
 
 
 def test_top_level_fields_override_the_engine_block():
     cfg = ServeConfig.model_validate(
-        {"engine": {"model": "a", "max_batch_size": 2, "lam": 0.1}, "model": "b", "lam": 0.9}
+        {"engine": {"model": "a", "max_batch_size": 2, "min_path_prob": 0.1}, "model": "b", "min_path_prob": 0.9}
     )
-    assert cfg.engine.model == "b" and cfg.engine.max_batch_size == 2 and cfg.engine.drafter.lam == 0.9
+    assert cfg.engine.model == "b" and cfg.engine.max_batch_size == 2 and cfg.engine.drafter.min_path_prob == 0.9
 
 
 def test_serving_batch_size_defaults_to_16():
@@ -82,18 +89,20 @@ def test_deployment_options():
     assert cfg.num_replicas is None and "num_replicas" not in opts
     assert opts["ray_actor_options"]["num_gpus"] == 1.0
     assert opts["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 16}
-    opts = ServeConfig.model_validate({"user_config": {"index": None, "lam": 0.3}}).deployment_options()
-    assert opts["user_config"] == {"index": None, "drafter": {"lam": 0.3}}  # only what was given
+    opts = ServeConfig.model_validate({"user_config": {"index": None, "min_path_prob": 0.3}}).deployment_options()
+    assert opts["user_config"] == {"index": None, "drafter": {"min_path_prob": 0.3}}  # only what was given
 
 
 def test_index_update_nests_drafter_fields():
-    update = IndexUpdate.model_validate({"index": "/new", "index_version": 2, "lam": 0.2, "drafter": {"max_draft": 3}})
-    assert update.drafter == {"max_draft": 3, "lam": 0.2}
+    update = IndexUpdate.model_validate(
+        {"index": "/new", "index_version": 2, "min_path_prob": 0.2, "drafter": {"max_draft": 3}}
+    )
+    assert update.drafter == {"max_draft": 3, "min_path_prob": 0.2}
     assert update.model_fields_set == {"index", "index_version", "drafter"}
     assert IndexUpdate.model_validate({"drafter": None}).drafter == {}
     assert IndexUpdate.model_validate({}).model_fields_set == set()
     current = DrafterConfig(mode=DraftMode.CORPUS, max_draft=5)
-    assert update.drafter_config(current) == DrafterConfig(mode=DraftMode.CORPUS, max_draft=3, lam=0.2)
+    assert update.drafter_config(current) == DrafterConfig(mode=DraftMode.CORPUS, max_draft=3, min_path_prob=0.2)
     assert IndexUpdate().drafter_config(current) == current
 
 
@@ -105,7 +114,7 @@ def test_index_update_refuses(data):
 
 def test_index_update_drafter_values_checked_when_applied():
     with pytest.raises(ValidationError):
-        IndexUpdate.model_validate({"lam": 2.0}).drafter_config(DrafterConfig())
+        IndexUpdate.model_validate({"min_path_prob": 2.0}).drafter_config(DrafterConfig())
     with pytest.raises(ValidationError):
         IndexUpdate.model_validate({"drafter": {"bogus_knob": 1}}).drafter_config(DrafterConfig())
 

@@ -18,9 +18,9 @@ from ray import cloudpickle
 
 from tasc_ray.cli.index import index_stats
 from tasc_ray.cli.main import main
+from tasc_ray.engine.drafts.index import NgramIndex
 from tasc_ray.io import split_texts
 from tasc_ray.models import load_tokenizer
-from tasc_ray.spec.index import NgramIndex
 from tasc_ray.stages.index_job import IndexJobError, build_index_distributed, index_corpus
 
 ARRAYS = ("hashes", "totals", "offsets", "next_tokens", "counts")

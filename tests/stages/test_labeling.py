@@ -15,11 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tasc_ray.engine.config import EngineConfig
+from tasc_ray.engine.drafts.index import NgramIndex
+from tasc_ray.engine.generator import SamplingParams
+from tasc_ray.engine.load import load_engine
 from tasc_ray.io import arrow_filesystem
-from tasc_ray.spec.config import EngineConfig
-from tasc_ray.spec.engine import load_engine
-from tasc_ray.spec.generator import SamplingParams
-from tasc_ray.spec.index import NgramIndex
 from tasc_ray.stages.commit import SUCCESS, is_complete
 from tasc_ray.stages.labeling import (
     OUTPUT_COLUMNS,
