@@ -1,6 +1,6 @@
 """Measurement harnesses, run from a source checkout: `python -m benchmarks NAME --help` (see README.md).
 
-One module per benchmark (`spec`, `live`, `drafters`, `ft`, `serve` with `label` and `serve`, `index`, `batching`), each
+One module per benchmark (`spec`, `live`, `drafters`, `ft`, `serve` with `label` and `serve`, `index`), each
 registering its subcommands; `common/` holds what they share; `results/` holds the current result of each benchmark.
 """
 
@@ -11,5 +11,4 @@ BENCH_MODULES: list[str] = [
     "benchmarks.ft",
     "benchmarks.serve",
     "benchmarks.index",
-    "benchmarks.batching",
 ]

@@ -11,10 +11,10 @@ per pass" is the draft tokens each pass sends to the model. Drafters:
 - suffix decoding: a reimplementation of Suffix Decoding's rules (ArcticInference): suffix matches of any length
   over the row's tokens and over the corpus plus the outputs finished so far, every match length tried, the draft
   with the highest summed path probability kept, its length capped at `max_spec_factor` x the match length;
-- ours, built up one component at a time: the bounded-order drafter (orders <= 4, raw frequencies); unbounded
-  suffix matches; acceptance calibrated online by source, match length and depth; live learning of finished
-  outputs; token trees (the default configuration); prompt grounding (opt-in: the corpus's continuations ranked
-  by how much of each token's text the prompt contains).
+- ours: chains from the corpus and the context (suffix matches of any length, acceptance calibrated online by
+  source, match length and depth); with live learning of finished outputs; with token trees (the default
+  configuration). The earlier variants (raw frequencies, orders <= 4 only, lambda mixing, prompt grounding) were
+  measured in the committed drafters_sim results and removed from the engine; git history has them.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from tasc_ray.engine.config import DrafterConfig, DraftMode
 from tasc_ray.engine.cost import StepCostTable
 from tasc_ray.engine.drafts.drafter import DraftContext, Drafter
 from tasc_ray.engine.drafts.index import NgramIndex, tokenize_texts, tokenizer_fingerprint
+from tasc_ray.engine.drafts.tree import DraftTree
 from tasc_ray.engine.generator import SamplingParams, SpeculativeGenerator
 from tasc_ray.engine.model.fast_forward import build_fast_forward
 from tasc_ray.engine.simulate import simulate_acceptance
@@ -90,20 +91,20 @@ class SuffixDecodingDrafter:
         self._global: np.ndarray | None = None
 
     def new_row(self, prompt_ids: list[int]) -> DraftContext:
-        row = DraftContext(2)
+        row = DraftContext()
         row.tokens = list(prompt_ids)
         return row
 
-    def learn(self, output: list[int], row: DraftContext | None = None) -> None:
+    def learn(self, output: list[int]) -> None:
         self._outputs.append(list(output))
         self._global = None
 
-    def observe(self, accepted: list[int]) -> None:
+    def observe(self, trees: list[DraftTree], paths: list[list[int]]) -> None:
         pass
 
     def propose(
-        self, rows: list[DraftContext | None], limits: list[int] | None = None, *_: Any, **__: Any
-    ) -> list[list[int]]:
+        self, rows: list[DraftContext | None], limits: list[int] | None = None, branching: bool = False
+    ) -> list[DraftTree]:
         if self._global is None:
             parts = [np.append(np.asarray(o, dtype=np.int64), -1) for o in self._outputs if o]
             self._global = np.concatenate([[-1], *parts]) if parts else np.full(1, -1, dtype=np.int64)
@@ -111,12 +112,12 @@ class SuffixDecodingDrafter:
         for n, row in enumerate(rows):
             limit = self.max_spec_tokens if limits is None else min(self.max_spec_tokens, limits[n])
             if row is None or limit <= 0:
-                drafts.append([])
+                drafts.append(DraftTree())
                 continue
             history = np.asarray(row.tokens, dtype=np.int64)
             own = np.append(history, -1)  # the row's tokens; its own last position has no continuation
             best = max(self._speculate(own, history, limit), self._speculate(self._global, history, limit))
-            drafts.append(best[1])
+            drafts.append(DraftTree.chain(best[1]))  # no scores: verified whole, as Suffix Decoding does
         return drafts
 
     def _speculate(self, tokens: np.ndarray, history: np.ndarray, limit: int) -> tuple[float, list[int]]:
@@ -177,25 +178,17 @@ def greedy_outputs(model, tokenizer, task: Task, max_new_tokens: int, cache_dir:
 
 def drafters(corpus: list[list[int]]) -> dict[str, Any]:
     """Every drafter of the table: a DrafterConfig, or a Suffix Decoding drafter (built fresh for each replay)."""
-    before = dict(long_matches=False, calibrate=False, live_outputs=0, tree_nodes=0)
     return {
-        "prompt lookup (orders <= 3, raw frequencies)": DrafterConfig(mode=DraftMode.CONTEXT, max_draft=16, **before),
-        "prompt lookup, matches of any length, calibrated": DrafterConfig(
-            mode=DraftMode.CONTEXT, max_draft=16, tree_nodes=0
-        ),
+        "prompt lookup (context only, chains)": DrafterConfig(mode=DraftMode.CONTEXT, max_draft=16, tree_nodes=0),
         "Suffix Decoding (chain, 16 tokens)": lambda: SuffixDecodingDrafter(corpus),
         "Suffix Decoding (chain, 16 tokens, max_spec_factor 2)": lambda: SuffixDecodingDrafter(
             corpus, max_spec_factor=2
         ),
-        "ours before: orders <= 4, raw, k=8": DrafterConfig(max_draft=8, **before),
-        "ours before, k=16": DrafterConfig(max_draft=16, **before),
-        "+ matches of any length": DrafterConfig(max_draft=16, calibrate=False, live_outputs=0, tree_nodes=0),
-        "+ calibrated scores": DrafterConfig(max_draft=16, live_outputs=0, tree_nodes=0),
+        "ours: corpus + context, chains, k=8": DrafterConfig(max_draft=8, live_outputs=0, tree_nodes=0),
+        "ours: corpus + context, chains": DrafterConfig(max_draft=16, live_outputs=0, tree_nodes=0),
         "+ live learning (chains)": DrafterConfig(max_draft=16, tree_nodes=0),
-        "+ token trees (16 nodes)": DrafterConfig(max_draft=16, tree_nodes=16),
+        "+ token trees (16 nodes): the default": DrafterConfig(max_draft=16, tree_nodes=16),
         "+ token trees, min_path_prob 0.3": DrafterConfig(max_draft=16, tree_nodes=16, min_path_prob=0.3),
-        "+ prompt grounding (chains)": DrafterConfig(max_draft=16, tree_nodes=0, prompt_grounding=True),
-        "+ prompt grounding (trees)": DrafterConfig(max_draft=16, tree_nodes=16, prompt_grounding=True),
     }
 
 
@@ -242,7 +235,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     batch_size=1,
                     drafter=drafter,
                     step_cost=copy.deepcopy(step_cost),
-                    tokenizer=tokenizer,
                 )
                 cells[cut] = {k: sim[k] for k in ("tokens_per_pass", "verified_per_pass", "acceptance_rate")}
                 cells[cut]["draft_ms_per_pass"] = sim["draft_ms_per_pass"]

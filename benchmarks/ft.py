@@ -198,11 +198,6 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen-batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument(
-        "--prompt-grounding",
-        action="store_true",
-        help="TASC-spec with the drafter's prompt grounding (opt-in; see tasc_ray/engine/grounding.py)",
-    )
-    p.add_argument(
         "--reuse-original",
         default=None,
         metavar="WORK_DIR",
@@ -249,25 +244,16 @@ def _timed_generate(
     return out, time.perf_counter() - t0
 
 
-def _generator(
-    model: Any, tokenizer: Any, index: Any, speculative: bool, batch_size: int, grounding: bool = False
-) -> Any:
+def _generator(model: Any, tokenizer: Any, index: Any, speculative: bool, batch_size: int) -> Any:
     """A generator as `load_engine` builds one by default (fast forward; with TASC-spec: the default drafter, the
-    speculation gate and the measured cost of a pass), over an already loaded model; `grounding` turns on the
-    drafter's prompt grounding."""
+    speculation gate and the measured cost of a pass), over an already loaded model."""
     from tasc_ray.engine.config import DrafterConfig, EngineConfig
     from tasc_ray.engine.drafts.drafter import build_drafter
     from tasc_ray.engine.generator import SpeculativeGenerator
 
-    engine = EngineConfig()
-    gen = SpeculativeGenerator(
-        model,
-        tokenizer,
-        build_drafter(index, DrafterConfig(prompt_grounding=grounding), tokenizer) if speculative else None,
-        max_batch_size=batch_size,
-        speculation_gate=engine.speculation_gate and speculative,
-    )
-    if speculative and engine.profile_step_costs:
+    engine = EngineConfig(max_batch_size=batch_size)
+    gen = SpeculativeGenerator(model, tokenizer, build_drafter(index, DrafterConfig()) if speculative else None, engine)
+    if speculative and engine.experimental.profile_step_costs:
         gen.profile_step_costs()
     return gen
 
@@ -287,9 +273,8 @@ def _decode_split(
     prompts = [h["prompt"] for h in held]
     results: dict[str, Any] = {}
     texts_by_mode: dict[str, list[str]] = {}
-    grounding = getattr(args, "prompt_grounding", False)
     for mode in ("plain", "tasc_spec"):
-        gen = _generator(model, tokenizer, index, mode == "tasc_spec", args.gen_batch_size, grounding)
+        gen = _generator(model, tokenizer, index, mode == "tasc_spec", args.gen_batch_size)
         params = SamplingParams(max_new_tokens=args.max_new_tokens, stop=task.stop, speculative=mode == "tasc_spec")
         out, seconds = _timed_generate(gen, prompts, warmup, params, model.device)
         texts = [r.text.strip() for r in out]

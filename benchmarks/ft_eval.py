@@ -34,12 +34,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", default=None, help="where to write (default: the result's folder)")
     p.add_argument("--device", default=None, help="decode device (default: the run's)")
     p.add_argument("--gen-batch-size", type=int, default=None, help="decoding batch size (default: the run's)")
-    p.add_argument(
-        "--prompt-grounding",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="TASC-spec with (or without) the drafter's prompt grounding (default: as the run decoded)",
-    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=run)
 
@@ -64,7 +58,8 @@ def run_settings(result: dict[str, Any], args: argparse.Namespace, source: Path)
         tag=args.tag or f"{config['tag']}_eval{args.eval_rows}",
         out_dir=args.out_dir or str(source.parent),
     )
-    for key in ("device", "gen_batch_size", "prompt_grounding"):
+    config.pop("prompt_grounding", None)  # runs before the drafter's prompt grounding was removed
+    for key in ("device", "gen_batch_size"):
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
     return argparse.Namespace(**config)

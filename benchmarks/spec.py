@@ -209,7 +209,7 @@ def bench_task(
                 else:
                     trees = {"tree_nodes": 0} if method == "tasc_chain" else {}
                     config = config_from_args(DrafterConfig, args, mode=MODES[method], **trees)
-                    drafter = Drafter(index, config, tokenizer)
+                    drafter = Drafter(index, config)
                     generator = SpeculativeGenerator(  # as load_engine builds it
                         model,
                         tokenizer,

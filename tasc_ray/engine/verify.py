@@ -42,15 +42,17 @@ def verify(logits: torch.Tensor, trees: Sequence[DraftTree], rows: Sequence[Requ
     raw = {i: logits[i].clone() for i, r in enumerate(rows) if r.params.logprobs is not None}
     for i, (row, tree) in enumerate(zip(rows, trees)):
         if row.params.adjusts_logits:
-            paths = [[]] + [tree.path(j) for j in range(len(tree))]
-            adjust_logits(logits[i, : 1 + len(tree)], row.params, row.generated, paths)
+            to_query: list[list[int]] = [[]] + [tree.path(j) for j in range(len(tree))]
+            adjust_logits(logits[i, : 1 + len(tree)], row.params, row.generated, to_query)
     target = logits.argmax(dim=-1)
     for i, (row, tree) in enumerate(zip(rows, trees)):
         if row.sampler is not None:
             positions = [len(row.generated) + d for d in [0] + [tree.depth(j) for j in range(len(tree))]]
             target[i, : 1 + len(tree)] = row.sampler.sample(logits[i, : 1 + len(tree)], positions)
     target_lists = target.tolist()
-    paths, tokens, logprobs = [], [], {}
+    paths: list[list[int]] = []
+    tokens: list[list[int]] = []
+    logprobs: dict[int, list[TokenLogprob]] = {}
     for i, (row, tree) in enumerate(zip(rows, trees)):
         path = tree.accepted_path(target_lists[i])
         queries = [0] + [1 + j for j in path]  # the query whose token each emitted token is

@@ -221,10 +221,10 @@ def test_generic_bench_ft_end_to_end(tmp_path, task_rows, tiny_model_dir):
     assert "## One recipe, several fine-tuning seeds" in (tmp_path / "out" / "README.md").read_text()
     # ft-eval: the run's saved models decoded again on more prompts, the same training rows, no training
     again = parser.parse_args(["ft-eval", str(tmp_path / "out" / "ft_data_t.json"), "--eval-rows", "6",
-                               "--out-dir", str(tmp_path / "again"), "--prompt-grounding"])  # fmt: skip
+                               "--out-dir", str(tmp_path / "again"), "--gen-batch-size", "2"])  # fmt: skip
     rescored = again.handler(again)
     assert rescored["eval_rows"] == {"eval": 6} and rescored["runs"]["enriched"]["train"] == train["enriched"]
-    assert result["config"]["prompt_grounding"] is False and rescored["config"]["prompt_grounding"] is True
+    assert rescored["config"]["gen_batch_size"] == 2
     assert rescored["rescored_from"]["result"] == str(tmp_path / "out" / "ft_data_t.json")
     assert rescored["compression"]["new_tokens"] == result["compression"]["new_tokens"]
     assert rescored["compression"]["eval"]["references"] == 6
