@@ -72,6 +72,7 @@ class SchedulerConfig(BaseModel):
         description="shortest shared prompt prefix (a few-shot template, a system prompt) prefilled once "
         "and reused; 0: no prefix cache",
     )
+    prefix_cache_entries: int = Field(4, ge=1, description="shared prompt prefixes kept, least recently used evicted")
     compact_waste: float = Field(
         0.5,
         gt=0.0,

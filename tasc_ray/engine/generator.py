@@ -73,6 +73,7 @@ class SpeculativeGenerator:
             tokenizer,
             fast_forward if fast_forward is not None else self.config.experimental.fast_forward,
             self.config.scheduler.prefix_cache_min_tokens,
+            self.config.scheduler.prefix_cache_entries,
         )
         eos = model.generation_config.eos_token_id
         eos = tokenizer.eos_token_id if eos is None else eos

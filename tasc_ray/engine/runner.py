@@ -34,12 +34,13 @@ class ModelRunner:
         tokenizer: PreTrainedTokenizerBase,
         fast_forward: bool | FastForward = True,
         prefix_cache_min_tokens: int = 16,
+        prefix_cache_entries: int = 4,
     ) -> None:
         self.model = model
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.vocab = min(len(tokenizer), int(getattr(model.config, "vocab_size", len(tokenizer))))
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
-        self.prefix_cache = PrefixCache(prefix_cache_min_tokens)
+        self.prefix_cache = PrefixCache(prefix_cache_min_tokens, prefix_cache_entries)
         forward_params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in forward_params else "past_key_values"
         self._can_keep_last = "logits_to_keep" in forward_params

@@ -1,6 +1,6 @@
 """NgramIndex: the task's corpus statistics, i.e. next-token counts after every context of 1..N-1 tokens.
 
-Layout per context length m (vectorised, after DESIGN.md): a sorted array of 64-bit context hashes, each
+Layout per context length m (vectorised): a sorted array of 64-bit context hashes, each
 context's total count, and CSR offsets into flat `next_tokens`/`counts` arrays holding its top-K
 continuations by count. A whole batch of lookups is one `np.searchsorted` per order.
 
