@@ -60,6 +60,7 @@ METHODS = (
     "tasc_chain",
 )
 BATCH_1_ONLY = ("prompt_lookup_hf", "llama_cpp")
+PRECISION_FREE = ("hf_generate", "prompt_lookup_hf", "llama_cpp")  # not the engine's: run once, not per precision
 MODES = {
     "tasc_context": DraftMode.CONTEXT,
     "tasc_corpus": DraftMode.CORPUS,
@@ -101,6 +102,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-order", type=int, default=DEFAULT_MAX_ORDER)
     add_config_arguments(p, DrafterConfig, exclude={"mode"})  # each method sets the mode
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--precisions",
+        default="fp32",
+        help="the fast forward's product precisions to run side by side, comma-separated (fp32, bf16): each with "
+        "its own plain decoding, and its outputs compared with fp32 plain decoding's",
+    )
     p.add_argument("--device", default=None)
     p.add_argument(
         "--fast-forward",
@@ -129,14 +136,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    precisions = [p.strip() for p in args.precisions.split(",")]
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     hf_model = model  # transformers' own methods run the model as loaded
-    fast = build_fast_forward(model) if args.fast_forward else None
-    if fast is None:  # as load_engine does; transformers' methods keep a pristine copy
+    forwards: dict[str, FastForward | bool] = {}
+    for precision in precisions:  # as load_engine builds them; a precision this machine lacks is a ValueError
+        fast = build_fast_forward(model, precision) if args.fast_forward else None
+        if fast is None and precision != "fp32":
+            raise ValueError(f"precision {precision!r} needs the fast forward (--fast-forward), which did not apply")
+        forwards[precision] = fast if fast is not None else False
+    if not any(forwards.values()):  # as load_engine does; transformers' methods keep a pristine copy
         hf_model, _ = load_model(args.model, dtype=args.dtype, device=args.device)
         pack_linear_layers(model)
-    engine_forward: FastForward | bool = fast if fast is not None else False
+    first = forwards[precisions[0]]
     tasks = args.task or list(BUILTIN_TASKS)
+    cost_tables = {p: cost_table(model, tokenizer, max(batch_sizes), f) for p, f in forwards.items()}
     report: dict[str, Any] = {
         "model": args.model,
         "dtype": args.dtype,
@@ -145,8 +159,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         **provenance("spec"),
         "config": {k: v for k, v in vars(args).items() if k not in ("handler", "json")},
         "runs": [],
-        "forward": f"fast ({fast.mode} products)" if fast is not None else "model's own, oneDNN-packed linear layers",
-        "cost_table": cost_table(model, tokenizer, max(batch_sizes), engine_forward),
+        "forward": f"fast ({first.mode} products)" if first else "model's own, oneDNN-packed linear layers",
+        "precisions": precisions,
+        "cost_table": cost_tables[precisions[0]],
+        "cost_tables": cost_tables,
     }
     for task_name in tasks:
         task = (
@@ -156,12 +172,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         corpora = {"reference": task.corpus}
         if args.corpus_from_model:
-            corpora["model"] = model_outputs(model, tokenizer, task, args, engine_forward)
+            corpora["model"] = model_outputs(model, tokenizer, task, args, first)
         indexes = {
             kind: NgramIndex.from_texts(texts, tokenizer, args.max_order) for kind, texts in corpora.items() if texts
         }
-        models = (model, hf_model, engine_forward)
-        report["runs"] += bench_task(models, tokenizer, task, indexes, methods, batch_sizes, args)
+        fp32_plain: dict[int, list[list[int]]] = {}  # batch size -> fp32 plain outputs, to place other precisions
+        for n, precision in enumerate(precisions):
+            models = (model, hf_model, forwards[precision])
+            own = methods if n == 0 else [m for m in methods if m not in PRECISION_FREE]
+            runs = bench_task(models, tokenizer, task, indexes, own, batch_sizes, args, fp32_plain, precision)
+            report["runs"] += runs
     if args.json_path:
         write_spec_report(report, Path(args.json_path))
     print(markdown_table(report))
@@ -176,9 +196,13 @@ def bench_task(
     methods: list[str],
     batch_sizes: list[int],
     args: argparse.Namespace,
+    fp32_plain: dict[int, list[list[int]]] | None = None,
+    precision: str = "fp32",
 ) -> list[dict[str, Any]]:
     """Every method on the task's prompts at every batch size; `models` is (the engine's model, transformers'
-    own, the engine's fast forward or False)."""
+    own, the engine's fast forward at `precision` or False). `fp32_plain` (batch size -> outputs) is filled by the
+    fp32 pass and read by the others: how often another precision's outputs equal fp32's."""
+    fp32_plain = {} if fp32_plain is None else fp32_plain
     model, hf_model, forward = models
     params = SamplingParams(max_new_tokens=args.max_new_tokens, stop=task.stop)
     runs = []
@@ -191,6 +215,8 @@ def bench_task(
         warm_outputs = [r.token_ids for r in plain_gen.generate(warmup, params)]
         plain_gen.profile_step_costs()  # as load_engine does at start-up; every TASC generator starts from it
         plain = measure_engine(plain_gen, task.prompts, params)
+        if precision == "fp32":
+            fp32_plain[batch_size] = plain.token_ids
         for method in methods:
             if method in BATCH_1_ONLY and batch_size != 1:
                 continue
@@ -222,6 +248,9 @@ def bench_task(
                     generator.generate(warmup, params)
                     measured = measure_engine(generator, task.prompts, params)
                 record = run_record(task, method, batch_size, corpus_kind, measured, plain)
+                record["precision"] = precision
+                if batch_size in fp32_plain:
+                    record["match_rate_vs_fp32_plain"] = share_identical(measured.token_ids, fp32_plain[batch_size])
                 if method.startswith("tasc") and batch_size == 1:
                     replay = (warmup, warm_outputs, task.prompts, plain.token_ids)
                     record["simulated_tokens_per_pass"] = predicted_tokens_per_pass(
@@ -448,15 +477,22 @@ def markdown_table(report: dict[str, Any]) -> str:
         "| draft share | match vs plain |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    by_precision = "precisions" in report  # results before precisions existed render as they were written
+    if by_precision:
+        lines[-2] = lines[-2].replace("| method |", "| method | precision |") + " match vs fp32 plain |"
+        lines[-1] += "---|---|"
     for r in report["runs"]:
-        lines.append(
-            f"| {r['task']} | {r['method']} | {r['corpus'] or '-'} | {r['batch_size']} | "
+        precision = f" {r.get('precision', 'fp32')} |" if by_precision else ""
+        line = (
+            f"| {r['task']} | {r['method']} |{precision} {r['corpus'] or '-'} | {r['batch_size']} | "
             f"{_fmt(r['tokens_per_s'])} | {_fmt(r['speedup_vs_plain'])}x | {_fmt(r['tokens_per_pass'])} | "
             f"{_fmt(r['mean_accepted_per_pass'])} | {_fmt(r['draft_time_share'])} | "
             f"{_fmt(r['match_rate_vs_plain'])} |"
         )
-    if report.get("cost_table"):
-        lines += ["", *cost_table_lines(report["cost_table"])]
+        lines.append(line + (f" {_fmt(r.get('match_rate_vs_fp32_plain'))} |" if by_precision else ""))
+    tables = report.get("cost_tables") or ({"fp32": report["cost_table"]} if report.get("cost_table") else {})
+    for precision, table in tables.items():
+        lines += ["", *([f"Precision {precision}:", ""] if len(tables) > 1 else []), *cost_table_lines(table)]
     predicted = [r for r in report["runs"] if r.get("simulated_tokens_per_pass")]
     if predicted:
         lines += [
@@ -499,7 +535,8 @@ def write_spec_report(report: dict[str, Any], path: Path) -> None:
 
 
 def _label(run: dict[str, Any]) -> str:
-    return run["method"] + (f" ({run['corpus']})" if run["corpus"] else "")
+    precision = run.get("precision", "fp32")
+    return run["method"] + (f" ({run['corpus']})" if run["corpus"] else "") + (f" {precision}" * (precision != "fp32"))
 
 
 def _speedup_panel(ax: Any, runs: list[dict[str, Any]], batch_size: int) -> None:

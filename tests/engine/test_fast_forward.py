@@ -155,3 +155,38 @@ def test_plain_decoding_matches_the_models_forward_path(tiny_model, tiny_tokeniz
         tiny_model, tiny_tokenizer, None, max_batch_size=batch, fast_forward=False, speculation_gate=False
     )
     assert [r.token_ids for r in fast] == [r.token_ids for r in slow.generate(prompts, params)]
+
+
+def test_bf16_tasc_output_equals_bf16_plain_output(tiny_model, tiny_tokenizer):
+    """Lossless within a precision: with bf16 products, TASC (chains and trees, at batch 1 and 3, ragged drafts)
+    emits exactly what plain bf16 decoding emits, and plain bf16 decoding does not depend on the batch."""
+    from tasc_ray.engine.config import DrafterConfig, DraftMode
+    from tasc_ray.engine.drafts.drafter import Drafter
+    from tasc_ray.engine.model.fast_forward import build_fast_forward, supported_precisions
+
+    if "bf16" not in supported_precisions():
+        pytest.skip("bf16 products need the CPU kernel and AVX512-BF16")
+    fast = build_fast_forward(tiny_model, "bf16")
+    assert fast is not None and fast.precision == "bf16"
+    vocab = len(tiny_tokenizer)
+    prompts = [p + p for p in random_prompts(random.Random(5), vocab, 6)]  # repeats: the context drafts
+    params = SamplingParams(max_new_tokens=20)
+    plain = SpeculativeGenerator(tiny_model, tiny_tokenizer, None, max_batch_size=1, fast_forward=fast)
+    expected = [r.token_ids for r in plain.generate(prompts, params)]
+    batched = SpeculativeGenerator(tiny_model, tiny_tokenizer, None, max_batch_size=3, fast_forward=fast)
+    assert [r.token_ids for r in batched.generate(prompts, params)] == expected
+    for batch, nodes in ((1, 12), (3, 0), (3, 12)):
+        drafter = Drafter(None, DrafterConfig(mode=DraftMode.CONTEXT, tree_nodes=nodes, min_path_prob=0.0))
+        spec = SpeculativeGenerator(
+            tiny_model, tiny_tokenizer, drafter, max_batch_size=batch, fast_forward=fast, speculation_gate=False
+        )
+        results = spec.generate(prompts, params)
+        assert [r.token_ids for r in results] == expected, (batch, nodes)
+        assert sum(r.stats.drafted for r in results) > 0
+
+
+def test_an_unavailable_precision_is_one_clear_error(tiny_model):
+    from tasc_ray.engine.model.fast_forward import FastForward
+
+    with pytest.raises(ValueError, match="precision 'int3' is unknown .*supported on this machine: fp32"):
+        FastForward(tiny_model, precision="int3")

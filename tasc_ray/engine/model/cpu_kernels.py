@@ -34,32 +34,53 @@ PANEL = 16  # output rows per panel (one AVX-512 register of float32)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 
+PRECISIONS = ("fp32", "bf16")  # what the products may run in: float32, or bfloat16 weights and inputs
+
+
 @dataclass
 class PanelWeight:
-    """A [N, K] weight (and its bias) packed as panels[ceil(N / 16)][K][16], zero-padded to whole panels."""
+    """A [N, K] weight (and its bias) packed as panels[ceil(N / 16)][K][16] (float32) or panels[ceil(N / 16)]
+    [ceil(K / 2)][16][2] (bf16 pairs along k), zero-padded to whole panels."""
 
     panels: torch.Tensor
     bias: torch.Tensor | None
     out_features: int
     in_features: int
+    precision: str = "fp32"
 
 
 class Gemm:
-    """y[M, N] = x[M, K] @ W^T + b for float32 CPU tensors, W packed by `pack`, on torch's thread count."""
+    """y[M, N] = x[M, K] @ W^T + b for float32 CPU tensors, W packed by `pack`, on torch's thread count; with
+    bf16 weights (where the CPU has AVX512-BF16) x is rounded to bf16 too and the sums stay float32."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        self._fn = library.tasc_gemm_f32
-        self._fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
-        self._fn.restype = None
+        args = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
+        self._fns = {"fp32": library.tasc_gemm_f32}
+        if library.tasc_gemm_has_bf16():
+            self._fns["bf16"] = library.tasc_gemm_bf16
+        for fn in self._fns.values():
+            fn.argtypes, fn.restype = args, None
 
-    @staticmethod
-    def pack(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PanelWeight:
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """The precisions this build runs on this CPU."""
+        return tuple(self._fns)
+
+    def pack(self, weight: torch.Tensor, bias: torch.Tensor | None = None, precision: str = "fp32") -> PanelWeight:
+        if precision not in self._fns:
+            raise ValueError(f"precision {precision!r} is not supported here; supported: {', '.join(self._fns)}")
         n, k = weight.shape
         padded = -n % PANEL
         w = torch.cat([weight, weight.new_zeros(padded, k)]) if padded else weight
-        panels = w.detach().float().reshape(-1, PANEL, k).transpose(1, 2).contiguous()
+        w = w.detach().float()
+        if precision == "bf16":
+            w = torch.cat([w, w.new_zeros(w.shape[0], k % 2)], 1) if k % 2 else w
+            pairs = w.to(torch.bfloat16).reshape(-1, PANEL, (k + 1) // 2, 2).permute(0, 2, 1, 3)
+            panels = pairs.contiguous()
+        else:
+            panels = w.reshape(-1, PANEL, k).transpose(1, 2).contiguous()
         b = None if bias is None else torch.cat([bias.detach().float(), bias.new_zeros(padded)]).contiguous()
-        return PanelWeight(panels, b, n, k)
+        return PanelWeight(panels, b, n, k, precision)
 
     def __call__(self, x: torch.Tensor, weight: PanelWeight) -> torch.Tensor:
         x = x.contiguous()
@@ -69,7 +90,7 @@ class Gemm:
         y = torch.empty(m, weight.out_features, dtype=torch.float32)
         bias = weight.bias.data_ptr() if weight.bias is not None else None
         n, threads = weight.out_features, torch.get_num_threads()
-        self._fn(x.data_ptr(), weight.panels.data_ptr(), bias, y.data_ptr(), m, n, k, threads)
+        self._fns[weight.precision](x.data_ptr(), weight.panels.data_ptr(), bias, y.data_ptr(), m, n, k, threads)
         return y
 
 
@@ -107,11 +128,14 @@ def _build(compiler: str) -> Path:
 
 
 def _agrees_with_torch(gemm: Gemm) -> bool:
+    """Check products against torch's: float32 as they are, bf16 against torch on the bf16-rounded operands."""
     random = torch.Generator().manual_seed(0)
     for m, n, k in ((1, 37, 35), (3, 200, 64), (6, 130, 96), (27, 8, 16)):
         x, w, b = torch.randn(m, k, generator=random), torch.randn(n, k, generator=random), torch.randn(n)
-        if not torch.allclose(gemm(x, gemm.pack(w, b)), x @ w.T + b, atol=1e-4, rtol=1e-4):
-            return False
+        for precision in gemm.precisions:
+            xr, wr = (x, w) if precision == "fp32" else (x.bfloat16().float(), w.bfloat16().float())
+            if not torch.allclose(gemm(x, gemm.pack(w, b, precision)), xr @ wr.T + b, atol=1e-4, rtol=1e-4):
+                return False
     return True
 
 

@@ -112,3 +112,125 @@ void tasc_gemm_f32(const float *x, const float *panels, const float *bias, float
         for (; p < last; p++) panel_group(x, panels, bias, y, M, N, K, p, 1);
     }
 }
+
+/* ----- bf16 weights: y[M, N] = x[M, K] . W[N, K]^T (+ bias) with W and x rounded to bfloat16, float32 sums -----
+
+   The weights are packed as bf16 pairs along k, panels[N / 16][K / 2][16][2], and x is rounded to bf16 pairs once
+   per call; one AVX512-BF16 `vdpbf16ps` then adds x[k] w[n, k] + x[k + 1] w[n, k + 1] to 16 float32 sums, twice the
+   multiply-adds of an FMA from half the weight bytes. As above, every output is one chain over the k pairs in
+   order, whatever M is: a row's result does not depend on its batch. Compiled only where the compiler targets
+   AVX512-BF16 (`tasc_gemm_has_bf16` says). */
+
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+static inline uint32_t bf16_pair(float lo, float hi) { /* round to nearest even, as torch's float -> bfloat16 */
+    uint32_t a, b;
+    memcpy(&a, &lo, 4);
+    memcpy(&b, &hi, 4);
+    a = (a + 0x7FFF + ((a >> 16) & 1)) >> 16;
+    b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16;
+    return a | (b << 16);
+}
+
+static inline __attribute__((always_inline)) void block_bf16(const uint32_t *xp, const uint16_t *panels,
+                                                              const float *bias, float *y, long N, long K2,
+                                                              long m0, long p0, int mb, int np) {
+    __m512 acc[12][8];
+    for (int i = 0; i < mb; i++)
+        for (int j = 0; j < np; j++) acc[i][j] = _mm512_setzero_ps();
+    const uint16_t *w = panels + p0 * K2 * 32;
+    for (long k = 0; k < K2; k++) {
+        __m512bh wv[8];
+        for (int j = 0; j < np; j++) wv[j] = (__m512bh)_mm512_loadu_si512((const void *)(w + (j * K2 + k) * 32));
+        for (int i = 0; i < mb; i++) {
+            __m512bh xb = (__m512bh)_mm512_set1_epi32((int)xp[(m0 + i) * K2 + k]);
+            for (int j = 0; j < np; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xb, wv[j]);
+        }
+    }
+    for (int j = 0; j < np; j++) {
+        long n0 = (p0 + j) * 16;
+        int width = N - n0 < 16 ? (int)(N - n0) : 16;
+        __m512 b = bias ? _mm512_loadu_ps(bias + n0) : _mm512_setzero_ps();
+        for (int i = 0; i < mb; i++) {
+            __m512 out = _mm512_add_ps(acc[i][j], b);
+            memcpy(y + (m0 + i) * N + n0, &out, sizeof(float) * width);
+        }
+    }
+}
+
+#define ROW_CASES_BF16(NP)                                                             \
+    switch (mb) {                                                                      \
+        case 1: block_bf16(xp, panels, bias, y, N, K2, m0, p, 1, NP); break;           \
+        case 2: block_bf16(xp, panels, bias, y, N, K2, m0, p, 2, NP); break;           \
+        case 3: block_bf16(xp, panels, bias, y, N, K2, m0, p, 3, NP); break;           \
+        case 4: block_bf16(xp, panels, bias, y, N, K2, m0, p, 4, NP); break;           \
+        case 5: block_bf16(xp, panels, bias, y, N, K2, m0, p, 5, NP); break;           \
+        case 6: block_bf16(xp, panels, bias, y, N, K2, m0, p, 6, NP); break;           \
+        case 7: block_bf16(xp, panels, bias, y, N, K2, m0, p, 7, NP); break;           \
+        case 8: block_bf16(xp, panels, bias, y, N, K2, m0, p, 8, NP); break;           \
+        case 9: block_bf16(xp, panels, bias, y, N, K2, m0, p, 9, NP); break;           \
+        case 10: block_bf16(xp, panels, bias, y, N, K2, m0, p, 10, NP); break;         \
+        case 11: block_bf16(xp, panels, bias, y, N, K2, m0, p, 11, NP); break;         \
+        default: block_bf16(xp, panels, bias, y, N, K2, m0, p, 12, NP); break;         \
+    }
+
+static void panel_group_bf16(const uint32_t *xp, const uint16_t *panels, const float *bias, float *y, long M,
+                             long N, long K2, long p, int np) {
+    if (np == 8) {
+        for (long m0 = 0; m0 < M; m0 += 2) {
+            if (M - m0 >= 2) block_bf16(xp, panels, bias, y, N, K2, m0, p, 2, 8);
+            else block_bf16(xp, panels, bias, y, N, K2, m0, p, 1, 8);
+        }
+        return;
+    }
+    if (np == 4) {
+        for (long m0 = 0; m0 < M; m0 += 4) {
+            long mb = M - m0 < 4 ? M - m0 : 4;
+            if (mb == 4) block_bf16(xp, panels, bias, y, N, K2, m0, p, 4, 4);
+            else if (mb == 3) block_bf16(xp, panels, bias, y, N, K2, m0, p, 3, 4);
+            else if (mb == 2) block_bf16(xp, panels, bias, y, N, K2, m0, p, 2, 4);
+            else block_bf16(xp, panels, bias, y, N, K2, m0, p, 1, 4);
+        }
+        return;
+    }
+    long blocks = (M + 11) / 12, m0 = 0;
+    for (long b = 0; b < blocks; b++) {
+        long mb = (M - m0) / (blocks - b);
+        if (np == 2) {
+            ROW_CASES_BF16(2)
+        } else {
+            ROW_CASES_BF16(1)
+        }
+        m0 += mb;
+    }
+}
+
+/* y[M, N] = bf16(x)[M, K] . W^T + bias, W packed as bf16 panels[ceil(N / 16)][K2][16][2], K2 = ceil(K / 2) (an odd
+   K's last pair is zero-padded in W; x's missing element counts as zero). */
+int tasc_gemm_has_bf16(void) { return 1; }
+
+void tasc_gemm_bf16(const float *x, const uint16_t *panels, const float *bias, float *y, long M, long N, long K,
+                    int threads) {
+    long K2 = (K + 1) / 2, total = (N + 15) / 16;
+    uint32_t *xp = malloc(sizeof(uint32_t) * M * K2);
+    for (long m = 0; m < M; m++)
+        for (long k = 0; k < K2; k++) {
+            float hi = 2 * k + 1 < K ? x[m * K + 2 * k + 1] : 0.0f;
+            xp[m * K2 + k] = bf16_pair(x[m * K + 2 * k], hi);
+        }
+    int np = M <= 2 ? 8 : M <= 4 ? 4 : 2;
+#pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num(), n = omp_get_num_threads();
+        long first = total * t / n, last = total * (t + 1) / n, p = first;
+        for (; p + np <= last; p += np) panel_group_bf16(xp, panels, bias, y, M, N, K2, p, np);
+        for (; p < last; p++) panel_group_bf16(xp, panels, bias, y, M, N, K2, p, 1);
+    }
+    free(xp);
+}
+#else
+int tasc_gemm_has_bf16(void) { return 0; }
+#endif
