@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "tasc_ray.cli.label",
     "tasc_ray.cli.ft",
     "tasc_ray.cli.index",
+    "tasc_ray.cli.overlay",
 ]
 
 # Errors that are the user's input, reported as one line and exit code 2 (tracebacks only with --verbose).

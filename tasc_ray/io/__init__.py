@@ -1,9 +1,9 @@
 """Input and output, one place each: where data lives (`storage`), reading columns of data files (`readers`) and
-writing a directory atomically (`atomic`). Everything a caller needs is importable from `tasc_ray.io`."""
+writing a directory or a file atomically (`atomic`). Everything a caller needs is importable from `tasc_ray.io`."""
 
 from __future__ import annotations
 
-from tasc_ray.io.atomic import atomic_directory, is_free_directory
+from tasc_ray.io.atomic import atomic_directory, atomic_write_bytes, is_free_directory
 from tasc_ray.io.readers import (
     Corpus,
     CorpusError,
@@ -48,6 +48,7 @@ __all__ = [
     "StorageError",
     "arrow_filesystem",
     "atomic_directory",
+    "atomic_write_bytes",
     "bucket_and_key",
     "check_bucket",
     "check_output_location",

@@ -1,4 +1,4 @@
-"""Write a directory so that it is either absent or whole: write it aside, then move it into place.
+"""Write a directory (or one file) so that it is either absent or whole: write it aside, then move it into place.
 
     with atomic_directory("models/enriched") as tmp:   # a fresh local directory next to the output
         model.save_pretrained(tmp)
@@ -8,13 +8,18 @@ Locally the files are written to a hidden sibling (`.NAME.tmp-*`) and renamed on
 S3 has no rename: the files are written to a local temporary directory and uploaded with the file named by
 `last` uploaded last (readers treat the output as complete once it exists); a failed upload is removed again,
 and raises a `StorageError` naming the bucket, the key and the reason.
+
+`atomic_write_bytes(out, data)` does the same for one file: locally a hidden sibling (`.NAME.tmp-*`) renamed onto
+`out`; on S3 one upload (an object appears whole when its upload ends).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,6 +82,45 @@ def atomic_directory(
             _rename(tmp, target, if_exists)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_bytes(
+    out: str | Path, data: bytes, *, overwrite: bool = True, storage_options: Mapping[str, Any] | None = None
+) -> str:
+    """Write `data` as the file `out` (local or remote) so that a reader sees the old file or the new one, never a
+    part. An existing `out` is replaced, or, with `overwrite=False`, refused (FileExistsError) before anything is
+    written. Returns `out`. A location that cannot be written raises StorageError naming it and why."""
+    url = str(out)
+    if is_remote(url):
+        fs, root = fsspec_filesystem(url, storage_options)
+        problem = bucket_problem(fs, url)
+        if problem:
+            raise StorageError(problem)
+        with storage_errors(url):
+            is_dir, exists = fs.isdir(root), fs.exists(root)
+        if is_dir:
+            raise StorageError(f"{url}: is a directory (a prefix), not a file")
+        if exists and not overwrite:
+            raise FileExistsError(f"{url} exists")
+        with storage_errors(url):
+            fs.pipe_file(root, data)  # an object store shows an upload only once it completes
+        return url
+    target = Path(local_path(url))
+    if target.is_dir():
+        raise StorageError(f"{url}: is a directory, not a file")
+    if not overwrite and target.exists():
+        raise FileExistsError(f"{url} exists")
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    with storage_errors(url):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "xb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    return url
 
 
 def _rename(tmp: Path, out: Path, if_exists: IfExists) -> None:

@@ -9,7 +9,8 @@ replicas and autoscaling as configured). A request is checked here before its ro
 request gets an OpenAI-style 4xx body and never touches other requests' rows. A client that goes away (a closed
 stream, a timed-out call) cancels its handle calls and so its rows. An engine replica that dies mid-request gives
 its clients a 503 with an OpenAI error body (streams: an error event, then `data: [DONE]`); `/health` is
-answered here, never by a process busy decoding.
+answered here, never by a process busy decoding. `GET /v1/tasc/overlay` (same API key as /v1/*) returns one engine
+replica's live overlay, the outputs it learned from (`tasc-ray overlay export`).
 `python -m tasc_ray.serving.app --write-config` (or `python -m serve_apps.openai_app --write-config`)
 regenerates serve_apps/config.yaml from `default_config()`; a test keeps them in sync.
 """
@@ -39,7 +40,7 @@ from tasc_ray.engine.prompts import PromptError, encode_prompt
 from tasc_ray.engine.request import TokenCallback
 from tasc_ray.engine.sampling import SamplingParams
 from tasc_ray.models import load_tokenizer, model_context_length
-from tasc_ray.serving.config import APP_NAME, ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, ServeConfig
+from tasc_ray.serving.config import APP_NAME, ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, OVERLAY_ROUTE, ServeConfig
 from tasc_ray.serving.engine_deployment import TascEngine
 from tasc_ray.serving.metrics import ServeMetrics
 from tasc_ray.serving.protocol import (
@@ -129,6 +130,23 @@ class OpenAIIngress:
         card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "tasc_ray"}
         self.metrics.request("/v1/models", 200, time.perf_counter() - start)
         return JSONResponse({"object": "list", "data": [card]})
+
+    @api.get(OVERLAY_ROUTE)
+    async def overlay(self, request: Request) -> JSONResponse:
+        """One engine replica's live overlay: the outputs it learned from, as token ids and texts (`tasc-ray overlay
+        export` writes them out as a corpus). Each call reaches one replica, named in the body as `replica`."""
+        start = time.perf_counter()
+        try:
+            check_api_key(self.api_key, request.headers.get("authorization"))
+            body = await self.engine.overlay.remote()
+        except Exception as exc:
+            error = engine_error(exc)
+            if error.status >= 500:
+                logger.warning("overlay request failed: %r", exc)
+            self.metrics.request(OVERLAY_ROUTE, error.status, time.perf_counter() - start, error.code)
+            raise error from exc
+        self.metrics.request(OVERLAY_ROUTE, 200, time.perf_counter() - start)
+        return JSONResponse(body)
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Response:

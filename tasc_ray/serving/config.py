@@ -20,6 +20,7 @@ from tasc_ray.engine.config import DrafterConfig, EngineConfig
 APP_NAME = "tasc"
 INGRESS_DEPLOYMENT = "OpenAIIngress"  # HTTP, validation, tokenization (app.py)
 ENGINE_DEPLOYMENT = "TascEngine"  # the model, the index, the engine loop; takes user_config (engine_deployment.py)
+OVERLAY_ROUTE = "/v1/tasc/overlay"  # GET: one engine replica's live overlay (app.py; `tasc-ray overlay export`)
 # engine.max_batch_size when serving (EngineConfig's own default is 8): the rows a replica's engine loop decodes
 # at once; more requests wait in its queue and join as rows finish.
 SERVE_MAX_BATCH_SIZE = 16

@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 @serve.deployment(name=ENGINE_DEPLOYMENT)
 class TascEngine:
-    """One engine replica: `generate` (a row's result), `stream` (its token ids as they come, then its result)."""
+    """One engine replica: `generate` (a row's result), `stream` (its token ids as they come, then its result),
+    `info` (its state) and `overlay` (the outputs its live overlay learned from)."""
 
     def __init__(self, config: dict) -> None:
         logging.basicConfig(level=logging.INFO)
@@ -75,3 +76,8 @@ class TascEngine:
 
     def info(self) -> dict[str, Any]:
         return self.replica.info()
+
+    async def overlay(self) -> dict[str, Any]:
+        """This replica's live overlay (`Replica.overlay`: outputs as token ids and texts). It waits for the decode
+        thread's next step, so it runs in a worker thread: the event loop goes on serving rows meanwhile."""
+        return await asyncio.to_thread(self.replica.overlay)

@@ -6,13 +6,15 @@ rows at its next step (continuous batching), so the event loop keeps accepting r
 short request never waits for a long one, and a request whose client went away is cancelled and leaves at the
 next step. Prompts arrive as token ids (the ingress tokenizes them); the request log decodes them with a second
 tokenizer, as a Rust tokenizer must not be used by two threads at once. A reload (`IndexUpdate`, the deployment's
-user_config) swaps the drafter between steps.
+user_config) swaps the drafter between steps. `overlay()` reads the drafter's live overlay (the outputs the replica
+learned from) between steps, for `tasc-ray overlay export` (through the ingress's `GET /v1/tasc/overlay`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -22,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tasc_ray.engine.config import DrafterConfig
 from tasc_ray.engine.drafts.drafter import build_drafter
-from tasc_ray.engine.drafts.index import NgramIndex
+from tasc_ray.engine.drafts.index import NgramIndex, tokenizer_fingerprint
 from tasc_ray.engine.generator import GenerationResult, SpeculativeGenerator
 from tasc_ray.engine.load import load_engine
 from tasc_ray.engine.loop import EngineLoop
@@ -55,6 +57,11 @@ class Replica:
         self.replica_id = uuid.uuid4().hex[:12]
         self.request_log: RequestLog | None = None
         self.log_tokenizer: PreTrainedTokenizerBase | None = None  # the event loop's own, for logged prompts
+        self.tokenizer_source = config.engine.model
+        # overlay(): its own tokenizer (loaded on first use), one caller at a time, since it may run in any thread
+        self._overlay_lock = threading.Lock()
+        self._overlay_tokenizer: PreTrainedTokenizerBase | None = None
+        self._overlay_tokenizer_meta: dict[str, Any] = {}
         if config.log_dir:
             self.log_tokenizer = load_tokenizer(config.engine.model)
             self.request_log = RequestLog(config.log_dir, self.replica_id, config.log_max_rows, config.log_max_seconds)
@@ -150,6 +157,48 @@ class Replica:
         index.check_tokenizer(self.generator.tokenizer)
         logger.info("replica %s: loaded index %s in %.2f s", self.replica_id, path, time.perf_counter() - t0)
         return index
+
+    # ----- the live overlay (what the replica learned), for `tasc-ray overlay export` -----
+    def overlay(self, timeout: float | None = 60.0) -> dict[str, Any]:
+        """The finished outputs the drafter's live overlay holds, oldest first: token ids (`outputs`), and their
+        texts (`texts`, special tokens left out, as a completion's text is); empty lists, and `live` False, when the
+        drafter keeps no overlay. The ids are read on the decode thread between steps; the texts are decoded in the
+        calling thread with the replica's own overlay tokenizer (a Rust tokenizer must not be used by two threads
+        at once). `tokenizer` is what an index records of it (name, fingerprint, vocab size)."""
+        if not self.loop.alive:
+            raise RuntimeError("the engine loop is not running")
+        outputs, capacity = self.loop.call_soon(self._overlay_outputs).result(timeout)
+        with self._overlay_lock:
+            tokenizer = self._overlay_decoder()
+            texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
+            meta = dict(self._overlay_tokenizer_meta)
+        return {
+            "replica": self.replica_id,
+            "model": self.model_name,
+            "live": capacity is not None,
+            "capacity": capacity,
+            "tokenizer": meta,
+            "outputs": outputs,
+            "texts": texts,
+        }
+
+    def _overlay_outputs(self) -> tuple[list[list[int]], int | None]:  # decode thread
+        drafter = self.generator.drafter
+        live = getattr(drafter, "live", None) if drafter is not None else None
+        if live is None:
+            return [], None
+        return live.outputs(), live.capacity
+
+    def _overlay_decoder(self) -> PreTrainedTokenizerBase:  # under _overlay_lock
+        if self._overlay_tokenizer is None:
+            tokenizer = load_tokenizer(self.tokenizer_source)
+            self._overlay_tokenizer_meta = {  # as an index's manifest records its tokenizer
+                "name": str(getattr(tokenizer, "name_or_path", "")),
+                "fingerprint": tokenizer_fingerprint(tokenizer),
+                "vocab_size": len(tokenizer),
+            }
+            self._overlay_tokenizer = tokenizer
+        return self._overlay_tokenizer
 
     # ----- health -----
     def check_health(self) -> None:

@@ -8,13 +8,14 @@ import socket
 import time
 
 import httpx
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from serve_apps.openai_app import build_app as shell_build_app
 from tasc_ray.engine.drafts.index import NgramIndex
 from tasc_ray.serving.app import CONFIG_PATH, build_app, default_config, deploy_config
-from tasc_ray.serving.config import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, ServeConfig
+from tasc_ray.serving.config import ENGINE_DEPLOYMENT, INGRESS_DEPLOYMENT, OVERLAY_ROUTE, ServeConfig
 
 MODEL = "tiny"
 KEY = "sk-test-123"
@@ -316,6 +317,49 @@ def test_api_key(server):
     assert httpx.get(base + "/health", timeout=30).status_code == 200  # probes need no key
     # the server without a key configured accepts requests without one
     assert httpx.get(server["base"] + "/v1/models", timeout=30).status_code == 200
+
+
+def test_overlay_route_and_export(server, indexes, task_rows, tmp_path, capsys):
+    """GET /v1/tasc/overlay answers with the replica's live overlay (API key as for /v1/models), and `tasc-ray
+    overlay export` writes it as a corpus that `overlay merge` counts into an index."""
+    from tasc_ray.cli.main import main
+
+    done = [
+        _post(server, "/v1/completions", {"prompt": r["prompt"], "max_tokens": 12}).json() for r in task_rows[70:74]
+    ]
+    served = [d["choices"][0]["text"] for d in done if d["usage"]["completion_tokens"] >= 2]
+    r = httpx.get(server["base"] + OVERLAY_ROUTE, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["live"] and body["replica"] == httpx.get(server["base"] + "/health", timeout=30).json()["replica"]
+    assert len(body["outputs"]) == len(body["texts"]) and body["texts"][-len(served) :] == served  # newest last
+    assert body["tokenizer"]["vocab_size"] > 0 and body["tokenizer"]["fingerprint"]
+    auth = server["base"] + "/auth"
+    assert httpx.get(auth + OVERLAY_ROUTE, timeout=30).status_code == 401
+    ok = httpx.get(auth + OVERLAY_ROUTE, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["replica"] != body["replica"]
+
+    out = tmp_path / "overlay.parquet"
+    export = ["overlay", "export", "--url", server["base"], "--out", str(out), "--json"]
+    assert main(export) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["replicas"] == 1 and summary["outputs"] == len(body["outputs"])  # nothing finished meanwhile
+    table = pq.read_table(out)
+    assert (
+        table.column("token_ids").to_pylist() == body["outputs"] and table.column("output").to_pylist() == body["texts"]
+    )
+    assert set(table.column("replica").to_pylist()) == {body["replica"]}
+    assert main([*export[:-1], "--overwrite", "--replicas", "2", "--json"]) == 2  # one replica behind this app
+    assert "heard from 1 of 2 replicas in 8 requests" in capsys.readouterr().err
+    assert main(["overlay", "export", "--url", auth, "--out", str(tmp_path / "a.parquet")]) == 2
+    assert "--api-key" in capsys.readouterr().err and not (tmp_path / "a.parquet").exists()
+
+    # the exported overlay, merged into the half index (built by a tokenizer object without a name: --model)
+    merged = tmp_path / "idx-v2"
+    merge = ["overlay", "merge", "--corpus", str(out), "--index", indexes["half"], "--out", str(merged)]
+    assert main([*merge, "--model", str(server["model_dir"]), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["corpus_sequences"] == 100 + len(body["outputs"]) == NgramIndex.load(str(merged)).n_sequences
 
 
 def _deploy(server, cfg: ServeConfig, name: str, prefix: str) -> None:
