@@ -60,16 +60,22 @@ class BatchState:
         self.rows = self.rows + other.rows
 
 
-def attention_mask(valid: torch.Tensor, q: int, dtype: torch.dtype, tree: torch.Tensor | None = None) -> torch.Tensor:
-    """Additive [B, 1, q, S] mask for q queries in the last q of S slots: each sees the valid slots up to its own;
+def allowed_slots(valid: torch.Tensor, q: int, tree: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, q, S] bool: which of S slots each of q queries in the last q slots sees: the valid slots up to its own;
     with `tree` ([B, q, q] bool, query a may see query b), among the q new slots only what `tree` allows (a token
     tree's node sees its ancestors and itself)."""
     s = valid.shape[1]
     slots = torch.arange(s, device=valid.device)
     causal = slots[None, :] <= torch.arange(s - q, s, device=valid.device)[:, None]
-    allowed = valid[:, None, None, :] & causal[None, None]
+    allowed = valid[:, None, :] & causal[None]
     if tree is not None:
-        allowed[:, 0, :, s - q :] &= tree
+        allowed[:, :, s - q :] &= tree
+    return allowed
+
+
+def attention_mask(valid: torch.Tensor, q: int, dtype: torch.dtype, tree: torch.Tensor | None = None) -> torch.Tensor:
+    """The additive [B, 1, q, S] form of `allowed_slots`, for a model's own forward."""
+    allowed = allowed_slots(valid, q, tree)[:, None]
     return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 

@@ -8,12 +8,12 @@ import logging
 import pytest
 import torch
 
-from tasc_ray.engine.model.cpu_kernels import build_gemm, load_gemm
+from tasc_ray.engine.model.cpu_kernels import build_kernels, load_kernels
 
 
 @pytest.fixture(scope="module")
 def gemm():
-    kernel = load_gemm()
+    kernel = load_kernels()
     if kernel is None:
         pytest.skip("no C compiler here")
     return kernel
@@ -46,21 +46,21 @@ def test_no_compiler_falls_back_with_a_reason(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("TASC_RAY_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     with caplog.at_level(logging.INFO, logger="tasc_ray.engine.model.cpu_kernels"):
-        assert build_gemm() is None
-    assert "CPU decoding kernel not used" in caplog.text
+        assert build_kernels() is None
+    assert "CPU decoding kernels not used" in caplog.text
     monkeypatch.delenv("CC")
     monkeypatch.setenv("TASC_RAY_NO_CPU_KERNEL", "1")
-    assert build_gemm() is None
+    assert build_kernels() is None
 
 
 def test_the_build_is_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("TASC_RAY_CACHE", str(tmp_path))
-    if build_gemm() is None:
+    if build_kernels() is None:
         pytest.skip("no C compiler here")
     built = list((tmp_path / "kernels").glob("*.so"))
     assert len(built) == 1
     mtime = built[0].stat().st_mtime_ns
-    assert build_gemm() is not None and built[0].stat().st_mtime_ns == mtime
+    assert build_kernels() is not None and built[0].stat().st_mtime_ns == mtime
 
 
 @pytest.fixture(scope="module")

@@ -190,3 +190,55 @@ def test_an_unavailable_precision_is_one_clear_error(tiny_model):
 
     with pytest.raises(ValueError, match="precision 'int3' is unknown .*supported on this machine: fp32"):
         FastForward(tiny_model, precision="int3")
+
+
+def _row_logits_in(fast, config, prompts, steps, chunk):
+    """Logits of every row's `steps` tokens after its prompt, the prompts left-padded into one prefill and the
+    steps verified `chunk` tokens a pass (ragged: row r's last passes carry fewer real tokens)."""
+    b, longest = len(prompts), max(len(p) for p in prompts)
+    valid = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], dtype=torch.bool)
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=config)
+    prefill = fast(ids, valid, positions, cache)
+    out = [[prefill[r, -1:]] for r in range(b)]
+    done = [0] * b
+    while any(d < len(s) for d, s in zip(done, steps)):
+        take = [min(chunk, len(s) - d) for d, s in zip(done, steps)]
+        q = max(take)
+        step = torch.tensor([s[d : d + n] + [0] * (q - n) for s, d, n in zip(steps, done, take)])
+        step_valid = torch.tensor([[1] * n + [0] * (q - n) for n in take], dtype=torch.bool)
+        pos = torch.tensor([len(p) + d for p, d in zip(prompts, done)])[:, None] + torch.arange(q)
+        valid = torch.cat([valid, step_valid], 1)
+        logits = fast(step, valid, pos, cache)
+        for r, n in enumerate(take):
+            out[r].append(logits[r, :n])
+            done[r] += n
+    return [torch.cat(rows) for rows in out]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_rows_logits_do_not_depend_on_its_batch_or_query_count(tiny_model, precision):
+    """Batch-invariant kernels: row 0's logits are bit-identical whether it decodes alone one token a pass or
+    verifies several tokens a pass beside 1-7 other rows with other prompt lengths and ragged drafts (passes of
+    M = 1, 2, 9, 16 and 64 query tokens)."""
+    from tasc_ray.engine.model.fast_forward import supported_precisions
+
+    if precision not in supported_precisions():
+        pytest.skip(f"{precision} products are not available on this machine")
+    fast = FastForward(tiny_model, precision=precision)
+    if not fast.batch_invariant:
+        pytest.skip("the batch-invariant CPU kernels are not available here")
+    rng = random.Random(3)
+    vocab = tiny_model.config.vocab_size
+
+    def tokens(n):
+        return [rng.randrange(3, vocab) for _ in range(n)]
+
+    prompt, steps = tokens(19), tokens(8)
+    (alone,) = _row_logits_in(fast, tiny_model.config, [prompt], [steps], chunk=1)
+    for rows, chunk in ((2, 1), (3, 3), (2, 8), (8, 8)):  # M = 2, 9, 16, 64 in the first step pass
+        prompts = [prompt] + [tokens(rng.randrange(5, 40)) for _ in range(rows - 1)]
+        step_tokens = [steps] + [tokens(rng.randrange(1, 12)) for _ in range(rows - 1)]
+        got = _row_logits_in(fast, tiny_model.config, prompts, step_tokens, chunk)[0]
+        assert torch.equal(got, alone), (rows, chunk, float((got - alone).abs().max()))

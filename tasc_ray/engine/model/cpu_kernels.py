@@ -1,13 +1,14 @@
-"""The CPU kernel for decoding's matrix products (kernels/gemm.c): built once per machine, loaded with ctypes.
+"""The CPU kernels for decoding (kernels/gemm.c: the matrix products; kernels/attention.c: attention, RMS norm and
+SiLU, batch-invariant): built once per machine into one library, loaded with ctypes.
 
-The C source ships with the package. The first process that needs it compiles it with the system C compiler
+The C sources ship with the package. The first process that needs them compiles them with the system C compiler
 (`$CC`, else `cc`; -O3 -march=native -fopenmp, about a second) into the cache directory, keyed by the source,
 the compiler and the CPU, so later starts only load it. The library links the same OpenMP runtime as torch
 (libgomp.so.1, already loaded by torch), so its threads are torch's threads. Where there is no compiler, the
-build fails, or the loaded kernel disagrees with torch on a check product, `load_gemm()` returns None, the
-reason is logged once, and callers keep torch's own products.
+build fails, or the loaded kernels disagree with torch on check inputs, `load_kernels()` returns None, the
+reason is logged once, and callers keep torch's own operators.
 
-Weights are packed once (`Gemm.pack`) into the kernel's panel layout: a copy of the weight, like oneDNN's packed
+Weights are packed once (`CpuKernels.pack`) into the kernel's panel layout: a copy of the weight, like oneDNN's packed
 weights; the model's own parameters are left as they are.
 """
 
@@ -26,10 +27,11 @@ from functools import cache
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels") / "gemm.c"
+SOURCES = [Path(__file__).with_name("kernels") / name for name in ("gemm.c", "attention.c")]
 PANEL = 16  # output rows per panel (one AVX-512 register of float32)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
@@ -49,9 +51,11 @@ class PanelWeight:
     precision: str = "fp32"
 
 
-class Gemm:
-    """y[M, N] = x[M, K] @ W^T + b for float32 CPU tensors, W packed by `pack`, on torch's thread count; with
-    bf16 weights (where the CPU has AVX512-BF16) x is rounded to bf16 too and the sums stay float32."""
+class CpuKernels:
+    """The built kernels, on float32 CPU tensors and torch's thread count. Calling it is the product
+    y[M, N] = x[M, K] @ W^T + b with W packed by `pack` (with bf16 weights, where the CPU has AVX512-BF16, x is
+    rounded to bf16 too and the sums stay float32); `attention`, `rms_norm` and `silu_mul` are the decoder's
+    other steps. Every result row depends only on its own inputs, never on the other rows of the call."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
         args = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
@@ -60,6 +64,14 @@ class Gemm:
             self._fns["bf16"] = library.tasc_gemm_bf16
         for fn in self._fns.values():
             fn.argtypes, fn.restype = args, None
+        self._attention = library.tasc_attention_f32
+        self._attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 8 + [ctypes.c_float, ctypes.c_int]
+        self._rms_norm = library.tasc_rms_norm_f32
+        self._rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_float, ctypes.c_int]
+        self._silu_mul = library.tasc_silu_mul_f32
+        self._silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2 + [ctypes.c_int]
+        for fn in (self._attention, self._rms_norm, self._silu_mul):
+            fn.restype = None
 
     @property
     def precisions(self) -> tuple[str, ...]:
@@ -93,6 +105,46 @@ class Gemm:
         self._fns[weight.precision](x.data_ptr(), weight.panels.data_ptr(), bias, y.data_ptr(), m, n, k, threads)
         return y
 
+    def attention(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """[B, Q, H, D] = softmax(scale q k^T) v per query over the cache slots `allowed` [B, Q, S] lets it see, for
+        q [B, Q, H, D] and keys/values [B, KV, S, D] (views of a larger buffer are fine; KV divides H)."""
+        b, nq, h, d = q.shape
+        kv, s = keys.shape[1], keys.shape[2]
+        if d % 16 or d > 256 or h % kv or keys.stride() != values.stride() or keys.stride()[2:] != (d, 1):
+            raise ValueError(f"attention: unsupported shapes q {tuple(q.shape)}, keys {tuple(keys.shape)}")
+        q, allowed = q.contiguous(), allowed.to(torch.uint8).contiguous()
+        out = torch.empty_like(q)
+        batch_stride, head_stride = keys.stride(0), keys.stride(1)
+        self._attention(
+            q.data_ptr(), keys.data_ptr(), values.data_ptr(), allowed.data_ptr(), out.data_ptr(),
+            b, nq, h, kv, s, d, batch_stride, head_stride, scale, torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x / sqrt(mean(x^2) + eps) * weight over the last axis of a [T, N] tensor (N a multiple of 16)."""
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        self._rms_norm(
+            x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], eps, torch.get_num_threads()
+        )
+        return y
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for [T, 2N] rows laid out [gate | up] (N a multiple of 16): [T, N]."""
+        gate_up = gate_up.contiguous()
+        t, n = gate_up.shape[0], gate_up.shape[1] // 2
+        y = gate_up.new_empty(t, n)
+        self._silu_mul(gate_up.data_ptr(), y.data_ptr(), t, n, torch.get_num_threads())
+        return y
+
+    @staticmethod
+    def supports_model(hidden: int, intermediate: int, head_dim: int) -> bool:
+        """Whether attention, RMS norm and SiLU here fit a model of these sizes (multiples of 16, head_dim <= 256)."""
+        return hidden % 16 == 0 and intermediate % 16 == 0 and head_dim % 16 == 0 and head_dim <= 256
+
 
 def _cache_dir() -> Path:
     from tasc_ray.models import cache_root  # models imports the engine's config; imported here to stay light
@@ -112,54 +164,71 @@ def _cpu_key() -> str:
 
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, " ".join(FLAGS), _cpu_key()]).encode()).hexdigest()
+    sources = [source.read_text() for source in SOURCES]
+    key = hashlib.sha256("\0".join([*sources, version, " ".join(FLAGS), _cpu_key()]).encode()).hexdigest()
     target = _cache_dir() / f"libtasc_gemm-{key[:16]}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+        result = subprocess.run(
+            [compiler, *FLAGS, *map(str, SOURCES), "-o", str(built)], capture_output=True, text=True
+        )
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-400:]}")
         os.replace(built, target)  # atomic: a concurrent builder's identical file is as good
-    logger.info("built the CPU decoding kernel: %s", target)
+    logger.info("built the CPU decoding kernels: %s", target)
     return target
 
 
-def _agrees_with_torch(gemm: Gemm) -> bool:
-    """Check products against torch's: float32 as they are, bf16 against torch on the bf16-rounded operands."""
+def _agrees_with_torch(kernels: CpuKernels) -> bool:
+    """Check every kernel against torch: products in float32 as they are, bf16 against torch on the bf16-rounded
+    operands; attention against SDPA with a ragged mask; RMS norm; SiLU."""
     random = torch.Generator().manual_seed(0)
     for m, n, k in ((1, 37, 35), (3, 200, 64), (6, 130, 96), (27, 8, 16)):
         x, w, b = torch.randn(m, k, generator=random), torch.randn(n, k, generator=random), torch.randn(n)
-        for precision in gemm.precisions:
+        for precision in kernels.precisions:
             xr, wr = (x, w) if precision == "fp32" else (x.bfloat16().float(), w.bfloat16().float())
-            if not torch.allclose(gemm(x, gemm.pack(w, b, precision)), xr @ wr.T + b, atol=1e-4, rtol=1e-4):
+            if not torch.allclose(kernels(x, kernels.pack(w, b, precision)), xr @ wr.T + b, atol=1e-4, rtol=1e-4):
                 return False
-    return True
+    q, kv = torch.randn(2, 3, 4, 32, generator=random), torch.randn(2, 2, 2, 9, 32, generator=random)
+    allowed = torch.rand(2, 3, 9, generator=random) > 0.3
+    allowed[:, :, 0] = True
+    want = F.scaled_dot_product_attention(
+        q.transpose(1, 2), kv[0].repeat_interleave(2, 1), kv[1].repeat_interleave(2, 1), allowed[:, None], scale=0.3
+    ).transpose(1, 2)
+    x, weight = torch.randn(5, 48, generator=random), torch.randn(48, generator=random)
+    gate_up = torch.randn(5, 64, generator=random) * 4
+    checks = [
+        (kernels.attention(q, kv[0], kv[1], allowed, 0.3), want),
+        (kernels.rms_norm(x, weight, 1e-5), F.rms_norm(x, (48,), weight, 1e-5)),
+        (kernels.silu_mul(gate_up), F.silu(gate_up[:, :32]) * gate_up[:, 32:]),
+    ]
+    return all(torch.allclose(got, expected, atol=1e-5, rtol=1e-4) for got, expected in checks)
 
 
 @cache
-def load_gemm() -> Gemm | None:
-    """The built and checked kernel, or None (the reason logged) where it cannot be had; once per process."""
-    return build_gemm()
+def load_kernels() -> CpuKernels | None:
+    """The built and checked kernels, or None (the reason logged) where they cannot be had; once per process."""
+    return build_kernels()
 
 
-def build_gemm() -> Gemm | None:
-    """Build (or find in the cache), load and check the kernel; None, with the reason logged, where it fails."""
+def build_kernels() -> CpuKernels | None:
+    """Build (or find in the cache), load and check the kernels; None, with the reason logged, where that fails."""
     if os.environ.get("TASC_RAY_NO_CPU_KERNEL"):
-        logger.info("CPU decoding kernel off (TASC_RAY_NO_CPU_KERNEL is set)")
+        logger.info("CPU decoding kernels off (TASC_RAY_NO_CPU_KERNEL is set)")
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        logger.info("CPU decoding kernel not used: no C compiler (cc/gcc) on PATH")
+        logger.info("CPU decoding kernels not used: no C compiler (cc/gcc) on PATH")
         return None
     try:
-        gemm = Gemm(ctypes.CDLL(str(_build(compiler))))
+        kernels = CpuKernels(ctypes.CDLL(str(_build(compiler))))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        logger.warning("CPU decoding kernel not used: %s", exc)
+        logger.warning("CPU decoding kernels not used: %s", exc)
         return None
-    if not _agrees_with_torch(gemm):
-        logger.warning("CPU decoding kernel not used: its products disagree with torch's on this machine")
+    if not _agrees_with_torch(kernels):
+        logger.warning("CPU decoding kernels not used: they disagree with torch on this machine")
         return None
-    return gemm
+    return kernels

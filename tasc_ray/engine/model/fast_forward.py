@@ -11,13 +11,17 @@ and per-call bookkeeping. This forward computes the same function from the same 
 - only real tokens through the products: the padding of rows with shorter drafts (or prompts) is dropped before
   every product and restored only around attention, so a pass costs what its tokens cost, not rows x longest;
 - keys and values appended in place to a per-layer buffer with headroom, instead of a copy per step;
-- grouped-query attention on the key/value heads directly (query heads folded into the query axis).
+- grouped-query attention on the key/value heads directly;
+- with the CPU kernels, attention, RMS norm and SiLU on them too (kernels/attention.c), and rotary angles from a
+  table built once: then every op of the pass is batch-invariant, so a row's logits do not depend on its batch
+  neighbours, its padding, or how many query tokens its pass carries, and speculative decoding is exactly plain
+  decoding at every precision (`batch_invariant`).
 
 The model stays the source of truth: the weights are read from it (its parameters, `save_pretrained` and tied
 embeddings untouched), its own rotary module computes positions, and `build_fast_forward` checks the fast path
 against the model's forward on a small input before using it. A model it does not support, or that fails the
 check, keeps the model's own forward, and the log says why. Results are within float rounding of the model's
-forward (another summation order), not bit-identical: the spec benchmark reports greedy match rates.
+forward (another summation order), not bit-identical to it.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
-from tasc_ray.engine.kv_cache import attention_mask
-from tasc_ray.engine.model.cpu_kernels import PRECISIONS, PanelWeight, load_gemm
+from tasc_ray.engine.kv_cache import allowed_slots, attention_mask
+from tasc_ray.engine.model.cpu_kernels import PRECISIONS, CpuKernels, PanelWeight, load_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +47,7 @@ _HEADROOM = 64  # cache slots allocated beyond need, so a buffer is reallocated 
 class FusedLinear:
     """x @ [W_1; W_2; ...]^T + b for several nn.Linear layers that read the same input, as one product.
 
-    How the product runs: `kernel` (float32 on CPU, the built kernel of cpu_kernels.py) on the weight packed in
+    How the product runs: `kernel` (float32 on CPU, the built kernels of cpu_kernels.py) on the weight packed in
     its panels; `packed` on a oneDNN-packed copy (float32 on CPU without the kernel); `dense` (other devices and
     dtypes) is F.linear on the concatenated weight."""
 
@@ -56,7 +60,7 @@ class FusedLinear:
             zeros = [weight.new_zeros(m.out_features) for m in layers]
             self.bias = torch.cat([b if b is not None else z for b, z in zip(biases, zeros)])
         self.sizes = [m.out_features for m in layers]
-        self.kernel = load_gemm() if mode == "kernel" else None
+        self.kernel = load_kernels() if mode == "kernel" else None
         if self.kernel is not None:
             self.weight: torch.Tensor | PanelWeight = self.kernel.pack(weight, self.bias, precision)
         elif mode == "packed":
@@ -151,12 +155,22 @@ class FastForward:
         first = next(model.parameters())
         self.mode = "dense"
         if first.device.type == "cpu" and first.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-            self.mode = "kernel" if use_kernel and load_gemm() is not None else "packed"
+            self.mode = "kernel" if use_kernel and load_kernels() is not None else "packed"
         check_precision(precision, self.mode)
         self.precision = precision
 
         self.embed = model.get_input_embeddings()
-        self.rotary = model.model.rotary_emb
+        kernels = load_kernels() if self.mode == "kernel" else None
+        sizes = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+        )
+        self.ops: CpuKernels | None = kernels if kernels is not None and kernels.supports_model(*sizes) else None
+        # One table of rotary angles for every position, so a position's angles never depend on the pass.
+        every = torch.arange(cfg.max_position_embeddings, device=first.device)[None]
+        cos, sin = model.model.rotary_emb(first.new_zeros(1, dtype=first.dtype), every)
+        self.cos, self.sin = cos[0], sin[0]  # [positions, D]
         self.layers = [_Layer(layer, self.mode, precision) for layer in model.model.layers]
         self.final_norm = _norm_params(model.model.norm)
         self.lm_head = FusedLinear([model.get_output_embeddings()], self.mode, precision)
@@ -164,6 +178,12 @@ class FastForward:
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.scaling = model.model.layers[0].self_attn.scaling
         self.dtype = first.dtype
+
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether every op of the pass runs on the batch-invariant CPU kernels (a row's logits then do not
+        depend on its batch, padding or query count)."""
+        return self.ops is not None
 
     @torch.inference_mode()
     def __call__(
@@ -186,12 +206,13 @@ class FastForward:
         x = self.embed(ids).reshape(b * q, -1)
         if flat is not None:
             x = x[flat]
-        cos, sin = self.rotary(x, positions.reshape(1, -1) if flat is None else positions.reshape(1, -1)[:, flat])
-        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, D]
-        mask = _grouped_mask(attention_mask(valid, q, self.dtype, tree), h // kv)
+        at = positions.reshape(-1) if flat is None else positions.reshape(-1)[flat]
+        cos, sin = self.cos[at][:, None, :], self.sin[at][:, None, :]  # [T, 1, D]
+        allowed = allowed_slots(valid, q, tree)
+        mask = None if self.ops is not None else _grouped_mask(attention_mask(valid, q, self.dtype, tree), h // kv)
         q_size, kv_size = h * d, kv * d
         for index, layer in enumerate(self.layers):
-            qkv = layer.qkv(_rms_norm(x, layer.norm1))
+            qkv = layer.qkv(self._norm(x, layer.norm1))
             qs = qkv[:, :q_size].reshape(-1, h, d)
             ks = qkv[:, q_size : q_size + kv_size].reshape(-1, kv, d)
             vs = qkv[:, q_size + kv_size :].reshape(-1, kv, d)
@@ -199,24 +220,34 @@ class FastForward:
             ks = ks * cos + _rotate_half(ks) * sin
             qs, ks, vs = (_padded(t, flat, b, q) for t in (qs, ks, vs))  # [B, q, heads, D]
             keys, values = append_kv(cache.layers[index], ks.transpose(1, 2), vs.transpose(1, 2))
-            # Query heads folded into the query axis per key/value head: [B, kv, (h/kv) * q, D].
-            grouped = qs.reshape(b, q, kv, h // kv, d).permute(0, 2, 3, 1, 4).reshape(b, kv, (h // kv) * q, d)
-            out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=self.scaling)
-            out = out.reshape(b, kv, h // kv, q, d).permute(0, 3, 1, 2, 4).reshape(b * q, h * d)
+            if self.ops is not None:
+                out = self.ops.attention(qs, keys, values, allowed, self.scaling).reshape(b * q, h * d)
+            else:  # query heads folded into the query axis per key/value head: [B, kv, (h/kv) * q, D]
+                grouped = qs.reshape(b, q, kv, h // kv, d).permute(0, 2, 3, 1, 4).reshape(b, kv, (h // kv) * q, d)
+                out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=self.scaling)
+                out = out.reshape(b, kv, h // kv, q, d).permute(0, 3, 1, 2, 4).reshape(b * q, h * d)
             x = x + layer.o(out if flat is None else out[flat])
-            gate, up = layer.gate_up(_rms_norm(x, layer.norm2)).split(layer.gate_up.sizes, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+            x = x + layer.down(self._silu_mul(layer.gate_up(self._norm(x, layer.norm2))))
         if last_only:
             rows = torch.arange(b, device=ids.device) * q + q - 1
             if flat is not None:  # the last column of every row must be real (left-padded prompts are)
                 rows = torch.searchsorted(flat, rows)
-            return self.lm_head(_rms_norm(x[rows], self.final_norm)).float()[:, None]
-        logits = self.lm_head(_rms_norm(x, self.final_norm)).float()
+            return self.lm_head(self._norm(x[rows], self.final_norm)).float()[:, None]
+        logits = self.lm_head(self._norm(x, self.final_norm)).float()
         if flat is None:
             return logits.reshape(b, q, -1)
         full = logits.new_zeros(b * q, logits.shape[-1])
         full[flat] = logits
         return full.reshape(b, q, -1)
+
+    def _norm(self, x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
+        return self.ops.rms_norm(x, *norm) if self.ops is not None else _rms_norm(x, norm)
+
+    def _silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.ops is not None:
+            return self.ops.silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
 
 
 def _padded(t: torch.Tensor, flat: torch.Tensor | None, b: int, q: int) -> torch.Tensor:
@@ -235,8 +266,8 @@ def _grouped_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
 
 def supported_precisions(mode: str = "kernel") -> tuple[str, ...]:
     """The products' precisions this machine runs: fp32 always; others on the CPU kernel where the CPU has them."""
-    gemm = load_gemm() if mode == "kernel" else None
-    return gemm.precisions if gemm is not None else ("fp32",)
+    kernels = load_kernels() if mode == "kernel" else None
+    return kernels.precisions if kernels is not None else ("fp32",)
 
 
 def check_precision(precision: str, mode: str = "kernel") -> None:
@@ -271,6 +302,8 @@ def unsupported_reason(model: PreTrainedModel) -> str | None:
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
         return f"{type(model).__name__} does not have the Llama module layout"
+    if "dynamic" in str(getattr(inner.rotary_emb, "rope_type", "default")):
+        return "dynamic rotary scaling (its angles change with the sequence length)"
     for layer in inner.layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         names = ("q_proj", "k_proj", "v_proj", "o_proj")
