@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from benchmarks.common.metrics import share_identical
+from benchmarks.common.metrics import share_identical, task_quality
 from benchmarks.common.report import provenance, write_report
 from benchmarks.common.tasks import BUILTIN_TASKS, Task, load_task, load_task_file
 from tasc_ray.cli.args import add_config_arguments, add_model_argument, config_from_args
@@ -249,6 +249,9 @@ def bench_task(
                     measured = measure_engine(generator, task.prompts, params)
                 record = run_record(task, method, batch_size, corpus_kind, measured, plain)
                 record["precision"] = precision
+                texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in measured.token_ids]
+                record["quality_metric"], score = task_quality(task.name, texts, task.references)
+                record["quality"] = round(score, 2)
                 if batch_size in fp32_plain:
                     record["match_rate_vs_fp32_plain"] = share_identical(measured.token_ids, fp32_plain[batch_size])
                 if method.startswith("tasc") and batch_size == 1:
@@ -479,8 +482,8 @@ def markdown_table(report: dict[str, Any]) -> str:
     ]
     by_precision = "precisions" in report  # results before precisions existed render as they were written
     if by_precision:
-        lines[-2] = lines[-2].replace("| method |", "| method | precision |") + " match vs fp32 plain |"
-        lines[-1] += "---|---|"
+        lines[-2] = lines[-2].replace("| method |", "| method | precision |") + " match vs fp32 plain | quality |"
+        lines[-1] += "---|---|---|"
     for r in report["runs"]:
         precision = f" {r.get('precision', 'fp32')} |" if by_precision else ""
         line = (
@@ -489,7 +492,8 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"{_fmt(r['mean_accepted_per_pass'])} | {_fmt(r['draft_time_share'])} | "
             f"{_fmt(r['match_rate_vs_plain'])} |"
         )
-        lines.append(line + (f" {_fmt(r.get('match_rate_vs_fp32_plain'))} |" if by_precision else ""))
+        quality = f" {r['quality_metric']} {_fmt(r['quality'])} |" if "quality" in r else " - |"
+        lines.append(line + (f" {_fmt(r.get('match_rate_vs_fp32_plain'))} |{quality}" if by_precision else ""))
     tables = report.get("cost_tables") or ({"fp32": report["cost_table"]} if report.get("cost_table") else {})
     for precision, table in tables.items():
         lines += ["", *([f"Precision {precision}:", ""] if len(tables) > 1 else []), *cost_table_lines(table)]

@@ -52,6 +52,16 @@ def exact_match(preds: Sequence[str], refs: Sequence[str]) -> float:
     return sum(p.strip() == r.strip() for p, r in zip(preds, refs)) / max(1, len(refs))
 
 
+def task_quality(task: str, preds: Sequence[str], refs: Sequence[str]) -> tuple[str, float]:
+    """The headline quality metric of a built-in task's outputs against one reference each, 0-100: slot F1 for
+    E2E text -> MR, exact match for WikiSQL (and parquet tasks), chrF for E2E MR -> text."""
+    if task == "e2e_text2mr":
+        return "slot_f1", 100 * slot_f1(preds, refs)
+    if task == "e2e_mr2text":
+        return "chrf", text_scores(preds, [[r] for r in refs])["chrf"]
+    return "exact_match", 100 * exact_match(preds, refs)
+
+
 def share_identical(a: Sequence[object], b: Sequence[object]) -> float:
     """Share of positions where two decodings of the same prompts agree (texts or token id lists), in [0, 1]."""
     return sum(x == y for x, y in zip(a, b)) / max(1, len(a))
