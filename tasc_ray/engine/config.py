@@ -96,13 +96,6 @@ class ExperimentalConfig(BaseModel):
         description="switch drafting off for a batch size where the engine's passes with drafts emit fewer tokens "
         "per second than its passes without (retried now and then)",
     )
-    precision: Literal["fp32", "bf16"] = Field(
-        "fp32",
-        description="what the fast forward's matrix products run in on a CPU: fp32, or bf16 (weights and inputs "
-        "rounded to bfloat16, float32 sums; needs AVX512-BF16; ~1.5x faster plain decoding at batch 1). bf16 is "
-        "not lossless yet: attention is not batch-invariant, and bf16's input rounding turns its float-rounding "
-        "differences into a different token on some rows (benchmarks/results/spec_precision_cpu.md)",
-    )
     profile_step_costs: bool = Field(
         True,
         description="at start-up, time verification passes by rows and query tokens (a few seconds on a CPU), so "
@@ -121,6 +114,13 @@ class EngineConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="model weights' dtype")
     device: str | None = Field(None, description="cpu or cuda; unset: cuda when present")
     max_batch_size: int = Field(8, ge=1, description="rows decoded together")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="what the fast forward's matrix products run in on a CPU: fp32, or bf16 (weights and inputs "
+        "rounded to bfloat16, float32 sums; needs AVX512-BF16; plain decoding ~1.5x faster at batch 1, ~1.1x at "
+        "batch 8). Lossless within a precision: TASC output is identical to plain decoding at the same precision; "
+        "bf16 output differs from fp32 on some rows (benchmarks/results/spec_precision_exact_cpu.md)",
+    )
     drafter: DrafterConfig = Field(default_factory=DrafterConfig, description="where drafts come from, how large")
     scheduler: SchedulerConfig = Field(
         default_factory=SchedulerConfig, description="admission, prefix cache, compaction"

@@ -22,13 +22,11 @@ logger = logging.getLogger(__name__)
 def load_engine(config: EngineConfig, index: NgramIndex | None = None) -> SpeculativeGenerator:
     """Load the model (and the index, unless given) and build the generator; refuses a mismatched index."""
     model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
-    if config.experimental.precision != "fp32" and not config.experimental.fast_forward:
-        raise ValueError(f"precision {config.experimental.precision!r} runs on the fast forward; it was switched off")
-    fast = build_fast_forward(model, config.experimental.precision) if config.experimental.fast_forward else None
-    if fast is None and config.experimental.precision != "fp32":
-        raise ValueError(
-            f"precision {config.experimental.precision!r} needs the fast forward, which does not apply to this model"
-        )
+    if config.precision != "fp32" and not config.experimental.fast_forward:
+        raise ValueError(f"precision {config.precision!r} runs on the fast forward; it was switched off")
+    fast = build_fast_forward(model, config.precision) if config.experimental.fast_forward else None
+    if fast is None and config.precision != "fp32":
+        raise ValueError(f"precision {config.precision!r} needs the fast forward, which does not apply to this model")
     if fast is None:  # the model's own forward runs: on packed layers (a no-op off a float32 CPU)
         pack_linear_layers(model)
     if index is None and config.index:
