@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from tasc_ray.engine.model.cpu_kernels import build_kernels, load_kernels
+from tasc_ray.engine.model.cpu_kernels import available_isas, build_kernels, load_kernels
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +93,45 @@ def test_a_bf16_row_does_not_depend_on_the_other_rows(bf16_gemm):
 def test_an_unknown_precision_is_refused(gemm):
     with pytest.raises(ValueError, match="supported here"):
         gemm.pack(torch.randn(4, 16), None, "int3")
+
+
+@pytest.mark.parametrize("isa", available_isas())
+def test_every_instruction_set_path_builds_agrees_with_torch_and_is_batch_invariant(isa, monkeypatch, tmp_path):
+    """Each ISA level other CPUs would take (AVX-512 here natively, AVX2, SSE2), forced on this machine: built,
+    checked against torch (build_kernels refuses a disagreeing build), a row's products and attention independent
+    of the other rows of the call."""
+    monkeypatch.setenv("TASC_RAY_CACHE", str(tmp_path))
+    kernels = build_kernels(isa)
+    if kernels is None:
+        pytest.skip("no C compiler here")
+    assert ("bf16" in kernels.precisions) <= (isa == "native")  # bf16 needs AVX512-BF16
+    random = torch.Generator().manual_seed(1)
+    x, w = torch.randn(64, 96, generator=random), torch.randn(130, 96, generator=random)
+    for precision in kernels.precisions:
+        packed = kernels.pack(w, None, precision)
+        together = kernels(x, packed)
+        for rows in ([0], [0, 1], list(range(9)), list(range(16))):  # M = 1, 2, 9, 16 against M = 64
+            assert torch.equal(kernels(x[rows], packed), together[rows]), (precision, len(rows))
+    q, keys, values = (
+        torch.randn(*shape, generator=random) for shape in ((4, 3, 4, 32), (4, 2, 40, 32), (4, 2, 40, 32))
+    )
+    allowed = torch.rand(4, 3, 40, generator=random) > 0.2
+    allowed[:, :, 0] = True
+    together = kernels.attention(q, keys, values, allowed, 0.2)
+    for r in range(4):  # a row alone, its query alone, and its slots shifted behind masked padding
+        row = slice(r, r + 1)
+        alone = kernels.attention(q[row], keys[row], values[row], allowed[row], 0.2)
+        assert torch.equal(alone, together[row])
+        one = kernels.attention(q[row, 1:2], keys[row], values[row], allowed[row, 1:2], 0.2)
+        assert torch.equal(one, together[row, 1:2])
+        padding = torch.zeros(1, 2, 7, 32)
+        shifted_allowed = torch.cat([torch.zeros(1, 3, 7, dtype=torch.bool), allowed[row]], 2)
+        shifted_keys, shifted_values = torch.cat([padding, keys[row]], 2), torch.cat([padding, values[row]], 2)
+        shifted = kernels.attention(q[row], shifted_keys, shifted_values, shifted_allowed, 0.2)
+        assert torch.equal(shifted, together[row])
+
+
+def test_an_isa_this_machine_cannot_run_is_refused(monkeypatch):
+    monkeypatch.setenv("TASC_RAY_CPU_ISA", "vax")
+    with pytest.raises(ValueError, match="ISA 'vax' cannot run here; available: native"):
+        build_kernels()

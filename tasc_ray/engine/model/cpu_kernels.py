@@ -33,7 +33,11 @@ logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name("kernels") / name for name in ("gemm.c", "attention.c")]
 PANEL = 16  # output rows per panel (one AVX-512 register of float32)
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+# What the kernels are compiled for: this CPU's whole instruction set (default), or a lower x86 level, forced with
+# TASC_RAY_CPU_ISA (or build_kernels(isa=...)) to run and test the code paths other CPUs take: the same C source, its
+# 64-byte vectors lowered to AVX-512, two AVX2 registers, or four SSE2 ones (no FMA, no bf16).
+ISAS = {"native": ["-march=native"], "avx2": ["-march=x86-64-v3"], "sse2": ["-march=x86-64"]}
 
 
 PRECISIONS = ("fp32", "bf16")  # what the products may run in: float32, or bfloat16 weights and inputs
@@ -162,10 +166,11 @@ def _cpu_key() -> str:
     return "\n".join(wanted) or platform.processor()
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, isa: str = "native") -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     sources = [source.read_text() for source in SOURCES]
-    key = hashlib.sha256("\0".join([*sources, version, " ".join(FLAGS), _cpu_key()]).encode()).hexdigest()
+    flags = [*FLAGS, *ISAS[isa]]
+    key = hashlib.sha256("\0".join([*sources, version, " ".join(flags), _cpu_key()]).encode()).hexdigest()
     target = _cache_dir() / f"libtasc_gemm-{key[:16]}.so"
     if target.is_file():
         return target
@@ -173,12 +178,12 @@ def _build(compiler: str) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         result = subprocess.run(
-            [compiler, *FLAGS, *map(str, SOURCES), "-o", str(built)], capture_output=True, text=True
+            [compiler, *flags, *map(str, SOURCES), "-o", str(built)], capture_output=True, text=True
         )
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-400:]}")
         os.replace(built, target)  # atomic: a concurrent builder's identical file is as good
-    logger.info("built the CPU decoding kernels: %s", target)
+    logger.info("built the CPU decoding kernels (%s): %s", isa, target)
     return target
 
 
@@ -214,17 +219,28 @@ def load_kernels() -> CpuKernels | None:
     return build_kernels()
 
 
-def build_kernels() -> CpuKernels | None:
-    """Build (or find in the cache), load and check the kernels; None, with the reason logged, where that fails."""
+def available_isas() -> list[str]:
+    """The instruction-set levels the kernels can be built for and run on here (`native` first)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ["native"]
+    return ["native", *(["avx2"] if " avx2" in _cpu_key() and " fma" in _cpu_key() else []), "sse2"]
+
+
+def build_kernels(isa: str | None = None) -> CpuKernels | None:
+    """Build (or find in the cache), load and check the kernels for `isa` (default: TASC_RAY_CPU_ISA, else
+    native); None, with the reason logged, where that fails. An ISA this machine cannot run is a ValueError."""
     if os.environ.get("TASC_RAY_NO_CPU_KERNEL"):
         logger.info("CPU decoding kernels off (TASC_RAY_NO_CPU_KERNEL is set)")
         return None
+    isa = isa or os.environ.get("TASC_RAY_CPU_ISA") or "native"
+    if isa not in available_isas():
+        raise ValueError(f"CPU kernel ISA {isa!r} cannot run here; available: {', '.join(available_isas())}")
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         logger.info("CPU decoding kernels not used: no C compiler (cc/gcc) on PATH")
         return None
     try:
-        kernels = CpuKernels(ctypes.CDLL(str(_build(compiler))))
+        kernels = CpuKernels(ctypes.CDLL(str(_build(compiler, isa))))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         logger.warning("CPU decoding kernels not used: %s", exc)
         return None
