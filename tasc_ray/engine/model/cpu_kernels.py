@@ -46,7 +46,8 @@ PRECISIONS = ("fp32", "bf16")  # what the products may run in: float32, or bfloa
 @dataclass
 class PanelWeight:
     """A [N, K] weight (and its bias) packed as panels[ceil(N / 16)][K][16] (float32) or panels[ceil(N / 16)]
-    [ceil(K / 2)][16][2] (bf16 pairs along k), zero-padded to whole panels."""
+    [ceil(K / 2)][16][2] (bf16 pairs along k; on AMX, k pairs padded to whole tiles of 16), zero-padded to whole
+    panels."""
 
     panels: torch.Tensor
     bias: torch.Tensor | None
@@ -64,8 +65,9 @@ class CpuKernels:
     def __init__(self, library: ctypes.CDLL) -> None:
         args = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
         self._fns = {"fp32": library.tasc_gemm_f32}
-        if library.tasc_gemm_has_bf16():
-            self._fns["bf16"] = library.tasc_gemm_bf16
+        self.amx = bool(library.tasc_gemm_has_bf16() and library.tasc_gemm_has_amx())
+        if library.tasc_gemm_has_bf16():  # on AMX tiles where the CPU has them (and the OS grants them)
+            self._fns["bf16"] = library.tasc_gemm_bf16_amx if self.amx else library.tasc_gemm_bf16
         for fn in self._fns.values():
             fn.argtypes, fn.restype = args, None
         self._attention = library.tasc_attention_f32
@@ -90,8 +92,9 @@ class CpuKernels:
         w = torch.cat([weight, weight.new_zeros(padded, k)]) if padded else weight
         w = w.detach().float()
         if precision == "bf16":
-            w = torch.cat([w, w.new_zeros(w.shape[0], k % 2)], 1) if k % 2 else w
-            pairs = w.to(torch.bfloat16).reshape(-1, PANEL, (k + 1) // 2, 2).permute(0, 2, 1, 3)
+            pairs_k = (k + 1) // 2 if not self.amx else -(-((k + 1) // 2) // 16) * 16  # AMX: whole tiles of k
+            w = torch.cat([w, w.new_zeros(w.shape[0], 2 * pairs_k - k)], 1) if 2 * pairs_k > k else w
+            pairs = w.to(torch.bfloat16).reshape(-1, PANEL, pairs_k, 2).permute(0, 2, 1, 3)
             panels = pairs.contiguous()
         else:
             panels = w.reshape(-1, PANEL, k).transpose(1, 2).contiguous()

@@ -231,6 +231,105 @@ void tasc_gemm_bf16(const float *x, const uint16_t *panels, const float *bias, f
     }
     free(xp);
 }
+
+/* ----- bf16 on AMX tiles: the same product where the CPU has AMX-BF16 -----
+
+   One TDPBF16PS multiplies a 16 x 32 tile of x (16 rows, 16 bf16 pairs along k) by a 16 x 16 tile of a panel
+   (16 pairs along k by 16 outputs) into 16 x 16 float32 sums: 8192 multiply-adds an instruction. The panels are
+   the bf16 layout above with k padded to whole tiles (zero pairs add exactly 0), x is rounded to bf16 pairs into a
+   buffer padded to whole tiles of zero rows. Each output is one chain of tile products over the k tiles in
+   order, and a tile's row m depends only on x's row m: a row's result does not depend on its batch. */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+int tasc_gemm_has_amx(void) { /* Linux hands out AMX state to a process that asks (ARCH_REQ_XCOMP_PERM) */
+    static int permitted = -1;
+    if (permitted < 0) permitted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    return permitted;
+}
+
+#define AMX_PANELS 4 /* panels a tile pass covers: 4 sums tiles, one x tile, two panel tiles */
+
+static void amx_group(const uint32_t *xp, const uint16_t *panels, const float *bias, float *y, long M, long Mp,
+                      long N, long K2p, long p0, int np) {
+    float sums[AMX_PANELS][16][16];
+    for (long m0 = 0; m0 < Mp; m0 += 16) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (long r = 0; r < K2p; r += 16) {
+            const uint16_t *w = panels + p0 * K2p * 32 + r * 32;
+            _tile_loadd(4, xp + m0 * K2p + r, K2p * 4);
+            _tile_loadd(5, w, 64);
+            _tile_dpbf16ps(0, 4, 5);
+            if (np > 1) {
+                _tile_loadd(6, w + K2p * 32, 64);
+                _tile_dpbf16ps(1, 4, 6);
+            }
+            if (np > 2) {
+                _tile_loadd(5, w + 2 * K2p * 32, 64);
+                _tile_dpbf16ps(2, 4, 5);
+            }
+            if (np > 3) {
+                _tile_loadd(6, w + 3 * K2p * 32, 64);
+                _tile_dpbf16ps(3, 4, 6);
+            }
+        }
+        _tile_stored(0, sums[0], 64);
+        _tile_stored(1, sums[1], 64);
+        _tile_stored(2, sums[2], 64);
+        _tile_stored(3, sums[3], 64);
+        for (int j = 0; j < np; j++) {
+            long n0 = (p0 + j) * 16;
+            int width = N - n0 < 16 ? (int)(N - n0) : 16;
+            for (long m = m0; m < M && m < m0 + 16; m++)
+                for (int n = 0; n < width; n++) y[m * N + n0 + n] = sums[j][m - m0][n] + (bias ? bias[n0 + n] : 0.0f);
+        }
+    }
+}
+
+/* y[M, N] = bf16(x)[M, K] . W^T + bias, W packed as bf16 panels[ceil(N / 16)][K2p][16][2], K2p = ceil(K / 2) rounded
+   up to a multiple of 16 (zero pairs). */
+void tasc_gemm_bf16_amx(const float *x, const uint16_t *panels, const float *bias, float *y, long M, long N, long K,
+                        int threads) {
+    long K2 = (K + 1) / 2, K2p = (K2 + 15) / 16 * 16, Mp = (M + 15) / 16 * 16, total = (N + 15) / 16;
+    uint32_t *xp = calloc(Mp * K2p, sizeof(uint32_t));
+    for (long m = 0; m < M; m++)
+        for (long k = 0; k < K2; k++) {
+            float hi = 2 * k + 1 < K ? x[m * K + 2 * k + 1] : 0.0f;
+            xp[m * K2p + k] = bf16_pair(x[m * K + 2 * k], hi);
+        }
+#pragma omp parallel num_threads(threads)
+    {
+        tile_config config = {0};
+        config.palette = 1;
+        for (int i = 0; i < 8; i++) {
+            config.colsb[i] = 64;
+            config.rows[i] = 16;
+        }
+        _tile_loadconfig(&config);
+        int t = omp_get_thread_num(), n = omp_get_num_threads();
+        long first = total * t / n, last = total * (t + 1) / n;
+        for (long p = first; p < last; p += AMX_PANELS) {
+            int np = last - p < AMX_PANELS ? (int)(last - p) : AMX_PANELS;
+            amx_group(xp, panels, bias, y, M, Mp, N, K2p, p, np);
+        }
+        _tile_release();
+    }
+    free(xp);
+}
+#else
+int tasc_gemm_has_amx(void) { return 0; }
+#endif
 #else
 int tasc_gemm_has_bf16(void) { return 0; }
+int tasc_gemm_has_amx(void) { return 0; }
 #endif
