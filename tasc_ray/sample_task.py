@@ -1,10 +1,16 @@
-"""A generated sample task, so the demo runs anywhere: restaurant sentences -> slot strings (E2E-style MRs).
+"""Generated sample tasks, so the demo runs anywhere; outputs vary little (fixed keys in a fixed order, values
+copied from the input), the kind of task TASC targets:
 
-Outputs vary little (fixed keys in a fixed order, values copied from the input), the kind of task TASC targets.
+- `orders` (the demo's): order messages -> one JSON object each, e.g. "Your order 4858 (4 x Wall Clock) to Dublin
+  has been shipped." -> {"order": 4858, "item": "Wall Clock", "quantity": 4, "city": "Dublin"}. The bundled
+  SmolLM2-135M gets 80-85% of these exactly right with three shots;
+- `restaurants`: restaurant sentences -> slot strings (E2E-style MRs), harder for a 135M model (its exact match is
+  under 20%: it misspells names and drops attributes).
 """
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -86,11 +92,62 @@ def sample_task(n: int, seed: int = 0, n_shots: int = 3) -> list[dict[str, str]]
     return rows
 
 
-def write_sample_task(out_dir: str | Path, n_corpus: int = 2000, n_prompts: int = 64, seed: int = 0) -> dict[str, Path]:
-    """Write corpus.parquet (outputs to index) and prompts.parquet (disjoint rows to decode) under out_dir."""
+ITEMS = [
+    "Blue Widget", "Steel Bolt", "Garden Hose", "Desk Lamp", "Coffee Mug",
+    "USB Cable", "Rain Jacket", "Yoga Mat", "Paper Towels", "Wall Clock",
+]  # fmt: skip
+CITIES = ["Paris", "Berlin", "Madrid", "Rome", "Lisbon", "Vienna", "Dublin", "Oslo", "Prague", "Warsaw"]
+ORDER_TEMPLATES = [
+    "Order {order}: {quantity} x {item}, destination {city}.",
+    "Your order {order} ({quantity} x {item}) to {city} has been {status}.",
+    "{quantity} x {item} for order {order}, shipping to {city}.",
+]
+ORDER_INSTRUCTION = "Convert each order message to JSON."
+
+
+def _order(rng: random.Random, template: str | None = None) -> tuple[str, str]:
+    values = {
+        "order": rng.randint(1000, 9999),
+        "quantity": rng.randint(1, 9),
+        "item": rng.choice(ITEMS),
+        "city": rng.choice(CITIES),
+        "status": rng.choice(["shipped", "delivered", "delayed"]),
+    }
+    text = (template or rng.choice(ORDER_TEMPLATES)).format(**values)
+    fields = ("order", "item", "quantity", "city")
+    return text, json.dumps({k: values[k] for k in fields})
+
+
+def order_prompt(text: str, shots: list[tuple[str, str]]) -> str:
+    examples = "".join(f"Input: {s}\nOutput: {out}\n\n" for s, out in shots)
+    return f"{ORDER_INSTRUCTION}\n\n{examples}Input: {text}\nOutput:"
+
+
+def order_task(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """n rows of {"id", "text", "output", "prompt"}; the three few-shot examples (one per message template) are
+    drawn apart from the rows."""
+    rng = random.Random(seed)
+    shots = [_order(rng, template) for template in ORDER_TEMPLATES]
+    rows = []
+    for i in range(n):
+        text, out = _order(rng)
+        rows.append({"id": f"order-{seed}-{i}", "text": text, "output": out, "prompt": order_prompt(text, shots)})
+    return rows
+
+
+TASKS = {"orders": order_task, "restaurants": sample_task}
+
+
+def write_sample_task(
+    out_dir: str | Path, n_corpus: int = 2000, n_prompts: int = 64, seed: int = 0, task: str = "orders"
+) -> dict[str, Path]:
+    """Write corpus.parquet (outputs to index) and prompts.parquet (disjoint rows to decode) of a task of TASKS
+    under out_dir."""
+    if task not in TASKS:
+        raise ValueError(f"unknown sample task {task!r}; known: {', '.join(TASKS)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = sample_task(n_corpus + n_prompts, seed)
+    rows = TASKS[task](n_corpus + n_prompts, seed)
     corpus, prompts = rows[:n_corpus], rows[n_corpus:]
     paths = {"corpus": out_dir / "corpus.parquet", "prompts": out_dir / "prompts.parquet"}
     pq.write_table(pa.Table.from_pylist([{"id": r["id"], "output": r["output"]} for r in corpus]), paths["corpus"])

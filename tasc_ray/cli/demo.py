@@ -1,6 +1,6 @@
 """`tasc-ray demo`: the README's main job, the full flow on the embedded default.
 
-1. writes the generated sample task (restaurant sentences -> slot strings): a corpus of outputs and disjoint prompts;
+1. writes a generated sample task (default: order messages -> JSON): a corpus of outputs and disjoint prompts;
 2. indexes the corpus with the Ray Data job (tokenise, count n-grams, aggregate, top-K, manifest last);
 3. labels the prompts parquet through the Ray Data actor pool, plainly and with TASC-spec;
 4. prints sample outputs, the speedup against plain decoding, the acceptance, and where everything is.
@@ -22,7 +22,7 @@ from tasc_ray.cli.args import add_model_argument
 from tasc_ray.cli.main import add_command
 from tasc_ray.engine.config import EngineConfig
 from tasc_ray.models import load_tokenizer, resolve_model
-from tasc_ray.sample_task import write_sample_task
+from tasc_ray.sample_task import TASKS, write_sample_task
 from tasc_ray.stages.index_job import index_corpus
 from tasc_ray.stages.labeling import label_parquet
 from tasc_ray.stages.runtime import ensure_ray
@@ -39,6 +39,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_argument(demo)
     demo.add_argument("--workdir", default="outputs/demo", help="where the task, index and labels are written")
+    demo.add_argument(
+        "--task",
+        choices=sorted(TASKS),
+        default="orders",
+        help="sample task (tasc_ray.sample_task): orders -> JSON, "
+        "or restaurant sentences -> slot strings (harder for a 135M model)",
+    )
     demo.add_argument("--n", type=int, default=48, help="prompts to label")
     demo.add_argument("--corpus-rows", type=int, default=2000, help="outputs in the sample task's corpus")
     demo.add_argument("--batch-size", type=int, default=8, help="rows per batched decode")
@@ -47,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(args.workdir)
-    paths = write_sample_task(workdir / "task", n_corpus=args.corpus_rows, n_prompts=args.n)
+    paths = write_sample_task(workdir / "task", n_corpus=args.corpus_rows, n_prompts=args.n, task=args.task)
     resolve_model(args.model)  # convert the embedded model once, before the Ray workers need it
     ensure_ray()
     index_dir = str(workdir / "index")
