@@ -105,12 +105,14 @@ ORDER_TEMPLATES = [
 ORDER_INSTRUCTION = "Convert each order message to JSON."
 
 
-def _order(rng: random.Random, template: str | None = None) -> tuple[str, str]:
+def _order(
+    rng: random.Random, template: str | None = None, item: str | None = None, city: str | None = None
+) -> tuple[str, str]:
     values = {
         "order": rng.randint(1000, 9999),
         "quantity": rng.randint(1, 9),
-        "item": rng.choice(ITEMS),
-        "city": rng.choice(CITIES),
+        "item": item or rng.choice(ITEMS),
+        "city": city or rng.choice(CITIES),
         "status": rng.choice(["shipped", "delivered", "delayed"]),
     }
     text = (template or rng.choice(ORDER_TEMPLATES)).format(**values)
@@ -124,10 +126,11 @@ def order_prompt(text: str, shots: list[tuple[str, str]]) -> str:
 
 
 def order_task(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """n rows of {"id", "text", "output", "prompt"}; the three few-shot examples (one per message template) are
-    drawn apart from the rows."""
+    """n rows of {"id", "text", "output", "prompt"}; the three few-shot examples (one per message template, each
+    with its own item and city, so that no value is the shots' majority to copy) are drawn apart from the rows."""
     rng = random.Random(seed)
-    shots = [_order(rng, template) for template in ORDER_TEMPLATES]
+    items, cities = rng.sample(ITEMS, len(ORDER_TEMPLATES)), rng.sample(CITIES, len(ORDER_TEMPLATES))
+    shots = [_order(rng, *chosen) for chosen in zip(ORDER_TEMPLATES, items, cities)]  # no value repeated in the shots
     rows = []
     for i in range(n):
         text, out = _order(rng)

@@ -50,6 +50,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--corpus-rows", type=int, default=2000, help="outputs in the sample task's corpus")
     demo.add_argument("--batch-size", type=int, default=8, help="rows per batched decode")
     demo.add_argument("--max-new-tokens", type=int, default=48)
+    precision = EngineConfig.model_fields["precision"]
+    demo.add_argument(
+        "--precision", choices=["fp32", "bf16"], default=precision.default, help="the products' precision"
+    )
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
@@ -66,7 +70,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         runs[name] = label_parquet(
             str(paths["prompts"]),
             str(out),
-            EngineConfig(model=args.model, index=index),
+            EngineConfig(model=args.model, index=index, precision=args.precision),
             prompt_template="{prompt}",
             id_column="id",
             max_new_tokens=args.max_new_tokens,
