@@ -1,5 +1,6 @@
 """`tasc-ray label`: batch labeling of a dataset (parquet, jsonl or csv; local or s3://) on a Ray Data actor pool
-(tasc_ray.stages.labeling)."""
+(tasc_ray.stages.labeling), or through a running tasc_ray Serve app's engine replicas (`--serve-app`,
+tasc_ray.stages.serve_labeling)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         run_label,
         "label a dataset (parquet, jsonl or csv; local or s3://) with TASC-spec on Ray Data; resumable",
         description="Read INPUT, format each row's prompt with TEMPLATE, generate with an actor "
-        "pool of TASC generators and write OUTPUT (parts + _SUCCESS manifest). A rerun "
-        "skips ids already written. Starts a local Ray unless RAY_ADDRESS is set.",
+        "pool of TASC generators (or, with --serve-app NAME, with the engine replicas of the running "
+        "tasc_ray Serve app NAME, whose online requests keep priority) and write OUTPUT (parts + "
+        "_SUCCESS manifest). A rerun skips ids already written. Starts a local Ray unless RAY_ADDRESS is set.",
     )
     add_label_arguments(parser)
 
@@ -63,6 +65,14 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
         help="rows per block/output part (default 8 batches): parallelism and resume granularity",
     )
     parser.add_argument("--no-spec", action="store_true", help="plain decoding (no drafts), same code path")
+    parser.add_argument(
+        "--serve-app",
+        default=None,
+        metavar="NAME",
+        help="decode through the running tasc_ray Serve app NAME (its model, index and settings; the engine flags "
+        "are unused): --num-replicas stage workers (--num-cpus each, default 0.1) each keep --batch-size rows in "
+        "its engine replicas, admitted after online requests; a replica that dies costs retries, not rows",
+    )
 
 
 def _unescape(text: str) -> str:
@@ -77,7 +87,7 @@ def run_label(args: argparse.Namespace) -> dict[str, Any]:
     summary = label_parquet(
         args.input,
         args.output,
-        engine_config(args),
+        None if args.serve_app else engine_config(args),
         prompt_template=template,
         id_column=args.id_column,
         max_new_tokens=args.max_new_tokens,
@@ -91,6 +101,7 @@ def run_label(args: argparse.Namespace) -> dict[str, Any]:
         limit=args.limit,
         rows_per_part=args.rows_per_part,
         keep_columns=[c.strip() for c in args.keep_columns.split(",") if c.strip()],
+        serve_app=args.serve_app,
     )
     if summary["rows_remaining"] and args.limit is None:
         raise CommandIncomplete(f"{summary['rows_remaining']} rows are not labeled yet; rerun to resume", summary)

@@ -18,6 +18,11 @@ from tasc_ray.engine.sampling import RowSampler, SamplingParams, TokenLogprob, r
 
 TokenCallback = Callable[[list[int]], None]  # newly emitted token ids of one row (called on the decode thread)
 
+# Admission priority (lower is admitted first; first come, first served within one): online requests keep their
+# place ahead of batch rows sent to the same engine, which fill the rows online traffic leaves.
+ONLINE = 0
+BATCH = 1
+
 
 @dataclass
 class RowStats:
@@ -64,12 +69,13 @@ class RequestCancelled(Exception):
 
 @dataclass(eq=False)
 class Request:
-    """One prompt to decode. The fields after `on_finish` are the engine's state of the row."""
+    """One prompt to decode. The fields after `priority` are the engine's state of the row."""
 
     prompt_ids: list[int]
     params: SamplingParams
     on_tokens: TokenCallback | None = None
     on_finish: Callable[[Request], None] | None = None  # called once, on the decode thread, when it leaves
+    priority: int = ONLINE  # admission order among waiting requests (ONLINE before BATCH)
     max_new: int = 0  # max_new_tokens, capped by the model's context
     sampler: RowSampler | None = None  # None: greedy
     draft_context: DraftContext | None = None  # what the drafter knows of this row (None: no speculation)
@@ -91,11 +97,12 @@ class Request:
         row: int = 0,
         on_tokens: TokenCallback | None = None,
         on_finish: Callable[[Request], None] | None = None,
+        priority: int = ONLINE,
     ) -> Request:
         """A request for already checked token ids; `row` tells apart the sampling seeds of a call's rows."""
         if params.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be positive, got {params.max_new_tokens}")
-        request = cls(list(prompt_ids), params, on_tokens, on_finish)
+        request = cls(list(prompt_ids), params, on_tokens, on_finish, priority)
         request.sampler = row_sampler(params, row)
         return request
 

@@ -1,13 +1,14 @@
 """Scheduler: owns the running batch. Admission, per-row limits, cancellation, and one decoding step at a time.
 
-Each `step()` drops cancelled rows, admits waiting requests (first come, first served) while the batch has fewer
-than `max_rows` rows and the admitted prompts fit the prefill token budget, runs one decoding pass over the batch,
-and retires the rows that finished. A pass is four short steps: the proposer drafts a token tree per row, the
-runner runs [pending token + nodes] of every row through the model in one forward, `verify` takes the longest
-path the target agrees with, and the output processor emits it. New rows are prefilled on their own and joined to
-the running batch's cache, so a short request never waits for a long one and a finished row's place is taken at
-the next step. Rows carry their own sampling parameters, stops, limits and speculation switch, and each row's
-output is what it would be alone (greedy exactly; sampling with per-position seeds, sampling.py).
+Each `step()` drops cancelled rows, admits waiting requests (by `Request.priority`, online before batch rows; first
+come, first served within a priority) while the batch has fewer than `max_rows` rows and the admitted prompts fit
+the prefill token budget, runs one decoding pass over the batch, and retires the rows that finished. A pass is four
+short steps: the proposer drafts a token tree per row, the runner runs [pending token + nodes] of every row through
+the model in one forward, `verify` takes the longest path the target agrees with, and the output processor emits it.
+New rows are prefilled on their own and joined to the running batch's cache, so a short request never waits for a
+long one and a finished row's place is taken at the next step. Rows carry their own sampling parameters, stops,
+limits and speculation switch, and each row's output is what it would be alone (greedy exactly; sampling with
+per-position seeds, sampling.py).
 
 The scheduler is single-threaded: `EngineLoop` runs it on a decode thread.
 """
@@ -72,7 +73,14 @@ class Scheduler:
         self.batch: BatchState | None = None
 
     def add(self, request: Request) -> None:
-        self.waiting.append(request)
+        """Queue a request behind the waiting ones of its priority or a lower number, ahead of the others: a batch
+        row never holds an online request back from the next free row."""
+        waiting = self.waiting
+        if not waiting or waiting[-1].priority <= request.priority:
+            waiting.append(request)
+            return
+        ahead = next(i for i, r in enumerate(waiting) if r.priority > request.priority)
+        waiting.insert(ahead, request)
 
     @property
     def running(self) -> int:

@@ -1,5 +1,7 @@
 """The engine deployment: each replica holds one `Replica` (model, index, engine loop, request log) and decodes the
-rows the OpenAI ingress (app.py) sends it through a DeploymentHandle.
+rows the OpenAI ingress (app.py) sends it through a DeploymentHandle, and the rows a batch labeling job sends it
+(`generate_batch_row`, from `tasc-ray label --serve-app`: tasc_ray/stages/serve_labeling.py) at a lower admission
+priority, so that they only fill the rows online requests leave.
 
 Splitting the engine from the HTTP ingress is what lets a client get an OpenAI error body when an engine replica
 dies mid-request (the ingress survives and answers 503, or an SSE error event and `[DONE]`), and lets `/health`
@@ -17,6 +19,7 @@ from typing import Any
 from ray import serve
 
 from tasc_ray.engine.generator import GenerationResult
+from tasc_ray.engine.request import BATCH
 from tasc_ray.engine.sampling import SamplingParams
 from tasc_ray.serving.config import ENGINE_DEPLOYMENT, IndexUpdate, ServeConfig
 from tasc_ray.serving.metrics import ServeMetrics
@@ -28,7 +31,8 @@ logger = logging.getLogger(__name__)
 @serve.deployment(name=ENGINE_DEPLOYMENT)
 class TascEngine:
     """One engine replica: `generate` (a row's result), `stream` (its token ids as they come, then its result),
-    `info` (its state) and `overlay` (the outputs its live overlay learned from)."""
+    `generate_batch_row` (a batch job's row, admitted after waiting online rows), `info` (its state) and `overlay`
+    (the outputs its live overlay learned from)."""
 
     def __init__(self, config: dict) -> None:
         logging.basicConfig(level=logging.INFO)
@@ -53,6 +57,13 @@ class TascEngine:
 
     async def generate(self, ids: list[int], params: SamplingParams, row: int, request_id: str) -> GenerationResult:
         return await self.replica.generate(ids, params, row, request_id=request_id)
+
+    async def generate_batch_row(
+        self, ids: list[int], params: SamplingParams, row: int, request_id: str
+    ) -> GenerationResult:
+        """`generate` for a batch job's row: the same engine, overlay and request log, but admitted only when no
+        online request waits (Request.priority BATCH)."""
+        return await self.replica.generate(ids, params, row, request_id=request_id, priority=BATCH)
 
     async def stream(
         self, ids: list[int], params: SamplingParams, row: int, request_id: str

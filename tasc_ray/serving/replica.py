@@ -28,7 +28,7 @@ from tasc_ray.engine.drafts.index import NgramIndex, tokenizer_fingerprint
 from tasc_ray.engine.generator import GenerationResult, SpeculativeGenerator
 from tasc_ray.engine.load import load_engine
 from tasc_ray.engine.loop import EngineLoop
-from tasc_ray.engine.request import Request, TokenCallback
+from tasc_ray.engine.request import ONLINE, Request, TokenCallback
 from tasc_ray.engine.sampling import SamplingParams
 from tasc_ray.models import load_tokenizer
 from tasc_ray.serving.config import IndexUpdate, ServeConfig
@@ -81,10 +81,13 @@ class Replica:
         row: int = 0,
         on_tokens: TokenCallback | None = None,
         request_id: str = "",
+        priority: int = ONLINE,
     ) -> GenerationResult:
         """Decode one prompt on the engine loop; cancelled (freed at the next step) if the caller is cancelled.
-        `on_tokens` runs on the decode thread. A finished row goes to the request log, if there is one."""
-        request = Request.new(prompt_ids, params, row, on_tokens, on_finish=self._finished)
+        `on_tokens` runs on the decode thread. `priority` orders admission (online requests before batch rows). A
+        finished row goes to the request log, if there is one, and to the drafter's live overlay (the scheduler's
+        doing), whatever its priority."""
+        request = Request.new(prompt_ids, params, row, on_tokens, on_finish=self._finished, priority=priority)
         result = await self.loop.submit_async(request)
         if self.request_log is not None and self.log_tokenizer is not None and result.finish_reason != "cancelled":
             self.request_log.record(
@@ -218,6 +221,7 @@ class Replica:
             "index_sequences": index.n_sequences if index is not None else 0,
             "draft_mode": drafter.config.mode.value if drafter is not None else None,
             "max_context": self.generator.max_context,
+            "model_source": self.tokenizer_source,  # what the engine loaded (a name or a path): its tokenizer's too
             "max_rows": self.loop.scheduler.max_rows,
             "engine": self.loop.stats.to_dict(),
             "request_log": self.request_log.stats() if self.request_log is not None else None,

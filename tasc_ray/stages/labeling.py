@@ -24,7 +24,7 @@ import logging
 import math
 import string
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,6 +131,67 @@ def node_cpu_share(replicas_per_node: int) -> int:
     return max(1, int(cpus // replicas_per_node))
 
 
+class PromptTemplate:
+    """A row's prompt, `template.format(**row)`: the one prompt rule of every labeling path (the actor pool and
+    `serve_labeling`)."""
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        self.columns = template_columns(template)
+
+    def render(self, row: dict[str, Any]) -> str:
+        """The row's prompt; a null in a column the template names is the row's error (not the text "None")."""
+        nulls = [c for c in self.columns if row.get(c) is None]
+        if nulls:
+            names = ", ".join(repr(c) for c in nulls)
+            raise LabelError(f"null value in column {names} (the prompt template {self.template!r} needs it)")
+        return self.template.format(**row)
+
+
+class LabelBatch:
+    """One call's output rows as they are filled: the ids and kept columns copied from the input batch, then each
+    row's prompt encoded (a row that cannot be gets its error), then each row's result or error."""
+
+    def __init__(self, batch: pa.Table, id_column: str, keep_columns: list[str]) -> None:
+        self.rows = batch.to_pylist()
+        self.out: dict[str, list[Any]] = {c: [None] * len(self.rows) for c in OUTPUT_COLUMNS}
+        self.out["id"] = [r[id_column] for r in self.rows]
+        self.out |= {c: batch.column(c).to_pylist() for c in keep_columns}
+        kept = [batch.schema.field(c) for c in keep_columns]
+        self.schema = output_schema(batch.schema.field(id_column).type, kept)
+
+    def encode(self, template: PromptTemplate, encode: Callable[[str], list[int]]) -> dict[int, list[int]]:
+        """{row: prompt token ids} of the rows whose prompt renders and encodes; the others get their error."""
+        prompts: dict[int, list[int]] = {}
+        for i, row in enumerate(self.rows):
+            try:  # encode_prompt refuses an empty prompt and one too long for the model's context (PromptError)
+                prompts[i] = encode(template.render(row))
+            except Exception as exc:
+                self.out["error"][i] = f"{type(exc).__name__}: {exc}"
+        return prompts
+
+    def fill(self, i: int, result: GenerationResult | Exception, latency_s: float) -> None:
+        """Row i's output columns from its result, or its error."""
+        if isinstance(result, Exception):
+            self.out["error"][i] = f"{type(result).__name__}: {result}"
+            return
+        values = {
+            "output": result.text,
+            "prompt_tokens": result.prompt_tokens,
+            "output_tokens": result.new_tokens,
+            "forward_passes": result.stats.forward_passes,
+            "accepted_tokens": result.stats.accepted,
+            "drafted_tokens": result.stats.drafted,
+            "finish_reason": result.finish_reason,
+            "latency_s": latency_s,
+        }
+        for column, value in values.items():
+            self.out[column][i] = value
+
+    def table(self) -> pa.Table:
+        return pa.Table.from_pydict(self.out, schema=self.schema)
+
+
 class LabelActor:
     """One pool member: loads the engine once, turns a batch of input rows into output rows."""
 
@@ -153,21 +214,12 @@ class LabelActor:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.generator = load_engine(engine)
-        self.template, self.id_column, self.params = template, id_column, sampling
-        self.template_columns = template_columns(template)
+        self.template, self.id_column, self.params = PromptTemplate(template), id_column, sampling
         self.keep_columns = list(keep_columns or [])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        out: dict[str, list[Any]] = {c: [None] * len(rows) for c in OUTPUT_COLUMNS}
-        out["id"] = [r[self.id_column] for r in rows]
-        out |= {c: batch.column(c).to_pylist() for c in self.keep_columns}
-        prompts: dict[int, list[int]] = {}
-        for i, row in enumerate(rows):
-            try:  # encode() refuses an empty prompt and one too long for the model's context (PromptError)
-                prompts[i] = self.generator.encode(self.prompt(row))
-            except Exception as exc:
-                out["error"][i] = f"{type(exc).__name__}: {exc}"
+        labels = LabelBatch(batch, self.id_column, self.keep_columns)
+        prompts = labels.encode(self.template, self.generator.encode)
         order = list(prompts)
         start = time.perf_counter()
         last = {i: start for i in order}
@@ -178,35 +230,8 @@ class LabelActor:
         results = self.generator.generate_each([prompts[i] for i in order], self.params, stream=stream)
         for i, result in zip(order, results):  # a row's latency runs from its admission to its last token
             queued = result.stats.queued_s if isinstance(result, GenerationResult) else 0.0
-            _fill_row(out, i, result, last[i] - start - queued)
-        kept = [batch.schema.field(c) for c in self.keep_columns]
-        return pa.Table.from_pydict(out, schema=output_schema(batch.schema.field(self.id_column).type, kept))
-
-    def prompt(self, row: dict[str, Any]) -> str:
-        """The row's prompt; a null in a column the template names is the row's error (not the text "None")."""
-        nulls = [c for c in self.template_columns if row.get(c) is None]
-        if nulls:
-            names = ", ".join(repr(c) for c in nulls)
-            raise LabelError(f"null value in column {names} (the prompt template {self.template!r} needs it)")
-        return self.template.format(**row)
-
-
-def _fill_row(out: dict[str, list[Any]], i: int, result: GenerationResult | Exception, latency_s: float) -> None:
-    if isinstance(result, Exception):
-        out["error"][i] = f"{type(result).__name__}: {result}"
-        return
-    values = {
-        "output": result.text,
-        "prompt_tokens": result.prompt_tokens,
-        "output_tokens": result.new_tokens,
-        "forward_passes": result.stats.forward_passes,
-        "accepted_tokens": result.stats.accepted,
-        "drafted_tokens": result.stats.drafted,
-        "finish_reason": result.finish_reason,
-        "latency_s": latency_s,
-    }
-    for column, value in values.items():
-        out[column][i] = value
+            labels.fill(i, result, last[i] - start - queued)
+        return labels.table()
 
 
 @dataclass
@@ -328,7 +353,7 @@ def open_input(input: str, id_column: str, template_cols: list[str], keep_column
 def label_parquet(
     input: str,
     output: str,
-    engine: EngineConfig,
+    engine: EngineConfig | None,
     *,
     prompt_template: str = "{prompt}",
     id_column: str = "id",
@@ -343,6 +368,7 @@ def label_parquet(
     limit: int | None = None,
     rows_per_part: int | None = None,
     keep_columns: list[str] | None = None,
+    serve_app: str | None = None,
 ) -> dict[str, Any]:
     """Label a parquet (or jsonl/csv) file, directory or glob, local or s3://, into `output`; resumable; returns a
     summary dict.
@@ -352,6 +378,10 @@ def label_parquet(
     rerun into the same output must keep the same ones). `rows_per_part` (default 8 batches) sizes the blocks the actors
     receive and so the output parts: the unit of parallelism across actors and of progress kept by an interrupted
     run. Uses the running Ray, RAY_ADDRESS, or starts a local one.
+
+    `serve_app` names a running tasc_ray Serve app whose engine replicas decode the rows instead (`engine` is then
+    unused and may be None; tasc_ray.stages.serve_labeling): `num_replicas` stage workers each keep `batch_size`
+    rows in the app's engine; an unknown app, or one without a tasc_ray engine, is refused before any row is read.
     """
     t_start = time.perf_counter()
     if max_new_tokens <= 0:
@@ -363,6 +393,16 @@ def label_parquet(
     except StorageError as exc:
         raise LabelError(f"cannot write output: {exc}") from exc
     keep = check_keep_columns(list(keep_columns or []), id_column)
+    if serve_app:  # the app's engine decodes: check it before any row is read
+        from tasc_ray.stages.serve_labeling import engine_app
+
+        ensure_ray()
+        app = engine_app(serve_app)
+        model = {"model": app["model_source"], "index": app.get("index"), "serve_app": serve_app}
+    elif engine is None:
+        raise LabelError("label_parquet needs an engine config, or serve_app naming a running app")
+    else:
+        model = {"model": engine.model, "index": engine.index}
     source = open_input(input, id_column, template_columns(prompt_template), keep)
     out = PartsOutput(output, OUTPUT_COLUMNS)
     check_committed_columns(out, OUTPUT_COLUMNS + keep)
@@ -372,9 +412,10 @@ def label_parquet(
     if plan.todo > 0:
         ensure_ray()
         ds = source.dataset(plan.done, None if limit is None else plan.todo, rows_per_part or 8 * batch_size)
-        ds = label_dataset(
+        ds = _stage(
             ds,
             engine,
+            serve_app,
             prompt_template,
             sampling,
             id_column=id_column,
@@ -387,10 +428,10 @@ def label_parquet(
         )
         new_parts, label_s = _label_into(out, plan.run_id, ds)
     summary = _job_summary(out, source, new_parts, label_s, plan.remaining)
-    summary.update(input=input, output=output, run_id=plan.run_id, speculative=speculative)
+    summary.update(input=input, output=output, run_id=plan.run_id, speculative=speculative, serve_app=serve_app)
     summary.update(num_replicas=num_replicas, batch_size=batch_size, seconds=time.perf_counter() - t_start)
     if summary["complete"]:
-        out.mark_complete(_manifest(summary, engine, prompt_template, id_column, sampling, keep))
+        out.mark_complete(_manifest(summary, model, prompt_template, id_column, sampling, keep))
     logger.info(
         "labeled %d rows (%d errors) in %.1f s; output %s is %s",
         summary["rows_labeled"],
@@ -400,6 +441,52 @@ def label_parquet(
         "complete" if summary["complete"] else "incomplete",
     )
     return summary
+
+
+def _stage(
+    ds: Any,
+    engine: EngineConfig | None,
+    serve_app: str | None,
+    template: str,
+    sampling: SamplingParams,
+    *,
+    id_column: str,
+    batch_size: int,
+    num_replicas: int,
+    num_cpus_per_replica: float | None,
+    num_gpus_per_replica: float | None,
+    num_threads: int | None,
+    keep_columns: list[str],
+) -> Any:
+    """The labeling stage the job runs: through the running app `serve_app`, else on an actor pool of `engine`."""
+    if serve_app:
+        from tasc_ray.stages.serve_labeling import label_dataset_through_serve
+
+        return label_dataset_through_serve(
+            ds,
+            serve_app,
+            template,
+            sampling,
+            id_column=id_column,
+            max_in_flight=batch_size,
+            num_workers=num_replicas,
+            num_cpus_per_worker=num_cpus_per_replica,
+            keep_columns=keep_columns,
+        )
+    assert engine is not None
+    return label_dataset(
+        ds,
+        engine,
+        template,
+        sampling,
+        id_column=id_column,
+        batch_size=batch_size,
+        num_replicas=num_replicas,
+        num_cpus_per_replica=num_cpus_per_replica,
+        num_gpus_per_replica=num_gpus_per_replica,
+        num_threads=num_threads,
+        keep_columns=keep_columns,
+    )
 
 
 @dataclass
@@ -473,7 +560,7 @@ def _job_summary(
 
 def _manifest(
     summary: dict[str, Any],
-    engine: EngineConfig,
+    model: dict[str, Any],
     template: str,
     id_column: str,
     sampling: SamplingParams,
@@ -484,8 +571,7 @@ def _manifest(
         "rows": summary["rows_committed"],
         "columns": OUTPUT_COLUMNS + keep_columns,
         "id_column": id_column,
-        "model": engine.model,
-        "index": engine.index,
+        **model,  # model and index (and serve_app, labeled through a running app)
         "prompt_template": template,
         "max_new_tokens": sampling.max_new_tokens,
         "stop": sampling.stop,

@@ -11,7 +11,7 @@ from tasc_ray.engine.config import DrafterConfig, DraftMode
 from tasc_ray.engine.drafts.drafter import Drafter
 from tasc_ray.engine.drafts.tree import DraftTree
 from tasc_ray.engine.generator import SamplingParams, SpeculativeGenerator
-from tasc_ray.engine.request import Request
+from tasc_ray.engine.request import BATCH, ONLINE, Request
 
 
 class RepeatDrafter(Drafter):
@@ -141,3 +141,33 @@ def test_prefill_budget_and_row_limit(tiny_model, tiny_tokenizer):
     assert scheduler.running == 1
     scheduler.step()
     assert scheduler.running == 2 and len(scheduler.waiting) == 1  # the row limit holds the third
+
+
+def test_online_requests_are_admitted_before_waiting_batch_rows(tiny_model, tiny_tokenizer):
+    """Batch rows fill the rows online traffic leaves: online requests that arrive behind a queue of batch rows take
+    the next free rows (first come, first served within a priority), and every row decodes what it would alone."""
+    rng = random.Random(7)
+    vocab = len(tiny_tokenizer)
+    generator = context_generator(tiny_model, tiny_tokenizer, max_batch_size=2)
+    scheduler = generator.scheduler()
+
+    def request(priority: int, max_new: int) -> Request:
+        prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(2, 12))]
+        return Request.new(prompt, SamplingParams(max_new_tokens=max_new), priority=priority)
+
+    batch = [request(BATCH, 8) for _ in range(6)]
+    for row in batch:
+        scheduler.add(row)
+    scheduler.step()  # two batch rows decode, four wait
+    online = [request(ONLINE, 4), request(ONLINE, 4)]
+    for row in online:
+        scheduler.add(row)
+    assert list(scheduler.waiting) == online + batch[2:]
+    admitted: list[Request] = []
+    while scheduler.has_work:
+        before = list(scheduler.waiting)
+        scheduler.step()
+        admitted += [r for r in before if r not in scheduler.waiting]
+    assert admitted == online + batch[2:]
+    for row in batch + online:
+        assert row.outcome().token_ids == reference_greedy(tiny_model, row.prompt_ids, row.params.max_new_tokens)
