@@ -106,3 +106,47 @@ def test_an_unknown_app_or_one_without_a_tasc_engine_is_refused_before_reading(a
     with pytest.raises(ServeAppError, match="'echo' is not a tasc_ray app: it has no TascEngine deployment"):
         label_parquet(src, str(tmp_path / "o2"), None, serve_app="echo")
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+@pytest.mark.slow
+def test_a_replica_killed_mid_batch_costs_retries_not_rows(app, tmp_path, task_rows, engine):
+    """kill -9 of the engine replica while rows are in flight: Serve restarts it, the rows' calls are sent again,
+    and the job ends complete with every row once, no errors, each output the engine's own. Last in the module
+    (the restarted replica's overlay starts empty)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from tasc_ray.engine.generator import SamplingParams
+    from tasc_ray.engine.load import load_engine
+
+    rows = [{"id": r["id"], "prompt": r["prompt"]} for r in task_rows[300:330]]
+    src = tmp_path / "prompts.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), src)
+    expected = load_engine(engine).generate(
+        [r["prompt"] for r in rows], SamplingParams(max_new_tokens=MAX_NEW, stop=STOP)
+    )
+    out = tmp_path / "labels"
+    summary: dict = {}
+    job = threading.Thread(
+        target=lambda: summary.update(
+            label_parquet(str(src), str(out), None, serve_app=APP, max_new_tokens=MAX_NEW, stop=STOP, batch_size=2)
+        )
+    )
+    before = app.info.remote().result()
+    pid = before["pid"]
+    job.start()
+    deadline = time.time() + 120
+    while job.is_alive() and time.time() < deadline:  # kill once the replica is decoding batch rows
+        engine_state = app.info.remote().result()["engine"]
+        if engine_state["running"] > 0 and engine_state["finished"] >= before["engine"]["finished"] + 2:
+            break
+        time.sleep(0.02)
+    assert job.is_alive(), "the job ended before the replica could be killed"
+    os.kill(pid, signal.SIGKILL)
+    job.join(timeout=240)
+    assert summary["complete"] and summary["rows_labeled"] == 30 and summary["errors"] == 0, summary
+    labeled = _rows(str(out))
+    assert {r["id"]: labeled[r["id"]]["output"] for r in rows} == {r["id"]: e.text for r, e in zip(rows, expected)}
+    assert app.info.remote().result()["pid"] != pid
