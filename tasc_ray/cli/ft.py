@@ -51,6 +51,19 @@ def add_enrich_arguments(enrich: argparse.ArgumentParser) -> None:
         help="outputs: .parquet, .jsonl, .csv or text (one per line); file, directory, glob or s3://",
     )
     enrich.add_argument("--column", default="output", help="column (parquet/csv) or field (jsonl) of the outputs")
+    add_enrich_recipe_arguments(enrich)
+    enrich.add_argument(
+        "--prompt-column",
+        default=None,
+        help="column (parquet/csv) or field (jsonl) of each output's prompt; --max-copied reads it",
+    )
+    enrich.add_argument("--seed", type=int, default=0)
+    enrich.add_argument("--out", required=True, help="output model directory (must not exist or be empty)")
+
+
+def add_enrich_recipe_arguments(enrich: argparse._ActionsContainer) -> None:
+    """The enrichment recipe's arguments (`EnrichConfig`, `--untie-embeddings`), shared by `enrich-vocab` and
+    `ft-pipeline`; `enrich_config` reads them back."""
     enrich.add_argument("--budget", type=int, default=500, help="most new tokens")
     enrich.add_argument("--max-n", type=int, default=8, help="longest token n-gram considered per iteration")
     enrich.add_argument("--per-iteration", type=int, default=50, help="new tokens added per iteration")
@@ -93,11 +106,6 @@ def add_enrich_arguments(enrich: argparse.ArgumentParser) -> None:
         "and output rows (emitting) learn apart",
     )
     enrich.add_argument(
-        "--prompt-column",
-        default=None,
-        help="column (parquet/csv) or field (jsonl) of each output's prompt; --max-copied reads it",
-    )
-    enrich.add_argument(
         "--max-copied",
         type=float,
         default=1.0,
@@ -107,8 +115,24 @@ def add_enrich_arguments(enrich: argparse.ArgumentParser) -> None:
     enrich.add_argument(
         "--holdout", type=float, default=0.1, help="share of distinct outputs held out to measure compression"
     )
-    enrich.add_argument("--seed", type=int, default=0)
-    enrich.add_argument("--out", required=True, help="output model directory (must not exist or be empty)")
+
+
+def enrich_config(args: argparse.Namespace) -> EnrichConfig:
+    """The EnrichConfig of parsed `add_enrich_recipe_arguments` arguments (and `--seed`)."""
+    return EnrichConfig(
+        budget=args.budget,
+        max_n=args.max_n,
+        per_iteration=args.per_iteration,
+        min_count=args.min_count,
+        min_gain=args.min_gain,
+        prefix_filter=not args.no_prefix_filter,
+        no_cross=tuple(args.no_cross),
+        key_end=tuple(args.key_end),
+        max_conflict=args.max_conflict,
+        max_copied=args.max_copied,
+        holdout=args.holdout,
+        seed=args.seed,
+    )
 
 
 def add_finetune_arguments(ft: argparse.ArgumentParser) -> None:
@@ -120,6 +144,19 @@ def add_finetune_arguments(ft: argparse.ArgumentParser) -> None:
     ft.add_argument("--prompt-column", default="prompt")
     ft.add_argument("--output-column", default="output")
     ft.add_argument("--out", required=True, help="where the merged model is saved (must not exist or be empty)")
+    add_finetune_recipe_arguments(ft)
+    ft.add_argument(
+        "--storage-path",
+        default=None,
+        help="Ray Train storage (local dir or s3://...); default <out>.ray; rerun to resume",
+    )
+    ft.add_argument("--name", default=None, help="Ray Train run name (default finetune-<out name>)")
+    ft.add_argument("--seed", type=int, default=0)
+
+
+def add_finetune_recipe_arguments(ft: argparse._ActionsContainer) -> None:
+    """The fine-tuning recipe's and the workers' arguments, shared by `finetune` and `ft-pipeline`;
+    `finetune_options` reads them back."""
     ft.add_argument("--epochs", type=int, default=3)
     ft.add_argument("--lr", type=float, default=None, help="default 2e-4 (LoRA) or 5e-5 (full)")
     ft.add_argument("--lora-r", type=int, default=16)
@@ -159,17 +196,10 @@ def add_finetune_arguments(ft: argparse.ArgumentParser) -> None:
     ft.add_argument("--cpus-per-worker", type=float, default=None)
     ft.add_argument("--use-gpu", action="store_true")
     ft.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
-    ft.add_argument(
-        "--storage-path",
-        default=None,
-        help="Ray Train storage (local dir or s3://...); default <out>.ray; rerun to resume",
-    )
-    ft.add_argument("--name", default=None, help="Ray Train run name (default finetune-<out name>)")
     ft.add_argument("--max-steps", type=int, default=None)
     ft.add_argument("--batch-size", type=int, default=8, help="global batch size")
     ft.add_argument("--max-length", type=int, default=512)
     ft.add_argument("--max-failures", type=int, default=0, help="worker failures retried from the last checkpoint")
-    ft.add_argument("--seed", type=int, default=0)
     ft.add_argument(
         "--trainer",
         choices=["ray", "local"],
@@ -184,20 +214,7 @@ def _enrich(args: argparse.Namespace) -> dict[str, Any]:
     extra = [args.prompt_column] if args.prompt_column else []
     corpus = read_texts(args.corpus, args.column, extra)
     texts, prompts = corpus.texts, corpus.extras.get(args.prompt_column) if args.prompt_column else None
-    config = EnrichConfig(
-        budget=args.budget,
-        max_n=args.max_n,
-        per_iteration=args.per_iteration,
-        min_count=args.min_count,
-        min_gain=args.min_gain,
-        prefix_filter=not args.no_prefix_filter,
-        no_cross=tuple(args.no_cross),
-        key_end=tuple(args.key_end),
-        max_conflict=args.max_conflict,
-        max_copied=args.max_copied,
-        holdout=args.holdout,
-        seed=args.seed,
-    )
+    config = enrich_config(args)
     report = enrich_model(args.model, texts, args.out, config, prompts=prompts, untie=args.untie_embeddings)
     summary = {k: v for k, v in report.items() if k != "new_tokens"}
     summary["out"] = args.out
@@ -205,13 +222,9 @@ def _enrich(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def _finetune(args: argparse.Namespace) -> dict[str, Any]:
-    cfg = FinetuneConfig(
-        model=args.model,
-        train=args.train,
-        out=args.out,
-        prompt_column=args.prompt_column,
-        output_column=args.output_column,
+def finetune_options(args: argparse.Namespace) -> dict[str, Any]:
+    """FinetuneConfig's fields from parsed `add_finetune_recipe_arguments` arguments (and `--seed`, `--json`)."""
+    return dict(
         epochs=args.epochs,
         lr=args.lr,
         lora_r=args.lora_r,
@@ -225,8 +238,6 @@ def _finetune(args: argparse.Namespace) -> dict[str, Any]:
         cpus_per_worker=args.cpus_per_worker,
         use_gpu=args.use_gpu,
         bf16=args.bf16,
-        storage_path=args.storage_path,
-        name=args.name,
         max_steps=args.max_steps,
         batch_size=args.batch_size,
         max_length=args.max_length,
@@ -234,6 +245,19 @@ def _finetune(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         trainer=args.trainer,
         progress=not args.json,
+    )
+
+
+def _finetune(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = FinetuneConfig(
+        model=args.model,
+        train=args.train,
+        out=args.out,
+        prompt_column=args.prompt_column,
+        output_column=args.output_column,
+        storage_path=args.storage_path,
+        name=args.name,
+        **finetune_options(args),
     )
     return finetune(cfg)
 

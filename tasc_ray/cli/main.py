@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "tasc_ray.cli.demo",
     "tasc_ray.cli.label",
     "tasc_ray.cli.ft",
+    "tasc_ray.cli.pipeline",
     "tasc_ray.cli.index",
     "tasc_ray.cli.overlay",
 ]
