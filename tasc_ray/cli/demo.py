@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from tasc_ray.cli.args import add_model_argument
+from tasc_ray.cli.args import add_config_arguments, add_model_argument
 from tasc_ray.cli.main import add_command
 from tasc_ray.engine.config import EngineConfig
 from tasc_ray.models import load_tokenizer, resolve_model
@@ -50,10 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--corpus-rows", type=int, default=2000, help="outputs in the sample task's corpus")
     demo.add_argument("--batch-size", type=int, default=8, help="rows per batched decode")
     demo.add_argument("--max-new-tokens", type=int, default=48)
-    precision = EngineConfig.model_fields["precision"]
-    demo.add_argument(
-        "--precision", choices=["fp32", "bf16"], default=precision.default, help="the products' precision"
-    )
+    add_config_arguments(demo, EngineConfig, exclude=set(EngineConfig.model_fields) - {"precision"})
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:

@@ -117,9 +117,9 @@ class EngineConfig(BaseModel):
     precision: Literal["fp32", "bf16"] = Field(
         "fp32",
         description="what the fast forward's matrix products run in on a CPU: fp32, or bf16 (weights and inputs "
-        "rounded to bfloat16, float32 sums; needs AVX512-BF16; plain decoding ~1.5x faster at batch 1, ~1.1x at "
-        "batch 8). Lossless within a precision: TASC output is identical to plain decoding at the same precision; "
-        "bf16 output differs from fp32 on some rows (benchmarks/results/spec_precision_exact_cpu.md)",
+        "rounded to bfloat16, float32 sums; needs AVX512-BF16, on AMX tiles where the CPU has them: plain decoding "
+        "~1.6x faster at batch 8). Lossless within a precision: TASC output is identical to plain decoding at the "
+        "same precision; bf16 output differs from fp32 on some rows (benchmarks/results/spec_amx_cpu.md)",
     )
     drafter: DrafterConfig = Field(default_factory=DrafterConfig, description="where drafts come from, how large")
     scheduler: SchedulerConfig = Field(

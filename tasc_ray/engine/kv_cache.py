@@ -75,8 +75,13 @@ def allowed_slots(valid: torch.Tensor, q: int, tree: torch.Tensor | None = None)
 
 def attention_mask(valid: torch.Tensor, q: int, dtype: torch.dtype, tree: torch.Tensor | None = None) -> torch.Tensor:
     """The additive [B, 1, q, S] form of `allowed_slots`, for a model's own forward."""
-    allowed = allowed_slots(valid, q, tree)[:, None]
-    return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return additive_mask(allowed_slots(valid, q, tree), dtype)
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, q, S] allowed slots as an additive [B, 1, q, S] mask: 0 where allowed, the dtype's lowest elsewhere."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
 
 
 def select_rows(cache: DynamicCache, rows: torch.Tensor) -> None:

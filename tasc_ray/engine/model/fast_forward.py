@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
-from tasc_ray.engine.kv_cache import allowed_slots, attention_mask
+from tasc_ray.engine.kv_cache import additive_mask, allowed_slots, attention_mask
 from tasc_ray.engine.model.cpu_kernels import PRECISIONS, CpuKernels, PanelWeight, load_kernels
 
 logger = logging.getLogger(__name__)
@@ -153,20 +153,16 @@ class FastForward:
         it here, else a ValueError that says what is supported."""
         cfg = model.config
         first = next(model.parameters())
-        self.mode = "dense"
-        if first.device.type == "cpu" and first.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-            self.mode = "kernel" if use_kernel and load_kernels() is not None else "packed"
+        cpu_fp32 = first.device.type == "cpu" and first.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+        kernels = load_kernels() if use_kernel and cpu_fp32 else None
+        self.mode = "kernel" if kernels is not None else "packed" if cpu_fp32 else "dense"
         check_precision(precision, self.mode)
         self.precision = precision
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        sizes = (cfg.hidden_size, cfg.intermediate_size, self.head_dim)
+        self.ops: CpuKernels | None = kernels if kernels is not None and kernels.supports_model(*sizes) else None
 
         self.embed = model.get_input_embeddings()
-        kernels = load_kernels() if self.mode == "kernel" else None
-        sizes = (
-            cfg.hidden_size,
-            cfg.intermediate_size,
-            getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
-        )
-        self.ops: CpuKernels | None = kernels if kernels is not None and kernels.supports_model(*sizes) else None
         # One table of rotary angles for every position, so a position's angles never depend on the pass.
         every = torch.arange(cfg.max_position_embeddings, device=first.device)[None]
         cos, sin = model.model.rotary_emb(first.new_zeros(1, dtype=first.dtype), every)
@@ -174,7 +170,6 @@ class FastForward:
         self.layers = [_Layer(layer, self.mode, precision) for layer in model.model.layers]
         self.final_norm = _norm_params(model.model.norm)
         self.lm_head = FusedLinear([model.get_output_embeddings()], self.mode, precision)
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.scaling = model.model.layers[0].self_attn.scaling
         self.dtype = first.dtype
@@ -209,7 +204,7 @@ class FastForward:
         at = positions.reshape(-1) if flat is None else positions.reshape(-1)[flat]
         cos, sin = self.cos[at][:, None, :], self.sin[at][:, None, :]  # [T, 1, D]
         allowed = allowed_slots(valid, q, tree)
-        mask = None if self.ops is not None else _grouped_mask(attention_mask(valid, q, self.dtype, tree), h // kv)
+        mask = None if self.ops is not None else _grouped_mask(additive_mask(allowed, self.dtype), h // kv)
         q_size, kv_size = h * d, kv * d
         for index, layer in enumerate(self.layers):
             qkv = layer.qkv(self._norm(x, layer.norm1))

@@ -135,6 +135,16 @@ static inline uint32_t bf16_pair(float lo, float hi) { /* round to nearest even,
     return a | (b << 16);
 }
 
+/* x[M, K] rounded to bf16 pairs along k, row m at xp + m * stride (stride >= ceil(K / 2) pairs; an odd K's last
+   pair has a zero high half). */
+static void round_rows(const float *x, uint32_t *xp, long M, long K, long stride) {
+    for (long m = 0; m < M; m++)
+        for (long k = 0; k < (K + 1) / 2; k++) {
+            float hi = 2 * k + 1 < K ? x[m * K + 2 * k + 1] : 0.0f;
+            xp[m * stride + k] = bf16_pair(x[m * K + 2 * k], hi);
+        }
+}
+
 static inline __attribute__((always_inline)) void block_bf16(const uint32_t *xp, const uint16_t *panels,
                                                               const float *bias, float *y, long N, long K2,
                                                               long m0, long p0, int mb, int np) {
@@ -216,11 +226,7 @@ void tasc_gemm_bf16(const float *x, const uint16_t *panels, const float *bias, f
                     int threads) {
     long K2 = (K + 1) / 2, total = (N + 15) / 16;
     uint32_t *xp = malloc(sizeof(uint32_t) * M * K2);
-    for (long m = 0; m < M; m++)
-        for (long k = 0; k < K2; k++) {
-            float hi = 2 * k + 1 < K ? x[m * K + 2 * k + 1] : 0.0f;
-            xp[m * K2 + k] = bf16_pair(x[m * K + 2 * k], hi);
-        }
+    round_rows(x, xp, M, K, K2);
     int np = M <= 2 ? 8 : M <= 4 ? 4 : 2;
 #pragma omp parallel num_threads(threads)
     {
@@ -301,12 +307,8 @@ static void amx_group(const uint32_t *xp, const uint16_t *panels, const float *b
 void tasc_gemm_bf16_amx(const float *x, const uint16_t *panels, const float *bias, float *y, long M, long N, long K,
                         int threads) {
     long K2 = (K + 1) / 2, K2p = (K2 + 15) / 16 * 16, Mp = (M + 15) / 16 * 16, total = (N + 15) / 16;
-    uint32_t *xp = calloc(Mp * K2p, sizeof(uint32_t));
-    for (long m = 0; m < M; m++)
-        for (long k = 0; k < K2; k++) {
-            float hi = 2 * k + 1 < K ? x[m * K + 2 * k + 1] : 0.0f;
-            xp[m * K2p + k] = bf16_pair(x[m * K + 2 * k], hi);
-        }
+    uint32_t *xp = calloc(Mp * K2p, sizeof(uint32_t)); /* zero rows and pairs beyond x's */
+    round_rows(x, xp, M, K, K2p);
 #pragma omp parallel num_threads(threads)
     {
         tile_config config = {0};
