@@ -70,13 +70,16 @@ UNAVAILABLE = (
     ReplicaUnavailableError,
 )
 HEALTH_TIMEOUT_S = 5.0
+# Retry-After (seconds) of a 503 engine_unavailable: about the time Serve takes to notice a dead replica and route
+# to another one (or to start its replacement, which takes longer: a client retries until it succeeds)
+RETRY_AFTER_S = 2
 
 api = FastAPI(title="tasc_ray OpenAI-compatible endpoint")
 
 
 @api.exception_handler(APIError)
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 def engine_error(exc: BaseException) -> APIError:
@@ -89,6 +92,7 @@ def engine_error(exc: BaseException) -> APIError:
             f"the engine replica is unavailable ({type(exc).__name__}); retry the request",
             type="server_error",
             code="engine_unavailable",
+            retry_after_s=RETRY_AFTER_S,
         )
     return APIError(500, f"generation failed: {exc}", type="server_error", code="server_error")
 
