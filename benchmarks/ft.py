@@ -68,9 +68,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_task_arguments(p)
     add_run_arguments(p)
     p.set_defaults(handler=run)
-    from benchmarks import ft_compare, ft_eval, ft_nll, ft_vocab
+    from benchmarks import ft_compare, ft_eval, ft_nll, ft_recipe_auto, ft_vocab
 
     ft_vocab.register(subparsers, add_task_arguments)
+    ft_recipe_auto.register(subparsers)
     ft_nll.register(subparsers, add_task_arguments)
     ft_compare.register(subparsers)
     ft_eval.register(subparsers)
