@@ -3,7 +3,10 @@ joining rows, compacting masked slots away, and the prompt-prefix cache (a few p
 evicted).
 
 Rows of a batch share one DynamicCache whose slots are masked per row (`valid` [B, S]): left padding of the
-prompts and the slots of rejected draft tokens are masked out, never recomputed.
+prompts and the slots of rejected draft tokens are masked out, never recomputed. Where the forward can read it
+(the batch-invariant CPU kernels), a prompt prefix the rows share (the few-shot template) is stored once, in the
+prefix cache's own entry, and every row's attention reads its first `prefix_seen[b]` slots before the row's own:
+joining, dropping and compacting rows then move only what each row has beyond the prefix.
 """
 
 from __future__ import annotations
@@ -22,13 +25,17 @@ from tasc_ray.engine.request import Request
 @dataclass
 class BatchState:
     """The rows decoding together and their shared KV cache: `valid` [B, S] masks the cache slots per row,
-    `pending` [B] is each row's next token (emitted, not yet in the cache), `next_pos` [B] its position."""
+    `pending` [B] is each row's next token (emitted, not yet in the cache), `next_pos` [B] its position. `prefix`:
+    a prompt prefix stored once for the batch, of which row b sees the first `prefix_seen[b]` slots before its
+    own `valid` ones (None: each row's cache holds its whole prompt)."""
 
     rows: list[Request]
     cache: DynamicCache
     valid: torch.Tensor
     pending: torch.Tensor
     next_pos: torch.Tensor
+    prefix: PrefixKV | None = None
+    prefix_seen: torch.Tensor | None = None
 
     def keep(self, keep: list[int]) -> None:
         """Keep only these rows (by index)."""
@@ -38,10 +45,22 @@ class BatchState:
         sel = torch.tensor(keep, dtype=torch.long, device=self.valid.device)
         self.valid, self.pending, self.next_pos = self.valid[sel], self.pending[sel], self.next_pos[sel]
         select_rows(self.cache, sel)
+        if self.prefix_seen is not None:
+            self.prefix_seen = self.prefix_seen[sel]
+            if not bool(self.prefix_seen.any()):  # no row reads it any more: the next rows may bring their own
+                self.prefix, self.prefix_seen = None, None
 
     def extend(self, other: BatchState) -> None:
         """Append another batch's rows; the narrower cache is left-padded with masked slots (each row has its
-        own positions, so where its slots sit does not matter)."""
+        own positions, so where its slots sit does not matter). The two must share their prefix, or one of them
+        have none (its rows then see none of the other's)."""
+        if other.prefix is not None and other.prefix is not self.prefix:
+            if self.prefix is not None:
+                raise ValueError("rows joining a batch must read the batch's own shared prefix")
+            self.prefix, self.prefix_seen = other.prefix, self.next_pos.new_zeros(len(self.rows))
+        if self.prefix_seen is not None:
+            seen = other.prefix_seen if other.prefix_seen is not None else other.next_pos.new_zeros(len(other.rows))
+            self.prefix_seen = torch.cat([self.prefix_seen, seen])
         width = max(self.valid.shape[1], other.valid.shape[1])
 
         def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -105,6 +124,7 @@ def compact(cache: DynamicCache, valid: torch.Tensor) -> torch.Tensor:
 
 
 def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all the sequences share."""
     first, n = sequences[0], min(len(s) for s in sequences)
     for i in range(n):
         if any(s[i] != first[i] for s in sequences[1:]):
@@ -122,10 +142,16 @@ class PrefixKV:
     def cut(self, n: int) -> PrefixKV:
         return PrefixKV(self.tokens[:n], [(k[:, :, :n], v[:, :, :n]) for k, v in self.layers])
 
-    def fill(self, cache: DynamicCache, rows: int) -> None:
-        """Put the prefix in every row of an empty cache."""
+    def fill(self, cache: DynamicCache, rows: int, start: int = 0) -> None:
+        """Put the prefix's slots from `start` on in every row of an empty cache."""
         for layer, (keys, values) in enumerate(self.layers):
-            cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), layer)
+            k, v = keys[:, :, start:], values[:, :, start:]
+            cache.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1), layer)
+
+    def seen_mask(self, seen: torch.Tensor, q: int) -> torch.Tensor:
+        """[B, q, P] bool: which of the prefix's P slots each of q queries per row sees, row b the first seen[b]."""
+        slots = torch.arange(len(self.tokens), device=seen.device)
+        return (slots[None, :] < seen[:, None])[:, None, :].expand(-1, q, -1)
 
 
 class PrefixCache:
@@ -151,6 +177,16 @@ class PrefixCache:
             found = self._discover(prompts, limit, prefill)
         self.recent.appendleft(prompts[0])
         return found
+
+    def closest(self, prompts: list[list[int]]) -> PrefixKV | None:
+        """The kept prefix that some prompt agrees with longest (at least `min_tokens`, each prompt keeping a token
+        to prefill), for rows admitted together that share no prefix among themselves; None if there is none."""
+        best, best_n = None, 0
+        for entry in self.entries if self.min_tokens > 0 else []:
+            n = max(min(common_prefix_length([entry.tokens, p]), len(p) - 1) for p in prompts)
+            if n >= self.min_tokens and n > best_n:
+                best, best_n = entry, n
+        return best
 
     def _kept(self, prompts: list[list[int]], limit: int) -> PrefixKV | None:
         best, best_n = None, 0

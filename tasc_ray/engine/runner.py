@@ -1,6 +1,7 @@
 """ModelRunner: the target model's forward over a batch of KV cache slots, and nothing else.
 
-It prefills joining rows (a shared prompt prefix from the prefix cache, then the left-padded rest of each prompt),
+It prefills joining rows (a shared prompt prefix from the prefix cache, read in place by every row where the
+kernels allow, else copied into each row; then the left-padded rest of each prompt),
 runs one pass over every row's [pending token + draft tree nodes] with per-row positions and a tree attention mask,
 keeps the accepted path's cache slots and masks the rest, compacts the cache when masked slots pile up, and times
 passes for the step-cost table. The forward is the lean one of model/fast_forward.py where it applies (Llama-family
@@ -19,7 +20,14 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from tasc_ray.engine.cost import StepCostTable
 from tasc_ray.engine.drafts.tree import DraftTree
-from tasc_ray.engine.kv_cache import BatchState, PrefixCache, PrefixKV, attention_mask, compact
+from tasc_ray.engine.kv_cache import (
+    BatchState,
+    PrefixCache,
+    PrefixKV,
+    attention_mask,
+    common_prefix_length,
+    compact,
+)
 from tasc_ray.engine.model.fast_forward import FastForward, build_fast_forward
 from tasc_ray.engine.request import Request
 from tasc_ray.engine.verify import Verdict
@@ -53,27 +61,52 @@ class ModelRunner:
     def device(self) -> torch.device:
         return self.model.device
 
+    @property
+    def shares_prefix(self) -> bool:
+        """Whether a batch's shared prompt prefix is stored once and read by every row (the batch-invariant CPU
+        kernels' attention), rather than copied into each row's cache."""
+        return self.fast_forward is not None and self.fast_forward.batch_invariant
+
     @torch.inference_mode()
-    def prefill(self, rows: Sequence[Request]) -> tuple[BatchState, torch.Tensor, int]:
+    def prefill(
+        self, rows: Sequence[Request], running: BatchState | None = None
+    ) -> tuple[BatchState, torch.Tensor, int]:
         """The rows' batch with their prompts in its cache (no pending tokens yet), the logits [B, 1, V] of each
-        prompt's last position, and how many prompt tokens per row the prefix cache served."""
+        prompt's last position, and how many prompt tokens in all the prefix cache served. With `running`, the
+        batch the rows will join: they read its shared prefix (as far as their prompts agree with it)."""
         device = self.device
         prompts = [r.prompt_ids for r in rows]
+        found = self.prefix_cache.lookup(prompts, self._prefill_prefix)
+        if self.shares_prefix:
+            shared = running.prefix if running is not None and running.prefix is not None else found
+            shared = shared or self.prefix_cache.closest(prompts)
+            seen = [min(common_prefix_length([shared.tokens, p]), len(p) - 1) if shared else 0 for p in prompts]
+            if not any(seen) and (running is None or running.prefix is None):
+                shared = None  # nothing to share (a batch keeps its own prefix for the rows that read it)
+        else:
+            shared, seen = None, [0] * len(prompts)
+        # Slots of the prefix cache's entry beyond what the shared prefix covers (all of it where nothing is
+        # shared) are copied into each row's own cache where the rows agree on where that starts, and prefilled
+        # again otherwise: a token's keys and values depend only on the tokens before it.
+        uniform = len(set(seen)) == 1
+        copied = len(found.tokens) - seen[0] if found is not None and uniform and len(found.tokens) > seen[0] else 0
         cache = DynamicCache(config=self.model.config)
-        prefix = self.prefix_cache.lookup(prompts, self._prefill_prefix)
-        n_prefix = len(prefix.tokens) if prefix is not None else 0
-        if prefix is not None:
-            prefix.fill(cache, len(prompts))
-        rests = [p[n_prefix:] for p in prompts]
+        if copied:
+            found.fill(cache, len(prompts), start=seen[0])  # type: ignore[union-attr]  # copied > 0 needs `found`
+        rests = [p[n + copied :] for p, n in zip(prompts, seen)]
         width = max(len(r) for r in rests)
         ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rests], device=device)
         valid = torch.tensor(
-            [[1] * n_prefix + [0] * (width - len(r)) + [1] * len(r) for r in rests], device=device, dtype=torch.bool
+            [[1] * copied + [0] * (width - len(r)) + [1] * len(r) for r in rests], device=device, dtype=torch.bool
         )
-        positions = n_prefix + (valid[:, n_prefix:].long().cumsum(-1) - 1).clamp(min=0)
-        logits = self.forward(ids, valid, positions, cache, last_only=True)
+        first = torch.tensor([n + copied for n in seen], device=device)[:, None]
+        positions = first + (valid[:, copied:].long().cumsum(-1) - 1).clamp(min=0)
+        prefix_seen = torch.tensor(seen, device=device) if shared is not None else None
+        logits = self.forward(ids, valid, positions, cache, last_only=True, prefix=shared, prefix_seen=prefix_seen)
         pending = torch.zeros(len(rows), dtype=torch.long, device=device)
-        return BatchState(list(rows), cache, valid, pending, valid.sum(-1)), logits, n_prefix
+        next_pos = torch.tensor([len(p) for p in prompts], device=device)
+        served = sum(seen) + copied * len(rows)
+        return BatchState(list(rows), cache, valid, pending, next_pos, shared, prefix_seen), logits, served
 
     def _prefill_prefix(self, tokens: list[int]) -> PrefixKV:
         """Keys and values of a prompt prefix, computed at batch 1."""
@@ -98,7 +131,9 @@ class ModelRunner:
         )
         batch.valid = torch.cat([batch.valid, step_valid], dim=1)
         tree_mask = None if all(t.is_chain for t in trees) else _tree_mask(trees, k).to(device)
-        return self.forward(ids, batch.valid, positions, batch.cache, tree=tree_mask)
+        return self.forward(
+            ids, batch.valid, positions, batch.cache, tree=tree_mask, prefix=batch.prefix, prefix_seen=batch.prefix_seen
+        )
 
     def accept(self, batch: BatchState, trees: Sequence[DraftTree], verdict: Verdict) -> None:
         """Keep the accepted path's slots of the last pass, move each row past them, and make the target's own
@@ -131,11 +166,16 @@ class ModelRunner:
         cache: DynamicCache,
         last_only: bool = False,
         tree: torch.Tensor | None = None,
+        prefix: PrefixKV | None = None,
+        prefix_seen: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for `ids` (only the last position's with `last_only`), which occupy the last ids.shape[1] slots
-        of `valid` (the mask over all cache slots); `tree`: which of those slots each query sees (default causal)."""
+        of `valid` (the mask over all cache slots); `tree`: which of those slots each query sees (default causal);
+        `prefix`: a shared prefix each row sees the first `prefix_seen[b]` slots of (needs `shares_prefix`)."""
         if self.fast_forward is not None:
-            return self.fast_forward(ids, valid, positions, cache, last_only, tree)
+            return self.fast_forward(ids, valid, positions, cache, last_only, tree, prefix, prefix_seen)
+        if prefix is not None:
+            raise ValueError("a shared prefix needs the fast forward's batch-invariant kernels")
         mask = attention_mask(valid, ids.shape[1], self.model.dtype, tree)
         extra = {"logits_to_keep": 1} if last_only and self._can_keep_last else {}
         out = self.model(

@@ -189,12 +189,12 @@ class Scheduler:
         for r in requests:
             r.max_new = min(r.params.max_new_tokens, self.runner.max_context - r.prompt_len)
             r.draft_context = self.proposer.new_row(r)
-        batch, logits, n_prefix = self.runner.prefill(requests)
+        batch, logits, n_cached = self.runner.prefill(requests, self.batch)
         no_drafts = [DraftTree() for _ in requests]
         verdict = verify(logits, no_drafts, requests)
         self.runner.set_pending(batch, verdict)
         self.timings.prompt_tokens += sum(r.prompt_len for r in requests)
-        self.timings.cached_prompt_tokens += n_prefix * len(requests)
+        self.timings.cached_prompt_tokens += n_cached
         self.timings.prefill_s += time.perf_counter() - t0
         for i, r in enumerate(requests):
             self._emit(r, verdict.tokens[i], verdict.logprobs.get(i))

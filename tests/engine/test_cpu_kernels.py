@@ -129,6 +129,19 @@ def test_every_instruction_set_path_builds_agrees_with_torch_and_is_batch_invari
         shifted_keys, shifted_values = torch.cat([padding, keys[row]], 2), torch.cat([padding, values[row]], 2)
         shifted = kernels.attention(q[row], shifted_keys, shifted_values, shifted_allowed, 0.2)
         assert torch.equal(shifted, together[row])
+    # A prefix shared by every row, stored once (21 slots: not whole vectors), equals the prefix copied into each
+    # row; a row that does not see the prefix equals that row over its own slots alone.
+    shared_k, shared_v = keys[:1, :, :21], values[:1, :, :21]
+    copied_k = torch.cat([shared_k.expand(4, -1, -1, -1), keys[:, :, 21:]], 2)
+    copied_v = torch.cat([shared_v.expand(4, -1, -1, -1), values[:, :, 21:]], 2)
+    own_k, own_v = keys[:, :, 21:], values[:, :, 21:]
+    shared = kernels.attention(q, own_k, own_v, allowed, 0.2, prefix=(shared_k, shared_v))
+    assert torch.equal(shared, kernels.attention(q, copied_k, copied_v, allowed, 0.2))
+    blind = allowed.clone()
+    blind[:, :, :21] = False
+    blind[:, :, 21] = True
+    alone = kernels.attention(q, own_k, own_v, blind[:, :, 21:], 0.2)
+    assert torch.equal(kernels.attention(q, own_k, own_v, blind, 0.2, prefix=(shared_k, shared_v)), alone)
 
 
 def test_an_isa_this_machine_cannot_run_is_refused(monkeypatch):

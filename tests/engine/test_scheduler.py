@@ -171,3 +171,41 @@ def test_online_requests_are_admitted_before_waiting_batch_rows(tiny_model, tiny
     assert admitted == online + batch[2:]
     for row in batch + online:
         assert row.outcome().token_ids == reference_greedy(tiny_model, row.prompt_ids, row.params.max_new_tokens)
+
+
+def test_a_shared_prefix_is_stored_once_and_changes_no_output(tiny_model, tiny_tokenizer):
+    """Rows of a few-shot template read the template's keys and values from one place (the prefix cache's entry),
+    their own caches holding only what follows it; rows joining later read it too, as far as their prompts agree
+    with it (a row of another prompt not at all), and every output is what each row decodes with the prefix
+    copied into its own cache."""
+    rng = random.Random(3)
+    vocab = len(tiny_tokenizer)
+    template = [rng.randrange(3, vocab) for _ in range(40)]
+    prompts = [template + [rng.randrange(3, vocab) for _ in range(rng.randint(1, 9))] for _ in range(6)]
+    prompts.insert(3, template[:25] + [rng.randrange(3, vocab) for _ in range(5)])  # agrees with 25 of it
+    prompts.insert(5, [rng.randrange(3, vocab) for _ in range(12)])  # agrees with none of it
+    params = SamplingParams(max_new_tokens=12)
+    shared = context_generator(tiny_model, tiny_tokenizer, max_batch_size=3)
+    if not shared.runner.shares_prefix:
+        pytest.skip("the batch-invariant CPU kernels are not available here")
+    scheduler = shared.scheduler()
+    requests = [shared.request(p, params) for p in prompts]
+    for r in requests[:3]:
+        scheduler.add(r)
+    scheduler.step()
+    batch = scheduler.batch
+    assert batch is not None and batch.prefix is not None and len(batch.prefix.tokens) == 40
+    assert batch.prefix_seen.tolist() == [40, 40, 40]
+    assert batch.cache.layers[0].keys.shape[2] < min(len(p) for p in prompts[:3])  # no row holds the template
+    for r in requests[3:]:
+        scheduler.add(r)
+    seen: set[int] = set()
+    while scheduler.has_work:
+        scheduler.step()
+        if scheduler.batch is not None and scheduler.batch.prefix_seen is not None:
+            seen |= set(scheduler.batch.prefix_seen.tolist())
+    assert {0, 25, 40} <= seen
+    copied = SpeculativeGenerator(
+        tiny_model, tiny_tokenizer, shared.drafter, max_batch_size=3, prefix_cache_min_tokens=0, speculation_gate=False
+    )
+    assert [r.outcome().token_ids for r in requests] == [r.token_ids for r in copied.generate(prompts, params)]

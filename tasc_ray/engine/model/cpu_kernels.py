@@ -71,7 +71,7 @@ class CpuKernels:
         for fn in self._fns.values():
             fn.argtypes, fn.restype = args, None
         self._attention = library.tasc_attention_f32
-        self._attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 8 + [ctypes.c_float, ctypes.c_int]
+        self._attention.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long] * 10 + [ctypes.c_float, ctypes.c_int]
         self._rms_norm = library.tasc_rms_norm_f32
         self._rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_float, ctypes.c_int]
         self._silu_mul = library.tasc_silu_mul_f32
@@ -113,20 +113,31 @@ class CpuKernels:
         return y
 
     def attention(
-        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor, scale: float
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        allowed: torch.Tensor,
+        scale: float,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """[B, Q, H, D] = softmax(scale q k^T) v per query over the cache slots `allowed` [B, Q, S] lets it see, for
-        q [B, Q, H, D] and keys/values [B, KV, S, D] (views of a larger buffer are fine; KV divides H)."""
+        """[B, Q, H, D] = softmax(scale q k^T) v per query over the cache slots `allowed` [B, Q, P + S] lets it see, for
+        q [B, Q, H, D] and keys/values [B, KV, S, D] (views of a larger buffer are fine; KV divides H). `prefix`:
+        keys and values [1, KV, P, D] of a prompt prefix every row shares, stored once, its slots before each row's
+        own (the first P columns of `allowed`); the result is the same as with the prefix copied into every row."""
         b, nq, h, d = q.shape
         kv, s = keys.shape[1], keys.shape[2]
-        if d % 16 or d > 256 or h % kv or keys.stride() != values.stride() or keys.stride()[2:] != (d, 1):
+        pk, pv = prefix if prefix is not None else (keys[:1, :, :0], values[:1, :, :0])
+        p = pk.shape[2]
+        shapes_ok = keys.stride() == values.stride() and keys.stride()[2:] == (d, 1) and allowed.shape[-1] == p + s
+        if d % 16 or d > 256 or h % kv or not shapes_ok or pk.stride() != pv.stride() or pk.stride()[2:] != (d, 1):
             raise ValueError(f"attention: unsupported shapes q {tuple(q.shape)}, keys {tuple(keys.shape)}")
         q, allowed = q.contiguous(), allowed.to(torch.uint8).contiguous()
         out = torch.empty_like(q)
-        batch_stride, head_stride = keys.stride(0), keys.stride(1)
         self._attention(
-            q.data_ptr(), keys.data_ptr(), values.data_ptr(), allowed.data_ptr(), out.data_ptr(),
-            b, nq, h, kv, s, d, batch_stride, head_stride, scale, torch.get_num_threads(),
+            q.data_ptr(), keys.data_ptr(), values.data_ptr(), pk.data_ptr(), pv.data_ptr(), allowed.data_ptr(),
+            out.data_ptr(), b, nq, h, kv, p, s, d, keys.stride(0), keys.stride(1), pk.stride(1), scale,
+            torch.get_num_threads(),
         )  # fmt: skip
         return out
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
-from tasc_ray.engine.kv_cache import additive_mask, allowed_slots, attention_mask
+from tasc_ray.engine.kv_cache import PrefixKV, additive_mask, allowed_slots, attention_mask
 from tasc_ray.engine.model.cpu_kernels import PRECISIONS, CpuKernels, PanelWeight, load_kernels
 
 logger = logging.getLogger(__name__)
@@ -189,11 +189,17 @@ class FastForward:
         cache: DynamicCache,
         last_only: bool = False,
         tree: torch.Tensor | None = None,
+        prefix: PrefixKV | None = None,
+        prefix_seen: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """[B, q, V] logits ([B, 1, V] with `last_only`: the last column's) of `ids` [B, q] at `positions`, which
         occupy the last q slots of `valid` [B, S] (the mask over all cache slots); the new keys and values are
         appended to `cache`. Query slots masked in `valid` are padding: they skip the products and their cache
-        slots hold zeros. `tree` [B, q, q]: which new slots each query sees (a token tree; default causal)."""
+        slots hold zeros. `tree` [B, q, q]: which new slots each query sees (a token tree; default causal).
+        `prefix`: keys and values of a prompt prefix stored once, of which row b sees the first `prefix_seen[b]`
+        slots before its own (the batch-invariant kernels only: `batch_invariant`)."""
+        if prefix is not None and self.ops is None:
+            raise ValueError("a shared prefix needs the batch-invariant CPU kernels")
         b, q = ids.shape
         h, kv, d = self.n_heads, self.n_kv, self.head_dim
         real = valid[:, -q:]
@@ -205,6 +211,10 @@ class FastForward:
         cos, sin = self.cos[at][:, None, :], self.sin[at][:, None, :]  # [T, 1, D]
         allowed = allowed_slots(valid, q, tree)
         mask = None if self.ops is not None else _grouped_mask(additive_mask(allowed, self.dtype), h // kv)
+        if self.ops is not None:
+            if prefix is not None:
+                allowed = torch.cat([prefix.seen_mask(prefix_seen, q), allowed], dim=-1)  # type: ignore[arg-type]
+            allowed = allowed.to(torch.uint8).contiguous()  # once for every layer
         q_size, kv_size = h * d, kv * d
         for index, layer in enumerate(self.layers):
             qkv = layer.qkv(self._norm(x, layer.norm1))
@@ -216,7 +226,8 @@ class FastForward:
             qs, ks, vs = (_padded(t, flat, b, q) for t in (qs, ks, vs))  # [B, q, heads, D]
             keys, values = append_kv(cache.layers[index], ks.transpose(1, 2), vs.transpose(1, 2))
             if self.ops is not None:
-                out = self.ops.attention(qs, keys, values, allowed, self.scaling).reshape(b * q, h * d)
+                shared = prefix.layers[index] if prefix is not None else None
+                out = self.ops.attention(qs, keys, values, allowed, self.scaling, shared).reshape(b * q, h * d)
             else:  # query heads folded into the query axis per key/value head: [B, kv, (h/kv) * q, D]
                 grouped = qs.reshape(b, q, kv, h // kv, d).permute(0, 2, 3, 1, 4).reshape(b, kv, (h // kv) * q, d)
                 out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=self.scaling)

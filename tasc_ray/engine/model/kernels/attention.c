@@ -9,7 +9,9 @@
    - attention: each (row, query, head) is computed by one thread alone. Scores are dot products over d in one
      fixed order; the softmax's sum and the weighted sum of values run over the allowed cache slots in slot order,
      one slot at a time (vectors span d, never slots), so masked slots, padding and where a row's slots sit in the
-     cache change nothing;
+     cache change nothing. A prompt prefix every row shares is read from one copy, its slots before the row's own:
+     the same sums in the same order as with the prefix copied into each row (and each row's prefix read from the
+     same memory, which stays in cache);
    - RMS norm: each row's sum of squares in one fixed order;
    - exp (softmax, SiLU): one polynomial evaluated the same way in every vector lane, tails padded to a full
      vector, so an element's value does not depend on its position.
@@ -79,13 +81,6 @@ static inline vf vexp(vf x) {
 
 #define BLOCK 4 /* queries of one key/value head computed together: each key and value is loaded once for them */
 
-/* out[b, i, h, :] = softmax(scale q[b, i, h] . k[b, g, s])_s . v[b, g, s] over the slots s with
-   allowed[b, i, s], g = h / (H / KV) (grouped-query attention). q and out are [B, Q, H, D] contiguous; k and v
-   are [B, KV, >= S, D] with the given batch and head strides (in floats) and contiguous slots; allowed is
-   [B, Q, S] bytes. A query with no allowed slot gets zeros. D must be a multiple of 16, at most 256.
-
-   Work items are (b, g, a block of up to BLOCK of the Q x H / KV queries that read head g); whichever block a
-   query falls in, its arithmetic is the same, one slot at a time. */
 /* The lane partials of q . key: lane l sums the products at d = l, l + 16, ... in order. */
 static inline __attribute__((always_inline)) vf partials(const vf *qr, const float *key, const long nv) {
     vf dot = qr[0] * vload(key);
@@ -121,19 +116,87 @@ static inline __attribute__((always_inline)) vf scores16(const vf *qr, const flo
     return __builtin_shufflevector(r3[0], r3[1], PAIR_LO4) + __builtin_shufflevector(r3[0], r3[1], PAIR_HI4);
 }
 
-static inline __attribute__((always_inline)) void attend(const float *q, const float *kh, const float *vh,
+typedef unsigned char vbytes __attribute__((vector_size(16)));
+
+/* Scores of n consecutive slots (-inf where not allowed) into ps, 16 at a time, the largest folded into top / best
+   (a maximum: the same whatever the grouping). A block of 16 slots none of which is allowed is not computed. */
+static inline __attribute__((always_inline)) void score_slots(const vf *qr, const float *keys,
+                                                               const unsigned char *ok, float *ps, long n,
+                                                               float scale, vf *top_out, float *best_out,
+                                                               const long nv) {
+    const long D = nv * LANES, whole = n / LANES * LANES;
+    vf top = *top_out; /* locals: ps's stores could alias the pointed-to ones */
+    float best = *best_out;
+    for (long s = 0; s < whole; s += LANES) {
+        vbytes bytes;
+        memcpy(&bytes, ok + s, sizeof bytes);
+        unsigned long long words[2];
+        memcpy(words, &bytes, sizeof words);
+        vf score = splat(-INFINITY);
+        if (words[0] | words[1]) {
+            vi mask = __builtin_convertvector(bytes, vi) != 0;
+            score = lanes_where(mask, scores16(qr, keys + s * D, nv) * splat(scale), score);
+        }
+        vstore(ps + s, score);
+        top = lanes_where(score > top, score, top);
+    }
+    for (long s = whole; s < n; s++) {
+        float score = ok[s] ? hsum(partials(qr, keys + s * D, nv)) * scale : -INFINITY;
+        ps[s] = score;
+        best = score > best ? score : best;
+    }
+    *top_out = top;
+    *best_out = best;
+}
+
+/* acc[t] += p[t][s] * value[s], total[t] += p[t][s] over n consecutive slots, slot by slot; a slot with p = 0 for
+   every query of the block changes no bit (x + 0 = x), so it is skipped. The sums are kept in locals over the loop
+   (through the pointers the compiler would have to store them at every slot). */
+static inline __attribute__((always_inline)) void weigh_values(const float *vh, float *const *ps, long n, int nq,
+                                                                float *total_io, vf acc_io[][16], const long nv) {
+    const long D = nv * LANES;
+    vf acc[BLOCK][16];
+    float total[BLOCK], *pt[BLOCK];
+    for (int t = 0; t < nq; t++) {
+        total[t] = total_io[t];
+        pt[t] = ps[t];
+        for (long c = 0; c < nv; c++) acc[t][c] = acc_io[t][c];
+    }
+    for (long s = 0; s < n; s++) {
+        int any = 0;
+        for (int t = 0; t < nq; t++) any |= pt[t][s] != 0.0f;
+        if (!any) continue;
+        vf value[16];
+        for (long c = 0; c < nv; c++) value[c] = vload(vh + s * D + c * LANES);
+        for (int t = 0; t < nq; t++) {
+            total[t] += pt[t][s];
+            vf w = splat(pt[t][s]);
+            for (long c = 0; c < nv; c++) acc[t][c] += w * value[c];
+        }
+    }
+    for (int t = 0; t < nq; t++) {
+        total_io[t] = total[t];
+        for (long c = 0; c < nv; c++) acc_io[t][c] = acc[t][c];
+    }
+}
+
+/* One work item: up to BLOCK queries of key/value head g of row b over its slots, the P slots of the shared prefix
+   (pkh/pvh) first, then the row's own S slots (kh/vh): the same arithmetic, in the same slot order, as if the
+   prefix were copied in front of the row's slots. */
+static inline __attribute__((always_inline)) void attend(const float *q, const float *pkh, const float *pvh,
+                                                          const float *kh, const float *vh,
                                                           const unsigned char *allowed, float *out, float *p,
                                                           long b, long g, long first, int n, long Q, long H,
-                                                          long groups, long S, float scale, const long nv) {
-    const long D = nv * LANES;
+                                                          long groups, long P, long S, float scale, const long nv) {
+    const long D = nv * LANES, T = P + S;
     const unsigned char *ok[BLOCK];
     float *o[BLOCK], *ps[BLOCK], best[BLOCK], total[BLOCK];
     vf qr[BLOCK][16], acc[BLOCK][16];
     for (int t = 0; t < n; t++) { /* query t of the block: query index i, head g * groups + j */
         long i = (first + t) / groups, h = g * groups + (first + t) % groups;
-        ok[t] = allowed + (b * Q + i) * S;
+        ok[t] = allowed + (b * Q + i) * T;
         o[t] = out + ((b * Q + i) * H + h) * D;
-        ps[t] = p + t * (S + LANES);
+        ps[t] = p + t * (T + LANES);
         best[t] = -INFINITY;
         total[t] = 0.0f;
         for (long c = 0; c < nv; c++) {
@@ -141,37 +204,20 @@ static inline __attribute__((always_inline)) void attend(const float *q, const f
             acc[t][c] = (vf){0};
         }
     }
-    const long whole = S / LANES * LANES;
-    for (int t = 0; t < n; t++) { /* scores (-inf where not allowed), 16 slots at a time, and the largest */
+    for (int t = 0; t < n; t++) { /* scores of the prefix's slots, then the row's */
         vf top = splat(-INFINITY);
-        for (long s = 0; s < whole; s += LANES) {
-            vf score = scores16(qr[t], kh + s * D, nv) * splat(scale);
-            vi mask;
-            for (int l = 0; l < LANES; l++) mask[l] = ok[t][s + l] ? -1 : 0;
-            score = lanes_where(mask, score, splat(-INFINITY));
-            vstore(ps[t] + s, score);
-            top = lanes_where(score > top, score, top);
-        }
+        score_slots(qr[t], pkh, ok[t], ps[t], P, scale, &top, &best[t], nv);
+        score_slots(qr[t], kh, ok[t] + P, ps[t] + P, S, scale, &top, &best[t], nv);
         for (int l = 0; l < LANES; l++) best[t] = top[l] > best[t] ? top[l] : best[t];
-        for (long s = whole; s < S; s++) {
-            float score = ok[t][s] ? hsum(partials(qr[t], kh + s * D, nv)) * scale : -INFINITY;
-            ps[t][s] = score;
-            best[t] = score > best[t] ? score : best[t];
-        }
     }
-    for (int t = 0; t < n; t++) { /* p = e^(score - best); padded to whole vectors */
-        for (long s = 0; s < S; s++) ps[t][s] = ok[t][s] ? ps[t][s] - best[t] : -100.0f;
-        for (long s = 0; s < S; s += LANES) vstore(ps[t] + s, vexp(vload(ps[t] + s)));
+    for (int t = 0; t < n; t++) { /* p = e^(score - best), exactly 0 where not allowed; padded to whole vectors */
+        for (long s = 0; s < T; s++) ps[t][s] = ok[t][s] ? ps[t][s] - best[t] : -100.0f;
+        for (long s = 0; s < T; s += LANES) vstore(ps[t] + s, vexp(vload(ps[t] + s)));
     }
-    for (long s = 0; s < S; s++) { /* the weighted sum of values, slot by slot */
-        vf value[16];
-        for (long c = 0; c < nv; c++) value[c] = vload(vh + s * D + c * LANES);
-        for (int t = 0; t < n; t++) { /* a slot not allowed has p = 0: adding it changes no bit */
-            total[t] += ps[t][s];
-            vf w = splat(ps[t][s]);
-            for (long c = 0; c < nv; c++) acc[t][c] += w * value[c];
-        }
-    }
+    float *rows[BLOCK];
+    for (int t = 0; t < n; t++) rows[t] = ps[t] + P;
+    weigh_values(pvh, ps, P, n, total, acc, nv);
+    weigh_values(vh, rows, S, n, total, acc, nv);
     for (int t = 0; t < n; t++) {
         if (best[t] == -INFINITY) { /* nothing allowed */
             memset(o[t], 0, sizeof(float) * D);
@@ -182,22 +228,36 @@ static inline __attribute__((always_inline)) void attend(const float *q, const f
     }
 }
 
-void tasc_attention_f32(const float *q, const float *k, const float *v, const unsigned char *allowed, float *out,
-                        long B, long Q, long H, long KV, long S, long D, long batch_stride, long head_stride,
-                        float scale, int threads) {
+/* out[b, i, h, :] = softmax(scale q[b, i, h] . k[s])_s . v[s] over the slots s that allowed[b, i, s] lets query
+   (b, i) see, for head h's key/value head g = h / (H / KV) (grouped-query attention). Row b's slots are the P slots
+   of a prefix shared by every row (pk/pv: [KV, >= P, D] with head stride prefix_head_stride; may be NULL when
+   P = 0), then its own S slots (k/v: [B, KV, >= S, D] with the given batch and head strides, in floats). q and out
+   are [B, Q, H, D] contiguous, allowed [B, Q, P + S] bytes. A query with no allowed slot gets zeros. D must be a
+   multiple of 16, at most 256.
+
+   Work items are (b, g, a block of up to BLOCK of the Q x H / KV queries that read head g); whichever block a
+   query falls in, its arithmetic is the same, one slot at a time. */
+void tasc_attention_f32(const float *q, const float *k, const float *v, const float *pk, const float *pv,
+                        const unsigned char *allowed, float *out, long B, long Q, long H, long KV, long P, long S,
+                        long D, long batch_stride, long head_stride, long prefix_head_stride, float scale,
+                        int threads) {
     long groups = H / KV, per_head = Q * groups, blocks = (per_head + BLOCK - 1) / BLOCK;
 #pragma omp parallel num_threads(threads)
     {
-        float *p = malloc(sizeof(float) * BLOCK * (S + LANES));
+        float *p = malloc(sizeof(float) * BLOCK * (P + S + LANES));
 #pragma omp for schedule(static)
         for (long item = 0; item < B * KV * blocks; item++) {
             long first = (item % blocks) * BLOCK, g = (item / blocks) % KV, b = item / (blocks * KV);
             int n = per_head - first < BLOCK ? (int)(per_head - first) : BLOCK;
             const float *kh = k + b * batch_stride + g * head_stride, *vh = v + b * batch_stride + g * head_stride;
+            const float *pkh = P ? pk + g * prefix_head_stride : kh, *pvh = P ? pv + g * prefix_head_stride : vh;
             /* the same code for every head size; compiled apart for the common ones so its loops unroll */
-            if (D == 64) attend(q, kh, vh, allowed, out, p, b, g, first, n, Q, H, groups, S, scale, 4);
-            else if (D == 128) attend(q, kh, vh, allowed, out, p, b, g, first, n, Q, H, groups, S, scale, 8);
-            else attend(q, kh, vh, allowed, out, p, b, g, first, n, Q, H, groups, S, scale, D / LANES);
+            if (D == 64)
+                attend(q, pkh, pvh, kh, vh, allowed, out, p, b, g, first, n, Q, H, groups, P, S, scale, 4);
+            else if (D == 128)
+                attend(q, pkh, pvh, kh, vh, allowed, out, p, b, g, first, n, Q, H, groups, P, S, scale, 8);
+            else
+                attend(q, pkh, pvh, kh, vh, allowed, out, p, b, g, first, n, Q, H, groups, P, S, scale, D / LANES);
         }
         free(p);
     }
