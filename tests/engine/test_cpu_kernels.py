@@ -90,6 +90,23 @@ def test_a_bf16_row_does_not_depend_on_the_other_rows(bf16_gemm):
         assert torch.equal(bf16_gemm(x[rows], packed), together[rows])
 
 
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 37, 35), (9, 130, 96), (64, 576, 577)])
+def test_int8_products_are_the_dequantised_weights_products(bf16_gemm, m, n, k):
+    """int8: one scale per output (its largest weight maps to 127), the product that of bf16 inputs and the
+    dequantised weights, which stay within half a quantisation step of the weights; a row's bits are the same
+    in every call."""
+    random = torch.Generator().manual_seed(m + n + k)
+    x, w, b = (torch.randn(*shape, generator=random) for shape in ((m, k), (n, k), (n,)))
+    packed = bf16_gemm.pack(w, b, "int8")
+    assert packed.panels.dtype == torch.int8 and packed.scales is not None
+    dequantised = bf16_gemm.dequantised(packed)
+    step = w.abs().amax(1, keepdim=True) / 127
+    assert bool(((dequantised - w).abs() <= step / 2 + 1e-6).all())
+    got = bf16_gemm(x, packed)
+    torch.testing.assert_close(got, x.bfloat16().float() @ dequantised.T + b, atol=2e-4, rtol=1e-4)
+    assert torch.equal(bf16_gemm(x[-1:], packed), got[-1:])
+
+
 def test_an_unknown_precision_is_refused(gemm):
     with pytest.raises(ValueError, match="supported here"):
         gemm.pack(torch.randn(4, 16), None, "int3")
@@ -104,7 +121,9 @@ def test_every_instruction_set_path_builds_agrees_with_torch_and_is_batch_invari
     kernels = build_kernels(isa)
     if kernels is None:
         pytest.skip("no C compiler here")
-    assert ("bf16" in kernels.precisions) <= (isa == "native")  # bf16 needs AVX512-BF16
+    assert ("bf16" in kernels.precisions) <= (isa in ("native", "avx512"))  # bf16 needs AVX512-BF16
+    assert ("int8" in kernels.precisions) == ("bf16" in kernels.precisions)
+    assert not kernels.amx or isa == "native"
     random = torch.Generator().manual_seed(1)
     x, w = torch.randn(64, 96, generator=random), torch.randn(130, 96, generator=random)
     for precision in kernels.precisions:

@@ -157,17 +157,19 @@ def test_plain_decoding_matches_the_models_forward_path(tiny_model, tiny_tokeniz
     assert [r.token_ids for r in fast] == [r.token_ids for r in slow.generate(prompts, params)]
 
 
-def test_bf16_tasc_output_equals_bf16_plain_output(tiny_model, tiny_tokenizer):
-    """Lossless within a precision: with bf16 products, TASC (chains and trees, at batch 1 and 3, ragged drafts)
-    emits exactly what plain bf16 decoding emits, and plain bf16 decoding does not depend on the batch."""
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_reduced_precision_tasc_output_equals_plain_output_at_that_precision(tiny_model, tiny_tokenizer, precision):
+    """Lossless within a precision: with bf16 or int8 products, TASC (chains and trees, at batch 1 and 3, ragged
+    drafts) emits exactly what plain decoding at that precision emits, and plain decoding does not depend on the
+    batch."""
     from tasc_ray.engine.config import DrafterConfig, DraftMode
     from tasc_ray.engine.drafts.drafter import Drafter
     from tasc_ray.engine.model.fast_forward import build_fast_forward, supported_precisions
 
-    if "bf16" not in supported_precisions():
-        pytest.skip("bf16 products need the CPU kernel and AVX512-BF16")
-    fast = build_fast_forward(tiny_model, "bf16")
-    assert fast is not None and fast.precision == "bf16"
+    if precision not in supported_precisions():
+        pytest.skip(f"{precision} products need the CPU kernel and AVX512-BF16")
+    fast = build_fast_forward(tiny_model, precision)
+    assert fast is not None and fast.precision == precision
     vocab = len(tiny_tokenizer)
     prompts = [p + p for p in random_prompts(random.Random(5), vocab, 6)]  # repeats: the context drafts
     params = SamplingParams(max_new_tokens=20)
@@ -217,7 +219,7 @@ def _row_logits_in(fast, config, prompts, steps, chunk):
     return [torch.cat(rows) for rows in out]
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
 def test_a_rows_logits_do_not_depend_on_its_batch_or_query_count(tiny_model, precision):
     """Batch-invariant kernels: row 0's logits are bit-identical whether it decodes alone one token a pass or
     verifies several tokens a pass beside 1-7 other rows with other prompt lengths and ragged drafts (passes of

@@ -37,29 +37,38 @@ FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 # What the kernels are compiled for: this CPU's whole instruction set (default), or a lower x86 level, forced with
 # TASC_RAY_CPU_ISA (or build_kernels(isa=...)) to run and test the code paths other CPUs take: the same C source, its
 # 64-byte vectors lowered to AVX-512, two AVX2 registers, or four SSE2 ones (no FMA, no bf16).
-ISAS = {"native": ["-march=native"], "avx2": ["-march=x86-64-v3"], "sse2": ["-march=x86-64"]}
+# `avx512`: native without AMX, the AVX512-BF16 products of CPUs without tiles (offered where this CPU has both).
+ISAS = {
+    "native": ["-march=native"],
+    "avx512": ["-march=native", "-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8"],
+    "avx2": ["-march=x86-64-v3"],
+    "sse2": ["-march=x86-64"],
+}
 
 
-PRECISIONS = ("fp32", "bf16")  # what the products may run in: float32, or bfloat16 weights and inputs
+# What the products may run in: float32; bfloat16 weights and inputs; int8 weights (one scale per output) with
+# bfloat16 inputs.
+PRECISIONS = ("fp32", "bf16", "int8")
 
 
 @dataclass
 class PanelWeight:
     """A [N, K] weight (and its bias) packed as panels[ceil(N / 16)][K][16] (float32) or panels[ceil(N / 16)]
-    [ceil(K / 2)][16][2] (bf16 pairs along k; on AMX, k pairs padded to whole tiles of 16), zero-padded to whole
-    panels."""
+    [ceil(K / 2)][16][2] (bf16 or int8 pairs along k; on AMX, k pairs padded to whole tiles of 16), zero-padded to
+    whole panels; int8 weights have one float32 scale per output (`scales`)."""
 
     panels: torch.Tensor
     bias: torch.Tensor | None
     out_features: int
     in_features: int
     precision: str = "fp32"
+    scales: torch.Tensor | None = None
 
 
 class CpuKernels:
     """The built kernels, on float32 CPU tensors and torch's thread count. Calling it is the product
-    y[M, N] = x[M, K] @ W^T + b with W packed by `pack` (with bf16 weights, where the CPU has AVX512-BF16, x is
-    rounded to bf16 too and the sums stay float32); `attention`, `rms_norm` and `silu_mul` are the decoder's
+    y[M, N] = x[M, K] @ W^T + b with W packed by `pack` (with bf16 or int8 weights, where the CPU has AVX512-BF16,
+    x is rounded to bf16 too and the sums stay float32); `attention`, `rms_norm` and `silu_mul` are the decoder's
     other steps. Every result row depends only on its own inputs, never on the other rows of the call."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
@@ -70,6 +79,9 @@ class CpuKernels:
             self._fns["bf16"] = library.tasc_gemm_bf16_amx if self.amx else library.tasc_gemm_bf16
         for fn in self._fns.values():
             fn.argtypes, fn.restype = args, None
+        if "bf16" in self._fns:  # int8 weights dequantised to the bf16 product
+            self._fns["int8"] = library.tasc_gemm_int8
+            self._fns["int8"].argtypes, self._fns["int8"].restype = [ctypes.c_void_p] * 5 + args[4:], None
         self._attention = library.tasc_attention_f32
         self._attention.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long] * 10 + [ctypes.c_float, ctypes.c_int]
         self._rms_norm = library.tasc_rms_norm_f32
@@ -91,15 +103,21 @@ class CpuKernels:
         padded = -n % PANEL
         w = torch.cat([weight, weight.new_zeros(padded, k)]) if padded else weight
         w = w.detach().float()
-        if precision == "bf16":
+        scales = None
+        if precision in ("bf16", "int8"):
             pairs_k = (k + 1) // 2 if not self.amx else -(-((k + 1) // 2) // 16) * 16  # AMX: whole tiles of k
             w = torch.cat([w, w.new_zeros(w.shape[0], 2 * pairs_k - k)], 1) if 2 * pairs_k > k else w
-            pairs = w.to(torch.bfloat16).reshape(-1, PANEL, pairs_k, 2).permute(0, 2, 1, 3)
-            panels = pairs.contiguous()
+            if precision == "int8":  # symmetric, one scale per output: its largest weight is +-127
+                largest = w.abs().amax(1)
+                scales = torch.where(largest > 0, largest / 127, torch.ones_like(largest)).contiguous()
+                w = (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+            else:
+                w = w.to(torch.bfloat16)
+            panels = w.reshape(-1, PANEL, pairs_k, 2).permute(0, 2, 1, 3).contiguous()
         else:
             panels = w.reshape(-1, PANEL, k).transpose(1, 2).contiguous()
         b = None if bias is None else torch.cat([bias.detach().float(), bias.new_zeros(padded)]).contiguous()
-        return PanelWeight(panels, b, n, k, precision)
+        return PanelWeight(panels, b, n, k, precision, scales)
 
     def __call__(self, x: torch.Tensor, weight: PanelWeight) -> torch.Tensor:
         x = x.contiguous()
@@ -109,8 +127,19 @@ class CpuKernels:
         y = torch.empty(m, weight.out_features, dtype=torch.float32)
         bias = weight.bias.data_ptr() if weight.bias is not None else None
         n, threads = weight.out_features, torch.get_num_threads()
-        self._fns[weight.precision](x.data_ptr(), weight.panels.data_ptr(), bias, y.data_ptr(), m, n, k, threads)
+        if weight.scales is not None:
+            scales = weight.scales.data_ptr()
+            self._fns["int8"](x.data_ptr(), weight.panels.data_ptr(), scales, bias, y.data_ptr(), m, n, k, threads)
+        else:
+            self._fns[weight.precision](x.data_ptr(), weight.panels.data_ptr(), bias, y.data_ptr(), m, n, k, threads)
         return y
+
+    @staticmethod
+    def dequantised(weight: PanelWeight) -> torch.Tensor:
+        """The [N, K] float32 weight an int8 PanelWeight stands for (scale * int8), as the product uses it."""
+        assert weight.scales is not None
+        pairs = weight.panels.permute(0, 2, 1, 3).reshape(-1, weight.panels.shape[1] * 2).float()
+        return (pairs * weight.scales[:, None])[: weight.out_features, : weight.in_features]
 
     def attention(
         self,
@@ -208,8 +237,11 @@ def _agrees_with_torch(kernels: CpuKernels) -> bool:
     for m, n, k in ((1, 37, 35), (3, 200, 64), (6, 130, 96), (27, 8, 16)):
         x, w, b = torch.randn(m, k, generator=random), torch.randn(n, k, generator=random), torch.randn(n)
         for precision in kernels.precisions:
+            packed = kernels.pack(w, b, precision)
             xr, wr = (x, w) if precision == "fp32" else (x.bfloat16().float(), w.bfloat16().float())
-            if not torch.allclose(kernels(x, kernels.pack(w, b, precision)), xr @ wr.T + b, atol=1e-4, rtol=1e-4):
+            if precision == "int8":
+                wr = kernels.dequantised(packed)
+            if not torch.allclose(kernels(x, packed), xr @ wr.T + b, atol=1e-4, rtol=1e-4):
                 return False
     q, kv = torch.randn(2, 3, 4, 32, generator=random), torch.randn(2, 2, 2, 9, 32, generator=random)
     allowed = torch.rand(2, 3, 9, generator=random) > 0.3
@@ -237,7 +269,9 @@ def available_isas() -> list[str]:
     """The instruction-set levels the kernels can be built for and run on here (`native` first)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return ["native"]
-    return ["native", *(["avx2"] if " avx2" in _cpu_key() and " fma" in _cpu_key() else []), "sse2"]
+    flags = _cpu_key() + " "
+    no_amx = ["avx512"] if " amx_tile " in flags and " avx512_bf16 " in flags else []
+    return ["native", *no_amx, *(["avx2"] if " avx2 " in flags and " fma " in flags else []), "sse2"]
 
 
 def build_kernels(isa: str | None = None) -> CpuKernels | None:

@@ -283,7 +283,8 @@ def check_precision(precision: str, mode: str = "kernel") -> None:
         why = (
             f"unknown (known: {', '.join(PRECISIONS)})"
             if precision not in PRECISIONS
-            else "not available here (bf16 needs the CPU decoding kernel, a float32 model on the CPU and AVX512-BF16)"
+            else "not available here (bf16 and int8 need the CPU decoding kernel, a float32 model on the CPU and "
+            "AVX512-BF16)"
         )
         raise ValueError(f"precision {precision!r} is {why}; supported on this machine: {', '.join(supported)}")
 
@@ -329,7 +330,7 @@ def check_against_model(fast: FastForward, model: PreTrainedModel, tolerance: fl
     forward and the fast path; return how they differ, or None when they agree (logits within `tolerance` of the
     logits' scale, default 1e-3 in fp32 and 5e-2 in bf16, and the same argmax wherever the model's top two logits
     are further apart than that)."""
-    tolerance = tolerance if tolerance is not None else (1e-3 if fast.precision == "fp32" else 5e-2)
+    tolerance = tolerance if tolerance is not None else {"fp32": 1e-3, "bf16": 5e-2}.get(fast.precision, 1e-1)
     device = next(model.parameters()).device
     vocab = model.get_output_embeddings().out_features
     ids = torch.randint(vocab, (2, 7), generator=torch.Generator().manual_seed(0)).to(device)

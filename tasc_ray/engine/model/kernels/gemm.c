@@ -145,13 +145,13 @@ static void round_rows(const float *x, uint32_t *xp, long M, long K, long stride
         }
 }
 
-static inline __attribute__((always_inline)) void block_bf16(const uint32_t *xp, const uint16_t *panels,
+/* Rows m0.. m0 + mb of np panels from panel p0 on; w: those panels' pairs (panels + p0 * K2 * 32, or a copy). */
+static inline __attribute__((always_inline)) void block_bf16(const uint32_t *xp, const uint16_t *w,
                                                               const float *bias, float *y, long N, long K2,
                                                               long m0, long p0, int mb, int np) {
     __m512 acc[12][8];
     for (int i = 0; i < mb; i++)
         for (int j = 0; j < np; j++) acc[i][j] = _mm512_setzero_ps();
-    const uint16_t *w = panels + p0 * K2 * 32;
     for (long k = 0; k < K2; k++) {
         __m512bh wv[8];
         for (int j = 0; j < np; j++) wv[j] = (__m512bh)_mm512_loadu_si512((const void *)(w + (j * K2 + k) * 32));
@@ -173,36 +173,36 @@ static inline __attribute__((always_inline)) void block_bf16(const uint32_t *xp,
 
 #define ROW_CASES_BF16(NP)                                                             \
     switch (mb) {                                                                      \
-        case 1: block_bf16(xp, panels, bias, y, N, K2, m0, p, 1, NP); break;           \
-        case 2: block_bf16(xp, panels, bias, y, N, K2, m0, p, 2, NP); break;           \
-        case 3: block_bf16(xp, panels, bias, y, N, K2, m0, p, 3, NP); break;           \
-        case 4: block_bf16(xp, panels, bias, y, N, K2, m0, p, 4, NP); break;           \
-        case 5: block_bf16(xp, panels, bias, y, N, K2, m0, p, 5, NP); break;           \
-        case 6: block_bf16(xp, panels, bias, y, N, K2, m0, p, 6, NP); break;           \
-        case 7: block_bf16(xp, panels, bias, y, N, K2, m0, p, 7, NP); break;           \
-        case 8: block_bf16(xp, panels, bias, y, N, K2, m0, p, 8, NP); break;           \
-        case 9: block_bf16(xp, panels, bias, y, N, K2, m0, p, 9, NP); break;           \
-        case 10: block_bf16(xp, panels, bias, y, N, K2, m0, p, 10, NP); break;         \
-        case 11: block_bf16(xp, panels, bias, y, N, K2, m0, p, 11, NP); break;         \
-        default: block_bf16(xp, panels, bias, y, N, K2, m0, p, 12, NP); break;         \
+        case 1: block_bf16(xp, w, bias, y, N, K2, m0, p, 1, NP); break;           \
+        case 2: block_bf16(xp, w, bias, y, N, K2, m0, p, 2, NP); break;           \
+        case 3: block_bf16(xp, w, bias, y, N, K2, m0, p, 3, NP); break;           \
+        case 4: block_bf16(xp, w, bias, y, N, K2, m0, p, 4, NP); break;           \
+        case 5: block_bf16(xp, w, bias, y, N, K2, m0, p, 5, NP); break;           \
+        case 6: block_bf16(xp, w, bias, y, N, K2, m0, p, 6, NP); break;           \
+        case 7: block_bf16(xp, w, bias, y, N, K2, m0, p, 7, NP); break;           \
+        case 8: block_bf16(xp, w, bias, y, N, K2, m0, p, 8, NP); break;           \
+        case 9: block_bf16(xp, w, bias, y, N, K2, m0, p, 9, NP); break;           \
+        case 10: block_bf16(xp, w, bias, y, N, K2, m0, p, 10, NP); break;         \
+        case 11: block_bf16(xp, w, bias, y, N, K2, m0, p, 11, NP); break;         \
+        default: block_bf16(xp, w, bias, y, N, K2, m0, p, 12, NP); break;         \
     }
 
-static void panel_group_bf16(const uint32_t *xp, const uint16_t *panels, const float *bias, float *y, long M,
-                             long N, long K2, long p, int np) {
+static void panel_group_bf16(const uint32_t *xp, const uint16_t *w, const float *bias, float *y, long M, long N,
+                             long K2, long p, int np) {
     if (np == 8) {
         for (long m0 = 0; m0 < M; m0 += 2) {
-            if (M - m0 >= 2) block_bf16(xp, panels, bias, y, N, K2, m0, p, 2, 8);
-            else block_bf16(xp, panels, bias, y, N, K2, m0, p, 1, 8);
+            if (M - m0 >= 2) block_bf16(xp, w, bias, y, N, K2, m0, p, 2, 8);
+            else block_bf16(xp, w, bias, y, N, K2, m0, p, 1, 8);
         }
         return;
     }
     if (np == 4) {
         for (long m0 = 0; m0 < M; m0 += 4) {
             long mb = M - m0 < 4 ? M - m0 : 4;
-            if (mb == 4) block_bf16(xp, panels, bias, y, N, K2, m0, p, 4, 4);
-            else if (mb == 3) block_bf16(xp, panels, bias, y, N, K2, m0, p, 3, 4);
-            else if (mb == 2) block_bf16(xp, panels, bias, y, N, K2, m0, p, 2, 4);
-            else block_bf16(xp, panels, bias, y, N, K2, m0, p, 1, 4);
+            if (mb == 4) block_bf16(xp, w, bias, y, N, K2, m0, p, 4, 4);
+            else if (mb == 3) block_bf16(xp, w, bias, y, N, K2, m0, p, 3, 4);
+            else if (mb == 2) block_bf16(xp, w, bias, y, N, K2, m0, p, 2, 4);
+            else block_bf16(xp, w, bias, y, N, K2, m0, p, 1, 4);
         }
         return;
     }
@@ -232,8 +232,8 @@ void tasc_gemm_bf16(const float *x, const uint16_t *panels, const float *bias, f
     {
         int t = omp_get_thread_num(), n = omp_get_num_threads();
         long first = total * t / n, last = total * (t + 1) / n, p = first;
-        for (; p + np <= last; p += np) panel_group_bf16(xp, panels, bias, y, M, N, K2, p, np);
-        for (; p < last; p++) panel_group_bf16(xp, panels, bias, y, M, N, K2, p, 1);
+        for (; p + np <= last; p += np) panel_group_bf16(xp, panels + p * K2 * 32, bias, y, M, N, K2, p, np);
+        for (; p < last; p++) panel_group_bf16(xp, panels + p * K2 * 32, bias, y, M, N, K2, p, 1);
     }
     free(xp);
 }
@@ -263,8 +263,8 @@ int tasc_gemm_has_amx(void) { /* Linux hands out AMX state to a process that ask
 
 #define AMX_PANELS 4 /* panels a tile pass covers: 4 sums tiles, one x tile, two panel tiles */
 
-static void amx_group(const uint32_t *xp, const uint16_t *panels, const float *bias, float *y, long M, long Mp,
-                      long N, long K2p, long p0, int np) {
+static void amx_group(const uint32_t *xp, const uint16_t *wp, const float *bias, float *y, long M, long Mp, long N,
+                      long K2p, long p0, int np) { /* wp: the group's panels (panels + p0 * K2p * 32, or a copy) */
     float sums[AMX_PANELS][16][16];
     for (long m0 = 0; m0 < Mp; m0 += 16) {
         _tile_zero(0);
@@ -272,7 +272,7 @@ static void amx_group(const uint32_t *xp, const uint16_t *panels, const float *b
         _tile_zero(2);
         _tile_zero(3);
         for (long r = 0; r < K2p; r += 16) {
-            const uint16_t *w = panels + p0 * K2p * 32 + r * 32;
+            const uint16_t *w = wp + r * 32;
             _tile_loadd(4, xp + m0 * K2p + r, K2p * 4);
             _tile_loadd(5, w, 64);
             _tile_dpbf16ps(0, 4, 5);
@@ -322,7 +322,7 @@ void tasc_gemm_bf16_amx(const float *x, const uint16_t *panels, const float *bia
         long first = total * t / n, last = total * (t + 1) / n;
         for (long p = first; p < last; p += AMX_PANELS) {
             int np = last - p < AMX_PANELS ? (int)(last - p) : AMX_PANELS;
-            amx_group(xp, panels, bias, y, M, Mp, N, K2p, p, np);
+            amx_group(xp, panels + p * K2p * 32, bias, y, M, Mp, N, K2p, p, np);
         }
         _tile_release();
     }
@@ -331,6 +331,80 @@ void tasc_gemm_bf16_amx(const float *x, const uint16_t *panels, const float *bia
 #else
 int tasc_gemm_has_amx(void) { return 0; }
 #endif
+
+/* ----- int8 weights (weight-only), bf16 inputs -----
+
+   W is stored as int8 in the bf16 panel layout (pairs along k, the same k padding), with one float32 scale per
+   output: W[n, k] ~= scale[n] * W8[n, k]. Each thread dequantises one group of panels at a time into a scratch of
+   bf16 pairs that stays in its L2 cache (integers up to 127 are exact in bf16), runs the bf16 product above on it
+   (on AMX tiles where the CPU has them) and scales the group's outputs: y = scale[n] * (bf16(x) . W8[n]) + bias[n].
+   The weights cross the memory bus as one byte each instead of two; every output is the same chain of the bf16
+   product, so a row's result does not depend on its batch. */
+static void dequantise(const int8_t *w8, uint16_t *out, long count) { /* count: a multiple of 32 */
+    for (long i = 0; i < count; i += 32) {
+        __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w8 + i))));
+        __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w8 + i + 16))));
+        _mm512_storeu_si512((void *)(out + i), (__m512i)_mm512_cvtne2ps_pbh(hi, lo)); /* lo in the low half */
+    }
+}
+
+static void scale_outputs(float *y, const float *scales, const float *bias, long M, long N, long p, int np) {
+    long n0 = p * 16, n1 = (p + np) * 16 < N ? (p + np) * 16 : N;
+    for (long m = 0; m < M; m++)
+        for (long n = n0; n < n1; n++) y[m * N + n] = y[m * N + n] * scales[n] + (bias ? bias[n] : 0.0f);
+}
+
+#define INT8_GROUP 4 /* panels dequantised together: 4 x K2 x 64 bytes of scratch (192 KiB at K = 1536) */
+
+/* y[M, N] = bf16(x)[M, K] . (scale * W8)^T + bias, W8 packed as int8 panels[ceil(N / 16)][K2][16][2] with K2 as
+   the bf16 product of this CPU takes it (ceil(K / 2), rounded up to whole tiles of 16 on AMX); scales[N]. */
+void tasc_gemm_int8(const float *x, const int8_t *panels, const float *scales, const float *bias, float *y, long M,
+                    long N, long K, int threads) {
+    int amx = tasc_gemm_has_amx();
+    long K2 = (K + 1) / 2, K2p = amx ? (K2 + 15) / 16 * 16 : K2, Mp = (M + 15) / 16 * 16, total = (N + 15) / 16;
+    uint32_t *xp = calloc((amx ? Mp : M) * K2p, sizeof(uint32_t));
+    round_rows(x, xp, M, K, K2p);
+    int np = amx ? INT8_GROUP : M <= 2 ? 8 : M <= 4 ? 4 : 2;
+#pragma omp parallel num_threads(threads)
+    {
+        uint16_t *scratch = malloc(sizeof(uint16_t) * 8 * K2p * 32);
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+        if (amx) {
+            tile_config config = {0};
+            config.palette = 1;
+            for (int i = 0; i < 8; i++) {
+                config.colsb[i] = 64;
+                config.rows[i] = 16;
+            }
+            _tile_loadconfig(&config);
+        }
+#endif
+        int t = omp_get_thread_num(), n = omp_get_num_threads();
+        long first = total * t / n, last = total * (t + 1) / n;
+        for (long p = first; p < last; p += np) {
+            int group = last - p < np ? (int)(last - p) : np;
+            dequantise(panels + p * K2p * 32, scratch, group * K2p * 32);
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+            if (amx) {
+                amx_group(xp, scratch, NULL, y, M, Mp, N, K2p, p, group);
+                scale_outputs(y, scales, bias, M, N, p, group);
+                continue;
+            }
+#endif
+            for (int j = 0; j < group;) { /* the bf16 product's own grouping of panels */
+                int take = group - j >= np ? np : 1;
+                panel_group_bf16(xp, scratch + j * K2p * 32, NULL, y, M, N, K2p, p + j, take);
+                j += take;
+            }
+            scale_outputs(y, scales, bias, M, N, p, group);
+        }
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+        if (amx) _tile_release();
+#endif
+        free(scratch);
+    }
+    free(xp);
+}
 #else
 int tasc_gemm_has_bf16(void) { return 0; }
 int tasc_gemm_has_amx(void) { return 0; }
