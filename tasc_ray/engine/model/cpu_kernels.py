@@ -72,7 +72,7 @@ class CpuKernels:
     other steps. Every result row depends only on its own inputs, never on the other rows of the call."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        args = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
+        args: list[type] = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
         self._fns = {"fp32": library.tasc_gemm_f32}
         self.amx = bool(library.tasc_gemm_has_bf16() and library.tasc_gemm_has_amx())
         if library.tasc_gemm_has_bf16():  # on AMX tiles where the CPU has them (and the OS grants them)
