@@ -45,6 +45,7 @@ def test_manifests_parse_with_expected_kinds():
     assert kinds == {
         "raycluster.yaml": "RayCluster",
         "rayjob-finetune.yaml": "RayJob",
+        "rayjob-ft-pipeline.yaml": "RayJob",
         "rayjob-index.yaml": "RayJob",
         "rayjob-label.yaml": "RayJob",
         "rayservice.yaml": "RayService",
@@ -105,11 +106,11 @@ def _job_parser(script: str) -> argparse.ArgumentParser:
         parser = argparse.ArgumentParser()
         add_index_arguments(parser)
         return parser
-    if script == "jobs/finetune.py":
+    if script in ("jobs/finetune.py", "jobs/ft_pipeline.py"):
         from tasc_ray.cli.main import build_parser
 
         sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-        return sub.choices["finetune"]
+        return sub.choices["finetune" if script == "jobs/finetune.py" else "ft-pipeline"]
     raise AssertionError(f"unknown job script {script}")
 
 
@@ -118,6 +119,7 @@ def _job_parser(script: str) -> argparse.ArgumentParser:
     [
         ("rayjob-index.yaml", "jobs/index_corpus.py"),
         ("rayjob-finetune.yaml", "jobs/finetune.py"),
+        ("rayjob-ft-pipeline.yaml", "jobs/ft_pipeline.py"),
         ("rayjob-label.yaml", "jobs/batch_label.py"),
     ],
 )
@@ -128,6 +130,20 @@ def test_rayjob_entrypoints_exist_and_parse(manifest, script):
     assert argv[0] == "python" and argv[1] == IMAGE_ROOT + script
     assert (ROOT / script).is_file()
     _job_parser(script).parse_args(argv[2:])  # every flag the manifest passes exists (SystemExit otherwise)
+
+
+def test_ft_pipeline_rayjob_builds_a_valid_pipeline_config():
+    """The ft-pipeline job's flags make a PipelineConfig that validates, with the recipe choice on, and its deploy
+    target the head's dashboard service."""
+    from tasc_ray.cli.pipeline import pipeline_config
+
+    spec = _manifests()["rayjob-ft-pipeline.yaml"]["spec"]
+    args = _job_parser("jobs/ft_pipeline.py").parse_args(shlex.split(spec["entrypoint"])[2:])
+    cfg = pipeline_config(args)
+    cfg.validate()
+    assert cfg.recipe is not None and "recipe" not in cfg.finetune and cfg.finetune["use_gpu"]
+    cluster = _manifests()["raycluster.yaml"]["metadata"]["name"]
+    assert cfg.serve_address == f"http://{cluster}-head-svc:8265" and cfg.deploy_app
 
 
 def test_rayservice_serves_the_committed_serve_config():

@@ -1,16 +1,20 @@
-"""CLI for TASC-ft: `enrich-vocab` (vocabulary enrichment, tasc_ray.ft.enrich) and `finetune` (Ray Train,
-tasc_ray.stages.finetune). Both read parquet, jsonl or csv (enrich-vocab also text, one output a line), local or
-s3://, files, directories or globs (tasc_ray.io)."""
+"""CLI for TASC-ft: `enrich-vocab` (vocabulary enrichment, tasc_ray.ft.enrich), `finetune` (Ray Train,
+tasc_ray.stages.finetune; `--recipe auto` chooses the enrichment recipe first) and `ft-recipe` (which recipe a task's
+outputs want, tasc_ray.ft.recipe). All read parquet, jsonl or csv (enrich-vocab and ft-recipe also text, one output a
+line), local or s3://, files, directories or globs (tasc_ray.io)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from pathlib import Path
 from typing import Any
 
 from tasc_ray.cli.args import add_model_argument
 from tasc_ray.cli.main import add_command
 from tasc_ray.ft.enrich import DEFAULT_MIN_COUNT, EnrichConfig, VocabEnrichmentError, enrich_model
+from tasc_ray.ft.recipe import RecipeChoice, RecipeError, RecipeOptions, label_with_teacher
 from tasc_ray.ft.train import (
     DEFAULT_NEW_TOKEN_ALIGN_LR,
     DEFAULT_NEW_TOKEN_ALIGN_STEPS,
@@ -19,7 +23,8 @@ from tasc_ray.ft.train import (
     FinetuneConfig,
     FinetuneError,
 )
-from tasc_ray.io import read_texts
+from tasc_ray.io import is_free_directory, read_texts
+from tasc_ray.metrics import METRICS
 from tasc_ray.stages.finetune import finetune
 
 logger = logging.getLogger(__name__)
@@ -40,6 +45,107 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "TASC-ft: fine-tune (LoRA or full) on Ray Train; loss on output tokens only; resumable",
     )
     add_finetune_arguments(ft)
+    recipe = add_command(
+        subparsers,
+        "ft-recipe",
+        _ft_recipe,
+        "TASC-ft: which recipe a task's outputs want: candidates probed (vocabulary statistics, pilot fine-tunes), "
+        "the most compressing one within --quality-bound chosen",
+        "Probe the enrichment recipes (plain, --key-end with the outputs' field syntax, --key-end --max-copied 0.5 "
+        "with prompts, --distill for free text; each at two sizes) cheapest first: compression on held-out outputs "
+        "and field-boundary statistics; then a pilot fine-tune each, read with teacher forcing (the task metric of "
+        "the teacher-forced predictions against the original vocabulary's pilot); pilot decoding where the two "
+        "disagree. Prints the table of candidates (stderr with --json) and the choice, or a no-op: keep the "
+        "original vocabulary.",
+    )
+    add_model_argument(recipe)
+    recipe.add_argument(
+        "--corpus",
+        required=True,
+        help="outputs (and prompts): .parquet, .jsonl, .csv or text (one output per line); file, directory, glob, s3://",
+    )
+    recipe.add_argument("--column", default="output", help="column (parquet/csv) or field (jsonl) of the outputs")
+    recipe.add_argument(
+        "--prompt-column",
+        default=None,
+        help="column of each output's prompt; without it only the vocabulary statistics run (no pilot fine-tune)",
+    )
+    add_recipe_goal_arguments(recipe)
+    recipe.add_argument("--budget", type=int, default=500, help="most new tokens of the full-size candidates")
+    recipe.add_argument(
+        "--min-count", type=int, default=DEFAULT_MIN_COUNT, help="least occurrences of a candidate n-gram"
+    )
+    recipe.add_argument("--teacher", default=None, help="a model that does the task; labels the distill probe's rows")
+    recipe.add_argument("--seed", type=int, default=0)
+    add_recipe_probe_arguments(recipe)
+
+
+def add_recipe_goal_arguments(parser: argparse._ActionsContainer) -> None:
+    """What the recipe choice keeps: the task's metric and how many points of it may be lost (`ft-recipe`,
+    `finetune --recipe auto`; ft-pipeline has its own --metric and --quality-bound)."""
+    parser.add_argument("--metric", choices=METRICS, default="exact_match", help="the task's quality metric")
+    parser.add_argument(
+        "--quality-bound",
+        type=float,
+        default=1.0,
+        help="most metric points (0-100) a recipe is predicted to lose against the original vocabulary",
+    )
+    parser.add_argument("--stop", action="append", default=None, help="stop string of the outputs (default newline)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="output tokens at most when a probe decodes")
+
+
+def add_recipe_probe_arguments(parser: argparse._ActionsContainer) -> None:
+    """The probe sizes of the recipe choice (`RecipeOptions`)."""
+    defaults = RecipeOptions()
+    parser.add_argument(
+        "--probe-rows", type=int, default=defaults.probe_rows, help="distinct outputs held out to measure candidates"
+    )
+    parser.add_argument("--pilot-steps", type=int, default=defaults.pilot_steps, help="steps of each pilot fine-tune")
+    parser.add_argument("--pilot-batch-size", type=int, default=defaults.pilot_batch_size)
+    parser.add_argument(
+        "--max-pilots", type=int, default=defaults.max_pilots, help="candidates pilot-fine-tuned at most"
+    )
+    parser.add_argument(
+        "--no-likelihood", action="store_true", help="vocabulary statistics only: no pilot fine-tune (seconds)"
+    )
+    parser.add_argument("--no-pilot-decode", action="store_true", help="never decode, even where the probes disagree")
+
+
+def recipe_options(args: argparse.Namespace) -> RecipeOptions:
+    """The RecipeOptions of parsed `add_recipe_probe_arguments` arguments."""
+    return RecipeOptions(
+        probe_rows=args.probe_rows,
+        pilot_steps=args.pilot_steps,
+        pilot_batch_size=args.pilot_batch_size,
+        max_pilots=args.max_pilots,
+        likelihood=not args.no_likelihood,
+        pilot_decode=not args.no_pilot_decode,
+    )
+
+
+def _print_choice(choice: RecipeChoice, as_json: bool) -> None:
+    """The table of candidates and the choice: on stdout, or on stderr when stdout carries the JSON summary."""
+    print(choice.table(), file=sys.stderr if as_json else sys.stdout, flush=True)
+
+
+def _ft_recipe(args: argparse.Namespace) -> dict[str, Any]:
+    corpus = read_texts(args.corpus, args.column, [args.prompt_column] if args.prompt_column else [])
+    prompts = corpus.extras.get(args.prompt_column) if args.prompt_column else None
+    base = EnrichConfig(budget=args.budget, min_count=args.min_count, seed=args.seed)
+    choice = recipe_options(args).choose(
+        corpus.texts,
+        prompts,
+        args.metric,
+        args.quality_bound,
+        model=args.model,
+        base_config=base,
+        stop=args.stop or ["\n"],
+        max_new_tokens=args.max_new_tokens,
+        teacher=args.teacher,
+        seed=args.seed,
+    )
+    _print_choice(choice, args.json)
+    return choice.to_dict()
 
 
 def add_enrich_arguments(enrich: argparse.ArgumentParser) -> None:
@@ -152,11 +258,31 @@ def add_finetune_arguments(ft: argparse.ArgumentParser) -> None:
     )
     ft.add_argument("--name", default=None, help="Ray Train run name (default finetune-<out name>)")
     ft.add_argument("--seed", type=int, default=0)
+    auto = ft.add_argument_group("--recipe auto (--model is then the original model; enriched here first)")
+    add_recipe_goal_arguments(auto)
+    auto.add_argument(
+        "--enriched-out",
+        default=None,
+        help="where the chosen recipe's enriched model is saved (default <out>.enriched)",
+    )
+    auto.add_argument(
+        "--teacher",
+        default=None,
+        help="a model that does the task: makes --distill a candidate (it labels the training prompts)",
+    )
 
 
 def add_finetune_recipe_arguments(ft: argparse._ActionsContainer) -> None:
     """The fine-tuning recipe's and the workers' arguments, shared by `finetune` and `ft-pipeline`;
     `finetune_options` reads them back."""
+    ft.add_argument(
+        "--recipe",
+        choices=["given", "auto"],
+        default="given",
+        help="given: the model and flags as they are; auto: choose the enrichment recipe from the training rows "
+        "(tasc-ray ft-recipe) and enrich with it first",
+    )
+    add_recipe_probe_arguments(ft)
     ft.add_argument("--epochs", type=int, default=3)
     ft.add_argument("--lr", type=float, default=None, help="default 2e-4 (LoRA) or 5e-5 (full)")
     ft.add_argument("--lora-r", type=int, default=16)
@@ -223,8 +349,11 @@ def _enrich(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def finetune_options(args: argparse.Namespace) -> dict[str, Any]:
-    """FinetuneConfig's fields from parsed `add_finetune_recipe_arguments` arguments (and `--seed`, `--json`)."""
-    return dict(
+    """FinetuneConfig's fields from parsed `add_finetune_recipe_arguments` arguments (and `--seed`, `--json`), and,
+    with `--recipe auto`, the recipe choice's `RecipeOptions` under "recipe" (which `_finetune` and
+    `PipelineConfig` take out before building a FinetuneConfig)."""
+    recipe = {"recipe": recipe_options(args)} if args.recipe == "auto" else {}
+    return recipe | dict(
         epochs=args.epochs,
         lr=args.lr,
         lora_r=args.lora_r,
@@ -249,17 +378,77 @@ def finetune_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _finetune(args: argparse.Namespace) -> dict[str, Any]:
+    options = finetune_options(args)
+    auto: RecipeOptions | None = options.pop("recipe", None)
+    model, train, choice = args.model, args.train, None
+    if auto is not None:
+        if not is_free_directory(args.out):
+            raise FinetuneError(f"output directory {args.out} exists and is not empty")
+        choice, model, train = _auto_recipe(args, auto)
+        if choice.chosen is None:
+            return {"status": "no-op", "message": choice.message, "recipe": choice.to_dict(), "out": None}
     cfg = FinetuneConfig(
-        model=args.model,
-        train=args.train,
+        model=model,
+        train=train,
         out=args.out,
         prompt_column=args.prompt_column,
         output_column=args.output_column,
         storage_path=args.storage_path,
         name=args.name,
-        **finetune_options(args),
+        **options,
     )
-    return finetune(cfg)
+    summary = finetune(cfg)
+    if choice is not None:
+        summary |= {"status": "done", "recipe": choice.to_dict()}
+    return summary
 
 
-__all__ = ["register", "FinetuneError", "VocabEnrichmentError"]
+def _auto_recipe(args: argparse.Namespace, options: RecipeOptions) -> tuple[RecipeChoice, str, str]:
+    """`finetune --recipe auto`: choose on the training rows, enrich the original model with the chosen recipe
+    (and, for distill, label the training prompts with --teacher). Returns the choice, the model to fine-tune and
+    its training data."""
+    import pandas as pd
+
+    from tasc_ray.ft.train import read_pairs
+
+    rows = read_pairs(args.train, args.prompt_column, args.output_column)
+    outputs, prompts = [r["output"] for r in rows], [r["prompt"] for r in rows]
+    stop = args.stop or ["\n"]
+    base = EnrichConfig(seed=args.seed)
+    choice = options.choose(
+        outputs,
+        prompts,
+        args.metric,
+        args.quality_bound,
+        model=args.model,
+        base_config=base,
+        stop=stop,
+        max_new_tokens=args.max_new_tokens,
+        teacher=args.teacher,
+        distill=args.teacher is not None,
+        seed=args.seed,
+    )
+    _print_choice(choice, args.json)
+    if choice.chosen is None:
+        return choice, args.model, args.train
+    enriched = args.enriched_out or f"{Path(args.out).expanduser().resolve()}.enriched"
+    config = choice.chosen.enrich_config(base)
+    enrich_model(
+        args.model,
+        outputs,
+        enriched,
+        config,
+        progress=not args.json,
+        prompts=prompts if config.max_copied < 1 else None,
+    )
+    train = args.train
+    if choice.chosen.distill:
+        if args.teacher is None:
+            raise RecipeError("the distill recipe needs --teacher")
+        labeled = label_with_teacher(args.teacher, rows, stop, args.max_new_tokens)
+        train = str(Path(enriched) / "train_distilled.parquet")
+        pd.DataFrame(labeled).to_parquet(train)
+    return choice, enriched, train
+
+
+__all__ = ["register", "FinetuneError", "RecipeError", "VocabEnrichmentError"]

@@ -12,10 +12,11 @@ probes run cheapest first, each on the candidates the previous one left:
 
 1. **Vocabulary statistics** (seconds, no model): each candidate enriches the tokenizer on the training part of the
    outputs (`probe_rows` distinct outputs are held out); its compression on the held-out outputs (the tokens it
-   saves there, re-tokenised), the share of its new tokens that cross a field boundary, the share carrying a value
-   copied from the prompt, and how much better it compresses the training outputs than the held-out ones (tokens
-   fitted to the training set's values). A candidate that adds no token or saves less than `min_reduction` is
-   rejected; the others are marked *risky* or not by these statistics.
+   saves there, re-tokenised), the share of its new tokens that cross a field boundary (and of those that hold a
+   field's name and some of its value), the share carrying a value copied from the prompt, and how much better it
+   compresses the training outputs than the held-out ones (tokens fitted to the training set's values). A candidate
+   that adds no token or saves less than `min_reduction` is rejected; the others are marked *risky* or not by these
+   statistics.
 2. **Likelihood** (a pilot fine-tune each, `pilot_steps` steps): the original vocabulary and each candidate are
    fine-tuned alike for a few dozen steps on the same rows, then read the held-out rows with teacher forcing: the
    held-out outputs' cost in nats (prompt given, output and EOS as each tokenizer tokenises it) and the
@@ -55,6 +56,7 @@ from tasc_ray.ft.enrich import (
     enrich_tokenizer,
     goes_past,
     init_new_embeddings,
+    is_field_name,
 )
 from tasc_ray.metrics import METRICS, score
 
@@ -65,7 +67,7 @@ KINDS = ("default", "key-end", "key-end-copied", "distill")
 # Strings that end a field's name, tried in this order, with the separator between fields that goes with each.
 FIELD_SYNTAXES: tuple[tuple[str, str], ...] = (("[", ", "), ('":', ", "), ("=", ", "), (": ", "\n"))
 FIELD_SHARE = 0.5  # field syntax: at least this share of the outputs has two or more `name<end>` fields
-RISKY_CROSSING = 0.25  # a vocabulary whose new tokens cross a field boundary this often is risky
+RISKY_CROSSING = 0.25  # a vocabulary whose new tokens join a field's name to its value this often is risky
 RISKY_COPIED = 0.5  # ... or carry a value copied from the prompt this often
 RISKY_FIT_GAP = 0.15  # ... or compress the training outputs this much (absolute share) better than held-out ones
 
@@ -133,8 +135,9 @@ class VocabProbe:
     heldout_reduction: float  # 1 - held-out tokens after / before
     train_reduction: float
     tokens_saved_per_output: float  # on the held-out outputs
-    crossing_share: float  # new tokens that cross a field boundary (or go past a field name's end)
-    copied_share: float  # new tokens carrying a value copied from the prompt (CopiedValues share > 0.5)
+    crossing_share: float  # new tokens that cross a field boundary: the separator inside, or past a field name's end
+    name_value_share: float  # new tokens holding a field's name (its end) and some of its value
+    copied_share: float  # new tokens carrying a value copied from the prompt (CopiedValues share > 0.5; names spared)
     risks: list[str] = field(default_factory=list)
     first_tokens: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -364,11 +367,10 @@ def vocab_probe(
     after_h = count_tokens(enriched, held) if new else before_h
     after_t = count_tokens(enriched, train) if new else before_t
     tokens = [t.token for t in new]
-    crossing = [
-        t
-        for t in tokens
-        if (stats.separator and crosses(t, stats.separator)) or (stats.key_end and goes_past(t, stats.key_end))
-    ]
+    name_value = [t for t in tokens if stats.key_end and goes_past(t, stats.key_end)]
+    crossing = [t for t in tokens if t in name_value or (stats.separator and crosses(t, stats.separator))]
+    ends = (stats.key_end,) if stats.key_end else ()
+    copied_tokens = [t for t in tokens if copied and not is_field_name(t, ends) and copied.share(t) > 0.5]
     probe = VocabProbe(
         new_tokens=len(new),
         stop_reason=stop,
@@ -376,11 +378,12 @@ def vocab_probe(
         train_reduction=round(1 - after_t / before_t, 4) if before_t else 0.0,
         tokens_saved_per_output=round((before_h - after_h) / max(1, len(held)), 3),
         crossing_share=round(len(crossing) / max(1, len(tokens)), 4),
-        copied_share=round(sum(copied.share(t) > 0.5 for t in tokens) / max(1, len(tokens)), 4) if copied else 0.0,
+        name_value_share=round(len(name_value) / max(1, len(tokens)), 4),
+        copied_share=round(len(copied_tokens) / max(1, len(tokens)), 4),
         first_tokens=tokens[:12],
     )
-    if new and stats.key_end and probe.crossing_share > RISKY_CROSSING:
-        probe.risks.append(f"{100 * probe.crossing_share:.0f}% of its tokens join a field's name to its value")
+    if new and stats.key_end and probe.name_value_share > RISKY_CROSSING:
+        probe.risks.append(f"{100 * probe.name_value_share:.0f}% of its tokens join a field's name to its value")
     if new and probe.copied_share > RISKY_COPIED:
         probe.risks.append(f"{100 * probe.copied_share:.0f}% of its tokens carry values copied from the prompt")
     if new and probe.train_reduction - probe.heldout_reduction > RISKY_FIT_GAP:
@@ -395,6 +398,86 @@ def vocab_probe(
 # ----------------------------------------------------------------------------------------------------------------
 # Probes 2 and 3: pilot fine-tunes, teacher-forced reading, pilot decoding
 # ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class RecipeOptions:
+    """How `finetune --recipe auto` and `ft-pipeline --recipe auto` probe (`choose_recipe`'s probe sizes)."""
+
+    probe_rows: int = 32  # distinct outputs held out to measure each candidate
+    pilot_steps: int = 24  # steps of each pilot fine-tune
+    pilot_batch_size: int = 8
+    max_pilots: int = 4  # candidates fine-tuned at most
+    likelihood: bool = True  # False: vocabulary statistics only
+    pilot_decode: bool = True  # decode where the probes disagree
+
+    def validate(self) -> None:
+        if self.probe_rows < 1 or self.pilot_steps < 1 or self.pilot_batch_size < 1 or self.max_pilots < 1:
+            raise RecipeError("probe_rows, pilot_steps, pilot_batch_size and max_pilots must be >= 1")
+
+    def pilot(self, stop: Sequence[str], max_new_tokens: int, seed: int) -> PilotSettings:
+        return PilotSettings(
+            steps=self.pilot_steps,
+            batch_size=self.pilot_batch_size,
+            stop=tuple(stop),
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+        )
+
+    def choose(
+        self,
+        outputs: Sequence[str],
+        prompts: Sequence[str] | None,
+        metric: str,
+        bound: float,
+        *,
+        model: str,
+        base_config: EnrichConfig,
+        stop: Sequence[str] = ("\n",),
+        max_new_tokens: int = 64,
+        teacher: str | None = None,
+        distill: bool = True,
+        seed: int = 0,
+    ) -> RecipeChoice:
+        """`choose_recipe` with these probe sizes."""
+        self.validate()
+        return choose_recipe(
+            outputs,
+            prompts,
+            metric,
+            bound,
+            model=model,
+            base_config=base_config,
+            distill=distill,
+            teacher=teacher,
+            probe_rows=self.probe_rows,
+            pilot=self.pilot(stop, max_new_tokens, seed),
+            likelihood=self.likelihood,
+            pilot_decode=self.pilot_decode,
+            max_pilots=self.max_pilots,
+            seed=seed,
+        )
+
+
+def label_with_teacher(
+    teacher: str, rows: list[dict[str, str]], stop: Sequence[str], max_new_tokens: int, batch_size: int = 8
+) -> list[dict[str, str]]:
+    """The rows with the teacher model's greedy outputs as their outputs (the distill recipe's training data; an
+    empty output or one the length limit cut keeps the row's own)."""
+    from tasc_ray.engine.config import EngineConfig
+    from tasc_ray.engine.load import load_engine
+    from tasc_ray.engine.sampling import SamplingParams
+
+    generator = load_engine(EngineConfig(model=teacher, max_batch_size=batch_size))
+    params = SamplingParams(max_new_tokens=max_new_tokens, stop=list(stop))
+    results = generator.generate([r["prompt"] for r in rows], params)
+    return [
+        {
+            "prompt": r["prompt"],
+            "output": res.text.strip() if res.text.strip() and res.finish_reason != "length" else r["output"],
+        }
+        for r, res in zip(rows, results)
+    ]
+
+
 @dataclass
 class PilotSettings:
     """The pilot fine-tunes' recipe (full fine-tuning, as the measured recipes; new rows at lr_mult x lr)."""

@@ -8,6 +8,7 @@ The stages, in order, each writing one output under `work_dir` (a local director
 
     stage         output (under work_dir)  complete when it has   what
     input, split  data/                    split.json             read the rows; hold out `eval_size` prompts
+    recipe        recipe.json              (the file)             with `recipe`: `choose_recipe` on the training rows
     enrich        enriched/                tasc_ft_vocab.json     `enrich_model` on the training outputs
     index         index/                   manifest.json          Ray Data index of them, original tokenizer
     finetune      model/                   finetune.json          Ray Train (`tasc_ray.stages.finetune.finetune`)
@@ -48,6 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasc_ray.ft.enrich import REPORT_FILE, EnrichConfig, enrich_model
+from tasc_ray.ft.recipe import RECIPE_FILE, RecipeOptions
 from tasc_ray.ft.train import SUMMARY_FILE, FinetuneConfig
 from tasc_ray.io import atomic_directory, atomic_write_bytes, is_remote, is_text_type, read_columns
 from tasc_ray.metrics import METRICS, score
@@ -57,7 +59,7 @@ logger = logging.getLogger(__name__)
 DATA, ENRICHED, INDEX, MODEL, MODEL_INDEX, EVAL = "data", "enriched", "index", "model", "model_index", "eval"
 SPLIT_FILE, EVAL_FILE, SETTINGS_FILE, PIPELINE_FILE = "split.json", "eval.json", "settings.json", "pipeline.json"
 INDEX_MANIFEST = "manifest.json"  # tasc_ray.engine.drafts.index.MANIFEST, written last
-STAGES = ("input", "split", "enrich", "index", "finetune", "model_index", "evaluate", "deploy")
+STAGES = ("input", "split", "recipe", "enrich", "index", "finetune", "model_index", "evaluate", "deploy")
 # FinetuneConfig fields a rerun may change: where and how fast it trains, not what it trains.
 RESOURCE_FIELDS = frozenset({"num_workers", "cpus_per_worker", "use_gpu", "max_failures", "trainer", "progress"})
 LOG_COLUMNS = ("prompt", "output", "finish_reason")  # of the Serve request log (tasc_ray/serving/request_log.py)
@@ -93,6 +95,16 @@ class PipelineConfig:
     deploy_app: str | None = None  # a Serve application to point at the new model
     serve_address: str | None = None  # the Ray dashboard serving Serve's REST API, e.g. http://127.0.0.1:8265
     progress: bool = True
+    # `--recipe auto`: choose the enrichment recipe on the training rows first (`tasc_ray.ft.recipe`), with the
+    # pipeline's metric and quality bound; `enrich`'s budget, min-count and seed are the candidates' base. The CLI
+    # hands it over inside `finetune` (`tasc_ray.cli.ft.finetune_options`), where __post_init__ takes it from.
+    recipe: RecipeOptions | None = None
+
+    def __post_init__(self) -> None:
+        handed = self.finetune.get("recipe")
+        if handed is not None:
+            self.finetune = {k: v for k, v in self.finetune.items() if k != "recipe"}
+            self.recipe = handed if isinstance(handed, RecipeOptions) else RecipeOptions(**handed)
 
     def validate(self) -> None:
         if (self.input is None) == (self.request_log is None):
@@ -108,6 +120,8 @@ class PipelineConfig:
         if self.deploy_app and not self.serve_address:
             raise PipelineError("deploy_app needs serve_address (the Ray dashboard, e.g. http://127.0.0.1:8265)")
         self.enrich.validate()
+        if self.recipe is not None:
+            self.recipe.validate()
         self.finetune_config().validate()
 
     def finetune_config(self) -> FinetuneConfig:
@@ -448,15 +462,30 @@ def _prepare(cfg: PipelineConfig, work: Path, stages: _Stages) -> dict[str, Any]
     stages.log["input"] = {"status": stages.log["split"]["status"], "source": split["source"], "rows": split["rows"]}
     train_prompts, train_outputs = read_pairs_table(data / "train.parquet")
 
+    enrich_cfg, untie = cfg.enrich, cfg.untie_embeddings
+    if cfg.recipe is not None:
+        stages.run(
+            "recipe", work / RECIPE_FILE, work / RECIPE_FILE, lambda: _choose(cfg, work, train_outputs, train_prompts)
+        )
+        choice = json.loads((work / RECIPE_FILE).read_text())
+        if choice["chosen"] is None:
+            summary: dict[str, Any] = {"work_dir": str(work), "metric": cfg.metric, "deployed": False}
+            summary |= {"stages": stages.log, "recipe": choice, "status": "no-op", "message": choice["message"]}
+            logger.warning("%s", choice["message"])
+            return summary
+        enrich_cfg = _chosen_config(cfg.enrich, choice)
+
     def enrich() -> dict[str, Any]:
-        prompts = train_prompts if cfg.enrich.max_copied < 1.0 else None
-        out, untie = work / ENRICHED, cfg.untie_embeddings
-        report = enrich_model(cfg.model, train_outputs, out, cfg.enrich, cfg.progress, prompts, untie)
+        prompts = train_prompts if enrich_cfg.max_copied < 1.0 else None
+        out = work / ENRICHED
+        report = enrich_model(cfg.model, train_outputs, out, enrich_cfg, cfg.progress, prompts, untie)
         return {"new_tokens": report["n_new_tokens"]}
 
     stages.run("enrich", work / ENRICHED / REPORT_FILE, work / ENRICHED, enrich)
     vocab = json.loads((work / ENRICHED / REPORT_FILE).read_text())
-    summary: dict[str, Any] = {"work_dir": str(work), "metric": cfg.metric, "deployed": False, "stages": stages.log}
+    summary = {"work_dir": str(work), "metric": cfg.metric, "deployed": False, "stages": stages.log}
+    if cfg.recipe is not None:
+        summary["recipe"] = json.loads((work / RECIPE_FILE).read_text())
     summary["enrichment"] = {k: vocab[k] for k in ("n_new_tokens", "stop_reason", "tokens_per_output")}
     if vocab["n_new_tokens"] == 0:
         message = (
@@ -467,6 +496,38 @@ def _prepare(cfg: PipelineConfig, work: Path, stages: _Stages) -> dict[str, Any]
         logger.warning("%s", message)
         summary.update(status="no-op", message=message)
     return summary
+
+
+def _choose(cfg: PipelineConfig, work: Path, outputs: list[str], prompts: list[str]) -> dict[str, Any]:
+    """The recipe stage: `choose_recipe` on the training rows with the pipeline's metric and bound; writes
+    recipe.json (the choice and every candidate's evidence) and logs the table of candidates. The distill recipe is
+    no candidate: the pipeline trains on its input's outputs, which, from a request log, are the served model's own
+    (what distillation would train on)."""
+    assert cfg.recipe is not None
+    choice = cfg.recipe.choose(
+        outputs,
+        prompts,
+        cfg.metric,
+        cfg.quality_bound,
+        model=cfg.model,
+        base_config=cfg.enrich,
+        stop=cfg.stop or ("\n",),
+        max_new_tokens=cfg.max_new_tokens,
+        distill=False,
+        seed=cfg.seed,
+    )
+    logger.info("recipe choice:\n%s", choice.table())
+    atomic_write_bytes(work / RECIPE_FILE, json.dumps(choice.to_dict(), indent=2).encode())
+    return {"chosen": choice.chosen.name if choice.chosen else None}
+
+
+def _chosen_config(base: EnrichConfig, choice: dict[str, Any]) -> EnrichConfig:
+    """The enrichment config of recipe.json's chosen recipe on top of the pipeline's own."""
+    from tasc_ray.ft.recipe import Recipe
+
+    fields = dict(choice["chosen_recipe"])
+    fields["key_end"] = tuple(fields["key_end"])
+    return Recipe(**fields).enrich_config(base)
 
 
 def _train_and_release(cfg: PipelineConfig, work: Path, stages: _Stages, summary: dict[str, Any]) -> dict[str, Any]:
