@@ -15,17 +15,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasc_ray.engine.config import EngineConfig
 from tasc_ray.engine.drafts.index import NgramIndex
-from tasc_ray.engine.generator import SamplingParams
-from tasc_ray.engine.load import load_engine
 from tasc_ray.io import arrow_filesystem
 from tasc_ray.models import load_tokenizer
 
 pytestmark = pytest.mark.slow
 
-MAX_NEW = 24
-STOP = "]"
 TOP_K = 8
 
 
@@ -34,13 +29,6 @@ def _write(url: str, table: pa.Table) -> None:
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as f:
         pq.write_table(table, f)
-
-
-def _read_parts(url: str) -> list[dict]:
-    from tasc_ray.stages.commit import PartsOutput
-
-    table = PartsOutput(url, ["id"]).read()
-    return [] if table is None else table.to_pylist()
 
 
 def _by_node(cluster, submission_id: str, what: str) -> dict[str, Counter]:
@@ -100,45 +88,6 @@ def index(two_nodes, data):
         sid,
     )
     return {"url": out, "summary": summary, "submission_id": sid}
-
-
-@pytest.fixture(scope="module")
-def expected(data, index):
-    """What the engine emits for each prompt in this process (one machine, no Ray) with the cluster's index."""
-    generator = load_engine(EngineConfig(model=data["model"], index=index["url"]))
-    results = generator.generate(
-        [r["prompt"] for r in data["rows"]], SamplingParams(max_new_tokens=MAX_NEW, stop=[STOP])
-    )
-    return {r["id"]: res.text for r, res in zip(data["rows"], results)}
-
-
-def _label_args(data, index, output: str) -> list[str]:
-    return [
-        "jobs/batch_label.py",
-        "--input",
-        f"s3://{data['bucket']}/prompts/",
-        "--output",
-        output,
-        "--model",
-        data["model"],
-        "--index",
-        index["url"],
-        "--max-new-tokens",
-        str(MAX_NEW),
-        "--stop",
-        STOP,
-        "--batch-size",
-        "4",
-        "--rows-per-part",
-        "4",
-    ]
-
-
-def _check_rows(rows: list[dict], data, expected) -> None:
-    ids = [r["id"] for r in rows]
-    assert len(ids) == len(set(ids)) == len(data["rows"]), Counter(ids).most_common(3)
-    assert {r["id"]: r["output"] for r in rows} == expected
-    assert all(r["error"] is None for r in rows)
 
 
 def test_index_job_counts_on_both_nodes_and_equals_the_single_process_index(two_nodes, data, index):
