@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -20,6 +20,7 @@ from tasc_ray.engine.config import DrafterConfig, EngineConfig
 APP_NAME = "tasc"
 INGRESS_DEPLOYMENT = "OpenAIIngress"  # HTTP, validation, tokenization (app.py)
 ENGINE_DEPLOYMENT = "TascEngine"  # the model, the index, the engine loop; takes user_config (engine_deployment.py)
+PREFIX_ROUTER = "tasc_ray.serving.routing.PrefixAffinityRouter"  # routing.py: rows sharing a prefix, one replica
 OVERLAY_ROUTE = "/v1/tasc/overlay"  # GET: one engine replica's live overlay (app.py; `tasc-ray overlay export`)
 # engine.max_batch_size when serving (EngineConfig's own default is 8): the rows a replica's engine loop decodes
 # at once; more requests wait in its queue and join as rows finish.
@@ -110,6 +111,18 @@ class ServeConfig(BaseModel):
     num_gpus: float | None = Field(None, ge=0, description="GPUs per replica; default 1 when engine.device is cuda")
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads per replica")
     max_ongoing_requests: int = Field(64, ge=1, description="requests an engine replica takes at once")
+    request_router: Literal["prefix_affinity", "power_of_two"] = Field(
+        "power_of_two",
+        description="how engine calls pick a replica: prefix_affinity sends prompts sharing a prefix (a few-shot "
+        "template) to the replica that holds it in its prefix cache unless it is much busier "
+        "(tasc_ray/serving/routing.py); power_of_two (the default) is Serve's own",
+    )
+    prefix_imbalance_threshold: int = Field(
+        8,
+        ge=0,
+        description="prefix_affinity: a prompt goes to its prefix's replica only while that replica's ongoing "
+        "requests exceed the least loaded one's by at most this; else to the less loaded of two random replicas",
+    )
     ingress_replicas: int = Field(1, ge=1, description="replicas of the HTTP ingress (OpenAIIngress)")
     ingress_num_cpus: float = Field(0.1, gt=0, description="CPUs per ingress replica")
     api_key: str | None = Field(None, description="if set, /v1/* require 'Authorization: Bearer <key>'")
@@ -174,6 +187,15 @@ class ServeConfig(BaseModel):
             options["autoscaling_config"] = self.autoscaling.to_serve()
         else:
             options["num_replicas"] = self.num_replicas or 1
+        if self.request_router == "prefix_affinity":
+            options["request_router_config"] = {
+                "request_router_class": PREFIX_ROUTER,
+                "request_router_kwargs": {
+                    # the engine caches prefixes of at least this many tokens: route by blocks of that size
+                    "block_tokens": self.engine.scheduler.prefix_cache_min_tokens or 16,
+                    "imbalance_threshold": self.prefix_imbalance_threshold,
+                },
+            }
         if self.user_config is not None:
             options["user_config"] = self.user_config.model_dump(exclude_unset=True)
         return options

@@ -2,8 +2,9 @@
 
 `tasc_requests{route,status}`, `tasc_request_errors{route,code}`, `tasc_request_latency_s{route}`; token totals
 (`tasc_prompt_tokens`, `tasc_generated_tokens`, `tasc_drafted_tokens`, `tasc_accepted_tokens`,
-`tasc_forward_passes`); the engine loop's `tasc_waiting_rows` and `tasc_running_rows` (gauges, updated as rows
-leave), `tasc_time_to_first_token_s` and `tasc_queue_time_s` (histograms), `tasc_rows_finished{reason}`.
+`tasc_forward_passes`, `tasc_cached_prompt_tokens`: prompt tokens the prefix cache served); the engine loop's
+`tasc_waiting_rows` and `tasc_running_rows` (gauges, updated as rows leave), `tasc_time_to_first_token_s` and
+`tasc_queue_time_s` (histograms), `tasc_rows_finished{reason}`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from ray.serve import metrics
 from tasc_ray.engine.generator import GenerationResult
 from tasc_ray.engine.loop import LoopStats
 from tasc_ray.engine.request import Request
+from tasc_ray.engine.scheduler import EngineTimings
 from tasc_ray.serving.protocol import usage
 
 LATENCY_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64]
@@ -41,6 +43,10 @@ class ServeMetrics:
             "tasc_queue_time_s", "submission to admission (s)", boundaries=FIRST_TOKEN_BUCKETS_S
         )
         self.rows_finished = metrics.Counter("tasc_rows_finished", "rows that left the engine", tag_keys=("reason",))
+        self.cached_prompt_tokens = metrics.Counter(
+            "tasc_cached_prompt_tokens", "prompt tokens served from the shared-prefix cache instead of prefilled"
+        )
+        self._cached_seen = 0
         # usage() key -> its counter
         self.tokens = {
             "prompt_tokens": metrics.Counter("tasc_prompt_tokens", "prompt tokens processed"),
@@ -68,6 +74,13 @@ class ServeMetrics:
             self.results([request.result])
         self.waiting_rows.set(loop.waiting)
         self.running_rows.set(loop.running)
+
+    def prefix_cache(self, timings: EngineTimings) -> None:
+        """The prefix cache's hits since the last call (decode thread)."""
+        new = timings.cached_prompt_tokens - self._cached_seen
+        if new > 0:
+            self.cached_prompt_tokens.inc(new)
+            self._cached_seen = timings.cached_prompt_tokens
 
     def results(self, results: Sequence[GenerationResult]) -> None:
         """Token totals of decoded rows."""

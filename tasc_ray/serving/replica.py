@@ -117,6 +117,7 @@ class Replica:
 
     def _finished(self, request: Request) -> None:  # decode thread
         self.metrics.finished(request, self.loop.stats)
+        self.metrics.prefix_cache(self.loop.scheduler.timings)
 
     def set_max_rows(self, rows: int) -> None:
         """Rows decoding at once on this replica (applied between steps)."""
@@ -208,6 +209,11 @@ class Replica:
         if not self.loop.alive:
             raise RuntimeError("the engine loop is not running")
 
+    def prefix_cache_stats(self) -> dict[str, int]:
+        """Prompt tokens admitted, and those served from the shared-prefix cache instead of prefilled."""
+        timings = self.loop.scheduler.timings
+        return {"prompt_tokens": timings.prompt_tokens, "cached_prompt_tokens": timings.cached_prompt_tokens}
+
     def info(self) -> dict[str, Any]:
         drafter = self.generator.drafter
         index = self._index()
@@ -224,5 +230,6 @@ class Replica:
             "model_source": self.tokenizer_source,  # what the engine loaded (a name or a path): its tokenizer's too
             "max_rows": self.loop.scheduler.max_rows,
             "engine": self.loop.stats.to_dict(),
+            "prefix_cache": self.prefix_cache_stats(),
             "request_log": self.request_log.stats() if self.request_log is not None else None,
         }

@@ -144,3 +144,83 @@ def test_a_killed_replica_gives_each_client_a_retryable_error_then_serves_again(
         time.sleep(int(r.headers["retry-after"]))
     assert r.json()["usage"]["completion_tokens"] > 0
     assert _health(server)["pid"] != pid
+
+
+def _replica_infos(app: str, n: int, timeout: float = 60.0) -> dict[str, dict]:
+    """Each engine replica's info (its id, counters, prefix cache), asked through the deployment's handle until
+    `n` distinct replicas answered."""
+    from ray import serve
+
+    from tasc_ray.serving.config import ENGINE_DEPLOYMENT
+
+    handle = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=app)
+    seen: dict[str, dict] = {}
+    deadline = time.time() + timeout
+    while len(seen) < n:
+        info = handle.info.remote().result()
+        seen[info["replica"]] = info
+        assert time.time() < deadline, list(seen)
+    return seen
+
+
+def test_prefix_affinity_sends_each_template_to_one_replica(serve_port, tiny_model_dir, task_rows):
+    """Two engine replicas, requests of two few-shot templates interleaved: each template's requests all finish
+    on one replica (a different one each), whose prefix cache serves the template."""
+    from ray import serve
+
+    app = "affinity"
+    cfg = _config(tiny_model_dir, num_replicas=2, request_router="prefix_affinity", prefix_imbalance_threshold=32)
+    serve.run(build_app(cfg), name=app, route_prefix="/affinity")
+    base = f"http://127.0.0.1:{serve_port}/affinity"
+    shots = {
+        t: "".join(f"Sentence: {r['text']}\nMR: {r['output']}\n\n" for r in task_rows[10 * t : 10 * t + 3])
+        for t in (1, 2)
+    }
+    try:
+        before = _replica_infos(app, 2)
+
+        async def go():
+            async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+                calls = [
+                    client.post(
+                        "/v1/completions",
+                        json={"prompt": shots[t] + f"Sentence: {task_rows[100 + i]['text']}\nMR:", "max_tokens": 4},
+                    )
+                    for i in range(6)
+                    for t in (1, 2)
+                ]
+                return await asyncio.gather(*calls)
+
+        # one template at a time: which replica's finished count rises
+        landed = {}
+        for t in (1, 2):
+            responses = asyncio.run(_one_template(base, shots[t], task_rows))
+            assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+            after = _replica_infos(app, 2)
+            rose = {rid: after[rid]["engine"]["finished"] - before[rid]["engine"]["finished"] for rid in after}
+            assert sorted(rose.values()) == [0, 6], rose
+            landed[t] = max(rose, key=rose.__getitem__)
+            cached = after[landed[t]]["prefix_cache"]["cached_prompt_tokens"]
+            assert cached > before[landed[t]]["prefix_cache"]["cached_prompt_tokens"], after[landed[t]]
+            before = after
+        assert landed[1] != landed[2]
+        # interleaved: the templates keep their replicas
+        responses = asyncio.run(go())
+        assert all(r.status_code == 200 for r in responses)
+        after = _replica_infos(app, 2)
+        rose = {rid: after[rid]["engine"]["finished"] - before[rid]["engine"]["finished"] for rid in after}
+        assert rose == {landed[1]: 6, landed[2]: 6}, rose
+    finally:
+        serve.delete(app)
+
+
+async def _one_template(base: str, shots: str, task_rows) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+        calls = [
+            client.post(
+                "/v1/completions",
+                json={"prompt": shots + f"Sentence: {task_rows[200 + i]['text']}\nMR:", "max_tokens": 4},
+            )
+            for i in range(6)
+        ]
+        return await asyncio.gather(*calls)
