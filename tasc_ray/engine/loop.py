@@ -87,9 +87,11 @@ class EngineLoop:
         chained = request.on_finish
 
         def on_finish(r: Request) -> None:  # decode thread
-            if chained is not None:
-                chained(r)
-            loop.call_soon_threadsafe(_resolve, done, r)
+            try:
+                if chained is not None:
+                    chained(r)
+            finally:  # a failing callback must not leave the awaiting caller waiting forever
+                loop.call_soon_threadsafe(_resolve, done, r)
 
         request.on_finish = on_finish
         self.submit(request)

@@ -80,3 +80,24 @@ def test_call_soon_runs_between_steps_and_stop_fails_the_rest(tiny_model, tiny_t
     assert not engine.alive
     with pytest.raises(RequestCancelled):
         engine.submit(engine.generator.request([4, 5], SamplingParams(max_new_tokens=4)))
+
+
+def test_an_awaited_request_resolves_even_when_its_own_on_finish_callback_fails(tiny_model, tiny_tokenizer):
+    """submit_async chains the request's on_finish; if that callback raises, the awaiting caller still gets the
+    result (the scheduler logs the callback's error) instead of waiting forever."""
+    import asyncio
+
+    from tasc_ray.engine.generator import SpeculativeGenerator
+    from tasc_ray.engine.loop import EngineLoop
+    from tasc_ray.engine.sampling import SamplingParams
+
+    def broken(_request) -> None:
+        raise RuntimeError("a metrics callback failed")
+
+    loop = EngineLoop(SpeculativeGenerator(tiny_model, tiny_tokenizer, None, max_batch_size=2))
+    try:
+        request = loop.generator.request([5, 6, 7], SamplingParams(max_new_tokens=3), on_finish=broken)
+        result = asyncio.run(asyncio.wait_for(loop.submit_async(request), timeout=60))
+        assert len(result.token_ids) == 3
+    finally:
+        loop.stop()

@@ -53,6 +53,9 @@ class _NoMetrics:
     def finished(self, request, loop_stats) -> None:
         pass
 
+    def prefix_cache(self, timings) -> None:
+        pass
+
 
 def _replica(tiny_model_dir, **drafter):
     from tasc_ray.serving.config import ServeConfig
