@@ -255,6 +255,16 @@ typedef struct {
     uint8_t rows[16];
 } tile_config;
 
+static void load_tile_config(void) { /* this thread's 8 tiles: 16 rows of 64 bytes each */
+    tile_config config = {0};
+    config.palette = 1;
+    for (int i = 0; i < 8; i++) {
+        config.colsb[i] = 64;
+        config.rows[i] = 16;
+    }
+    _tile_loadconfig(&config);
+}
+
 int tasc_gemm_has_amx(void) { /* Linux hands out AMX state to a process that asks (ARCH_REQ_XCOMP_PERM) */
     static int permitted = -1;
     if (permitted < 0) permitted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
@@ -311,13 +321,7 @@ void tasc_gemm_bf16_amx(const float *x, const uint16_t *panels, const float *bia
     round_rows(x, xp, M, K, K2p);
 #pragma omp parallel num_threads(threads)
     {
-        tile_config config = {0};
-        config.palette = 1;
-        for (int i = 0; i < 8; i++) {
-            config.colsb[i] = 64;
-            config.rows[i] = 16;
-        }
-        _tile_loadconfig(&config);
+        load_tile_config();
         int t = omp_get_thread_num(), n = omp_get_num_threads();
         long first = total * t / n, last = total * (t + 1) / n;
         for (long p = first; p < last; p += AMX_PANELS) {
@@ -369,15 +373,7 @@ void tasc_gemm_int8(const float *x, const int8_t *panels, const float *scales, c
     {
         uint16_t *scratch = malloc(sizeof(uint16_t) * 8 * K2p * 32);
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-        if (amx) {
-            tile_config config = {0};
-            config.palette = 1;
-            for (int i = 0; i < 8; i++) {
-                config.colsb[i] = 64;
-                config.rows[i] = 16;
-            }
-            _tile_loadconfig(&config);
-        }
+        if (amx) load_tile_config();
 #endif
         int t = omp_get_thread_num(), n = omp_get_num_threads();
         long first = total * t / n, last = total * (t + 1) / n;
