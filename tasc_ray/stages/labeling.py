@@ -412,20 +412,35 @@ def label_parquet(
     if plan.todo > 0:
         ensure_ray()
         ds = source.dataset(plan.done, None if limit is None else plan.todo, rows_per_part or 8 * batch_size)
-        ds = _stage(
-            ds,
-            engine,
-            serve_app,
-            prompt_template,
-            sampling,
-            id_column=id_column,
-            batch_size=batch_size,
-            num_replicas=num_replicas,
-            num_cpus_per_replica=num_cpus_per_replica,
-            num_gpus_per_replica=num_gpus_per_replica,
-            num_threads=num_threads,
-            keep_columns=keep,
-        )
+        if serve_app:
+            from tasc_ray.stages.serve_labeling import label_dataset_through_serve
+
+            ds = label_dataset_through_serve(
+                ds,
+                serve_app,
+                prompt_template,
+                sampling,
+                id_column=id_column,
+                max_in_flight=batch_size,
+                num_workers=num_replicas,
+                num_cpus_per_worker=num_cpus_per_replica,
+                keep_columns=keep,
+            )
+        else:
+            assert engine is not None  # checked above
+            ds = label_dataset(
+                ds,
+                engine,
+                prompt_template,
+                sampling,
+                id_column=id_column,
+                batch_size=batch_size,
+                num_replicas=num_replicas,
+                num_cpus_per_replica=num_cpus_per_replica,
+                num_gpus_per_replica=num_gpus_per_replica,
+                num_threads=num_threads,
+                keep_columns=keep,
+            )
         new_parts, label_s = _label_into(out, plan.run_id, ds)
     summary = _job_summary(out, source, new_parts, label_s, plan.remaining)
     summary.update(input=input, output=output, run_id=plan.run_id, speculative=speculative, serve_app=serve_app)
@@ -441,52 +456,6 @@ def label_parquet(
         "complete" if summary["complete"] else "incomplete",
     )
     return summary
-
-
-def _stage(
-    ds: Any,
-    engine: EngineConfig | None,
-    serve_app: str | None,
-    template: str,
-    sampling: SamplingParams,
-    *,
-    id_column: str,
-    batch_size: int,
-    num_replicas: int,
-    num_cpus_per_replica: float | None,
-    num_gpus_per_replica: float | None,
-    num_threads: int | None,
-    keep_columns: list[str],
-) -> Any:
-    """The labeling stage the job runs: through the running app `serve_app`, else on an actor pool of `engine`."""
-    if serve_app:
-        from tasc_ray.stages.serve_labeling import label_dataset_through_serve
-
-        return label_dataset_through_serve(
-            ds,
-            serve_app,
-            template,
-            sampling,
-            id_column=id_column,
-            max_in_flight=batch_size,
-            num_workers=num_replicas,
-            num_cpus_per_worker=num_cpus_per_replica,
-            keep_columns=keep_columns,
-        )
-    assert engine is not None
-    return label_dataset(
-        ds,
-        engine,
-        template,
-        sampling,
-        id_column=id_column,
-        batch_size=batch_size,
-        num_replicas=num_replicas,
-        num_cpus_per_replica=num_cpus_per_replica,
-        num_gpus_per_replica=num_gpus_per_replica,
-        num_threads=num_threads,
-        keep_columns=keep_columns,
-    )
 
 
 @dataclass

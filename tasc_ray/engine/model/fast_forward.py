@@ -210,8 +210,10 @@ class FastForward:
         at = positions.reshape(-1) if flat is None else positions.reshape(-1)[flat]
         cos, sin = self.cos[at][:, None, :], self.sin[at][:, None, :]  # [T, 1, D]
         allowed = allowed_slots(valid, q, tree)
-        mask = None if self.ops is not None else _grouped_mask(additive_mask(allowed, self.dtype), h // kv)
-        if self.ops is not None:
+        mask = None
+        if self.ops is None:
+            mask = _grouped_mask(additive_mask(allowed, self.dtype), h // kv)
+        else:
             if prefix is not None:
                 allowed = torch.cat([prefix.seen_mask(prefix_seen, q), allowed], dim=-1)  # type: ignore[arg-type]
             allowed = allowed.to(torch.uint8).contiguous()  # once for every layer

@@ -150,33 +150,21 @@ static inline __attribute__((always_inline)) void score_slots(const vf *qr, cons
 }
 
 /* acc[t] += p[t][s] * value[s], total[t] += p[t][s] over n consecutive slots, slot by slot; a slot with p = 0 for
-   every query of the block changes no bit (x + 0 = x), so it is skipped. The sums are kept in locals over the loop
-   (through the pointers the compiler would have to store them at every slot). */
+   every query of the block changes no bit (x + 0 = x), so it is skipped. */
 static inline __attribute__((always_inline)) void weigh_values(const float *vh, float *const *ps, long n, int nq,
-                                                                float *total_io, vf acc_io[][16], const long nv) {
+                                                                float *total, vf acc[][16], const long nv) {
     const long D = nv * LANES;
-    vf acc[BLOCK][16];
-    float total[BLOCK], *pt[BLOCK];
-    for (int t = 0; t < nq; t++) {
-        total[t] = total_io[t];
-        pt[t] = ps[t];
-        for (long c = 0; c < nv; c++) acc[t][c] = acc_io[t][c];
-    }
     for (long s = 0; s < n; s++) {
         int any = 0;
-        for (int t = 0; t < nq; t++) any |= pt[t][s] != 0.0f;
+        for (int t = 0; t < nq; t++) any |= ps[t][s] != 0.0f;
         if (!any) continue;
         vf value[16];
         for (long c = 0; c < nv; c++) value[c] = vload(vh + s * D + c * LANES);
         for (int t = 0; t < nq; t++) {
-            total[t] += pt[t][s];
-            vf w = splat(pt[t][s]);
+            total[t] += ps[t][s];
+            vf w = splat(ps[t][s]);
             for (long c = 0; c < nv; c++) acc[t][c] += w * value[c];
         }
-    }
-    for (int t = 0; t < nq; t++) {
-        total_io[t] = total[t];
-        for (long c = 0; c < nv; c++) acc_io[t][c] = acc[t][c];
     }
 }
 
