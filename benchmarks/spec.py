@@ -35,6 +35,15 @@ from tqdm import tqdm
 
 from benchmarks.common.metrics import share_identical, task_quality
 from benchmarks.common.report import provenance, write_report
+from benchmarks.common.roofline import (
+    WEIGHT_BYTES,
+    ModelShape,
+    Work,
+    engine_work,
+    measure_ceilings,
+    roofline,
+    sequential_work,
+)
 from benchmarks.common.tasks import BUILTIN_TASKS, Task, load_task, load_task_file
 from tasc_ray.cli.args import add_config_arguments, add_model_argument, config_from_args
 from tasc_ray.engine.config import DrafterConfig, DraftMode
@@ -128,6 +137,7 @@ class Measured:
     token_ids: list[list[int]]
     wall_s: float
     draft_s: float = 0.0
+    work: Work | None = None  # for the roofline figures
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -163,6 +173,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "precisions": precisions,
         "cost_table": cost_tables[precisions[0]],
         "cost_tables": cost_tables,
+        "roofline_ceilings": measure_ceilings(precisions),
     }
     for task_name in tasks:
         task = (
@@ -180,7 +191,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for n, precision in enumerate(precisions):
             models = (model, hf_model, forwards[precision])
             own = methods if n == 0 else [m for m in methods if m not in PRECISION_FREE]
-            runs = bench_task(models, tokenizer, task, indexes, own, batch_sizes, args, fp32_plain, precision)
+            ceilings = report["roofline_ceilings"]
+            runs = bench_task(models, tokenizer, task, indexes, own, batch_sizes, args, fp32_plain, precision, ceilings)
             report["runs"] += runs
     if args.json_path:
         write_spec_report(report, Path(args.json_path))
@@ -198,13 +210,17 @@ def bench_task(
     args: argparse.Namespace,
     fp32_plain: dict[int, list[list[int]]] | None = None,
     precision: str = "fp32",
+    ceilings: dict[str, dict[str, float]] | None = None,
 ) -> list[dict[str, Any]]:
     """Every method on the task's prompts at every batch size; `models` is (the engine's model, transformers'
     own, the engine's fast forward at `precision` or False). `fp32_plain` (batch size -> outputs) is filled by the
-    fp32 pass and read by the others: how often another precision's outputs equal fp32's."""
+    fp32 pass and read by the others: how often another precision's outputs equal fp32's. With `ceilings`
+    (precision -> measured GFLOP/s and GB/s), each run gets its roofline figures."""
     fp32_plain = {} if fp32_plain is None else fp32_plain
     model, hf_model, forward = models
     params = SamplingParams(max_new_tokens=args.max_new_tokens, stop=task.stop)
+    prompt_lengths = [len(tokenizer(p)["input_ids"]) for p in task.prompts]
+    shape = ModelShape.of(model)
     runs = []
     for batch_size in batch_sizes:
         plain_gen = SpeculativeGenerator(model, tokenizer, None, max_batch_size=batch_size, fast_forward=forward)
@@ -214,7 +230,7 @@ def bench_task(
         warmup = task.corpus_prompts[:batch_size] or task.prompts[:batch_size]
         warm_outputs = [r.token_ids for r in plain_gen.generate(warmup, params)]
         plain_gen.profile_step_costs()  # as load_engine does at start-up; every TASC generator starts from it
-        plain = measure_engine(plain_gen, task.prompts, params)
+        plain = measure_engine(plain_gen, task.prompts, params, prompt_lengths)
         if precision == "fp32":
             fp32_plain[batch_size] = plain.token_ids
         for method in methods:
@@ -228,10 +244,13 @@ def bench_task(
                     measured = plain
                 elif method == "hf_generate":
                     measured = measure_hf_generate(hf_model, tokenizer, task.prompts, params, batch_size)
+                    measured.work = sequential_work(measured.token_ids, prompt_lengths, batch_size)
                 elif method == "prompt_lookup_hf":
                     measured = measure_hf_lookup(hf_model, tokenizer, task.prompts, params)
                 elif method == "llama_cpp":
                     measured = measure_llama_cpp(args.model, tokenizer, model, task.prompts, params)
+                    # its prompt cache serves what a prompt shares with the previous one: prefill left uncounted
+                    measured.work = sequential_work(measured.token_ids, prompt_lengths, 1, prefilled=False)
                 else:
                     trees = {"tree_nodes": 0} if method == "tasc_chain" else {}
                     config = config_from_args(DrafterConfig, args, mode=MODES[method], **trees)
@@ -246,9 +265,16 @@ def bench_task(
                     )
                     generator.step_cost = copy.deepcopy(plain_gen.step_cost)
                     generator.generate(warmup, params)
-                    measured = measure_engine(generator, task.prompts, params)
+                    measured = measure_engine(generator, task.prompts, params, prompt_lengths)
                 record = run_record(task, method, batch_size, corpus_kind, measured, plain)
                 record["precision"] = precision
+                if ceilings and measured.work is not None:
+                    own = method not in PRECISION_FREE  # transformers' methods run float32 torch
+                    weight_bytes = WEIGHT_BYTES[precision] if own else 4.0
+                    if method == "llama_cpp":
+                        weight_bytes = llama_cpp_weight_bytes(args.model, shape)
+                    ceiling = ceilings[precision if own else "fp32"]
+                    record["roofline"] = roofline(measured.work, measured.wall_s, shape, weight_bytes, ceiling)
                 texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in measured.token_ids]
                 record["quality_metric"], score = task_quality(task.name, texts, task.references)
                 record["quality"] = round(score, 2)
@@ -278,12 +304,25 @@ def cost_table(model, tokenizer, max_batch: int, forward: FastForward | bool) ->
     }
 
 
-def measure_engine(generator: SpeculativeGenerator, prompts: list[str], params: SamplingParams) -> Measured:
-    draft_before = generator.timings.draft_s
+def measure_engine(
+    generator: SpeculativeGenerator, prompts: list[str], params: SamplingParams, prompt_lengths: list[int]
+) -> Measured:
+    timings = generator.timings
+    before = (timings.draft_s, timings.steps, timings.prompt_tokens - timings.cached_prompt_tokens)
     t0 = time.perf_counter()
     results = generator.generate(prompts, params)
     wall = time.perf_counter() - t0
-    return Measured(results, [r.token_ids for r in results], wall, generator.timings.draft_s - draft_before)
+    prefilled = timings.prompt_tokens - timings.cached_prompt_tokens - before[2]
+    work = engine_work(results, prompt_lengths, prefilled, timings.steps - before[1])
+    return Measured(results, [r.token_ids for r in results], wall, timings.draft_s - before[0], work)
+
+
+def llama_cpp_weight_bytes(model_name: str, shape: ModelShape) -> float:
+    """Bytes per matmul weight of the bundled GGUF llama.cpp reads (its file size over the weights: Q4_1 and the
+    few tensors it keeps wider)."""
+    from tasc_ray.models import _embedded_gguf
+
+    return _embedded_gguf(model_name).stat().st_size / shape.matmul_params
 
 
 @torch.inference_mode()
@@ -494,6 +533,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         )
         quality = f" {r['quality_metric']} {_fmt(r['quality'])} |" if "quality" in r else " - |"
         lines.append(line + (f" {_fmt(r.get('match_rate_vs_fp32_plain'))} |{quality}" if by_precision else ""))
+    lines += roofline_lines(report)
     tables = report.get("cost_tables") or ({"fp32": report["cost_table"]} if report.get("cost_table") else {})
     for precision, table in tables.items():
         lines += ["", *([f"Precision {precision}:", ""] if len(tables) > 1 else []), *cost_table_lines(table)]
@@ -514,6 +554,32 @@ def markdown_table(report: dict[str, Any]) -> str:
                 f"{r['simulated_tokens_per_pass']} | {err:+.1%} |"
             )
     return "\n".join(lines)
+
+
+def roofline_lines(report: dict[str, Any]) -> list[str]:
+    """The roofline table: each run's achieved GFLOP/s and GB/s against the ceilings measured on this machine."""
+    runs = [r for r in report["runs"] if r.get("roofline")]
+    if not runs:
+        return []
+    ceilings = report["roofline_ceilings"]
+    measured = ", ".join(f"{p} {c['gflops']:.0f} GFLOP/s" for p, c in ceilings.items())
+    lines = [
+        "",
+        f"Roofline (benchmarks/common/roofline.py): linear-layer GFLOP/s and GB/s read (weights once a pass at the "
+        f"precision's bytes, each row's KV cache) over each run's wall time, against ceilings measured here: the "
+        f"engine's product {measured}; memory {next(iter(ceilings.values()))['gbps']:.1f} GB/s (hf_generate "
+        "against the fp32 ceilings; llama_cpp's bytes are its GGUF's):",
+        "",
+        "| task | method | precision | batch | GFLOP/s | of compute ceiling | GB/s | of memory ceiling |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        f = r["roofline"]
+        lines.append(
+            f"| {r['task']} | {r['method']} | {r.get('precision', 'fp32')} | {r['batch_size']} | {f['gflops']:.1f} | "
+            f"{f['compute_share']:.0%} | {f['gbps']:.2f} | {f['memory_share']:.0%} |"
+        )
+    return lines
 
 
 def cost_table_lines(cost: dict[str, Any]) -> list[str]:

@@ -148,6 +148,12 @@ def test_every_instruction_set_path_builds_agrees_with_torch_and_is_batch_invari
         shifted_keys, shifted_values = torch.cat([padding, keys[row]], 2), torch.cat([padding, values[row]], 2)
         shifted = kernels.attention(q[row], shifted_keys, shifted_values, shifted_allowed, 0.2)
         assert torch.equal(shifted, together[row])
+    # Padding queries (nothing allowed) get zeros and leave the real queries of their blocks bit-identical.
+    padded = allowed.clone()
+    padded[0, 1], padded[2, :2], padded[3] = False, False, False
+    out = kernels.attention(q, keys, values, padded, 0.2)
+    dead = ~padded.any(-1)
+    assert not out[dead].any() and torch.equal(out[~dead], together[~dead])
     # A prefix shared by every row, stored once (21 slots: not whole vectors), equals the prefix copied into each
     # row; a row that does not see the prefix equals that row over its own slots alone.
     shared_k, shared_v = keys[:1, :, :21], values[:1, :, :21]

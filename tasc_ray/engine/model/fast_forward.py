@@ -194,10 +194,11 @@ class FastForward:
     ) -> torch.Tensor:
         """[B, q, V] logits ([B, 1, V] with `last_only`: the last column's) of `ids` [B, q] at `positions`, which
         occupy the last q slots of `valid` [B, S] (the mask over all cache slots); the new keys and values are
-        appended to `cache`. Query slots masked in `valid` are padding: they skip the products and their cache
-        slots hold zeros. `tree` [B, q, q]: which new slots each query sees (a token tree; default causal).
-        `prefix`: keys and values of a prompt prefix stored once, of which row b sees the first `prefix_seen[b]`
-        slots before its own (the batch-invariant kernels only: `batch_invariant`)."""
+        appended to `cache`. Query slots masked in `valid` are padding: they skip the products and the attention,
+        their cache slots hold zeros and their logits are left unset (never read). `tree` [B, q, q]: which new
+        slots each query sees (a token tree; default causal). `prefix`: keys and values of a prompt prefix stored
+        once, of which row b sees the first `prefix_seen[b]` slots before its own (the batch-invariant kernels
+        only: `batch_invariant`)."""
         if prefix is not None and self.ops is None:
             raise ValueError("a shared prefix needs the batch-invariant CPU kernels")
         b, q = ids.shape
@@ -216,6 +217,8 @@ class FastForward:
         else:
             if prefix is not None:
                 allowed = torch.cat([prefix.seen_mask(prefix_seen, q), allowed], dim=-1)  # type: ignore[arg-type]
+            if flat is not None:  # padding queries see nothing: attention skips them (their outputs are dropped)
+                allowed = allowed & real[:, :, None]
             allowed = allowed.to(torch.uint8).contiguous()  # once for every layer
         q_size, kv_size = h * d, kv * d
         for index, layer in enumerate(self.layers):
@@ -225,7 +228,9 @@ class FastForward:
             vs = qkv[:, q_size + kv_size :].reshape(-1, kv, d)
             qs = qs * cos + _rotate_half(qs) * sin
             ks = ks * cos + _rotate_half(ks) * sin
-            qs, ks, vs = (_padded(t, flat, b, q) for t in (qs, ks, vs))  # [B, q, heads, D]
+            # [B, q, heads, D]; the kernels' attention skips padding queries (nothing allowed), so theirs stay unset
+            qs = _padded(qs, flat, b, q, zeros=self.ops is None)
+            ks, vs = _padded(ks, flat, b, q), _padded(vs, flat, b, q)
             keys, values = append_kv(cache.layers[index], ks.transpose(1, 2), vs.transpose(1, 2))
             if self.ops is not None:
                 shared = prefix.layers[index] if prefix is not None else None
@@ -244,7 +249,7 @@ class FastForward:
         logits = self.lm_head(self._norm(x, self.final_norm)).float()
         if flat is None:
             return logits.reshape(b, q, -1)
-        full = logits.new_zeros(b * q, logits.shape[-1])
+        full = logits.new_empty(b * q, logits.shape[-1])  # padding positions are never read: left unset
         full[flat] = logits
         return full.reshape(b, q, -1)
 
@@ -258,11 +263,11 @@ class FastForward:
         return F.silu(gate) * up
 
 
-def _padded(t: torch.Tensor, flat: torch.Tensor | None, b: int, q: int) -> torch.Tensor:
-    """[T, heads, D] of the real tokens back to [B, q, heads, D], zeros at the padding."""
+def _padded(t: torch.Tensor, flat: torch.Tensor | None, b: int, q: int, zeros: bool = True) -> torch.Tensor:
+    """[T, heads, D] of the real tokens back to [B, q, heads, D], zeros at the padding (unset without `zeros`)."""
     if flat is None:
         return t.reshape(b, q, *t.shape[1:])
-    full = t.new_zeros(b * q, *t.shape[1:])
+    full = t.new_zeros(b * q, *t.shape[1:]) if zeros else t.new_empty(b * q, *t.shape[1:])
     full[flat] = t
     return full.reshape(b, q, *t.shape[1:])
 

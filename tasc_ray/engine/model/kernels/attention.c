@@ -192,25 +192,30 @@ static inline __attribute__((always_inline)) void attend(const float *q, const f
             acc[t][c] = (vf){0};
         }
     }
+    int live = 0;
     for (int t = 0; t < n; t++) { /* scores of the prefix's slots, then the row's */
         vf top = splat(-INFINITY);
         score_slots(qr[t], pkh, ok[t], ps[t], P, scale, &top, &best[t], nv);
         score_slots(qr[t], kh, ok[t] + P, ps[t] + P, S, scale, &top, &best[t], nv);
         for (int l = 0; l < LANES; l++) best[t] = top[l] > best[t] ? top[l] : best[t];
+        if (best[t] == -INFINITY) { /* nothing allowed (a padding query): zeros, and out of the block's sums */
+            memset(o[t], 0, sizeof(float) * D);
+            continue;
+        }
+        if (live != t) { /* each query's sums are its own: dropping another changes none of its bits */
+            ok[live] = ok[t], o[live] = o[t], ps[live] = ps[t], best[live] = best[t];
+        }
+        live++;
     }
-    for (int t = 0; t < n; t++) { /* p = e^(score - best), exactly 0 where not allowed; padded to whole vectors */
+    for (int t = 0; t < live; t++) { /* p = e^(score - best), exactly 0 where not allowed; padded to whole vectors */
         for (long s = 0; s < T; s++) ps[t][s] = ok[t][s] ? ps[t][s] - best[t] : -100.0f;
         for (long s = 0; s < T; s += LANES) vstore(ps[t] + s, vexp(vload(ps[t] + s)));
     }
     float *rows[BLOCK];
-    for (int t = 0; t < n; t++) rows[t] = ps[t] + P;
-    weigh_values(pvh, ps, P, n, total, acc, nv);
-    weigh_values(vh, rows, S, n, total, acc, nv);
-    for (int t = 0; t < n; t++) {
-        if (best[t] == -INFINITY) { /* nothing allowed */
-            memset(o[t], 0, sizeof(float) * D);
-            continue;
-        }
+    for (int t = 0; t < live; t++) rows[t] = ps[t] + P;
+    weigh_values(pvh, ps, P, live, total, acc, nv);
+    weigh_values(vh, rows, S, live, total, acc, nv);
+    for (int t = 0; t < live; t++) {
         vf inv = splat(1.0f / total[t]);
         for (long c = 0; c < nv; c++) vstore(o[t] + c * LANES, acc[t][c] * inv);
     }
