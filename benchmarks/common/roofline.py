@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0}
+WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "w8a8": 1.0}
 
 
 @dataclass

@@ -114,13 +114,14 @@ class EngineConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="model weights' dtype")
     device: str | None = Field(None, description="cpu or cuda; unset: cuda when present")
     max_batch_size: int = Field(8, ge=1, description="rows decoded together")
-    precision: Literal["fp32", "bf16", "int8"] = Field(
+    precision: Literal["fp32", "bf16", "int8", "w8a8"] = Field(
         "fp32",
         description="what the fast forward's matrix products run in on a CPU: fp32; bf16 (weights and inputs "
         "rounded to bfloat16, float32 sums; needs AVX512-BF16, on AMX tiles where the CPU has them: plain decoding "
-        "~1.6x faster at batch 8); or int8 (weights as int8 with one scale per output, half bf16's weight bytes, "
-        "inputs in bf16). Lossless within a precision: TASC output is identical to plain decoding at the same "
-        "precision; bf16 and int8 outputs differ from fp32 on some rows (benchmarks/results/)",
+        "~1.6x faster at batch 8); int8 (weights as int8 with one scale per output, half bf16's weight bytes, "
+        "inputs in bf16); or w8a8 (int8 weights and int8 inputs, one scale per input row, exact integer sums; "
+        "needs AVX512-VNNI). Lossless within a precision: TASC output is identical to plain decoding at the same "
+        "precision; bf16, int8 and w8a8 outputs differ from fp32 on some rows (benchmarks/results/)",
     )
     drafter: DrafterConfig = Field(default_factory=DrafterConfig, description="where drafts come from, how large")
     scheduler: SchedulerConfig = Field(

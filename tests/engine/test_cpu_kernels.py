@@ -80,14 +80,17 @@ def test_bf16_products_are_the_rounded_operands_products(bf16_gemm, m, n, k):
     torch.testing.assert_close(bf16_gemm(x, bf16_gemm.pack(w, b, "bf16")), want, atol=2e-4, rtol=1e-4)
 
 
-def test_a_bf16_row_does_not_depend_on_the_other_rows(bf16_gemm):
+@pytest.mark.parametrize("precision", ["bf16", "w8a8"])
+def test_a_reduced_precision_row_does_not_depend_on_the_other_rows(gemm, precision):
     """Batch invariance at M = 1, 2, 9, 16, 64 and for ragged subsets: a row's bits are the same in every call."""
+    if precision not in gemm.precisions:
+        pytest.skip(f"this CPU cannot run {precision} products")
     random = torch.Generator().manual_seed(1)
     x, w = torch.randn(64, 96, generator=random), torch.randn(300, 96, generator=random)
-    packed = bf16_gemm.pack(w, None, "bf16")
-    together = bf16_gemm(x, packed)
+    packed = gemm.pack(w, None, precision)
+    together = gemm(x, packed)
     for rows in ([3], [0, 1], list(range(9)), list(range(5, 21)), [2, 40, 41, 63], list(range(64))):
-        assert torch.equal(bf16_gemm(x[rows], packed), together[rows])
+        assert torch.equal(gemm(x[rows], packed), together[rows])
 
 
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 37, 35), (9, 130, 96), (64, 576, 577)])
@@ -107,6 +110,25 @@ def test_int8_products_are_the_dequantised_weights_products(bf16_gemm, m, n, k):
     assert torch.equal(bf16_gemm(x[-1:], packed), got[-1:])
 
 
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 37, 35), (3, 16, 16), (9, 130, 96), (27, 200, 66), (64, 576, 577)])
+def test_w8a8_products_are_the_quantised_operands_products(gemm, m, n, k):
+    """w8a8: int8 weights (one scale per output) times int8 inputs (one scale per row, its largest |x| -> 127),
+    summed exactly: the product of the two quantised operands; K padded to whole quads."""
+    if "w8a8" not in gemm.precisions:
+        pytest.skip("this CPU has no AVX512-VNNI")
+    from tasc_ray.engine.model.cpu_kernels import quantised_rows
+
+    random = torch.Generator().manual_seed(7 * m + n + k)
+    x, w, b = (torch.randn(*shape, generator=random) for shape in ((m, k), (n, k), (n,)))
+    x[0] *= 50  # rows of very different ranges: each has its own scale
+    packed = gemm.pack(w, b, "w8a8")
+    assert packed.panels.dtype == torch.int8 and packed.sums is not None
+    want = quantised_rows(x).double() @ gemm.dequantised(packed).double().T + b.double()
+    torch.testing.assert_close(gemm(x, packed).double(), want, atol=1e-4, rtol=1e-5)
+    zeros = torch.zeros(2, k)  # a row of zeros has no scale to take: its outputs are the bias
+    torch.testing.assert_close(gemm(zeros, packed), b.expand(2, -1))
+
+
 def test_an_unknown_precision_is_refused(gemm):
     with pytest.raises(ValueError, match="supported here"):
         gemm.pack(torch.randn(4, 16), None, "int3")
@@ -122,6 +144,7 @@ def test_every_instruction_set_path_builds_agrees_with_torch_and_is_batch_invari
     if kernels is None:
         pytest.skip("no C compiler here")
     assert ("bf16" in kernels.precisions) <= (isa in ("native", "avx512"))  # bf16 needs AVX512-BF16
+    assert ("w8a8" in kernels.precisions) <= (isa in ("native", "avx512"))  # w8a8 needs AVX512-VNNI
     assert ("int8" in kernels.precisions) == ("bf16" in kernels.precisions)
     assert not kernels.amx or isa == "native"
     random = torch.Generator().manual_seed(1)

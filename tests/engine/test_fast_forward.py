@@ -157,9 +157,9 @@ def test_plain_decoding_matches_the_models_forward_path(tiny_model, tiny_tokeniz
     assert [r.token_ids for r in fast] == [r.token_ids for r in slow.generate(prompts, params)]
 
 
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("precision", ["bf16", "int8", "w8a8"])
 def test_reduced_precision_tasc_output_equals_plain_output_at_that_precision(tiny_model, tiny_tokenizer, precision):
-    """Lossless within a precision: with bf16 or int8 products, TASC (chains and trees, at batch 1 and 3, ragged
+    """Lossless within a precision: with bf16, int8 or w8a8 products, TASC (chains and trees, at batch 1 and 3, ragged
     drafts) emits exactly what plain decoding at that precision emits, and plain decoding does not depend on the
     batch."""
     from tasc_ray.engine.config import DrafterConfig, DraftMode
@@ -167,7 +167,7 @@ def test_reduced_precision_tasc_output_equals_plain_output_at_that_precision(tin
     from tasc_ray.engine.model.fast_forward import build_fast_forward, supported_precisions
 
     if precision not in supported_precisions():
-        pytest.skip(f"{precision} products need the CPU kernel and AVX512-BF16")
+        pytest.skip(f"{precision} products need the CPU kernel and AVX512-BF16 (w8a8: AVX512-VNNI)")
     fast = build_fast_forward(tiny_model, precision)
     assert fast is not None and fast.precision == precision
     vocab = len(tiny_tokenizer)
@@ -219,7 +219,7 @@ def _row_logits_in(fast, config, prompts, steps, chunk):
     return [torch.cat(rows) for rows in out]
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8", "w8a8"])
 def test_a_rows_logits_do_not_depend_on_its_batch_or_query_count(tiny_model, precision):
     """Batch-invariant kernels: row 0's logits are bit-identical whether it decodes alone one token a pass or
     verifies several tokens a pass beside 1-7 other rows with other prompt lengths and ragged drafts (passes of

@@ -47,15 +47,16 @@ ISAS = {
 
 
 # What the products may run in: float32; bfloat16 weights and inputs; int8 weights (one scale per output) with
-# bfloat16 inputs.
-PRECISIONS = ("fp32", "bf16", "int8")
+# bfloat16 inputs; int8 weights and int8 inputs (one scale per input row), integer sums.
+PRECISIONS = ("fp32", "bf16", "int8", "w8a8")
 
 
 @dataclass
 class PanelWeight:
     """A [N, K] weight (and its bias) packed as panels[ceil(N / 16)][K][16] (float32) or panels[ceil(N / 16)]
-    [ceil(K / 2)][16][2] (bf16 or int8 pairs along k; on AMX, k pairs padded to whole tiles of 16), zero-padded to
-    whole panels; int8 weights have one float32 scale per output (`scales`)."""
+    [ceil(K / 2)][16][2] (bf16 or int8 pairs along k; on AMX, k pairs padded to whole tiles of 16) or panels
+    [ceil(N / 16)][ceil(K / 4)][16][4] (w8a8: int8 quads along k), zero-padded to whole panels; int8 weights have
+    one float32 scale per output (`scales`), w8a8 ones also each output's sum of int8 weights (`sums`)."""
 
     panels: torch.Tensor
     bias: torch.Tensor | None
@@ -63,6 +64,7 @@ class PanelWeight:
     in_features: int
     precision: str = "fp32"
     scales: torch.Tensor | None = None
+    sums: torch.Tensor | None = None
 
 
 class CpuKernels:
@@ -82,6 +84,9 @@ class CpuKernels:
         if "bf16" in self._fns:  # int8 weights dequantised to the bf16 product
             self._fns["int8"] = library.tasc_gemm_int8
             self._fns["int8"].argtypes, self._fns["int8"].restype = [ctypes.c_void_p] * 5 + args[4:], None
+        if library.tasc_gemm_has_w8a8():  # int8 x int8 on AVX512-VNNI
+            self._fns["w8a8"] = library.tasc_gemm_w8a8
+            self._fns["w8a8"].argtypes, self._fns["w8a8"].restype = [ctypes.c_void_p] * 6 + args[4:], None
         self._attention = library.tasc_attention_f32
         self._attention.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long] * 10 + [ctypes.c_float, ctypes.c_int]
         self._rms_norm = library.tasc_rms_norm_f32
@@ -103,21 +108,25 @@ class CpuKernels:
         padded = -n % PANEL
         w = torch.cat([weight, weight.new_zeros(padded, k)]) if padded else weight
         w = w.detach().float()
-        scales = None
-        if precision in ("bf16", "int8"):
+        scales = sums = None
+        if precision == "w8a8":  # int8 quads along k, one scale per output
+            quads_k = -(-k // 4)
+            w = torch.cat([w, w.new_zeros(w.shape[0], 4 * quads_k - k)], 1) if 4 * quads_k > k else w
+            scales, w = _int8_per_output(w)
+            sums = w.sum(1, dtype=torch.int32).contiguous()
+            panels = w.reshape(-1, PANEL, quads_k, 4).permute(0, 2, 1, 3).contiguous()
+        elif precision in ("bf16", "int8"):
             pairs_k = (k + 1) // 2 if not self.amx else -(-((k + 1) // 2) // 16) * 16  # AMX: whole tiles of k
             w = torch.cat([w, w.new_zeros(w.shape[0], 2 * pairs_k - k)], 1) if 2 * pairs_k > k else w
-            if precision == "int8":  # symmetric, one scale per output: its largest weight is +-127
-                largest = w.abs().amax(1)
-                scales = torch.where(largest > 0, largest / 127, torch.ones_like(largest)).contiguous()
-                w = (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+            if precision == "int8":
+                scales, w = _int8_per_output(w)
             else:
                 w = w.to(torch.bfloat16)
             panels = w.reshape(-1, PANEL, pairs_k, 2).permute(0, 2, 1, 3).contiguous()
         else:
             panels = w.reshape(-1, PANEL, k).transpose(1, 2).contiguous()
         b = None if bias is None else torch.cat([bias.detach().float(), bias.new_zeros(padded)]).contiguous()
-        return PanelWeight(panels, b, n, k, precision, scales)
+        return PanelWeight(panels, b, n, k, precision, scales, sums)
 
     def __call__(self, x: torch.Tensor, weight: PanelWeight) -> torch.Tensor:
         x = x.contiguous()
@@ -127,7 +136,11 @@ class CpuKernels:
         y = torch.empty(m, weight.out_features, dtype=torch.float32)
         bias = weight.bias.data_ptr() if weight.bias is not None else None
         n, threads = weight.out_features, torch.get_num_threads()
-        if weight.scales is not None:
+        if weight.sums is not None:
+            assert weight.scales is not None
+            w, sums, scales = weight.panels.data_ptr(), weight.sums.data_ptr(), weight.scales.data_ptr()
+            self._fns["w8a8"](x.data_ptr(), w, sums, scales, bias, y.data_ptr(), m, n, k, threads)
+        elif weight.scales is not None:
             scales = weight.scales.data_ptr()
             self._fns["int8"](x.data_ptr(), weight.panels.data_ptr(), scales, bias, y.data_ptr(), m, n, k, threads)
         else:
@@ -136,10 +149,11 @@ class CpuKernels:
 
     @staticmethod
     def dequantised(weight: PanelWeight) -> torch.Tensor:
-        """The [N, K] float32 weight an int8 PanelWeight stands for (scale * int8), as the product uses it."""
+        """The [N, K] float32 weight an int8 or w8a8 PanelWeight stands for (scale * int8), as the product uses it."""
         assert weight.scales is not None
-        pairs = weight.panels.permute(0, 2, 1, 3).reshape(-1, weight.panels.shape[1] * 2).float()
-        return (pairs * weight.scales[:, None])[: weight.out_features, : weight.in_features]
+        panels = weight.panels
+        rows = panels.permute(0, 2, 1, 3).reshape(-1, panels.shape[1] * panels.shape[3]).float()
+        return (rows * weight.scales[:, None])[: weight.out_features, : weight.in_features]
 
     def attention(
         self,
@@ -193,6 +207,21 @@ class CpuKernels:
         return hidden % 16 == 0 and intermediate % 16 == 0 and head_dim % 16 == 0 and head_dim <= 256
 
 
+def _int8_per_output(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per output row (its largest weight maps to +-127): (scales, int8 weights)."""
+    largest = w.abs().amax(1)
+    scales = torch.where(largest > 0, largest / 127, torch.ones_like(largest)).contiguous()
+    return scales, (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+
+
+def quantised_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] as the w8a8 product sees it: each row rounded to int8 steps of its own scale (largest |x| -> 127)."""
+    largest = x.abs().amax(1, keepdim=True)
+    inv = torch.where(largest > 0, 127.0 / largest, torch.ones_like(largest))
+    scale = torch.where(largest > 0, largest / 127.0, torch.ones_like(largest))
+    return (x * inv).round().clamp(-127, 127) * scale
+
+
 def _cache_dir() -> Path:
     from tasc_ray.models import cache_root  # models imports the engine's config; imported here to stay light
 
@@ -239,8 +268,10 @@ def _agrees_with_torch(kernels: CpuKernels) -> bool:
         for precision in kernels.precisions:
             packed = kernels.pack(w, b, precision)
             xr, wr = (x, w) if precision == "fp32" else (x.bfloat16().float(), w.bfloat16().float())
-            if precision == "int8":
+            if precision in ("int8", "w8a8"):
                 wr = kernels.dequantised(packed)
+            if precision == "w8a8":
+                xr = quantised_rows(x)
             if not torch.allclose(kernels(x, packed), xr @ wr.T + b, atol=1e-4, rtol=1e-4):
                 return False
     q, kv = torch.randn(2, 3, 4, 32, generator=random), torch.randn(2, 2, 2, 9, 32, generator=random)

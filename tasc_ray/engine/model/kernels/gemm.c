@@ -405,3 +405,140 @@ void tasc_gemm_int8(const float *x, const int8_t *panels, const float *scales, c
 int tasc_gemm_has_bf16(void) { return 0; }
 int tasc_gemm_has_amx(void) { return 0; }
 #endif
+
+/* ----- w8a8: int8 weights and int8 inputs, exact integer sums -----
+
+   W is int8 with one float32 scale per output (as for int8 above), packed as quads along k,
+   panels[N / 16][K4][16][4] (K4 = ceil(K / 4), zero-padded). Each row of x is rounded to int8 with a scale of its
+   own (its largest |x| maps to 127) and stored offset by 128 as unsigned bytes, since AVX512-VNNI's `vpdpbusd`
+   multiplies unsigned by signed bytes: one instruction adds x[k..k+3] . w[n, k..k+3] to 16 int32 sums, twice the
+   multiply-adds of `vdpbf16ps` from half its weight bytes. The offset comes back out through each output's weight
+   sum, sum_k (xq + 128) w = sum_k xq w + 128 sum_k w, and
+   y[m, n] = (acc - 128 colsum[n]) * scale_w[n] * scale_x[m] + bias[n].
+   Integer sums are exact in any order and a row's scale depends on that row alone: a row's result does not depend
+   on its batch. */
+#ifdef __AVX512VNNI__
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+/* x[M, K] as offset int8 quads along k (row m at xq + m * K4) and each row's scale; padding k reads as 0. */
+static void quantise_rows(const float *x, uint32_t *xq, float *sx, long M, long K, long K4) {
+    const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to the nearest integer, ties to even */
+    for (long m = 0; m < M; m++) {
+        const float *row = x + m * K;
+        float largest = 0.0f;
+        for (long k = 0; k < K; k++) largest = row[k] > largest ? row[k] : -row[k] > largest ? -row[k] : largest;
+        float inv = largest > 0.0f ? 127.0f / largest : 1.0f;
+        sx[m] = largest > 0.0f ? largest / 127.0f : 1.0f;
+        uint8_t *out = (uint8_t *)(xq + m * K4);
+        for (long k = 0; k < 4 * K4; k++) {
+            float r = k < K ? (row[k] * inv + magic) - magic : 0.0f;
+            int q = r > 127.0f ? 127 : r < -127.0f ? -127 : (int)r;
+            out[k] = (uint8_t)(q + 128);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void block_w8a8(const uint32_t *xq, const int8_t *w,
+                                                              const int32_t *colsum, const float *scales,
+                                                              const float *sx, const float *bias, float *y, long N,
+                                                              long K4, long m0, long p0, int mb, int np) {
+    __m512i acc[12][8];
+    for (int i = 0; i < mb; i++)
+        for (int j = 0; j < np; j++) acc[i][j] = _mm512_setzero_si512();
+    for (long k = 0; k < K4; k++) {
+        __m512i wv[8];
+        for (int j = 0; j < np; j++) wv[j] = _mm512_loadu_si512((const void *)(w + (j * K4 + k) * 64));
+        for (int i = 0; i < mb; i++) {
+            __m512i xb = _mm512_set1_epi32((int)xq[(m0 + i) * K4 + k]);
+            for (int j = 0; j < np; j++) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xb, wv[j]);
+        }
+    }
+    for (int j = 0; j < np; j++) {
+        long n0 = (p0 + j) * 16;
+        int width = N - n0 < 16 ? (int)(N - n0) : 16;
+        __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512((const void *)(colsum + n0)), 7);
+        __m512 sw = _mm512_loadu_ps(scales + n0), b = bias ? _mm512_loadu_ps(bias + n0) : _mm512_setzero_ps();
+        for (int i = 0; i < mb; i++) {
+            __m512 sums = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], offset));
+            __m512 out = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(sums, sw), _mm512_set1_ps(sx[m0 + i])), b);
+            memcpy(y + (m0 + i) * N + n0, &out, sizeof(float) * width);
+        }
+    }
+}
+
+#define W8A8_ARGS xq, w, colsum, scales, sx, bias, y, N, K4, m0, p
+#define ROW_CASES_W8A8(NP)                                  \
+    switch (mb) {                                           \
+        case 1: block_w8a8(W8A8_ARGS, 1, NP); break;        \
+        case 2: block_w8a8(W8A8_ARGS, 2, NP); break;        \
+        case 3: block_w8a8(W8A8_ARGS, 3, NP); break;        \
+        case 4: block_w8a8(W8A8_ARGS, 4, NP); break;        \
+        case 5: block_w8a8(W8A8_ARGS, 5, NP); break;        \
+        case 6: block_w8a8(W8A8_ARGS, 6, NP); break;        \
+        case 7: block_w8a8(W8A8_ARGS, 7, NP); break;        \
+        case 8: block_w8a8(W8A8_ARGS, 8, NP); break;        \
+        case 9: block_w8a8(W8A8_ARGS, 9, NP); break;        \
+        case 10: block_w8a8(W8A8_ARGS, 10, NP); break;      \
+        case 11: block_w8a8(W8A8_ARGS, 11, NP); break;      \
+        default: block_w8a8(W8A8_ARGS, 12, NP); break;      \
+    }
+
+/* All x rows against panels [p, p + np), x rows in blocks as the float32 product takes them. */
+static void panel_group_w8a8(const uint32_t *xq, const int8_t *w, const int32_t *colsum, const float *scales,
+                             const float *sx, const float *bias, float *y, long M, long N, long K4, long p, int np) {
+    if (np == 8) { /* one or two x rows */
+        for (long m0 = 0; m0 < M; m0 += 2) {
+            if (M - m0 >= 2) block_w8a8(W8A8_ARGS, 2, 8);
+            else block_w8a8(W8A8_ARGS, 1, 8);
+        }
+        return;
+    }
+    if (np == 4) { /* three or four x rows */
+        for (long m0 = 0; m0 < M; m0 += 4) {
+            long mb = M - m0 < 4 ? M - m0 : 4;
+            if (mb == 4) block_w8a8(W8A8_ARGS, 4, 4);
+            else if (mb == 3) block_w8a8(W8A8_ARGS, 3, 4);
+            else if (mb == 2) block_w8a8(W8A8_ARGS, 2, 4);
+            else block_w8a8(W8A8_ARGS, 1, 4);
+        }
+        return;
+    }
+    long blocks = (M + 11) / 12, m0 = 0;
+    for (long b = 0; b < blocks; b++) {
+        long mb = (M - m0) / (blocks - b);
+        if (np == 2) {
+            ROW_CASES_W8A8(2)
+        } else {
+            ROW_CASES_W8A8(1)
+        }
+        m0 += mb;
+    }
+}
+
+int tasc_gemm_has_w8a8(void) { return 1; }
+
+/* y[M, N] = q(x)[M, K] . (scale * W8)^T + bias, W8 packed as int8 quads panels[ceil(N / 16)][K4][16][4] with
+   colsum[n] = sum_k W8[n, k]; scales, colsum and bias padded to the panels' width. */
+void tasc_gemm_w8a8(const float *x, const int8_t *panels, const int32_t *colsum, const float *scales,
+                    const float *bias, float *y, long M, long N, long K, int threads) {
+    long K4 = (K + 3) / 4, total = (N + 15) / 16;
+    uint32_t *xq = malloc(sizeof(uint32_t) * M * K4);
+    float *sx = malloc(sizeof(float) * M);
+    quantise_rows(x, xq, sx, M, K, K4);
+    int np = M <= 2 ? 8 : M <= 4 ? 4 : 2;
+#pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num(), n = omp_get_num_threads();
+        long first = total * t / n, last = total * (t + 1) / n, p = first;
+        for (; p + np <= last; p += np)
+            panel_group_w8a8(xq, panels + p * K4 * 64, colsum, scales, sx, bias, y, M, N, K4, p, np);
+        for (; p < last; p++) panel_group_w8a8(xq, panels + p * K4 * 64, colsum, scales, sx, bias, y, M, N, K4, p, 1);
+    }
+    free(xq);
+    free(sx);
+}
+#else
+int tasc_gemm_has_w8a8(void) { return 0; }
+#endif
