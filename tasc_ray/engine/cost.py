@@ -17,6 +17,7 @@ from tasc_ray.engine.drafts.tree import DraftTree
 
 StepCost = Callable[[int, float], float]  # seconds of one verification pass over `rows` rows of `q` query tokens each
 TREE_COST_RATIO = 2.0  # token trees where a pass over a full tree costs at most this many plain steps
+PROBE_COST_RATIO = 1.5  # a pass that drafts to measure drafting (the gate's probe) costs at most this many plain steps
 
 
 def trees_pay(step_cost: StepCost | None, rows: int, nodes: int) -> bool:
@@ -109,8 +110,9 @@ class StepCostTable:
         return 1.0 + rows * q / self.prior_tokens
 
 
-def best_draft_length(path_probs: Sequence[Sequence[float]], step_cost: StepCost) -> int:
-    """The common draft length K maximising expected tokens per second of one batched pass.
+def best_draft_length(path_probs: Sequence[Sequence[float]], step_cost: StepCost, max_cost: float | None = None) -> int:
+    """The common draft length K maximising expected tokens per second of one batched pass (a pass costing at
+    most `max_cost` seconds, where given).
 
     A pass over B rows with drafts cut to K costs step_cost(B, K + 1) (every row is padded to K + 1 query
     tokens) and yields, in expectation, sum_i (1 + sum_{j < K} q_ij) tokens, q_ij being the estimated
@@ -121,18 +123,25 @@ def best_draft_length(path_probs: Sequence[Sequence[float]], step_cost: StepCost
     best_k, best_rate = 0, expected / step_cost(batch, 1)
     for k in range(1, max(len(p) for p in path_probs) + 1):
         expected += sum(p[k - 1] for p in path_probs if len(p) >= k)
-        rate = expected / step_cost(batch, k + 1)
+        cost = step_cost(batch, k + 1)
+        if max_cost is not None and cost > max_cost:
+            break
+        rate = expected / cost
         if rate > best_rate:
             best_k, best_rate = k, rate
     return best_k
 
 
 def ragged_draft_lengths(
-    path_probs: Sequence[Sequence[float]], step_cost: StepCost, padding_share: float = 0.0
+    path_probs: Sequence[Sequence[float]],
+    step_cost: StepCost,
+    padding_share: float = 0.0,
+    max_cost: float | None = None,
 ) -> list[int]:
-    """Per-row draft lengths maximising expected tokens per second of one pass where rows may draft different
-    lengths: over B rows verifying n draft tokens in all, the longest row L query tokens, a pass costs
-    c(m) + padding_share * (c(L) - c(m)), c(q) = step_cost(B, q), m = (B + n) / B the mean query tokens per row.
+    """Per-row draft lengths maximising expected tokens per second of one pass (costing at most `max_cost` seconds,
+    where given) where rows may draft different lengths: over B rows verifying n draft tokens in all, the longest
+    row L query tokens, a pass costs c(m) + padding_share * (c(L) - c(m)), c(q) = step_cost(B, q),
+    m = (B + n) / B the mean query tokens per row.
 
     Every draft slot (row i, depth j) yields q_ij expected tokens, q_ij being the estimated probability that row
     i's first j + 1 draft tokens are all accepted, and q_ij does not grow with j; so the n slots worth most are
@@ -155,6 +164,8 @@ def ragged_draft_lengths(
         mean = (batch + n) / batch
         low = step_cost(batch, mean)
         cost = low + padding_share * max(0.0, step_cost(batch, longest) - low)
+        if max_cost is not None and cost > max_cost:
+            break
         if expected / cost > best_rate:
             best_n, best_rate = n, expected / cost
     for _, _, i in slots[:best_n]:
@@ -173,7 +184,9 @@ class SpeculationGate:
     and plain passes are interleaved to measure them. Where passes with drafts emit fewer tokens per second,
     drafts are switched off for that batch size; the losing side is retried every `explore_every` passes (every
     4 x `explore_every` once one side leads by more than `clear_margin`), so the gate follows changes in the task,
-    the batch and the context length.
+    the batch and the context length. A pass allowed to draft only to measure drafting (before it is measured, or
+    retried while it loses) is a probe (`probing`): the proposer keeps it cheap (PROBE_COST_RATIO), so that
+    learning where drafting loses never costs more than a few plain passes.
     """
 
     def __init__(
@@ -183,6 +196,7 @@ class SpeculationGate:
         self.explore_every, self.clear_margin = explore_every, clear_margin
         self.sums: dict[int, dict[bool, list[float]]] = {}  # bucket -> {drafted: [tokens, seconds, passes]}
         self._passes: dict[int, int] = {}
+        self.probing = False  # whether the last pass allow() let draft is a probe
 
     def rate(self, rows: int, drafted: bool) -> float | None:
         """Measured tokens per second of passes over `rows` rows with (or without) drafts; None before min_passes."""
@@ -195,6 +209,7 @@ class SpeculationGate:
         n = self._passes.get(bucket, 0)
         self._passes[bucket] = n + 1
         spec, plain = self.rate(rows, True), self.rate(rows, False)
+        self.probing = spec is None or plain is None or spec < plain
         if spec is None:
             return True  # drafting is the default until it is measured
         if plain is None:
@@ -214,21 +229,27 @@ class SpeculationGate:
         side[2] += 1
 
 
-def cut_trees(trees: Sequence[DraftTree], step_cost: StepCost | None, ragged: bool) -> list[DraftTree]:
+def cut_trees(
+    trees: Sequence[DraftTree], step_cost: StepCost | None, ragged: bool, max_cost: float | None = None
+) -> list[DraftTree]:
     """The drafts cut to what a pass can afford (`cut_lengths` on their nodes' path probabilities); drafts that
     carry no scores (a drafter that does not estimate them) are verified whole."""
     if any(len(t.scores) != len(t) for t in trees):
         return list(trees)
-    return [t.prefix(n) for t, n in zip(trees, cut_lengths([t.scores for t in trees], step_cost, ragged))]
+    lengths = cut_lengths([t.scores for t in trees], step_cost, ragged, max_cost)
+    return [t.prefix(n) for t, n in zip(trees, lengths)]
 
 
-def cut_lengths(scores: Sequence[Sequence[float]], step_cost: StepCost | None, ragged: bool) -> list[int]:
+def cut_lengths(
+    scores: Sequence[Sequence[float]], step_cost: StepCost | None, ragged: bool, max_cost: float | None = None
+) -> list[int]:
     """How many of each row's draft nodes to verify, given the estimated probabilities that each prefix is accepted:
-    where expected tokens per second of the pass is highest, per row where the verifier does not pad rows to the
-    longest draft (`ragged`), else one length for all; everything without a step cost."""
+    where expected tokens per second of the pass is highest (within `max_cost` seconds a pass, where given), per
+    row where the verifier does not pad rows to the longest draft (`ragged`), else one length for all; everything
+    without a step cost."""
     if step_cost is None or not scores:
         return [len(s) for s in scores]
     if ragged:
         share = getattr(step_cost, "padding_share", 0.0)  # a StepCostTable's measured share
-        return ragged_draft_lengths(scores, step_cost, share)
-    return [best_draft_length(scores, step_cost)] * len(scores)
+        return ragged_draft_lengths(scores, step_cost, share, max_cost)
+    return [best_draft_length(scores, step_cost, max_cost)] * len(scores)

@@ -4,7 +4,8 @@ The drafter says what each row could draft (a token tree with estimated path pro
 decides what a pass can afford, from the measured cost of passes of that shape (cost.py): trees where verifying a
 full tree costs at most two plain steps, chains elsewhere, each draft cut where the expected tokens per second of
 the pass is highest (zero: no draft). A speculation gate watches the outcome and turns drafting off for a batch
-size where passes with drafts measurably emit fewer tokens per second than passes without. After the pass it
+size where passes with drafts measurably emit fewer tokens per second than passes without; the passes that draft
+only to measure drafting (its probes) are kept to PROBE_COST_RATIO plain steps. After the pass it
 feeds the verdict back: the drafter's calibration, the gate, and the cost table.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tasc_ray.engine.cost import SpeculationGate, StepCostTable, cut_trees, trees_pay
+from tasc_ray.engine.cost import PROBE_COST_RATIO, SpeculationGate, StepCostTable, cut_trees, trees_pay
 from tasc_ray.engine.drafts.drafter import DraftContext, Drafter
 from tasc_ray.engine.drafts.tree import DraftTree
 from tasc_ray.engine.request import Request
@@ -44,9 +45,11 @@ class Proposer:
         if self.gate is not None and not self.gate.allow(len(rows)):
             return [DraftTree() for _ in rows]
         limits = [r.max_new - len(r.generated) - 1 for r in rows]  # the pass also emits the target's own token
-        branching = trees_pay(self.step_cost, len(rows), self.drafter.config.tree_nodes)
+        probe = self.gate is not None and self.gate.probing
+        branching = not probe and trees_pay(self.step_cost, len(rows), self.drafter.config.tree_nodes)
         trees = self.drafter.propose([r.draft_context for r in rows], limits, branching)
-        return cut_trees(trees, self.step_cost, self.ragged)
+        max_cost = PROBE_COST_RATIO * self.step_cost(len(rows), 1) if probe else None
+        return cut_trees(trees, self.step_cost, self.ragged, max_cost)
 
     def observe(self, rows: Sequence[Request], trees: Sequence[DraftTree], verdict: Verdict, seconds: float) -> None:
         """Learn from a pass that took `seconds` (drafting and verifying): calibration, the gate, the step costs."""

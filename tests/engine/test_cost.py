@@ -120,3 +120,33 @@ def test_the_engine_gate_keeps_drafting_where_it_pays(tiny_model, tiny_tokenizer
     generator = SpeculativeGenerator(tiny_model, tiny_tokenizer, drafter, max_batch_size=1, speculation_gate=True)
     generator.generate([[5, 6, 7, 5, 6, 7, 5, 6]], SamplingParams(max_new_tokens=24, ignore_eos=True))
     assert generator.proposer.gate.rate(1, True) is not None
+
+
+def test_a_cost_cap_keeps_a_pass_within_its_budget():
+    """A probe's budget: the lengths maximise the rate among passes costing at most max_cost, the most probable
+    slots first; the uncapped choice would verify more."""
+    table = StepCostTable()
+    for q, ms in ((1, 40.0), (2, 64.0), (4, 112.0), (8, 208.0)):  # 24 ms a query token per 8 rows: compute-bound
+        table.set(8, q, ms / 1000)
+    strong = [[0.95, 0.9, 0.85, 0.8]] * 8
+    uncapped = ragged_draft_lengths(strong, table)
+    capped = ragged_draft_lengths(strong, table, max_cost=1.5 * table(8, 1))
+    assert sum(uncapped) == 32 and sum(capped) == 6  # 3 ms a slot: 6 slots fit the 20 ms over a plain pass
+    assert table(8, 1 + sum(capped) / 8) <= 1.5 * table(8, 1) + 1e-12
+    assert best_draft_length(strong, table, max_cost=1.5 * table(8, 1)) == 0  # padded: K = 1 costs 1.6x already
+    assert best_draft_length(strong, table) > 0
+
+
+def test_the_gate_says_which_passes_are_probes():
+    """Drafting passes before drafting is measured, and drafting retried where it loses, are probes; drafting
+    where it measurably wins is not."""
+    gate = SpeculationGate(memory=0.9, min_passes=2, explore_every=4, clear_margin=0.3)
+    assert gate.allow(8) and gate.probing
+    for _ in range(2):
+        gate.observe(8, True, 18, 0.100)  # drafts 180 tokens/s
+        gate.observe(8, False, 8, 0.020)  # plain 400 tokens/s: drafting loses
+    retried = [gate.probing for _ in range(64) if gate.allow(8)]
+    assert retried and all(retried)
+    for _ in range(60):
+        gate.observe(8, True, 40, 0.050)  # drafts now 800 tokens/s: drafting wins
+    assert gate.allow(8) and not gate.probing
