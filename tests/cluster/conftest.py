@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -28,6 +29,7 @@ from typing import Any
 
 import psutil
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAD_CPUS = 1
@@ -168,6 +170,13 @@ class TwoNodeCluster:
         psutil.wait_procs(procs, timeout=10)
         return len(procs)
 
+    def restart_worker(self, timeout: float = 120) -> None:
+        """After kill_worker_node: wait until the GCS has marked the lost node dead, then start a new worker node
+        (a new node id, the same temp dir and resources) and wait until it has joined."""
+        self.wait_nodes(1, timeout)
+        self.start_worker()
+        self.wait_nodes(2, timeout)
+
     def stop(self) -> list[int]:
         """Kill this cluster's processes (TERM, then KILL); returns the pids still alive afterwards (none)."""
         marks = [str(self.root), self.gcs, f"--address={self.gcs}"]
@@ -199,9 +208,14 @@ class TwoNodeCluster:
             raise RuntimeError(f"query failed:\n{out.stderr[-3000:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    def submit(self, entrypoint: list[str], submission_id: str) -> None:
-        """`ray job submit --no-wait` of `python <entrypoint>` with this checkout as the job's working dir."""
-        runtime_env = {"working_dir": str(ROOT), "excludes": [".git", ".venv", ".mypy_cache", "benchmarks/results"]}
+    def submit(self, entrypoint: list[str], submission_id: str, runtime_env: dict[str, Any] | None = None) -> None:
+        """`ray job submit --no-wait` of `python <entrypoint>` with this checkout as the job's working dir (and the
+        other `runtime_env` fields given)."""
+        runtime_env = {
+            "working_dir": str(ROOT),
+            "excludes": [".git", ".venv", ".mypy_cache", "benchmarks/results"],
+            **(runtime_env or {}),
+        }
         self._ray(
             "job",
             "submit",
@@ -218,36 +232,83 @@ class TwoNodeCluster:
         )
 
     def job_status(self, submission_id: str) -> str:
+        """SUCCEEDED, FAILED, STOPPED, RUNNING or PENDING, as `ray job status` prints it."""
         out = self._ray("job", "status", "--address", self.dashboard, submission_id)
-        words = {"succeeded": "SUCCEEDED", "failed": "FAILED", "stopped": "STOPPED"}
-        text = out.stdout.lower()
-        for word, status in words.items():
-            if f"' {word}" in text:
-                return status
-        for status in ("RUNNING", "PENDING"):
-            if status.lower() in text:
-                return status
-        raise RuntimeError(f"no status in {out.stdout!r}")
+        text = out.stdout + out.stderr
+        if re.search(r"Job '[^']+' succeeded", text):
+            return "SUCCEEDED"
+        if re.search(r"Job '[^']+' was stopped", text):
+            return "STOPPED"
+        if re.search(r"Job '[^']+' failed", text):
+            return "FAILED"
+        found = re.search(r"Status for job '[^']+': (\w+)", text)
+        if found:
+            return found.group(1)
+        raise RuntimeError(f"no status in {text!r}")
 
-    def wait_job(self, submission_id: str, timeout: float = 240) -> str:
+    def wait_job(self, submission_id: str, timeout: float = 240, stop: bool = True) -> str:
+        """The job's terminal status. Past `timeout` it is stopped (`ray job stop`) and TimeoutError raised,
+        or with stop=False its status (RUNNING or PENDING) returned."""
         deadline = time.time() + timeout
         while (status := self.job_status(submission_id)) in ("RUNNING", "PENDING"):
             if time.time() > deadline:
-                self._ray("job", "stop", "--address", self.dashboard, submission_id, check=False)
+                if not stop:
+                    return status
+                self.stop_job(submission_id)
                 raise TimeoutError(f"job {submission_id} still {status} after {timeout} s")
-            time.sleep(2)
+            time.sleep(3)
         return status
+
+    def stop_job(self, submission_id: str) -> str:
+        """`ray job stop` (it waits for the job to end); returns the status after."""
+        self._ray("job", "stop", "--address", self.dashboard, submission_id, check=False, timeout=180)
+        return self.job_status(submission_id)
 
     def job_logs(self, submission_id: str) -> str:
         return self._ray("job", "logs", "--address", self.dashboard, submission_id).stdout
 
-    def run_job(self, entrypoint: list[str], submission_id: str, timeout: float = 240) -> dict[str, Any]:
+    def run_job(
+        self,
+        entrypoint: list[str],
+        submission_id: str,
+        timeout: float = 240,
+        runtime_env: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Submit, wait, and return the JSON summary the job printed (the jobs run with --json)."""
-        self.submit(entrypoint, submission_id)
+        self.submit(entrypoint, submission_id, runtime_env)
         status = self.wait_job(submission_id, timeout)
         logs = self.job_logs(submission_id)
         assert status == "SUCCEEDED", f"job {submission_id} {status}:\n{logs[-4000:]}"
         return job_summary(logs)
+
+    # ----- Serve -----
+    def serve(self, *args: str, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess:
+        """The `serve` CLI against this cluster's dashboard (`serve deploy FILE`, `serve shutdown -y`, ...)."""
+        cmd = [str(Path(sys.executable).parent / "serve"), *args, "--address", self.dashboard]
+        out = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        if check and out.returncode:
+            raise RuntimeError(f"serve {args[0]} failed ({out.returncode}):\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
+        return out
+
+    def serve_status(self) -> dict[str, Any]:
+        """`serve status`: {app name: {"status": ..., "deployments": {...}}} (empty when Serve is not running)."""
+        out = self.serve("status", check=False)
+        if out.returncode:
+            return {}
+        return (yaml.safe_load(out.stdout) or {}).get("applications") or {}
+
+    def wait_serve_app(self, app: str, timeout: float = 300) -> dict[str, Any]:
+        """Wait until `app` is RUNNING (every replica started); raises on DEPLOY_FAILED or past `timeout`."""
+        deadline = time.time() + timeout
+        while True:
+            state = self.serve_status().get(app) or {}
+            if state.get("status") == "RUNNING":
+                return state
+            if state.get("status") in ("DEPLOY_FAILED", "UNHEALTHY"):
+                raise RuntimeError(f"Serve app {app} {state.get('status')}: {state}")
+            if time.time() > deadline:
+                raise TimeoutError(f"Serve app {app} not running after {timeout} s: {state}")
+            time.sleep(3)
 
 
 def job_summary(logs: str) -> dict[str, Any]:
