@@ -50,52 +50,59 @@ static inline __attribute__((always_inline)) void block(const float *x, const fl
     }
 }
 
-#define ROW_CASES(NP)                                                  \
-    switch (mb) {                                                      \
-        case 1: block(x, panels, bias, y, N, K, m0, p, 1, NP); break;  \
-        case 2: block(x, panels, bias, y, N, K, m0, p, 2, NP); break;  \
-        case 3: block(x, panels, bias, y, N, K, m0, p, 3, NP); break;  \
-        case 4: block(x, panels, bias, y, N, K, m0, p, 4, NP); break;  \
-        case 5: block(x, panels, bias, y, N, K, m0, p, 5, NP); break;  \
-        case 6: block(x, panels, bias, y, N, K, m0, p, 6, NP); break;  \
-        case 7: block(x, panels, bias, y, N, K, m0, p, 7, NP); break;  \
-        case 8: block(x, panels, bias, y, N, K, m0, p, 8, NP); break;  \
-        case 9: block(x, panels, bias, y, N, K, m0, p, 9, NP); break;  \
-        case 10: block(x, panels, bias, y, N, K, m0, p, 10, NP); break; \
-        case 11: block(x, panels, bias, y, N, K, m0, p, 11, NP); break; \
-        default: block(x, panels, bias, y, N, K, m0, p, 12, NP); break; \
+/* The row blocking every product shares: all x rows against panels [p, p + np), in blocks of one or two rows
+   where np = 8 (8 or 16 independent multiply-add chains), up to four where np = 4, else blocks as even as possible
+   of up to 12 rows (9 rows: one block, 26: 9 + 9 + 8). BLOCK(m0, mb, np) runs rows m0 .. m0 + mb - 1 with mb and
+   np constants, so each product's block keeps only the accumulators in use. Used as a function's whole body, with
+   M and np among its parameters. */
+#define ROW_CASES(BLOCK, NP)                  \
+    switch (mb) {                             \
+        case 1: BLOCK(m0, 1, NP); break;      \
+        case 2: BLOCK(m0, 2, NP); break;      \
+        case 3: BLOCK(m0, 3, NP); break;      \
+        case 4: BLOCK(m0, 4, NP); break;      \
+        case 5: BLOCK(m0, 5, NP); break;      \
+        case 6: BLOCK(m0, 6, NP); break;      \
+        case 7: BLOCK(m0, 7, NP); break;      \
+        case 8: BLOCK(m0, 8, NP); break;      \
+        case 9: BLOCK(m0, 9, NP); break;      \
+        case 10: BLOCK(m0, 10, NP); break;    \
+        case 11: BLOCK(m0, 11, NP); break;    \
+        default: BLOCK(m0, 12, NP); break;    \
+    }
+#define PANEL_GROUP(BLOCK)                                                   \
+    if (np == 8) {                                                           \
+        for (long m0 = 0; m0 < M; m0 += 2) {                                 \
+            if (M - m0 >= 2) BLOCK(m0, 2, 8);                                \
+            else BLOCK(m0, 1, 8);                                            \
+        }                                                                    \
+        return;                                                              \
+    }                                                                        \
+    if (np == 4) {                                                           \
+        for (long m0 = 0; m0 < M; m0 += 4) {                                 \
+            long mb = M - m0 < 4 ? M - m0 : 4;                               \
+            if (mb == 4) BLOCK(m0, 4, 4);                                    \
+            else if (mb == 3) BLOCK(m0, 3, 4);                               \
+            else if (mb == 2) BLOCK(m0, 2, 4);                               \
+            else BLOCK(m0, 1, 4);                                            \
+        }                                                                    \
+        return;                                                              \
+    }                                                                        \
+    long blocks = (M + 11) / 12, m0 = 0;                                     \
+    for (long b = 0; b < blocks; b++) {                                      \
+        long mb = (M - m0) / (blocks - b);                                   \
+        if (np == 2) {                                                       \
+            ROW_CASES(BLOCK, 2)                                              \
+        } else {                                                             \
+            ROW_CASES(BLOCK, 1)                                              \
+        }                                                                    \
+        m0 += mb;                                                            \
     }
 
-/* All x rows against panels [p, p + np): x rows in blocks as even as possible (9 rows: one block, 26: 9 + 9 + 8). */
+#define F32_BLOCK(M0, MB, NP) block(x, panels, bias, y, N, K, M0, p, MB, NP)
 static void panel_group(const float *x, const float *panels, const float *bias, float *y, long M, long N, long K,
                         long p, int np) {
-    if (np == 8) { /* one or two x rows: 8 panels give 8 or 16 independent multiply-add chains */
-        for (long m0 = 0; m0 < M; m0 += 2) {
-            if (M - m0 >= 2) block(x, panels, bias, y, N, K, m0, p, 2, 8);
-            else block(x, panels, bias, y, N, K, m0, p, 1, 8);
-        }
-        return;
-    }
-    if (np == 4) { /* three or four x rows */
-        for (long m0 = 0; m0 < M; m0 += 4) {
-            long mb = M - m0 < 4 ? M - m0 : 4;
-            if (mb == 4) block(x, panels, bias, y, N, K, m0, p, 4, 4);
-            else if (mb == 3) block(x, panels, bias, y, N, K, m0, p, 3, 4);
-            else if (mb == 2) block(x, panels, bias, y, N, K, m0, p, 2, 4);
-            else block(x, panels, bias, y, N, K, m0, p, 1, 4);
-        }
-        return;
-    }
-    long blocks = (M + 11) / 12, m0 = 0;
-    for (long b = 0; b < blocks; b++) {
-        long mb = (M - m0) / (blocks - b);
-        if (np == 2) {
-            ROW_CASES(2)
-        } else {
-            ROW_CASES(1)
-        }
-        m0 += mb;
-    }
+    PANEL_GROUP(F32_BLOCK)
 }
 
 /* y[M, N] = x[M, K] . W^T + bias (bias may be NULL, else padded to the panels' width); W packed as
@@ -171,51 +178,10 @@ static inline __attribute__((always_inline)) void block_bf16(const uint32_t *xp,
     }
 }
 
-#define ROW_CASES_BF16(NP)                                                             \
-    switch (mb) {                                                                      \
-        case 1: block_bf16(xp, w, bias, y, N, K2, m0, p, 1, NP); break;           \
-        case 2: block_bf16(xp, w, bias, y, N, K2, m0, p, 2, NP); break;           \
-        case 3: block_bf16(xp, w, bias, y, N, K2, m0, p, 3, NP); break;           \
-        case 4: block_bf16(xp, w, bias, y, N, K2, m0, p, 4, NP); break;           \
-        case 5: block_bf16(xp, w, bias, y, N, K2, m0, p, 5, NP); break;           \
-        case 6: block_bf16(xp, w, bias, y, N, K2, m0, p, 6, NP); break;           \
-        case 7: block_bf16(xp, w, bias, y, N, K2, m0, p, 7, NP); break;           \
-        case 8: block_bf16(xp, w, bias, y, N, K2, m0, p, 8, NP); break;           \
-        case 9: block_bf16(xp, w, bias, y, N, K2, m0, p, 9, NP); break;           \
-        case 10: block_bf16(xp, w, bias, y, N, K2, m0, p, 10, NP); break;         \
-        case 11: block_bf16(xp, w, bias, y, N, K2, m0, p, 11, NP); break;         \
-        default: block_bf16(xp, w, bias, y, N, K2, m0, p, 12, NP); break;         \
-    }
-
+#define BF16_BLOCK(M0, MB, NP) block_bf16(xp, w, bias, y, N, K2, M0, p, MB, NP)
 static void panel_group_bf16(const uint32_t *xp, const uint16_t *w, const float *bias, float *y, long M, long N,
                              long K2, long p, int np) {
-    if (np == 8) {
-        for (long m0 = 0; m0 < M; m0 += 2) {
-            if (M - m0 >= 2) block_bf16(xp, w, bias, y, N, K2, m0, p, 2, 8);
-            else block_bf16(xp, w, bias, y, N, K2, m0, p, 1, 8);
-        }
-        return;
-    }
-    if (np == 4) {
-        for (long m0 = 0; m0 < M; m0 += 4) {
-            long mb = M - m0 < 4 ? M - m0 : 4;
-            if (mb == 4) block_bf16(xp, w, bias, y, N, K2, m0, p, 4, 4);
-            else if (mb == 3) block_bf16(xp, w, bias, y, N, K2, m0, p, 3, 4);
-            else if (mb == 2) block_bf16(xp, w, bias, y, N, K2, m0, p, 2, 4);
-            else block_bf16(xp, w, bias, y, N, K2, m0, p, 1, 4);
-        }
-        return;
-    }
-    long blocks = (M + 11) / 12, m0 = 0;
-    for (long b = 0; b < blocks; b++) {
-        long mb = (M - m0) / (blocks - b);
-        if (np == 2) {
-            ROW_CASES_BF16(2)
-        } else {
-            ROW_CASES_BF16(1)
-        }
-        m0 += mb;
-    }
+    PANEL_GROUP(BF16_BLOCK)
 }
 
 /* y[M, N] = bf16(x)[M, K] . W^T + bias, W packed as bf16 panels[ceil(N / 16)][K2][16][2], K2 = ceil(K / 2) (an odd
@@ -468,53 +434,10 @@ static inline __attribute__((always_inline)) void block_w8a8(const uint32_t *xq,
     }
 }
 
-#define W8A8_ARGS xq, w, colsum, scales, sx, bias, y, N, K4, m0, p
-#define ROW_CASES_W8A8(NP)                                  \
-    switch (mb) {                                           \
-        case 1: block_w8a8(W8A8_ARGS, 1, NP); break;        \
-        case 2: block_w8a8(W8A8_ARGS, 2, NP); break;        \
-        case 3: block_w8a8(W8A8_ARGS, 3, NP); break;        \
-        case 4: block_w8a8(W8A8_ARGS, 4, NP); break;        \
-        case 5: block_w8a8(W8A8_ARGS, 5, NP); break;        \
-        case 6: block_w8a8(W8A8_ARGS, 6, NP); break;        \
-        case 7: block_w8a8(W8A8_ARGS, 7, NP); break;        \
-        case 8: block_w8a8(W8A8_ARGS, 8, NP); break;        \
-        case 9: block_w8a8(W8A8_ARGS, 9, NP); break;        \
-        case 10: block_w8a8(W8A8_ARGS, 10, NP); break;      \
-        case 11: block_w8a8(W8A8_ARGS, 11, NP); break;      \
-        default: block_w8a8(W8A8_ARGS, 12, NP); break;      \
-    }
-
-/* All x rows against panels [p, p + np), x rows in blocks as the float32 product takes them. */
+#define W8A8_BLOCK(M0, MB, NP) block_w8a8(xq, w, colsum, scales, sx, bias, y, N, K4, M0, p, MB, NP)
 static void panel_group_w8a8(const uint32_t *xq, const int8_t *w, const int32_t *colsum, const float *scales,
                              const float *sx, const float *bias, float *y, long M, long N, long K4, long p, int np) {
-    if (np == 8) { /* one or two x rows */
-        for (long m0 = 0; m0 < M; m0 += 2) {
-            if (M - m0 >= 2) block_w8a8(W8A8_ARGS, 2, 8);
-            else block_w8a8(W8A8_ARGS, 1, 8);
-        }
-        return;
-    }
-    if (np == 4) { /* three or four x rows */
-        for (long m0 = 0; m0 < M; m0 += 4) {
-            long mb = M - m0 < 4 ? M - m0 : 4;
-            if (mb == 4) block_w8a8(W8A8_ARGS, 4, 4);
-            else if (mb == 3) block_w8a8(W8A8_ARGS, 3, 4);
-            else if (mb == 2) block_w8a8(W8A8_ARGS, 2, 4);
-            else block_w8a8(W8A8_ARGS, 1, 4);
-        }
-        return;
-    }
-    long blocks = (M + 11) / 12, m0 = 0;
-    for (long b = 0; b < blocks; b++) {
-        long mb = (M - m0) / (blocks - b);
-        if (np == 2) {
-            ROW_CASES_W8A8(2)
-        } else {
-            ROW_CASES_W8A8(1)
-        }
-        m0 += mb;
-    }
+    PANEL_GROUP(W8A8_BLOCK)
 }
 
 int tasc_gemm_has_w8a8(void) { return 1; }
